@@ -1,0 +1,68 @@
+"""``lakd`` command line: one sub-command per module of ``lakd.cli``.
+
+Each sub-command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+Errors caused by the user's input (``LakdError``) print one line and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import LakdError
+
+#: sub-command -> module (in the order `lakd --help` lists them)
+COMMANDS = {
+    "demo": "lakd.cli.demo",
+    "train": "lakd.cli.train",
+    "eval": "lakd.cli.evaluate",
+    "models": "lakd.cli.listing",
+    "methods": "lakd.cli.listing",
+    "configs": "lakd.cli.listing",
+    "bench": "lakd.cli.bench",
+    "analyze": "lakd.cli.analyze",
+    "visualize": "lakd.cli.visualize",
+    "report": "lakd.cli.report",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lakd",
+        description="Knowledge distillation of image classifiers: LAKD and the baselines it is compared with.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, modname in COMMANDS.items():
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name == modname:
+                continue  # a command not shipped in this build
+            raise
+        help_text = getattr(mod, "HELPS", {}).get(name, getattr(mod, "HELP", ""))
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        adder = getattr(mod, f"add_arguments_{name}", None) or mod.add_arguments
+        adder(p)
+        p.set_defaults(_run=getattr(mod, f"run_{name}", None) or mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args._run(args) or 0)
+    except LakdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Configs: YAML files merged over defaults, ``key=value`` overrides, and validation with clear errors.
+
+A config is a nested dict. Every key must exist in the defaults below or in the ``DEFAULTS`` of a registered
+distiller (each method owns its own sections, e.g. ``kd:``, ``sdm:``/``ndam:``/``lakd:``), so a typo is an error
+that lists the close keys instead of a silently ignored setting.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import yaml
+
+from .errors import LakdError, close_matches
+
+DEFAULTS: dict[str, Any] = {
+    "experiment": "",  # run name (the run folder is output_dir/experiment)
+    "seed": 0,
+    "output_dir": "runs",
+    "device": "auto",  # auto | cpu | cuda | cuda:N
+    "method": "scratch",  # a registered distiller (see `lakd methods`)
+    "resume": None,  # a run folder (or its last.pt) to continue
+    "data": {
+        "dataset": "cifar10",  # cifar10 | cifar100 | imagenet | imagefolder | digits
+        "root": "../shared/data",  # folder holding cifar-10-batches-py / cifar-100-python / train,val
+        "download": False,  # fetch CIFAR through torchvision when online
+        "verify_md5": False,
+        "fast": "auto",  # in-memory loader with batched on-device augmentation: auto | true | false
+        "num_workers": 2,
+        "pin_memory": True,
+        "persistent_workers": True,
+        "prefetch_factor": 4,
+        "augment": True,
+        "train_subset": 0,  # use only the first N training images (0: all); for quick runs
+        "test_subset": 0,
+        "image_size": 0,  # 0: the dataset's default (32 for CIFAR/digits, 224 for ImageNet)
+        "mean": None,  # None: the dataset's (or the teacher checkpoint's) normalisation
+        "std": None,
+    },
+    "model": {"name": "resnet20", "num_classes": None, "checkpoint": None},
+    "teacher": {"name": None, "checkpoint": None},
+    "solver": {
+        "epochs": 240,
+        "batch_size": 64,  # global batch (split across DDP ranks)
+        "lr": 0.05,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 5e-4,
+        "schedule": "multistep",  # linear | multistep | cosine | constant
+        "milestones": [150, 180, 210],
+        "gamma": 0.1,
+        "warmup_epochs": 0,
+        "min_lr": 0.0,
+        "max_steps_per_epoch": 0,  # 0: full epochs; >0 cuts each epoch short (tests, smoke runs)
+    },
+    "train": {
+        "amp": "none",  # none | bf16 | fp16
+        "channels_last": False,
+        "compile": False,
+        "sync_bn": False,
+        "eval_every": 1,
+        "eval_batch_size": 500,
+        "save_every": 1,
+        "progress": True,
+        "log_every": 50,
+        "deterministic": False,
+        "threads": 0,  # torch.set_num_threads on CPU (0: leave PyTorch's default)
+    },
+}
+
+
+def method_defaults() -> dict[str, Any]:
+    """The union of every registered distiller's own config sections."""
+    from .distillers import DISTILLERS
+
+    out: dict[str, Any] = {}
+    for name in DISTILLERS.names():
+        for section, values in DISTILLERS.get(name).DEFAULTS.items():
+            out[section] = _merge(out.get(section, {}), values)
+    return out
+
+
+def full_defaults() -> dict[str, Any]:
+    return _merge(copy.deepcopy(DEFAULTS), method_defaults())
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _check_keys(cfg: dict, schema: dict, where: str, prefix: str = "") -> None:
+    for k, v in cfg.items():
+        path = f"{prefix}{k}"
+        if k not in schema:
+            known = [f"{prefix}{s}" for s in schema]
+            raise LakdError(f"unknown config key {path!r} in {where}{close_matches(path, known)}; "
+                            f"see `lakd train --show-config` for every key")
+        if isinstance(schema[k], dict) and schema[k] and not isinstance(v, dict):
+            raise LakdError(f"config key {path!r} in {where} must be a section (a mapping), got {v!r}")
+        if isinstance(v, dict) and isinstance(schema[k], dict) and schema[k]:
+            _check_keys(v, schema[k], where, prefix=f"{path}.")
+
+
+def load_yaml(path: str) -> dict:
+    if not os.path.exists(path):
+        raise LakdError(f"config file {path!r} does not exist; `lakd configs` lists the shipped ones")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise LakdError(f"config file {path!r} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise LakdError(f"config file {path!r} must hold a mapping of keys, not a {type(data).__name__}")
+    base = data.pop("_base_", None)
+    if base:
+        parent = load_yaml(os.path.join(os.path.dirname(path), base))
+        data = _merge(parent, data)
+    return data
+
+
+def parse_value(text: str, default: Any, key: str) -> Any:
+    """Parse an override's value with YAML and check it against the default's type."""
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise LakdError(f"override {key}={text!r}: expected true or false")
+    elif isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LakdError(f"override {key}={text!r}: expected a number, e.g. {key}={default}")
+        if isinstance(default, float):
+            value = float(value)
+    elif isinstance(default, list):
+        if not isinstance(value, list):
+            raise LakdError(f"override {key}={text!r}: expected a list, e.g. {key}=[3,6,9]")
+    return value
+
+
+def apply_overrides(cfg: dict, overrides: list[str], schema: dict) -> dict:
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise LakdError(f"override {item!r} must look like key=value (e.g. solver.epochs=10)")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        node, sch = cfg, schema
+        for i, part in enumerate(parts):
+            if not isinstance(sch, dict) or part not in sch:
+                prefix = ".".join(parts[:i])
+                known = [f"{prefix}.{s}" if prefix else s for s in (sch if isinstance(sch, dict) else {})]
+                raise LakdError(f"unknown config key {key!r}{close_matches(key, known)}; "
+                                f"see `lakd train --show-config` for every key")
+            if i == len(parts) - 1:
+                node[part] = parse_value(text, sch[part], key)
+            else:
+                node = node.setdefault(part, {})
+                sch = sch[part]
+    return cfg
+
+
+def validate(cfg: dict) -> None:
+    """Value checks that do not need data or models (those raise their own errors when built)."""
+    s = cfg["solver"]
+    for k in ("epochs", "batch_size"):
+        if not isinstance(s[k], int) or s[k] < 1:
+            raise LakdError(f"solver.{k} must be a positive integer, got {s[k]!r}")
+    if s["schedule"] not in ("linear", "multistep", "cosine", "constant"):
+        raise LakdError(f"solver.schedule {s['schedule']!r} is not one of linear, multistep, cosine, constant")
+    if cfg["train"]["amp"] not in ("none", "bf16", "fp16"):
+        raise LakdError(f"train.amp {cfg['train']['amp']!r} is not one of none, bf16, fp16")
+    from .distillers import DISTILLERS
+
+    DISTILLERS.get(cfg["method"])  # unknown method -> clear error
+    if DISTILLERS.get(cfg["method"]).needs_teacher and not cfg["teacher"].get("name"):
+        raise LakdError(f"method {cfg['method']!r} needs a teacher: set teacher.name (and teacher.checkpoint)")
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Defaults <- YAML file <- overrides, validated."""
+    schema = full_defaults()
+    cfg = copy.deepcopy(schema)
+    if path:
+        data = load_yaml(path)
+        _check_keys(data, schema, path)
+        cfg = _merge(cfg, data)
+    cfg = apply_overrides(cfg, overrides or [], schema)
+    validate(cfg)
+    if not cfg["experiment"]:
+        base = os.path.splitext(os.path.basename(path))[0] if path else "run"
+        cfg["experiment"] = base
+    return cfg
+
+
+def dump_config(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)

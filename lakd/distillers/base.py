@@ -1,0 +1,112 @@
+"""The one small interface every distillation method implements (after mdistiller's ``Distiller``).
+
+A distiller owns the student, the frozen teacher and any extra learnable parts (connectors, embeddings,
+memory banks). The trainer only calls:
+
+- ``train_step(batch, backward)``: one training step's forward and backward passes. The default runs
+  ``forward_train`` and calls ``backward(sum of losses)`` once; a method that needs several backward passes
+  (LAKD's local modules) overrides it and calls ``backward`` per loss. ``backward`` applies AMP loss scaling,
+  so no method deals with it.
+- ``forward(image)``: the student's logits (evaluation; the teacher and extra parts are not used).
+- ``trainable_parameters()``, ``extra_state_dict()`` / ``load_extra_state_dict()``, ``set_epoch()``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models.base import FeatureNet
+from ..registry import Registry
+
+DISTILLERS = Registry("method")
+
+
+def register_distiller(name: str):
+    def deco(cls):
+        cls.name = name
+        return DISTILLERS.register(name)(cls)
+
+    return deco
+
+
+class Distiller(nn.Module):
+    name = "base"
+    #: config sections this method owns, with their defaults, e.g. {"kd": {"T": 4.0}}
+    DEFAULTS: dict = {}
+    needs_teacher = True
+    #: the batch must carry dataset indices (``batch["index"]``), e.g. for CRD's memory bank
+    needs_index = False
+
+    def __init__(self, student: FeatureNet, teacher: FeatureNet | None, cfg: dict, num_data: int = 0):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.cfg = cfg
+        self.epoch = 0
+        self.total_epochs = int(cfg.get("solver", {}).get("epochs", 1))
+        if teacher is not None:
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            teacher.eval()
+
+    # ----- config helpers ----------------------------------------------------------------------
+    def section(self, name: str) -> dict:
+        """This method's config section, defaults filled in."""
+        out = dict(self.DEFAULTS.get(name, {}))
+        out.update(self.cfg.get(name) or {})
+        return out
+
+    # ----- what a method implements -----------------------------------------------------------------
+    def forward_train(self, image: torch.Tensor, target: torch.Tensor, **batch):
+        """Returns ``(student_logits, {loss_name: scalar tensor})``."""
+        raise NotImplementedError
+
+    def train_step(self, batch: dict, backward: Callable[[torch.Tensor], None]):
+        """One step's forward and backward. Returns ``(detached logits, {loss_name: detached tensor})``."""
+        logits, losses = self.forward_train(**batch)
+        backward(sum(losses.values()))
+        return logits.detach(), {k: v.detach() for k, v in losses.items()}
+
+    # ----- shared machinery -----------------------------------------------------------------------------
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.student(image)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher always runs in eval mode (BN statistics frozen)
+        return self
+
+    @torch.no_grad()
+    def teacher_forward(self, image: torch.Tensor, **kw):
+        return self.teacher(image, **kw)
+
+    def set_epoch(self, epoch: int, total_epochs: int) -> None:
+        self.epoch, self.total_epochs = epoch, total_epochs
+
+    def named_trainable_parameters(self):
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("teacher.") and p.requires_grad]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def extra_state_dict(self) -> dict:
+        """State of the parts that are neither the student nor the teacher (connectors, banks)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("student.", "teacher."))}
+
+    def load_extra_state_dict(self, sd: dict) -> None:
+        own = self.extra_state_dict()
+        missing = [k for k in own if k not in sd]
+        if missing:
+            raise KeyError(f"checkpoint lacks the {self.name} state {missing[:3]}")
+        self.load_state_dict({**{f"student.{k}": v for k, v in self.student.state_dict().items()},
+                              **({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+                                 if self.teacher is not None else {}),
+                              **sd}, strict=True)
+
+
+def ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, target)

@@ -1,0 +1,15 @@
+"""Training without a teacher (the baseline, and how teachers are trained)."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from .base import Distiller, register_distiller
+
+
+@register_distiller("scratch")
+class Scratch(Distiller):
+    needs_teacher = False
+
+    def forward_train(self, image, target, **batch):
+        logits = self.student(image)
+        return logits, {"ce": F.cross_entropy(logits, target)}

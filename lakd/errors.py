@@ -1,0 +1,19 @@
+"""User-facing errors: one clear line naming the problem and the fix, exit code 2."""
+from __future__ import annotations
+
+import difflib
+
+
+class LakdError(Exception):
+    """An error caused by the user's input (config, paths, checkpoints, names).
+
+    The CLI prints ``error: <message>`` on one line and exits with code 2, without a traceback.
+    """
+
+    exit_code = 2
+
+
+def close_matches(name: str, choices, n: int = 3) -> str:
+    """A short 'did you mean' suffix for ``name`` among ``choices`` ('' when nothing is close)."""
+    matches = difflib.get_close_matches(str(name), [str(c) for c in choices], n=n, cutoff=0.5)
+    return f" (did you mean: {', '.join(matches)}?)" if matches else ""

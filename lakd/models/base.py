@@ -1,0 +1,175 @@
+"""The feature interface every model of the zoo implements.
+
+A model is cut into an ordered list of *blocks* (the units between which SDM may cut), preceded by a
+*stem* and followed by a *head*:
+
+    x --stem--> h0 --block 1--> h1 --block 2--> ... --block n--> hn --pre_pool--> last map --pool/fc--> logits
+
+Subclasses implement five small methods (``stem_forward``, ``num_blocks``, ``block_forward``,
+``block_modules``/``stem_modules``/``head_modules``, ``pre_pool``) and declare ``stage_ends`` (1-based indices
+of the blocks that end a stage) and ``classifier`` (the final ``nn.Linear``). The state-dict layout stays the
+one of the original code base (mdistiller / RepDistiller / torchvision), so published checkpoints load.
+
+Distillers and the trainer only use the generic methods defined here: ``forward(x, features=True)``,
+``run_blocks``, ``head_forward``, ``feature_info``. They never look at a model's internals.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class FeatureShape:
+    channels: int
+    height: int
+    width: int
+
+
+class FeatureNet(nn.Module):
+    """Base class of all models: logits from ``forward(x)``, features on request."""
+
+    #: 1-based indices of the blocks that end each stage (e.g. [3, 6, 9] for resnet20).
+    stage_ends: list[int]
+    #: default input size (square) used to infer feature shapes.
+    input_size: int = 32
+
+    # ----- what a model implements -------------------------------------------------------------
+    def stem_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def num_blocks(self) -> int:
+        raise NotImplementedError
+
+    def block_forward(self, i: int, h: torch.Tensor, preact: bool = False):
+        """Run block ``i`` (0-based). Returns the output, or ``(output, pre-activation)`` if ``preact``."""
+        raise NotImplementedError
+
+    def stem_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def block_modules(self, i: int) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def head_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def pre_pool(self, h: torch.Tensor) -> torch.Tensor:
+        """The last feature map (input of global pooling) from the last block's output."""
+        return h
+
+    @property
+    def classifier(self) -> nn.Linear:
+        raise NotImplementedError
+
+    # ----- generic machinery ---------------------------------------------------------------------
+    def run_blocks(self, h: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Run blocks ``start`` .. ``end - 1`` (0-based, half-open)."""
+        for i in range(start, end):
+            h = self.block_forward(i, h)
+        return h
+
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1)
+
+    def head_forward(self, h: torch.Tensor, return_map: bool = False):
+        """From the last block's output to logits (and the last map and pooled embedding on request)."""
+        fmap = self.pre_pool(h)
+        emb = self.pool(fmap)
+        logits = self.classifier(emb)
+        if return_map:
+            return logits, fmap, emb
+        return logits
+
+    def forward(self, x: torch.Tensor, features: bool = False, preact: bool = False, blocks: bool = False):
+        """Logits, or ``(logits, feats)`` when ``features`` is true.
+
+        ``feats`` holds: ``stem`` (stem output), ``stages`` (post-activation output of each stage),
+        ``stages_preact`` (pre-activation stage outputs, if ``preact``), ``blocks`` (every block output, if
+        ``blocks``), ``last`` (the map fed to global pooling, for class activation maps) and
+        ``embedding`` (the pooled vector fed to the classifier).
+        """
+        h = self.stem_forward(x)
+        if not features:
+            h = self.run_blocks(h, 0, self.num_blocks)
+            return self.head_forward(h)
+        feats: dict = {"stem": h, "stages": [], "blocks": []}
+        if preact:
+            feats["stages_preact"] = []
+        ends = set(self.stage_ends)
+        for i in range(self.num_blocks):
+            is_end = (i + 1) in ends
+            if preact and is_end:
+                h, pre = self.block_forward(i, h, preact=True)
+                feats["stages_preact"].append(pre)
+            else:
+                h = self.block_forward(i, h)
+            if blocks:
+                feats["blocks"].append(h)
+            if is_end:
+                feats["stages"].append(h)
+        logits, fmap, emb = self.head_forward(h, return_map=True)
+        feats["last"] = fmap
+        feats["embedding"] = emb
+        return logits, feats
+
+    # ----- shapes ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def feature_info(self, input_size: int | None = None) -> dict:
+        """Channels and spatial size of the stem, every block, every stage and the last map.
+
+        Computed once by a forward pass on a zero image (in eval mode, on the model's device), then cached.
+        """
+        size = input_size or self.input_size
+        cache = self.__dict__.setdefault("_feature_info_cache", {})
+        if size in cache:
+            return cache[size]
+        p = next(self.parameters())
+        was_training = self.training
+        self.eval()
+        try:
+            x = torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype)
+            h = self.stem_forward(x)
+            stem = _shape(h)
+            blocks = []
+            for i in range(self.num_blocks):
+                h = self.block_forward(i, h)
+                blocks.append(_shape(h))
+            _, fmap, emb = self.head_forward(h, return_map=True)
+        finally:
+            self.train(was_training)
+        info = {
+            "stem": stem,
+            "blocks": blocks,
+            "stages": [blocks[e - 1] for e in self.stage_ends],
+            "last": _shape(fmap),
+            "embedding_dim": emb.shape[1],
+            "num_classes": self.classifier.out_features,
+        }
+        cache[size] = info
+        return info
+
+    def block_parameters(self, start: int, end: int, stem: bool = False, head: bool = False):
+        """Parameters of blocks ``start .. end-1`` (0-based), optionally with the stem's and head's."""
+        mods: list[nn.Module] = []
+        if stem:
+            mods += self.stem_modules()
+        for i in range(start, end):
+            mods += self.block_modules(i)
+        if head:
+            mods += self.head_modules()
+        seen, params = set(), []
+        for m in mods:
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        return params
+
+
+def _shape(t: torch.Tensor) -> FeatureShape:
+    return FeatureShape(int(t.shape[1]), int(t.shape[2]), int(t.shape[3]))

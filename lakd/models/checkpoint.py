@@ -1,0 +1,84 @@
+"""Reading model checkpoints from this project and from mdistiller, CAT-KD, RepDistiller, torchdistill
+and torchvision, with one-line errors for files that are missing, corrupt or do not fit the model."""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+
+import torch
+import torch.nn as nn
+
+from ..errors import LakdError
+
+#: keys under which the known code bases store a model's state dict
+_STATE_KEYS = ("model", "state_dict", "net", "student", "model_state_dict")
+
+
+def read_checkpoint(path: str) -> dict:
+    """``torch.load`` a file (weights only), turning every failure into a one-line ``LakdError``."""
+    path = os.path.expanduser(str(path))
+    if not os.path.exists(path):
+        raise LakdError(f"checkpoint {path!r} does not exist; check the path (relative paths are taken from "
+                        f"the current directory {os.getcwd()!r})")
+    if os.path.isdir(path):
+        raise LakdError(f"checkpoint {path!r} is a folder; give a .pt/.pth file (for a run folder, use "
+                        f"{os.path.join(path, 'best.pt')!r} or 'last.pt')")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LakdError(f"checkpoint {path!r} is corrupt or truncated ({first[:160]}); re-download or re-save "
+                        f"it (lakd writes checkpoints atomically, so a run's last.pt/best.pt stay readable)") from None
+    if not isinstance(obj, dict):
+        raise LakdError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a state dict or a dict with one "
+                        f"of the keys {', '.join(_STATE_KEYS)}")
+    return obj
+
+
+def extract_state_dict(obj: dict, path: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model's state dict from a checkpoint in any of the known layouts (prefixes such as
+    ``module.`` from DataParallel/DDP and ``student.`` are stripped)."""
+    sd = None
+    for key in _STATE_KEYS:
+        if isinstance(obj.get(key), dict):
+            sd = obj[key]
+            break
+    if sd is None:
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            sd = obj  # a bare state dict (torchvision's files)
+        else:
+            raise LakdError(f"{path!r} has no model weights: expected a state dict or a dict with one of the keys "
+                            f"{', '.join(_STATE_KEYS)}, found keys {sorted(obj)[:8]}")
+    for prefix in ("module.", "_orig_mod.", "student.", "model."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_weights(model: nn.Module, path: str, arch: str = "") -> dict:
+    """Load a checkpoint file into ``model`` strictly. Returns the checkpoint dict (for its metadata)."""
+    obj = read_checkpoint(path)
+    sd = extract_state_dict(obj, path)
+    ck_arch = obj.get("arch")
+    if arch and ck_arch and str(ck_arch).lower() != arch.lower():
+        raise LakdError(f"checkpoint {path!r} is a {ck_arch!r} but the config asks for {arch!r}; set the model "
+                        f"name to {ck_arch!r} or give a {arch} checkpoint")
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise LakdError(f"checkpoint {path!r} does not fit {arch or type(model).__name__}: {len(missing)} missing "
+                        f"keys (e.g. {missing[:2]}) and {len(unexpected)} unexpected (e.g. {unexpected[:2]}); "
+                        f"is it a different architecture?")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            cls = getattr(getattr(model, "classifier", None), "out_features", None)
+            if v.ndim >= 1 and k.split(".")[-1] in ("weight", "bias") and v.shape[0] != own[k].shape[0] and \
+                    cls is not None and own[k].shape[0] == cls:
+                raise LakdError(f"checkpoint {path!r} was trained for {v.shape[0]} classes but the model has {cls} "
+                                f"({k}); use a checkpoint for this dataset or set model.num_classes={v.shape[0]}")
+            raise LakdError(f"checkpoint {path!r} does not fit {arch or type(model).__name__}: {k} has shape "
+                            f"{tuple(v.shape)}, the model expects {tuple(own[k].shape)}; is it a different architecture?")
+    model.load_state_dict(sd, strict=True)
+    return obj
