@@ -1,0 +1,1 @@
+"""Training, evaluation, schedules, checkpoints and multi-process helpers."""

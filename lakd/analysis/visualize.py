@@ -1,0 +1,209 @@
+"""Pictures of the analyses: CKA heatmaps and stage-by-stage comparisons (the paper's Figure 1), and grids of
+class activation maps and NDAM attention maps (Figures 4, 6 and 7).
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas, so nothing here touches the
+global ``pyplot`` state or needs a display.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+from ..distillers.losses import class_activation_maps
+from ..errors import LakdError
+
+
+def _ndam_map_local(feat: torch.Tensor, avg: float = 1.0, max_: float = 2.0,
+                    use_abs: bool = True) -> torch.Tensor:
+    """NDAM's non-directional activation map ``A(F) = avg * mean_c |F| + max_ * max_c |F|`` (B x 1 x H x W),
+    normalised per sample to mean 1 over H x W."""
+    f = feat.abs() if use_abs else feat
+    a = avg * f.mean(1, keepdim=True) + max_ * f.amax(1, keepdim=True)
+    mean = a.mean((2, 3), keepdim=True)
+    return a / mean.clamp_min(1e-12)
+
+
+try:  # the LAKD distiller's own NDAM map, when it ships one
+    from ..distillers.lakd import ndam_map  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the distiller being present
+    ndam_map = _ndam_map_local
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fig.savefig(path, dpi=fig.dpi, bbox_inches="tight")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# CKA figures
+# ----------------------------------------------------------------------------------------------------
+
+
+def plot_cka_heatmap(matrix, row_labels: Sequence[str], col_labels: Sequence[str], path: str,
+                     title: str = "", row_title: str = "teacher", col_title: str = "student") -> str:
+    """Heatmap of a CKA matrix (rows: teacher representations, columns: student's), values in the cells."""
+    m = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
+    if m.ndim != 2 or m.shape != (len(row_labels), len(col_labels)):
+        raise ValueError(f"matrix of shape {m.shape} does not match {len(row_labels)} x {len(col_labels)} "
+                         f"labels")
+    rows, cols = m.shape
+    fig = _new_figure(max(4.0, 1.0 + 0.8 * cols), max(3.2, 1.2 + 0.6 * rows))
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(m, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
+    ax.set_xticks(range(cols))
+    ax.set_xticklabels(col_labels, rotation=45 if cols > 4 else 0, ha="right" if cols > 4 else "center")
+    ax.set_yticks(range(rows))
+    ax.set_yticklabels(row_labels)
+    ax.set_xlabel(col_title)
+    ax.set_ylabel(row_title)
+    if rows * cols <= 200:
+        for r in range(rows):
+            for c in range(cols):
+                v = m[r, c]
+                txt = "n/a" if math.isnan(v) else f"{v:.2f}"
+                ax.text(c, r, txt, ha="center", va="center", fontsize=8,
+                        color="black" if (not math.isnan(v) and v > 0.6) else "white")
+    cb = fig.colorbar(im, ax=ax)
+    cb.set_label("linear CKA")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_cka_diagonal(students: Sequence[dict], path: str, title: str = "") -> str:
+    """Grouped bars: CKA of teacher stage i vs student stage i, one bar colour per student (Figure 1)."""
+    if not students:
+        raise ValueError("no students to plot")
+    k = max(len(s["diagonal"]) for s in students)
+    fig = _new_figure(max(5.0, 1.5 + 1.2 * k * max(1, len(students)) / 2), 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(students)
+    cmap = colormaps["tab10"]
+    for i, s in enumerate(students):
+        vals = [np.nan if v is None else v for v in s["diagonal"]]
+        xs = np.arange(len(vals)) + (i - (len(students) - 1) / 2) * width
+        top1 = s.get("top1")
+        label = s["label"] if top1 is None else f"{s['label']} (top-1 {top1:.2f}%)"
+        bars = ax.bar(xs, np.nan_to_num(vals), width=width * 0.95, color=cmap(i % 10), label=label)
+        for b, v in zip(bars, vals):
+            if not math.isnan(v):
+                ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.2f}", ha="center", va="bottom",
+                        fontsize=7)
+    labels = max((s["diagonal_labels"] for s in students), key=len)
+    ax.set_xticks(range(k))
+    ax.set_xticklabels([f"{lab}" for lab in labels])
+    ax.set_xlabel("teacher stage i vs student stage i")
+    ax.set_ylabel("linear CKA")
+    ax.set_ylim(0, 1.12)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", ncol=1 if len(students) < 4 else 2)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention maps
+# ----------------------------------------------------------------------------------------------------
+
+
+def minmax(maps: torch.Tensor) -> torch.Tensor:
+    """Per-sample min-max normalisation of B x H x W maps to [0, 1] (a constant map becomes 0)."""
+    flat = maps.flatten(1)
+    lo = flat.min(1).values[:, None, None]
+    hi = flat.max(1).values[:, None, None]
+    return (maps - lo) / (hi - lo).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def attention_maps(model, images: torch.Tensor, targets: torch.Tensor, stage: int = -1, ndam_avg: float = 1.0,
+                   ndam_max: float = 2.0, use_abs: bool = True) -> dict:
+    """The maps ``lakd visualize`` draws, upsampled bilinearly to the image size and min-max normalised.
+
+    Returns ``cam`` (the class activation map of the TRUE class, B x H x W), ``ndam`` (the NDAM map of the
+    output of stage ``stage``, 1-based or negative from the end, B x H x W), ``pred`` (B) and ``prob`` (B, the
+    softmax probability of the prediction).
+    """
+    model.eval()
+    logits, feats = model(images, features=True)
+    stages = feats["stages"]
+    n = len(stages)
+    if stage == 0 or not -n <= stage <= n:
+        raise LakdError(f"--stage {stage} does not exist: this model has stages 1..{n} (or -1 for the last)")
+    sidx = stage - 1 if stage > 0 else n + stage
+    size = images.shape[-2:]
+    cams = class_activation_maps(feats["last"], model.classifier)
+    cam = cams[torch.arange(len(targets), device=cams.device), targets.to(cams.device)]
+    cam = F.interpolate(cam[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    nd = ndam_map(stages[sidx].float(), ndam_avg, ndam_max, use_abs)
+    nd = F.interpolate(nd.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    prob = torch.softmax(logits.float(), 1)
+    p, pred = prob.max(1)
+    return {"cam": minmax(cam).cpu(), "ndam": minmax(nd).cpu(), "pred": pred.cpu(), "prob": p.cpu(),
+            "stage": sidx + 1}
+
+
+def plot_attention_grid(images: np.ndarray, rows: Sequence[dict], models: Sequence[dict], path: str,
+                        alpha: float = 0.5, title: str = "") -> str:
+    """The attention grid: one row per image; columns: the input, then per model its CAM and NDAM overlays.
+
+    ``images``: N x H x W x 3 in [0, 1]. ``rows[i]``: {"index", "true"} (dataset index, true label name).
+    ``models[j]``: {"label", "stage", "cam" (N x H x W in [0,1]), "ndam" (same), "pred" (names), "prob",
+    "correct" (bools)}.
+    """
+    n = len(images)
+    cols = 1 + 2 * len(models)
+    cell = 2.0
+    fig = _new_figure(cell * cols, cell * n + 0.9)
+    axes = fig.subplots(n, cols, squeeze=False)
+    cmap = colormaps["jet"]
+    gray = images.mean(-1) if images.shape[-1] == 3 else images[..., 0]
+    for r in range(n):
+        img = np.clip(images[r], 0, 1)
+        ax = axes[r, 0]
+        ax.imshow(img, interpolation="nearest")
+        ax.set_ylabel(f"#{rows[r]['index']}\ntrue: {rows[r]['true']}", fontsize=8)
+        for j, m in enumerate(models):
+            for k, key in enumerate(("cam", "ndam")):
+                a = axes[r, 1 + 2 * j + k]
+                a.imshow(gray[r], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                a.imshow(m[key][r], cmap=cmap, vmin=0, vmax=1, alpha=alpha, interpolation="bilinear")
+                if key == "cam":
+                    ok = bool(m["correct"][r])
+                    a.set_xlabel(f"pred: {m['pred'][r]} ({100 * float(m['prob'][r]):.0f}%)"
+                                 + (" ✓" if ok else " ✗"), fontsize=8, color="green" if ok else "red")
+        for a in axes[r]:
+            a.set_xticks([])
+            a.set_yticks([])
+            for sp in a.spines.values():
+                sp.set_visible(False)
+    axes[0, 0].set_title("input", fontsize=9)
+    for j, m in enumerate(models):
+        axes[0, 1 + 2 * j].set_title(f"{m['label']}\nCAM (true class)", fontsize=9)
+        axes[0, 2 + 2 * j].set_title(f"{m['label']}\nNDAM stage {m['stage']}", fontsize=9)
+    fig.subplots_adjust(wspace=0.05, hspace=0.35, bottom=0.9 / (cell * n + 0.9) + 0.02)
+    cax = fig.add_axes((0.3, 0.25 / (cell * n + 0.9), 0.4, 0.15 / (cell * n + 0.9)))
+    cb = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap=cmap), cax=cax, orientation="horizontal")
+    cb.set_label("map value (min-max normalised per map)", fontsize=8)
+    cb.ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

@@ -1,0 +1,67 @@
+"""``lakd bench memory|speed``: what a training step costs per method, measured in one run."""
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "measure peak memory (bench memory) or training images/s (bench speed) per method, in one run"
+
+ALL_METHODS = "scratch,kd,fitnet,at,rkd,crd,ofd,catkd,dkd,lakd,lakd_joint"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    for what in ("memory", "speed"):
+        q = sub.add_parser(what, help=f"{what} per method")
+        q.add_argument("--teacher", default="resnet56", help="teacher model, optionally MODEL=CHECKPOINT")
+        q.add_argument("--student", default="resnet20")
+        q.add_argument("--methods", default="scratch,kd,fitnet,catkd,lakd,lakd_joint",
+                       help=f"comma-separated; any of {ALL_METHODS} (lakd_joint: LAKD with one joint backward)")
+        q.add_argument("--batch-size", type=int, default=64)
+        q.add_argument("--num-classes", type=int, default=100)
+        q.add_argument("--device", default="auto")
+        q.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+        q.add_argument("--json", action="store_true", help="print one JSON object")
+        q.add_argument("overrides", nargs="*", help="config overrides for the methods, e.g. sdm.splits=[1,4,9]")
+        if what == "speed":
+            q.add_argument("--steps", type=int, default=10, help="timed steps per method and round")
+            q.add_argument("--warmup", type=int, default=2)
+            q.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds (best kept)")
+            q.add_argument("--channels-last", action="store_true")
+
+
+def run(args) -> int:
+    from ..analysis.cost import measure_memory, measure_speed
+    from ..distillers import DISTILLERS
+    from ..engine.device import AMP_DTYPES, resolve_device
+    from ..errors import LakdError
+
+    teacher, _, ckpt = args.teacher.partition("=")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m != "lakd_joint":
+            DISTILLERS.get(m)  # clear error for an unknown method
+    if args.batch_size < 1:
+        raise LakdError("--batch-size must be positive")
+    device = str(resolve_device(args.device))
+    common = dict(teacher=teacher, student=args.student, methods=methods, batch_size=args.batch_size,
+                  teacher_ckpt=ckpt or None, num_classes=args.num_classes, device=device,
+                  overrides=args.overrides, amp_dtype=AMP_DTYPES[args.amp])
+    if args.what == "memory":
+        out = measure_memory(**common)
+        key, unit = "peak_bytes", "MiB"
+    else:
+        out = measure_speed(steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+                            channels_last=args.channels_last, **common)
+        key, unit = "images_per_s", "img/s"
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{args.what}: {teacher} -> {args.student}, batch {args.batch_size}, {out['device']}"
+          + (f" ({out['measure']})" if "measure" in out else ""))
+    print(f"{'method':<12} {unit:>12} {'vs scratch':>11}")
+    for m, r in out["results"].items():
+        v = r[key] / 2**20 if key == "peak_bytes" else r[key]
+        ratio = "" if r["ratio_to_scratch"] is None else f"{r['ratio_to_scratch']:.3f}"
+        print(f"{m:<12} {v:>12.1f} {ratio:>11}")
+    return 0

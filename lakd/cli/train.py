@@ -1,0 +1,48 @@
+"""``lakd train CONFIG [key=value ...]``."""
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "train a student (or a teacher: method scratch) from a YAML config, with key=value overrides"
+
+EPILOG = """examples:
+  lakd train configs/cifar10/lakd/resnet56_resnet20_149.yaml
+  lakd train configs/cifar10/teachers/resnet56.yaml solver.epochs=30 data.root=/data
+  lakd train CONFIG resume=runs/my_run          # continue an interrupted run from its last.pt
+  torchrun --nproc_per_node=4 -m lakd train CONFIG   # several GPUs (DDP)
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EPILOG
+    p.add_argument("config", nargs="?", help="YAML config file (see `lakd configs`)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. solver.epochs=10 sdm.splits=[1,4,9]")
+    p.add_argument("--run-dir", help="write the run here instead of output_dir/experiment")
+    p.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+
+
+def run(args) -> int:
+    from ..config import dump_config, load_config
+
+    overrides = list(args.overrides)
+    config = args.config
+    if config and "=" in config and not config.endswith((".yaml", ".yml")):
+        overrides.insert(0, config)  # `lakd train key=value ...` with no file
+        config = None
+    cfg = load_config(config, overrides)
+    if args.show_config:
+        print(dump_config(cfg), end="")
+        return 0
+    from ..engine import distributed as dist
+    from ..engine.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg, run_dir=args.run_dir, quiet=args.quiet)
+        summary = trainer.fit()
+    finally:
+        dist.cleanup()
+    if trainer.dist.is_main:
+        print(json.dumps({k: summary[k] for k in ("run_dir", "final_top1", "best_top1", "final_ek", "wall_time_s")}))
+    return 0

@@ -1,0 +1,56 @@
+"""AT, attention transfer (Zagoruyko & Komodakis, 2017): the student matches the teacher's spatial attention
+maps at every stage output, on top of cross-entropy.
+
+As mdistiller's ``AT``: ``at(f) = normalize(mean_c(f^p))`` flattened per image (L2 over positions), loss per
+stage ``mean((at_s - at_t)^2)``, summed over the stage outputs, ``p = 2``, weight 1000, CE weight 1. When the
+maps differ in size the larger one is average-pooled to the smaller. When the two nets have different
+numbers of stages the last ones are paired (the deepest stage with the deepest stage).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import LakdError
+from .base import Distiller, register_distiller
+
+
+def attention_map(feat: torch.Tensor, p: float) -> torch.Tensor:
+    """B x C x H x W -> B x (H*W): the channel mean of ``feat**p``, L2-normalised over positions."""
+    return F.normalize(feat.pow(p).mean(1).reshape(feat.shape[0], -1), dim=1)
+
+
+def at_stage_loss(f_s: torch.Tensor, f_t: torch.Tensor, p: float) -> torch.Tensor:
+    hs, ht = f_s.shape[-2:], f_t.shape[-2:]
+    if hs[0] * hs[1] > ht[0] * ht[1]:
+        f_s = F.adaptive_avg_pool2d(f_s, ht)
+    elif hs[0] * hs[1] < ht[0] * ht[1]:
+        f_t = F.adaptive_avg_pool2d(f_t, hs)
+    return (attention_map(f_s, p) - attention_map(f_t, p)).pow(2).mean()
+
+
+def at_loss(feats_s: list, feats_t: list, p: float) -> torch.Tensor:
+    """Sum over paired stages (the last ``min(len)`` of each list) of the per-stage AT loss."""
+    n = min(len(feats_s), len(feats_t))
+    return sum(at_stage_loss(fs, ft, p) for fs, ft in zip(feats_s[-n:], feats_t[-n:]))
+
+
+@register_distiller("at")
+class AT(Distiller):
+    DEFAULTS = {"at": {"ce_weight": 1.0, "feat_weight": 1000.0, "p": 2.0}}
+
+    def __init__(self, student, teacher, cfg, num_data=0):
+        super().__init__(student, teacher, cfg, num_data)
+        s = self.section("at")
+        self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
+        self.p = float(s["p"])
+        if self.p <= 0:
+            raise LakdError(f"at.p must be positive (the paper uses 2), got {s['p']!r}")
+
+    def forward_train(self, image, target, **batch):
+        logits, feats = self.student(image, features=True)
+        _, t_feats = self.teacher_forward(image, features=True)
+        return logits, {
+            "ce": self.ce_weight * F.cross_entropy(logits, target),
+            "at": self.feat_weight * at_loss(feats["stages"], t_feats["stages"], self.p),
+        }

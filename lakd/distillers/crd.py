@@ -1,0 +1,164 @@
+"""CRD, contrastive representation distillation (Tian et al., 2020), in RepDistiller/mdistiller's NCE form.
+
+Student and teacher embeddings (``feats["embedding"]``) pass through learnable linear maps to ``feat_dim``
+(128) and are L2-normalised. Two memory banks hold one unit vector per training image, ``memory_s`` (student side)
+and ``memory_t`` (teacher side). For each image ``i`` of the batch, ``K`` negatives ``j`` are drawn and the
+scores ``P(i, j) = exp(<v, m_j> / T) / Z`` are computed against the *other* side's bank (the student embedding
+against the teacher bank and vice versa), with ``Z = mean(exp(.)) * N`` fixed on the first batch (``N`` =
+number of training images). The NCE loss of each side (``m = K``, ``Pn = 1/N``)::
+
+    - [ log(P_pos / (P_pos + m Pn + eps)) + sum_neg log(m Pn / (P_neg + m Pn + eps)) ], batch mean
+
+and after the step the banks' rows of the batch images move to
+``normalize(momentum * m_i + (1 - momentum) v_i)``.
+mdistiller's CRD config: K = 16384, T = 0.07, momentum 0.5, CE weight 1, CRD weight 0.8, no KD term.
+
+Negatives. mdistiller's ``exact`` mode draws them (in the dataset) among images of other classes. Here the
+batch only carries the images' indices, so the distiller records the label of every image it has seen
+(``labels`` buffer) and, with ``negatives: other_class``, redraws up to 3 times any uniform draw that hits the
+image itself or an image known to share its class (after the first epoch every label is known; leftovers are
+rare and kept). ``negatives: uniform`` is RepDistiller's plain uniform draw. When the training set is smaller
+than ``K + 1`` images (tiny test sets), ``K`` becomes ``N - 1``.
+
+The contrast is computed in float32 (``exp(1/0.07)`` overflows float16 under AMP).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import LakdError
+from .base import Distiller, register_distiller
+
+NCE_EPS = 1e-7
+
+
+class Embed(nn.Module):
+    """Linear map to ``dim_out`` followed by L2 normalisation."""
+
+    def __init__(self, dim_in: int, dim_out: int = 128):
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.linear(x.flatten(1)), p=2, dim=1)
+
+
+def nce_loss(scores: torch.Tensor, num_data: int) -> torch.Tensor:
+    """NCE loss of RepDistiller's ``ContrastLoss``: column 0 holds the positive scores, the rest negatives."""
+    m = scores.shape[1] - 1
+    noise = m / float(num_data)  # m * Pn
+    p_pos = scores[:, 0]
+    p_neg = scores[:, 1:]
+    log_d1 = torch.log(p_pos / (p_pos + noise + NCE_EPS))
+    log_d0 = torch.log(noise / (p_neg + noise + NCE_EPS))
+    return -(log_d1.sum() + log_d0.sum()) / scores.shape[0]
+
+
+class ContrastMemory(nn.Module):
+    """The two memory banks, the normalisation constants and the sampling of negatives."""
+
+    def __init__(self, dim: int, num_data: int, k: int, temperature: float, momentum: float,
+                 negatives: str = "other_class"):
+        super().__init__()
+        self.num_data, self.k, self.temperature, self.momentum = num_data, k, temperature, momentum
+        self.negatives = negatives
+        stdv = 1.0 / math.sqrt(dim / 3)
+        self.register_buffer("memory_s", torch.rand(num_data, dim).mul_(2 * stdv).add_(-stdv))
+        self.register_buffer("memory_t", torch.rand(num_data, dim).mul_(2 * stdv).add_(-stdv))
+        # normalisation constants Z (student side, teacher side); negative = not set yet
+        self.register_buffer("z", torch.tensor([-1.0, -1.0]))
+        # label of each training image, -1 until seen
+        self.register_buffer("labels", torch.full((num_data,), -1, dtype=torch.long))
+
+    @torch.no_grad()
+    def sample(self, index: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        """B x (K+1) bank indices: column 0 the image itself, then K negatives."""
+        b = index.shape[0]
+        neg = torch.randint(0, self.num_data, (b, self.k), device=index.device)
+        if self.negatives == "other_class" and target is not None:
+            for _ in range(3):
+                bad = (neg == index[:, None]) | (self.labels[neg] == target[:, None])
+                n_bad = int(bad.sum())
+                if n_bad == 0:
+                    break
+                neg[bad] = torch.randint(0, self.num_data, (n_bad,), device=index.device)
+        return torch.cat([index[:, None], neg], dim=1)
+
+    def forward(self, v_s: torch.Tensor, v_t: torch.Tensor, index: torch.Tensor,
+                contrast_index: torch.Tensor | None = None, target: torch.Tensor | None = None):
+        """Scores (B x (K+1)) of the student embeddings against the teacher bank and of the teacher
+        embeddings against the student bank; then the banks are updated with this batch."""
+        if contrast_index is None:
+            contrast_index = self.sample(index, target)
+        b, k1 = contrast_index.shape
+        w_t = self.memory_t[contrast_index.reshape(-1)].view(b, k1, -1)
+        w_s = self.memory_s[contrast_index.reshape(-1)].view(b, k1, -1)
+        out_s = torch.exp(torch.bmm(w_t, v_s.unsqueeze(2)).squeeze(2) / self.temperature)
+        out_t = torch.exp(torch.bmm(w_s, v_t.unsqueeze(2)).squeeze(2) / self.temperature)
+        if self.z[0] < 0:
+            self.z[0] = out_s.detach().mean() * self.num_data
+        if self.z[1] < 0:
+            self.z[1] = out_t.detach().mean() * self.num_data
+        out_s, out_t = out_s / self.z[0], out_t / self.z[1]
+        with torch.no_grad():
+            for bank, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
+                rows = bank[index] * self.momentum + v.detach().to(bank.dtype) * (1 - self.momentum)
+                bank.index_copy_(0, index, F.normalize(rows, p=2, dim=1))
+            if target is not None:
+                self.labels[index] = target
+        return out_s, out_t
+
+
+@register_distiller("crd")
+class CRD(Distiller):
+    needs_index = True
+    DEFAULTS = {"crd": {"ce_weight": 1.0, "feat_weight": 0.8, "feat_dim": 128, "nce_k": 16384,
+                        "nce_t": 0.07, "momentum": 0.5, "negatives": "other_class"}}
+
+    def __init__(self, student, teacher, cfg, num_data=0):
+        super().__init__(student, teacher, cfg, num_data)
+        s = self.section("crd")
+        self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
+        if num_data < 2:
+            raise LakdError(f"CRD needs the training set size (num_data >= 2) for its memory bank, "
+                            f"got {num_data}")
+        for key in ("feat_dim", "nce_k"):
+            if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 1:
+                raise LakdError(f"crd.{key} must be a positive integer, got {s[key]!r}")
+        if not float(s["nce_t"]) > 0:
+            raise LakdError(f"crd.nce_t (the NCE temperature) must be positive, got {s['nce_t']!r}")
+        if not 0 <= float(s["momentum"]) < 1:
+            raise LakdError(f"crd.momentum must be in [0, 1), got {s['momentum']!r}")
+        if s["negatives"] not in ("other_class", "uniform"):
+            raise LakdError(f"crd.negatives {s['negatives']!r} is not one of other_class, uniform")
+        self.num_data = int(num_data)
+        k = min(int(s["nce_k"]), self.num_data - 1)
+        dim = int(s["feat_dim"])
+        self.embed_s = Embed(student.feature_info()["embedding_dim"], dim)
+        self.embed_t = Embed(teacher.feature_info()["embedding_dim"], dim)
+        self.contrast = ContrastMemory(dim, self.num_data, k, float(s["nce_t"]), float(s["momentum"]),
+                                       s["negatives"])
+
+    def crd_loss(self, emb_s: torch.Tensor, emb_t: torch.Tensor, index: torch.Tensor,
+                 target: torch.Tensor | None = None, contrast_index: torch.Tensor | None = None):
+        with torch.autocast(device_type=emb_s.device.type, enabled=False):
+            v_s = self.embed_s(emb_s.float())
+            v_t = self.embed_t(emb_t.float())
+            out_s, out_t = self.contrast(v_s, v_t, index, contrast_index, target)
+            return nce_loss(out_s, self.num_data) + nce_loss(out_t, self.num_data)
+
+    def forward_train(self, image, target, index=None, **batch):
+        if index is None:
+            raise LakdError("CRD needs the dataset index of every image (batch['index']); "
+                            "use lakd's data loaders")
+        logits, feats = self.student(image, features=True)
+        _, t_feats = self.teacher_forward(image, features=True)
+        index = index.to(image.device).long()
+        return logits, {
+            "ce": self.ce_weight * F.cross_entropy(logits, target),
+            "crd": self.feat_weight * self.crd_loss(feats["embedding"], t_feats["embedding"], index, target),
+        }

@@ -1,0 +1,66 @@
+"""DKD, decoupled knowledge distillation (Zhao et al., 2022), as in mdistiller.
+
+With temperature-``T`` softmaxes ``p`` of student and teacher and the target class ``y``:
+TCKD = KL([p_y, 1 - p_y]_teacher || [p_y, 1 - p_y]_student) (the binary target / non-target split) and
+NCKD = KL(p^_teacher || p^_student) over the non-target classes only (softmax with the target logit removed,
+done as in mdistiller by subtracting 1000 from it), each batch-mean times T^2. Loss
+``ce_weight * CE + w(epoch) * (alpha * TCKD + beta * NCKD)`` with the warm-up ``w = min(epoch / warmup, 1)``,
+``epoch`` 1-based as in mdistiller (``self.epoch + 1`` here, the trainer's epoch being 0-based).
+mdistiller: alpha 1, beta 8 (2 for res56->res20 and res110->res32, 6 for the WRN and VGG pairs), T 4,
+warm-up 20 epochs, CE weight 1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import LakdError
+from .base import Distiller, register_distiller
+
+
+def dkd_terms(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor, temperature: float):
+    """(TCKD, NCKD), each already multiplied by T^2 and averaged over the batch."""
+    gt = F.one_hot(target, logits_s.shape[1]).to(torch.bool)
+    p_s = F.softmax(logits_s / temperature, dim=1)
+    p_t = F.softmax(logits_t / temperature, dim=1)
+    pt_s = (p_s * gt).sum(1, keepdim=True)
+    pt_t = (p_t * gt).sum(1, keepdim=True)
+    b_s = torch.cat([pt_s, (p_s * ~gt).sum(1, keepdim=True)], dim=1)
+    b_t = torch.cat([pt_t, (p_t * ~gt).sum(1, keepdim=True)], dim=1)
+    n = target.shape[0]
+    tckd = F.kl_div(torch.log(b_s), b_t, reduction="sum") * temperature**2 / n
+    log_q_s = F.log_softmax(logits_s / temperature - 1000.0 * gt, dim=1)
+    q_t = F.softmax(logits_t / temperature - 1000.0 * gt, dim=1)
+    nckd = F.kl_div(log_q_s, q_t, reduction="sum") * temperature**2 / n
+    return tckd, nckd
+
+
+@register_distiller("dkd")
+class DKD(Distiller):
+    DEFAULTS = {"dkd": {"ce_weight": 1.0, "alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup": 20}}
+
+    def __init__(self, student, teacher, cfg, num_data=0):
+        super().__init__(student, teacher, cfg, num_data)
+        s = self.section("dkd")
+        self.ce_weight, self.alpha, self.beta = float(s["ce_weight"]), float(s["alpha"]), float(s["beta"])
+        self.T = float(s["T"])
+        if self.T <= 0:
+            raise LakdError(f"dkd.T (the temperature) must be positive, got {s['T']!r}")
+        w = s["warmup"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise LakdError(f"dkd.warmup must be a number of epochs >= 0 (mdistiller: 20), got {w!r}")
+        self.warmup = float(w)
+
+    def warmup_factor(self) -> float:
+        return 1.0 if self.warmup <= 0 else min((self.epoch + 1) / self.warmup, 1.0)
+
+    def forward_train(self, image, target, **batch):
+        logits = self.student(image)
+        t_logits = self.teacher_forward(image)
+        tckd, nckd = dkd_terms(logits, t_logits, target, self.T)
+        w = self.warmup_factor()
+        return logits, {
+            "ce": self.ce_weight * F.cross_entropy(logits, target),
+            "tckd": w * self.alpha * tckd,
+            "nckd": w * self.beta * nckd,
+        }

@@ -1,0 +1,76 @@
+"""FitNet (Romero et al., 2015): the student's hint feature, mapped by a learnable regressor, regresses the
+teacher's feature at the same depth (MSE), on top of cross-entropy.
+
+Follows mdistiller's ``FitNet``: the hint is one feature of ``[stem, stage 1, stage 2, ...]`` (``hint_stage``,
+default 2 = mdistiller's ``HINT_LAYER: 2``, the second stage's output for the 3-stage CIFAR nets), the
+regressor is mdistiller's ``ConvReg`` (conv + BN + ReLU; the conv is a 3x3 stride-2 conv when the student map
+is twice the teacher's size, a 4x4 stride-2 transposed conv when it is half, and otherwise a
+``(1 + Hs - Ht) x (1 + Ws - Wt)`` conv, i.e. 1x1 for equal sizes), loss ``ce_weight * CE + feat_weight * MSE``
+with weights 1 and 100.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import LakdError
+from ..models.base import FeatureShape
+from .base import Distiller, register_distiller
+
+
+class ConvRegressor(nn.Module):
+    """Maps a student feature map (Cs x Hs x Ws) onto the teacher's (Ct x Ht x Wt): conv, BN, ReLU."""
+
+    def __init__(self, s: FeatureShape, t: FeatureShape, use_relu: bool = True):
+        super().__init__()
+        if s.height == 2 * t.height and s.width == 2 * t.width:
+            self.conv = nn.Conv2d(s.channels, t.channels, kernel_size=3, stride=2, padding=1)
+        elif 2 * s.height == t.height and 2 * s.width == t.width:
+            self.conv = nn.ConvTranspose2d(s.channels, t.channels, kernel_size=4, stride=2, padding=1)
+        elif s.height >= t.height and s.width >= t.width:
+            self.conv = nn.Conv2d(s.channels, t.channels,
+                                  kernel_size=(1 + s.height - t.height, 1 + s.width - t.width))
+        else:
+            raise LakdError(f"FitNet cannot map a {s.height}x{s.width} student feature onto a "
+                            f"{t.height}x{t.width} teacher feature; choose another fitnet.hint_stage")
+        self.bn = nn.BatchNorm2d(t.channels)
+        self.use_relu = use_relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.conv(x))
+        return F.relu(x) if self.use_relu else x
+
+
+def hint_feature(feats: dict, stage: int) -> torch.Tensor:
+    """Feature ``stage`` of ``[stem, stage 1, stage 2, ...]`` (mdistiller's ``feats`` indexing)."""
+    return feats["stem"] if stage == 0 else feats["stages"][stage - 1]
+
+
+@register_distiller("fitnet")
+class FitNet(Distiller):
+    DEFAULTS = {"fitnet": {"ce_weight": 1.0, "feat_weight": 100.0, "hint_stage": 2}}
+
+    def __init__(self, student, teacher, cfg, num_data=0):
+        super().__init__(student, teacher, cfg, num_data)
+        s = self.section("fitnet")
+        self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
+        info_s, info_t = student.feature_info(), teacher.feature_info()
+        n = min(len(info_s["stages"]), len(info_t["stages"]))
+        stage = s["hint_stage"]
+        if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= n:
+            raise LakdError(f"fitnet.hint_stage={stage!r} is out of range: use an integer from 0 (stem) "
+                            f"to {n} (last stage) for {student.__class__.__name__} / {teacher.__class__.__name__}")
+        self.hint_stage = stage
+        shapes_s = [info_s["stem"], *info_s["stages"]]
+        shapes_t = [info_t["stem"], *info_t["stages"]]
+        self.regressor = ConvRegressor(shapes_s[stage], shapes_t[stage])
+
+    def forward_train(self, image, target, **batch):
+        logits, feats = self.student(image, features=True)
+        _, t_feats = self.teacher_forward(image, features=True)
+        pred = self.regressor(hint_feature(feats, self.hint_stage))
+        return logits, {
+            "ce": self.ce_weight * F.cross_entropy(logits, target),
+            "fitnet": self.feat_weight * F.mse_loss(pred, hint_feature(t_feats, self.hint_stage)),
+        }

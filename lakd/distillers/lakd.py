@@ -1,0 +1,210 @@
+"""LAKD: Local Attention Knowledge Distillation (Separation-Decoupling Mechanism + NDAM + class attention).
+
+The student's ordered blocks are cut at ``sdm.splits`` (1-based block indices, the last one = the last block)
+into gradient-independent local modules. Module k = blocks (s_{k-1}, s_k]; module 1 also holds the stem, the
+last module also holds pooling and the classifier. Module k+1 receives the *detached* output of module k.
+Each module's output goes through its own connector ``phi_k`` (identity when shapes match, else 1x1 conv + BN
+and a spatial resize) and is aligned to teacher alignment point k by
+
+    L_k = mean( W_k * (phi_k(F_S^k) - F_T^k)^2 ),      W_k = NDAM map (all ones when NDAM is off)
+
+    NDAM: A(F) = a * mean_c(|F|) + b * max_c(|F|),  normalised per sample to mean 1 over H x W
+
+The last module adds cross-entropy and CAT-KD's class-attention loss:
+
+    L_K = ce_weight * CE + att_weight * L_att + feat_weight * L_feat
+
+With ``sdm.backward: local`` (default) each module's loss is backpropagated right after that module's forward
+and its graph freed, so peak activation memory is the largest module's. ``joint`` does one backward over the
+summed losses (same gradients). ``sdm.detach: false`` lets gradients cross modules (the paper's "no detach"
+row; always a joint backward). See docs/method.md for the reading of the paper behind each choice.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import LakdError
+from ..models.base import FeatureShape
+from .base import Distiller, register_distiller
+from .losses import class_activation_maps, class_attention_loss
+
+
+def ndam_map(feat: torch.Tensor, avg_weight: float = 1.0, max_weight: float = 2.0, use_abs: bool = True,
+             eps: float = 1e-8) -> torch.Tensor:
+    """Non-Directional Activation Map of a B x C x H x W feature: B x 1 x H x W, mean 1 per sample.
+
+    ``A = avg_weight * mean_c(|F|) + max_weight * max_c(|F|)`` (|F| replaced by F when ``use_abs`` is off),
+    divided by its spatial mean. Where the map's mean is not positive (possible without abs) it is shifted
+    to be non-negative first, so the weights stay non-negative.
+    """
+    f = feat.abs() if use_abs else feat
+    a = avg_weight * f.mean(dim=1, keepdim=True) + max_weight * f.amax(dim=1, keepdim=True)
+    if not use_abs:
+        a = a - a.amin(dim=(2, 3), keepdim=True).clamp(max=0)
+    return a / (a.mean(dim=(2, 3), keepdim=True) + eps)
+
+
+class Connector(nn.Module):
+    """phi_k: 1x1 conv + BN when channels differ, then a resize to the teacher's spatial size."""
+
+    def __init__(self, s: FeatureShape, t: FeatureShape):
+        super().__init__()
+        self.proj = None
+        if s.channels != t.channels:
+            self.proj = nn.Sequential(nn.Conv2d(s.channels, t.channels, 1, bias=False), nn.BatchNorm2d(t.channels))
+        self.size = None if (s.height, s.width) == (t.height, t.width) else (t.height, t.width)
+
+    def forward(self, x):
+        if self.proj is not None:
+            x = self.proj(x)
+        if self.size is not None:
+            if x.shape[2] > self.size[0]:
+                x = F.adaptive_avg_pool2d(x, self.size)
+            else:
+                x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return x
+
+
+@register_distiller("lakd")
+class LAKD(Distiller):
+    DEFAULTS = {
+        "sdm": {
+            "splits": None,  # 1-based student block indices ending each local module; None: the stage ends
+            "teacher_points": None,  # 1-based teacher block indices to align with; None: the teacher's stages
+            "detach": True,  # cut the gradient between modules (False: the paper's "no detach" row)
+            "backward": "local",  # local: backward per module right after its forward | joint: one backward
+        },
+        "ndam": {
+            "enabled": True,
+            "source": "teacher",  # teacher | student: whose feature the attention map is computed from
+            "abs": True,  # |F| (non-directional) or F
+            "avg": 1.0,  # a: weight of the channel-average map
+            "max": 2.0,  # b: weight of the channel-max map
+        },
+        "lakd": {
+            "ce_weight": 1.0,
+            "att_weight": 1.0,  # class-attention (CAT-KD) loss weight; configs set CAT-KD's per-pair beta
+            "feat_weight": 1.0,  # weight of every module's feature loss (scalar) ...
+            "feat_weights": None,  # ... or one weight per module (list), overriding feat_weight
+            "resolution": 2,  # R: CAMs pooled to R x R
+            "normalize": False,  # L2-normalise the pooled CAMs over space
+        },
+    }
+
+    def __init__(self, student, teacher, cfg, num_data=0):
+        super().__init__(student, teacher, cfg, num_data)
+        sdm, nd, lk = self.section("sdm"), self.section("ndam"), self.section("lakd")
+        n = student.num_blocks
+        splits = list(sdm["splits"] or student.stage_ends)
+        if not splits or splits != sorted(set(splits)) or splits[0] < 1 or splits[-1] != n:
+            raise LakdError(f"sdm.splits={splits} does not fit {cfg['model']['name']} ({n} blocks): give increasing "
+                            f"1-based block indices ending with {n}, e.g. sdm.splits={student.stage_ends}")
+        self.splits = splits
+        s_info, t_info = student.feature_info(), teacher.feature_info()
+        points = sdm["teacher_points"]
+        if points is None:
+            if len(splits) != len(teacher.stage_ends):
+                raise LakdError(f"sdm.splits={splits} makes {len(splits)} local modules but the teacher "
+                                f"{cfg['teacher']['name']} has {len(teacher.stage_ends)} stages; set "
+                                f"sdm.teacher_points to {len(splits)} teacher block indices (1..{teacher.num_blocks})")
+            points = list(teacher.stage_ends)
+        points = list(points)
+        if len(points) != len(splits) or any(not 1 <= p <= teacher.num_blocks for p in points):
+            raise LakdError(f"sdm.teacher_points={points} must hold {len(splits)} teacher block indices in "
+                            f"1..{teacher.num_blocks}")
+        self.teacher_points = points
+        self.connectors = nn.ModuleList(
+            Connector(s_info["blocks"][s - 1], t_info["blocks"][p - 1]) for s, p in zip(splits, points)
+        )
+        self.detach = bool(sdm["detach"])
+        if sdm["backward"] not in ("local", "joint"):
+            raise LakdError(f"sdm.backward={sdm['backward']!r} is not one of local, joint")
+        self.local_backward = sdm["backward"] == "local" and self.detach
+        if nd["source"] not in ("teacher", "student"):
+            raise LakdError(f"ndam.source={nd['source']!r} is not one of teacher, student")
+        self.ndam = nd
+        fw = lk["feat_weights"]
+        if fw is None:
+            fw = [float(lk["feat_weight"])] * len(splits)
+        if len(fw) != len(splits):
+            raise LakdError(f"lakd.feat_weights has {len(fw)} values for {len(splits)} local modules")
+        self.feat_weights = [float(w) for w in fw]
+        self.ce_weight, self.att_weight = float(lk["ce_weight"]), float(lk["att_weight"])
+        self.resolution, self.normalize = int(lk["resolution"]), bool(lk["normalize"])
+
+    # ------------------------------------------------------------------------------------------------
+    def attention(self, s_feat: torch.Tensor, t_feat: torch.Tensor) -> torch.Tensor | None:
+        if not self.ndam["enabled"]:
+            return None
+        src = t_feat if self.ndam["source"] == "teacher" else s_feat.detach()
+        return ndam_map(src, float(self.ndam["avg"]), float(self.ndam["max"]), bool(self.ndam["abs"]))
+
+    def feature_loss(self, k: int, out: torch.Tensor, t_feat: torch.Tensor) -> torch.Tensor:
+        s = self.connectors[k](out)
+        diff = (s.float() - t_feat.float()).pow(2)
+        w = self.attention(s, t_feat)
+        if w is not None:
+            diff = diff * w.float()
+        return diff.mean()
+
+    @torch.no_grad()
+    def teacher_targets(self, image):
+        """Teacher features at the alignment points, its CAMs, in one no-grad pass."""
+        t = self.teacher
+        h = t.stem_forward(image)
+        want = set(self.teacher_points)
+        feats = {}
+        for i in range(t.num_blocks):
+            h = t.block_forward(i, h)
+            if i + 1 in want:
+                feats[i + 1] = h
+        _, fmap, _ = t.head_forward(h, return_map=True)
+        cam = class_activation_maps(fmap, t.classifier)
+        return [feats[p] for p in self.teacher_points], cam
+
+    def module_forward(self, k: int, h: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        start = 0 if k == 0 else self.splits[k - 1]
+        if k == 0:
+            h = self.student.stem_forward(image)
+        return self.student.run_blocks(h, start, self.splits[k])
+
+    def last_losses(self, out, target, t_feat, t_cam):
+        logits, fmap, _ = self.student.head_forward(out, return_map=True)
+        cam = class_activation_maps(fmap, self.student.classifier)
+        losses = {
+            "ce": self.ce_weight * F.cross_entropy(logits, target),
+            "att": self.att_weight * class_attention_loss(cam, t_cam, self.resolution, self.normalize),
+        }
+        return logits, losses
+
+    def module_losses(self, image, target, t_feats, t_cam, backward=None):
+        """Run the local modules in order. With ``backward`` given, backpropagate each module's loss
+        right after its forward (true local backward); otherwise return the losses for one joint backward."""
+        losses: dict[str, torch.Tensor] = {}
+        h, logits = None, None
+        last = len(self.splits) - 1
+        for k in range(len(self.splits)):
+            out = self.module_forward(k, h, image)
+            mod = {f"feat{k + 1}": self.feat_weights[k] * self.feature_loss(k, out, t_feats[k])}
+            if k == last:
+                logits, extra = self.last_losses(out, target, t_feats[k], t_cam)
+                mod.update(extra)
+            if backward is not None:
+                backward(sum(mod.values()))
+                mod = {n: v.detach() for n, v in mod.items()}
+            losses.update(mod)
+            h = out.detach() if self.detach or backward is not None else out
+        return logits, losses
+
+    def forward_train(self, image, target, **batch):
+        t_feats, t_cam = self.teacher_targets(image)
+        return self.module_losses(image, target, t_feats, t_cam)
+
+    def train_step(self, batch, backward):
+        if not self.local_backward:
+            return super().train_step(batch, backward)
+        t_feats, t_cam = self.teacher_targets(batch["image"])
+        logits, losses = self.module_losses(batch["image"], batch["target"], t_feats, t_cam, backward=backward)
+        return logits.detach(), losses

@@ -1,0 +1,22 @@
+"""One optimisation step, shared by the trainer and the benchmarks."""
+from __future__ import annotations
+
+import torch
+
+from . import distributed as dist
+
+
+def training_step(distiller, optimizer, scaler, batch: dict, params, amp_dtype=None):
+    """zero_grad -> the method's forward/backward passes (under autocast) -> gradient all-reduce -> step.
+
+    The method receives ``backward(loss)`` which applies the fp16 loss scale, so a method with several
+    backward passes (LAKD's local modules) is scaled correctly; all passes share one scale, unscaled once.
+    """
+    device_type = batch["image"].device.type
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits, losses = distiller.train_step(batch, lambda loss: scaler.scale(loss).backward())
+    dist.average_gradients(params)
+    scaler.step(optimizer)
+    scaler.update()
+    return logits, losses

@@ -1,0 +1,338 @@
+"""The trainer: one loop for every method (no per-method branches).
+
+It builds data, student, teacher and distiller from a config, runs SGD with the configured schedule,
+evaluates (top-1, top-5, loss and, with a teacher, EK), and writes the run folder: ``config.yaml``,
+``metrics.jsonl``, ``tb/`` (TensorBoard), ``last.pt``/``best.pt`` (atomic) and ``summary.json``.
+A method's backward passes go through the ``backward`` callable that ``engine.step.training_step`` hands
+to the distiller's ``train_step`` (AMP loss scaling included).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from .. import config as config_mod
+from ..data import build_data
+from ..distillers import build_distiller
+from ..errors import LakdError
+from ..models import create_model, load_weights, read_checkpoint
+from . import distributed as dist
+from .checkpoint import atomic_save, rng_state, seed_everything, set_rng_state
+from .device import AMP_DTYPES, resolve_device
+from .metrics import evaluate, topk_correct
+from .schedule import lr_at
+from .step import training_step
+
+
+def teacher_metadata(cfg: dict) -> dict:
+    """Normalisation and class count recorded in the teacher checkpoint (if any)."""
+    path = cfg["teacher"].get("checkpoint")
+    if not path:
+        return {}
+    obj = read_checkpoint(path)
+    return {k: obj[k] for k in ("mean", "std", "num_classes", "arch", "dataset") if k in obj}
+
+
+class Trainer:
+    def __init__(self, cfg: dict, run_dir: str | None = None, quiet: bool = False):
+        self.cfg = cfg
+        t = cfg["train"]
+        self.dist = dist.init_from_env("cuda" if str(cfg["device"]).startswith("cuda") or
+                                       (cfg["device"] == "auto" and torch.cuda.is_available()) else "cpu")
+        self.device = resolve_device(str(cfg["device"]), self.dist.local_rank)
+        self.quiet = quiet or not self.dist.is_main
+        if t.get("threads"):
+            torch.set_num_threads(int(t["threads"]))
+        if t.get("deterministic"):
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(int(cfg["seed"]))
+
+        # --- teacher metadata decides normalisation before the data is built ---
+        meta = teacher_metadata(cfg) if cfg["teacher"].get("name") else {}
+        if cfg["data"].get("mean") is None and "mean" in meta:
+            cfg["data"]["mean"], cfg["data"]["std"] = list(meta["mean"]), list(meta["std"])
+        self.data = build_data(cfg, self.device, self.dist.rank, self.dist.world_size)
+        num_classes = cfg["model"].get("num_classes") or self.data.num_classes
+        cfg["model"]["num_classes"] = num_classes
+
+        # --- models ---
+        student = create_model(cfg["model"]["name"], num_classes)
+        if cfg["model"].get("checkpoint"):
+            load_weights(student, cfg["model"]["checkpoint"], arch=cfg["model"]["name"])
+        teacher = None
+        if cfg["teacher"].get("name"):
+            if "num_classes" in meta and int(meta["num_classes"]) != num_classes:
+                raise LakdError(f"teacher checkpoint {cfg['teacher']['checkpoint']!r} has {meta['num_classes']} "
+                                f"classes but {cfg['data']['dataset']} has {num_classes}; use a teacher trained on "
+                                f"this dataset")
+            teacher = create_model(cfg["teacher"]["name"], num_classes, checkpoint=cfg["teacher"].get("checkpoint"))
+            if not cfg["teacher"].get("checkpoint") and not quiet and self.dist.is_main:
+                print("warning: the teacher has no checkpoint (random weights); set teacher.checkpoint=PATH",
+                      file=sys.stderr)
+        if t.get("sync_bn") and self.dist.enabled:
+            student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        self.distiller = build_distiller(cfg, student, teacher, num_data=self.data.num_train)
+        self.distiller.to(self.device)
+        if t.get("channels_last"):
+            self.distiller.to(memory_format=torch.channels_last)
+        if t.get("compile"):
+            self._compile()
+        dist.broadcast_module(self.distiller)
+
+        s = cfg["solver"]
+        self.params = self.distiller.trainable_parameters()
+        self.optimizer = torch.optim.SGD(self.params, lr=float(s["lr"]), momentum=float(s["momentum"]),
+                                         nesterov=bool(s["nesterov"]) and float(s["momentum"]) > 0,
+                                         weight_decay=float(s["weight_decay"]))
+        self.amp_dtype = AMP_DTYPES[t["amp"]]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t["amp"] == "fp16")
+        self.start_epoch = 0
+        self.best_top1 = -1.0
+        self.best_epoch = 0
+        self.wall_time = 0.0
+        self.history: list[dict] = []
+
+        # --- run folder ---
+        self.run_dir = run_dir or self._make_run_dir()
+        self.writer = None
+        if cfg.get("resume"):
+            self._resume(cfg["resume"])
+        if self.dist.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                f.write(config_mod.dump_config(cfg))
+        self.teacher_correct, self.teacher_top1 = self._teacher_eval()
+
+    # ------------------------------------------------------------------------------------------------
+    def _make_run_dir(self) -> str:
+        cfg = self.cfg
+        if cfg.get("resume"):
+            path = cfg["resume"]
+            return os.path.dirname(path) if path.endswith(".pt") else path
+        base = os.path.join(cfg["output_dir"], cfg["experiment"])
+        path, k = base, 1
+        while os.path.exists(os.path.join(path, "config.yaml")):
+            path = f"{base}-{k}"
+            k += 1
+        return path
+
+    def _compile(self) -> None:
+        """``torch.compile`` every block, stem and head module in place (works with local backward too)."""
+        for model in (self.distiller.student, self.distiller.teacher):
+            if model is None:
+                continue
+            for i in range(model.num_blocks):
+                for m in model.block_modules(i):
+                    m.compile()
+
+    def _resume(self, path: str) -> None:
+        ck_path = path if path.endswith(".pt") else os.path.join(path, "last.pt")
+        if not os.path.exists(ck_path):
+            raise LakdError(f"cannot resume: {ck_path!r} does not exist; give the run folder of an earlier run")
+        ck = read_checkpoint(ck_path)
+        if "optimizer" not in ck:
+            raise LakdError(f"cannot resume from {ck_path!r}: it holds weights only, not a training state")
+        if ck.get("method") != self.cfg["method"] or ck.get("arch") != self.cfg["model"]["name"]:
+            raise LakdError(f"cannot resume from {ck_path!r}: it is a {ck.get('method')} run of {ck.get('arch')}, "
+                            f"the config asks for {self.cfg['method']} with {self.cfg['model']['name']}")
+        self.distiller.student.load_state_dict(ck["model"])
+        self.distiller.load_extra_state_dict(ck.get("distiller", {}))
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        set_rng_state(ck["rng"])
+        self.start_epoch = int(ck["epoch"])
+        self.best_top1 = float(ck.get("best_top1", -1.0))
+        self.best_epoch = int(ck.get("best_epoch", 0))
+        self.wall_time = float(ck.get("wall_time_s", 0.0))
+        metrics = os.path.join(self.run_dir, "metrics.jsonl")
+        if os.path.exists(metrics) and self.dist.is_main:
+            # drop lines written after the checkpoint (a kill between the log and the save)
+            with open(metrics) as f:
+                lines = [json.loads(x) for x in f if x.strip()]
+            self.history = [m for m in lines if m["epoch"] <= self.start_epoch]
+            with open(metrics, "w") as f:
+                f.writelines(json.dumps(m) + "\n" for m in self.history)
+        if not self.quiet:
+            print(f"resumed {self.run_dir} at epoch {self.start_epoch}")
+
+    @torch.no_grad()
+    def _teacher_eval(self):
+        teacher = self.distiller.teacher
+        if teacher is None:
+            return None, None
+        res = evaluate(teacher, self.data.test, self.device, self.amp_dtype)
+        return res["correct"], res["top1"]
+
+    # ------------------------------------------------------------------------------------------------
+    def _checkpoint(self, epoch: int) -> dict:
+        student = self.distiller.student
+        return {
+            "model": student.state_dict(),
+            "arch": self.cfg["model"]["name"],
+            "num_classes": self.cfg["model"]["num_classes"],
+            "dataset": self.cfg["data"]["dataset"],
+            "mean": list(self.data.mean),
+            "std": list(self.data.std),
+            "method": self.cfg["method"],
+            "epoch": epoch,
+            "config": self.cfg,
+            "distiller": self.distiller.extra_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "rng": rng_state(),
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "wall_time_s": self.wall_time,
+        }
+
+    def train_epoch(self, epoch: int) -> dict:
+        cfg = self.cfg
+        loader = self.data.train
+        loader.set_epoch(epoch)
+        self.distiller.set_epoch(epoch, int(cfg["solver"]["epochs"]))
+        self.distiller.train()
+        steps = len(loader)
+        if steps == 0:
+            raise LakdError("the training set gives no batch: lower solver.batch_size or raise data.train_subset")
+        sums: dict[str, torch.Tensor] = {}
+        n_img = torch.zeros((), device=self.device, dtype=torch.float64)
+        n_correct = torch.zeros_like(n_img)
+        bar = None
+        if cfg["train"].get("progress") and not self.quiet:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg['solver']['epochs']}", leave=False,
+                       dynamic_ncols=True, file=sys.stderr, disable=not sys.stderr.isatty())
+        t0 = time.perf_counter()
+        lr = 0.0
+        for step, batch in enumerate(loader):
+            lr = lr_at(cfg["solver"], epoch, step, steps)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            logits, losses = training_step(self.distiller, self.optimizer, self.scaler, batch, self.params,
+                                           self.amp_dtype)
+            bs = batch["target"].shape[0]
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.float() * bs
+            n_img += bs
+            n_correct += topk_correct(logits.float(), batch["target"], ks=(1,))[0].sum()
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0:
+                    total = sum(float(v) for v in losses.values())
+                    bar.set_postfix(loss=f"{total:.3f}", img_s=f"{float(n_img) / (time.perf_counter() - t0):.0f}")
+        if bar is not None:
+            bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        keys = sorted(sums)
+        vec = torch.stack([n_img, n_correct] + [torch.as_tensor(sums[k], dtype=torch.float64,
+                                                                device=self.device) for k in keys])
+        vec = dist.all_reduce_sum(vec).tolist()
+        n = max(vec[0], 1.0)
+        losses_avg = {k: v / n for k, v in zip(keys, vec[2:])}
+        if any(not math.isfinite(v) for v in losses_avg.values()):
+            raise LakdError(f"training diverged at epoch {epoch + 1} (loss {losses_avg}); lower solver.lr or "
+                            f"check the loss weights")
+        return {"lr": lr, "train_loss": sum(losses_avg.values()), "train_top1": 100.0 * vec[1] / n,
+                "losses": losses_avg, "epoch_time_s": dt, "images_per_s": vec[0] / dt}
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        epochs = int(cfg["solver"]["epochs"])
+        if self.dist.is_main and self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(self.run_dir, "tb"))
+        if not self.quiet:
+            t = f", teacher {cfg['teacher']['name']} top-1 {self.teacher_top1:.2f}" if self.teacher_top1 else ""
+            print(f"run {self.run_dir}: {cfg['method']} -> {cfg['model']['name']} on {cfg['data']['dataset']} "
+                  f"({self.data.num_train} train images, {len(self.data.train)} steps/epoch, "
+                  f"device {self.device}, {self.dist.world_size} process(es){t})")
+        last_eval: dict = {}
+        for epoch in range(self.start_epoch, epochs):
+            t0 = time.perf_counter()
+            record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
+            every = max(int(cfg["train"]["eval_every"]), 1)
+            if (epoch + 1) % every == 0 or epoch + 1 == epochs:
+                ev = evaluate(self.distiller, self.data.test, self.device, self.amp_dtype, self.teacher_correct)
+                last_eval = ev
+                record.update(test_top1=ev["top1"], test_top5=ev["top5"], test_loss=ev["loss"], ek=ev["ek"])
+                if ev["top1"] > self.best_top1:
+                    self.best_top1, self.best_epoch = ev["top1"], epoch + 1
+                    if self.dist.is_main:
+                        atomic_save(self._checkpoint(epoch + 1), os.path.join(self.run_dir, "best.pt"))
+            self.wall_time += time.perf_counter() - t0
+            self.history.append(record)
+            if self.dist.is_main:
+                self._log(record)
+                if (epoch + 1) % max(int(cfg["train"]["save_every"]), 1) == 0 or epoch + 1 == epochs:
+                    atomic_save(self._checkpoint(epoch + 1), os.path.join(self.run_dir, "last.pt"))
+            dist.barrier()
+        summary = self._summary(last_eval)
+        if self.dist.is_main:
+            with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            if self.writer is not None:
+                self.writer.close()
+        return summary
+
+    def _log(self, record: dict) -> None:
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        e = record["epoch"]
+        w = self.writer
+        w.add_scalar("train/loss", record["train_loss"], e)
+        w.add_scalar("train/top1", record["train_top1"], e)
+        w.add_scalar("train/lr", record["lr"], e)
+        for k, v in record["losses"].items():
+            w.add_scalar(f"train/loss_{k}", v, e)
+        if "test_top1" in record:
+            w.add_scalar("test/top1", record["test_top1"], e)
+            w.add_scalar("test/top5", record["test_top5"], e)
+            w.add_scalar("test/loss", record["test_loss"], e)
+            if record.get("ek") is not None:
+                w.add_scalar("test/ek", record["ek"], e)
+        w.flush()
+        if not self.quiet:
+            ev = ""
+            if "test_top1" in record:
+                ev = f" | test top-1 {record['test_top1']:.2f} top-5 {record['test_top5']:.2f}"
+                if record.get("ek") is not None:
+                    ev += f" EK {record['ek']:.2f}"
+            parts = " ".join(f"{k} {v:.4f}" for k, v in record["losses"].items())
+            print(f"epoch {e:>3}/{self.cfg['solver']['epochs']} lr {record['lr']:.4f} | loss {record['train_loss']:.4f}"
+                  f" ({parts}) train top-1 {record['train_top1']:.2f}{ev} | {record['images_per_s']:.0f} img/s "
+                  f"{record['epoch_time_s']:.1f}s", flush=True)
+
+    def _summary(self, last_eval: dict) -> dict:
+        evals = [m for m in self.history if "test_top1" in m]
+        final = evals[-1] if evals else {}
+        cfg = self.cfg
+        return {
+            "experiment": cfg["experiment"],
+            "method": cfg["method"],
+            "student": cfg["model"]["name"],
+            "teacher": cfg["teacher"].get("name"),
+            "dataset": cfg["data"]["dataset"],
+            "seed": cfg["seed"],
+            "epochs": cfg["solver"]["epochs"],
+            "final_top1": final.get("test_top1"),
+            "final_top5": final.get("test_top5"),
+            "best_top1": self.best_top1 if self.best_top1 >= 0 else None,
+            "best_epoch": self.best_epoch,
+            "final_ek": final.get("ek"),
+            "teacher_top1": self.teacher_top1,
+            "wall_time_s": self.wall_time,
+            "run_dir": self.run_dir,
+            "world_size": self.dist.world_size,
+        }
+
+
