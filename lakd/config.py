@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from typing import Any
 
 import yaml
@@ -32,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
         "persistent_workers": True,
         "prefetch_factor": 4,
         "augment": True,
-        "train_subset": 0,  # use only the first N training images (0: all); for quick runs
+        "train_subset": 0,  # use N evenly spaced training images (0: all); for quick runs
         "test_subset": 0,
         "image_size": 0,  # 0: the dataset's default (32 for CIFAR/digits, 224 for ImageNet)
         "mean": None,  # None: the dataset's (or the teacher checkpoint's) normalisation
@@ -68,6 +69,21 @@ DEFAULTS: dict[str, Any] = {
         "threads": 0,  # torch.set_num_threads on CPU (0: leave PyTorch's default)
     },
 }
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``5e-4`` as a string; researchers write it as a float, so resolve it as one."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text_or_stream):
+    return yaml.load(text_or_stream, Loader=_Loader)
 
 
 def method_defaults() -> dict[str, Any]:
@@ -113,7 +129,7 @@ def load_yaml(path: str) -> dict:
         raise LakdError(f"config file {path!r} does not exist; `lakd configs` lists the shipped ones")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml_load(f) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -130,7 +146,7 @@ def load_yaml(path: str) -> dict:
 def parse_value(text: str, default: Any, key: str) -> Any:
     """Parse an override's value with YAML and check it against the default's type."""
     try:
-        value = yaml.safe_load(text) if text != "" else ""
+        value = yaml_load(text) if text != "" else ""
     except yaml.YAMLError:
         value = text
     if isinstance(default, bool):

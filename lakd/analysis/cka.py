@@ -291,14 +291,15 @@ def _iter_images(loader, num_images: int, batch_size: int = 0):
 
 @torch.no_grad()
 def run_cka(teacher, students: Sequence[tuple[str, object]], loader, num_images: int = 1000,
-            batch_size: int = 0, teacher_points: str = "stages", student_points: str = "stages",
+            batch_size: int = 0, teacher_points: str = "stages", student_points: str | Sequence[str] = "stages",
             image_size: int = 32, max_memory_gb: float = 8.0) -> CKAResult:
     """CKA between the teacher's and each student's chosen block outputs on the first ``num_images`` images.
 
     ``batch_size == 0`` uses the full estimator (features of all images kept, as float32 on the CPU, in as
     many passes over the data as ``max_memory_gb`` needs); ``batch_size > 0`` the minibatch estimator with
-    minibatches of that many images. Each student's result also holds the "diagonal": teacher stage ``i`` vs
-    student stage ``i``.
+    minibatches of that many images. ``student_points`` is one spec for all students or one per student (see
+    ``parse_points``). Each student's result also holds the "diagonal": teacher stage ``i`` vs student stage
+    ``i``.
     """
     if num_images < 4:
         raise LakdError(f"CKA needs at least 4 images, got --images {num_images}")
@@ -308,8 +309,11 @@ def run_cka(teacher, students: Sequence[tuple[str, object]], loader, num_images:
     models = [teacher] + [m for _, m in students]
     for m in models:
         m.eval()
+    specs = [student_points] * len(students) if isinstance(student_points, str) else list(student_points)
+    if len(specs) != len(students):
+        raise LakdError(f"{len(specs)} student point specs for {len(students)} students")
     # (model index, block index) of every representation: chosen points plus stage ends (for the diagonal)
-    chosen = [parse_points(teacher_points, teacher)] + [parse_points(student_points, m) for _, m in students]
+    chosen = [parse_points(teacher_points, teacher)] + [parse_points(sp, m) for sp, (_, m) in zip(specs, students)]
     keys: list[tuple[int, int]] = []
     for mi, m in enumerate(models):
         for b in sorted(set(chosen[mi]) | set(m.stage_ends)):
@@ -396,7 +400,7 @@ def run_cka(teacher, students: Sequence[tuple[str, object]], loader, num_images:
         diag = [float(matrix[t_stage_rows[i], s_stage_cols[i]]) for i in range(k)]
         result.students.append({
             "label": label,
-            "points": [point_label(m, b, student_points) for b in chosen[si]],
+            "points": [point_label(m, b, specs[si - 1]) for b in chosen[si]],
             "matrix": [[float(matrix[r, c]) for c in cols] for r in t_rows],
             "diagonal": diag,
             "diagonal_labels": [f"stage{i + 1}" for i in range(k)],

@@ -328,6 +328,14 @@ def render_markdown(runs: Sequence[Run], tables: Sequence[Table]) -> str:
     if any(c.incomplete for t in tables for c in t.cells.values()):
         out.append(f"{DAGGER} from incomplete runs only: values at the last evaluated epoch (see below).")
         out.append("")
+    used = {id(r) for t in tables for c in t.cells.values() for r in c.runs}
+    left_out = [r for r in incomplete if id(r) not in used]
+    if left_out:
+        out.append("Incomplete runs left out of the tables (cells use the complete runs): "
+                   + "; ".join(f"{r.experiment} ({r.method}, {r.pair}, seed {r.seed}, epoch {r.epochs_done}/"
+                               f"{r.epochs_planned if r.epochs_planned is not None else '?'})" for r in left_out)
+                   + ".")
+        out.append("")
     out.append("## Runs")
     out.append("")
     out.append("| Experiment | Dataset | Method | Teacher → Student | Seed | Epochs | Final top-1 "
@@ -347,7 +355,7 @@ def render_markdown(runs: Sequence[Run], tables: Sequence[Table]) -> str:
     return "\n".join(out)
 
 
-CSV_FIELDS = ["dataset", "method", "teacher", "student", "n_runs", "seeds", "complete", "final_top1_mean",
+CSV_FIELDS = ["dataset", "column", "method", "teacher", "student", "n_runs", "seeds", "complete", "final_top1_mean",
               "final_top1_std", "best_top1_mean", "best_top1_std", "final_top5_mean", "final_ek_mean",
               "final_ek_std", "teacher_top1", "experiments"]
 
@@ -360,8 +368,10 @@ def csv_rows(tables: Sequence[Table]) -> list[dict]:
             f_mean, f_std, _ = c.stats("final_top1")
             b_mean, b_std, _ = c.stats("best_top1")
             e_mean, e_std, _ = c.stats("final_ek")
+            own_teacher = teacher if any(r.teacher for r in c.runs) else None
             rows.append({
-                "dataset": t.dataset, "method": m, "teacher": teacher or "", "student": student,
+                "dataset": t.dataset, "column": _column_title(t.columns[ci]), "method": m,
+                "teacher": own_teacher or "", "student": student,
                 "n_runs": len(c.runs), "seeds": ";".join(str(r.seed) for r in c.runs),
                 "complete": not c.incomplete,
                 "final_top1_mean": f_mean, "final_top1_std": f_std, "best_top1_mean": b_mean,
@@ -384,8 +394,15 @@ def write_csv(tables: Sequence[Table], path: str) -> str:
     return path
 
 
-def plot_curves(runs: Sequence[Run], path: str) -> str:
-    """Test top-1 vs epoch, one line per run, one panel per (dataset, teacher -> student); colour = method."""
+def _column_runs(t: Table, ci: int, runs: Sequence[Run]) -> list[Run]:
+    teacher, student = t.columns[ci]
+    return [r for r in runs if r.dataset == t.dataset and r.student == student
+            and (r.teacher == teacher or not r.teacher)]
+
+
+def plot_curves(runs: Sequence[Run], path: str, tables: Sequence[Table] | None = None) -> str:
+    """Test top-1 vs epoch, one line per run, one panel per table column (dataset, teacher -> student; runs
+    from scratch appear in the panels of their model). Colour: method; line style: seed; dashed: incomplete."""
     from matplotlib import colormaps
 
     from .visualize import _new_figure, _save
@@ -393,22 +410,26 @@ def plot_curves(runs: Sequence[Run], path: str) -> str:
     with_curve = [r for r in runs if r.curve]
     if not with_curve:
         raise LakdError("no run has test accuracies in metrics.jsonl to plot; nothing to draw for --plot")
-    panels = sorted({(r.dataset, r.pair) for r in with_curve})
+    tables = build_tables(with_curve) if tables is None else tables
+    panels = [(t, ci) for t in tables for ci in range(len(t.columns))]
+    panels = [(t, ci) for t, ci in panels if any(r.curve for r in _column_runs(t, ci, with_curve))]
     methods = sorted({r.method for r in with_curve}, key=_method_key)
     colours = {m: colormaps["tab10"](i % 10) for i, m in enumerate(methods)}
+    styles = ["-", "-.", ":"]
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig = _new_figure(5.2 * ncols, 3.8 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False)
-    for pi, (ds, pair) in enumerate(panels):
+    for pi, (t, ci) in enumerate(panels):
         ax = axes[pi // ncols, pi % ncols]
-        for r in sorted((r for r in with_curve if (r.dataset, r.pair) == (ds, pair)),
-                        key=lambda r: (_method_key(r.method), str(r.seed))):
-            xs, ys = zip(*r.curve)
-            style = "-" if r.complete else "--"
-            ax.plot(xs, ys, style, color=colours[r.method], lw=1.3, alpha=0.9,
-                    label=f"{r.method} seed {r.seed}" + ("" if r.complete else " (incomplete)"))
-        ax.set_title(f"{ds}: {pair}", fontsize=10)
+        members = sorted(_column_runs(t, ci, with_curve), key=lambda r: (_method_key(r.method), str(r.seed)))
+        for m in methods:
+            for k, r in enumerate(x for x in members if x.method == m):
+                xs, ys = zip(*r.curve)
+                style = styles[k % len(styles)] if r.complete else "--"
+                ax.plot(xs, ys, style, color=colours[r.method], lw=1.4 if r.complete else 1.0, alpha=0.9,
+                        label=f"{r.method} seed {r.seed}" + ("" if r.complete else " (incomplete)"))
+        ax.set_title(f"{t.dataset}: {_column_title(t.columns[ci])}", fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test top-1 (%)")
         ax.grid(alpha=0.3)
@@ -434,5 +455,5 @@ def make_report(paths: Sequence[str], out: str | None = "report.md", csv_path: s
     if csv_path:
         written["csv"] = write_csv(tables, csv_path)
     if plot_path:
-        written["plot"] = plot_curves(runs, plot_path)
+        written["plot"] = plot_curves(runs, plot_path, tables)
     return written

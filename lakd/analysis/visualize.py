@@ -69,7 +69,8 @@ def plot_cka_heatmap(matrix, row_labels: Sequence[str], col_labels: Sequence[str
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(m, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
     ax.set_xticks(range(cols))
-    ax.set_xticklabels(col_labels, rotation=45 if cols > 4 else 0, ha="right" if cols > 4 else "center")
+    tilt = cols > 4 or max(len(c) for c in col_labels) * cols > 36
+    ax.set_xticklabels(col_labels, rotation=35 if tilt else 0, ha="right" if tilt else "center")
     ax.set_yticks(range(rows))
     ax.set_yticklabels(row_labels)
     ax.set_xlabel(col_title)
@@ -112,9 +113,10 @@ def plot_cka_diagonal(students: Sequence[dict], path: str, title: str = "") -> s
     ax.set_xticklabels([f"{lab}" for lab in labels])
     ax.set_xlabel("teacher stage i vs student stage i")
     ax.set_ylabel("linear CKA")
-    ax.set_ylim(0, 1.12)
+    ax.set_ylim(0, 1.08)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", ncol=1 if len(students) < 4 else 2)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(3, len(students)),
+              frameon=False)
     if title:
         ax.set_title(title, fontsize=10)
     return _save(fig, path)
@@ -175,7 +177,6 @@ def plot_attention_grid(images: np.ndarray, rows: Sequence[dict], models: Sequen
     fig = _new_figure(cell * cols, cell * n + 0.9)
     axes = fig.subplots(n, cols, squeeze=False)
     cmap = colormaps["jet"]
-    gray = images.mean(-1) if images.shape[-1] == 3 else images[..., 0]
     for r in range(n):
         img = np.clip(images[r], 0, 1)
         ax = axes[r, 0]
@@ -184,7 +185,7 @@ def plot_attention_grid(images: np.ndarray, rows: Sequence[dict], models: Sequen
         for j, m in enumerate(models):
             for k, key in enumerate(("cam", "ndam")):
                 a = axes[r, 1 + 2 * j + k]
-                a.imshow(gray[r], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                a.imshow(img, interpolation="nearest")
                 a.imshow(m[key][r], cmap=cmap, vmin=0, vmax=1, alpha=alpha, interpolation="bilinear")
                 if key == "cam":
                     ok = bool(m["correct"][r])

@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="teacher representations: stages (default), blocks or block indices like 3,6,9")
     p.add_argument("--student-points", default="stages",
                    help="student representations: stages (default), blocks (every block: the outputs of "
-                        "LAKD's possible local modules) or block indices like 1,4,9")
+                        "LAKD's possible local modules), local (the local modules' ends recorded in each "
+                        "student's config, sdm.splits; stages where none) or block indices like 1,4,9")
     p.add_argument("--max-memory-gb", type=float, default=8.0,
                    help="memory for the full estimator's features; more passes over the data above it")
     p.add_argument("--out", default="cka", metavar="DIR", help="output folder (default ./cka)")
@@ -102,13 +103,17 @@ def model_label(path: str, meta: dict) -> str:
     return stem
 
 
-def _unique(labels: list[str], paths: list[str]) -> list[str]:
+def unique_labels(labels: list[str], paths: list[str]) -> list[str]:
+    """Labels made distinct: repeated ones get their file name, then a counter."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     out = []
     for i, lab in enumerate(labels):
-        if labels.count(lab) > 1:
-            lab = f"{lab} ({os.path.splitext(os.path.basename(paths[i]))[0]})"
+        if labels.count(lab) > 1 and stems[i] != lab:
+            lab = f"{lab} ({stems[i]})"
+        base, k = lab, 2
         while lab in out:
-            lab = f"{lab}'"
+            lab = f"{base} #{k}"
+            k += 1
         out.append(lab)
     return out
 
@@ -122,7 +127,8 @@ def load_models_and_data(paths: list[str], archs: list[str | None], overrides: l
     """Read checkpoints, build the test data (dataset and normalisation from the checkpoints unless
     overridden) and the models on the configured device.
 
-    Returns ``(models, labels, metas, bundle, cfg, device)``; models are in eval mode.
+    Returns ``(models, labels, metas, bundle, cfg, device)``; models are in eval mode; labels (see
+    ``model_label``) may repeat.
     """
     from ..config import load_config
     from ..models import create_model, read_checkpoint
@@ -133,15 +139,18 @@ def load_models_and_data(paths: list[str], archs: list[str | None], overrides: l
             raise LakdError(f"checkpoint {p!r} does not record its architecture; give the model name "
                             f"(e.g. --teacher-arch resnet56 / --student-arch resnet20 / --arch resnet20)")
     auto: list[str] = []
-    datasets = {str(m["dataset"]) for m in metas if m.get("dataset")}
-    if not _user_sets(overrides, "data.dataset"):
+    datasets = {str(m["dataset"]).lower() for m in metas if m.get("dataset")}
+    forced = [o.split("=", 1)[1].strip().lower() for o in overrides if o.split("=", 1)[0].strip() == "data.dataset"]
+    if not forced:
         if len(datasets) > 1:
             raise LakdError(f"the checkpoints were trained on different datasets ({', '.join(sorted(datasets))}); "
                             f"compare models of one dataset, or force one with data.dataset=NAME")
         if datasets:
-            auto.append(f"data.dataset={datasets.pop()}")
+            auto.append(f"data.dataset={next(iter(datasets))}")
+    # the normalisation recorded in the checkpoints, when they were trained on the dataset used here
+    same = [m for m in metas if not forced or str(m.get("dataset") or "").lower() == forced[-1]]
     for key in ("mean", "std"):
-        vals = [m[key] for m in metas if m.get(key) is not None]
+        vals = [m[key] for m in same if m.get(key) is not None]
         if vals and not _user_sets(overrides, f"data.{key}"):
             auto.append(f"data.{key}={json.dumps([float(v) for v in vals[0]])}")
     sizes = [((m.get("config") or {}).get("data") or {}).get("image_size") for m in metas
@@ -169,7 +178,7 @@ def load_models_and_data(paths: list[str], archs: list[str | None], overrides: l
                             f"{bundle.num_classes}; set data.dataset to the dataset it was trained on")
         model = create_model(arch, nc, checkpoint=p)
         models.append(model.to(device).eval())
-    labels = _unique([model_label(p, m) for p, m in zip(paths, metas)], paths)
+    labels = [model_label(p, m) for p, m in zip(paths, metas)]
     return models, labels, metas, bundle, cfg, device
 
 
@@ -182,6 +191,13 @@ def _archs(arg, n: int, flag: str) -> list[str | None]:
         raise LakdError(f"{flag} takes one model name for all checkpoints or one per checkpoint ({n}), "
                         f"got {len(arg)}")
     return list(arg)
+
+
+def local_points(meta: dict) -> str:
+    """The ends of a LAKD student's local modules (``sdm.splits`` in its run config) as a point spec."""
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    splits = (cfg.get("sdm") or {}).get("splits") if cfg.get("method") == "lakd" else None
+    return ",".join(str(int(s)) for s in splits) if splits else "stages"
 
 
 def _safe(name: str) -> str:
@@ -209,9 +225,11 @@ def run_cka_command(args) -> int:
         _archs(args.student_arch, len(students), "--student-arch")
     models, labels, metas, bundle, cfg, device = load_models_and_data(paths, archs, overrides, args.images)
     teacher, t_label = models[0], labels[0]
-    pairs = list(zip(labels[1:], models[1:]))
+    s_labels = unique_labels(labels[1:], students)
+    pairs = list(zip(s_labels, models[1:]))
+    s_points = [local_points(m) for m in metas[1:]] if args.student_points == "local" else args.student_points
     result = run_cka(teacher, pairs, bundle.test, num_images=args.images, batch_size=args.batch_size,
-                     teacher_points=args.teacher_points, student_points=args.student_points,
+                     teacher_points=args.teacher_points, student_points=s_points,
                      image_size=int(bundle.image_size), max_memory_gb=args.max_memory_gb)
     os.makedirs(args.out, exist_ok=True)
     data = result.to_dict()

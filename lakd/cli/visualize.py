@@ -6,7 +6,7 @@ import argparse
 import torch
 
 from ..errors import LakdError
-from .analyze import _archs, load_models_and_data, split_overrides
+from .analyze import _archs, load_models_and_data, split_overrides, unique_labels
 
 HELP = "picture grid of each model's class activation map (true class) and NDAM attention map"
 
@@ -70,6 +70,7 @@ def run(args) -> int:
     pos = _positions(args)
     archs = _archs(args.arch, len(paths), "--arch")
     models, labels, _metas, bundle, cfg, device = load_models_and_data(paths, archs, overrides)
+    labels = unique_labels(labels, paths)
     # gather the chosen test images (fixed order)
     want = set(pos)
     got: dict[int, tuple[torch.Tensor, int, int]] = {}

@@ -23,9 +23,10 @@ from ..errors import LakdError, close_matches
 from .sampling import check_world, subset_indices
 from .transforms import CropFlip, Normalizer, ResizedCropFlip, _as_stats, denormalize, resize_size
 
-#: dataset name -> (default mean, default std, default image size, kind)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: dataset name -> defaults: mean/std (digits: see digits.py), image size, kind ("array": in memory by default;
+#: "folder": an ImageFolder tree), number of classes (folders: the class sub-folders)
 DATASETS: dict[str, dict[str, Any]] = {
     "cifar10": {"mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616), "size": 32, "kind": "array",
                 "num_classes": 10},
@@ -125,7 +126,14 @@ def _load(name: str, d: dict):
 
 
 def build_data(cfg: dict, device, rank: int = 0, world_size: int = 1) -> DataBundle:
-    """Load ``cfg["data"]["dataset"]`` and build this rank's train and test loaders on ``device``."""
+    """Load ``cfg["data"]["dataset"]`` and build this rank's train and test loaders on ``device``.
+
+    ``cfg["solver"]["batch_size"]`` is the global batch: each of the ``world_size`` ranks gets
+    ``batch_size / world_size`` images of every global batch (see ``sampling``). ``max_steps_per_epoch > 0``
+    caps the train batches per epoch. The test loader gives each rank a contiguous shard of the test set in
+    batches of ``cfg["train"]["eval_batch_size"]``. ``data.mean``/``data.std`` (when set) replace the dataset's
+    normalisation; ``data.train_subset``/``test_subset`` keep that many evenly spaced images.
+    """
     d = cfg["data"]
     name = str(d["dataset"]).lower()
     info = dataset_info(name)
@@ -150,7 +158,7 @@ def build_data(cfg: dict, device, rank: int = 0, world_size: int = 1) -> DataBun
     train, test, class_names = _load(name, d)
     train = _subset(train, int(d.get("train_subset") or 0))
     test = _subset(test, int(d.get("test_subset") or 0))
-    num_classes = info["num_classes"] or len(class_names)
+    num_classes = len(class_names)
     num_train = len(train.targets) if kind == "array" else len(train)
     num_test = len(test.targets) if kind == "array" else len(test)
     if world_size > 1 and num_train < global_batch:

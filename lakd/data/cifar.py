@@ -37,12 +37,12 @@ SPECS = {
     },
 }
 
-# what a CIFAR pickle may reference: numpy's array/dtype reconstruction, nothing else
+# what a CIFAR pickle may reference: numpy array/dtype reconstruction (and bytes), nothing else
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),  # the last: bytes in protocol-2 pickles
 }
 
 

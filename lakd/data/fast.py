@@ -56,7 +56,9 @@ class FastTrainLoader:
 
     def __iter__(self):
         perm, params = self.plan()
-        perm = perm.to(self.device, non_blocking=True)
+        perm = perm.to(self.device)
+        if params is not None:
+            params = {k: v.to(self.device) for k, v in params.items()}
         for j in range(len(self)):
             start, end = batch_positions(j, self.num_samples, self.global_batch, self.rank, self.world_size)
             idx = perm[start:end]

@@ -97,8 +97,13 @@ def decode_all(samples, size: int, num_workers: int = 0) -> ArraySplit:
     images = torch.empty((n, 3, size, size), dtype=torch.uint8)
     loader = DataLoader(_Decode(samples, size), batch_size=64, num_workers=max(int(num_workers), 0))
     pos = 0
-    for batch in loader:
-        images[pos:pos + len(batch)] = batch
-        pos += len(batch)
+    try:
+        for batch in loader:
+            images[pos:pos + len(batch)] = batch
+            pos += len(batch)
+    except LakdError as e:
+        from .loader import worker_message
+
+        raise LakdError(worker_message(e)) from None
     targets = torch.from_numpy(np.asarray([t for _, t in samples], dtype=np.int64))
     return ArraySplit(images, targets)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import LakdError
 from .sampling import (
     batch_positions,
     epoch_permutation,
@@ -151,7 +152,17 @@ class TorchLoader:
         return len(self.sampler)
 
     def __iter__(self):
-        for images, targets, indices in self.loader:
-            yield {"image": self.normalizer(images),
-                   "target": targets.to(self.device, non_blocking=True),
-                   "index": indices.to(self.device, non_blocking=True)}
+        try:
+            for images, targets, indices in self.loader:
+                yield {"image": self.normalizer(images),
+                       "target": targets.to(self.device, non_blocking=True),
+                       "index": indices.to(self.device, non_blocking=True)}
+        except LakdError as e:  # raised in a worker: keep the one-line message, drop the worker traceback
+            raise LakdError(worker_message(e)) from None
+
+
+def worker_message(e: Exception) -> str:
+    text = str(e)
+    marker = "LakdError: "
+    lines = [ln for ln in text.splitlines() if marker in ln]
+    return lines[-1].split(marker, 1)[1] if lines and "\n" in text else text

@@ -131,8 +131,8 @@ class ResizedCropFlip:
         u = torch.rand(n, 2, generator=g, dtype=torch.float64)
         top = torch.floor(u[:, 0] * (height - ch + 1))
         left = torch.floor(u[:, 1] * (width - cw + 1))
-        top = torch.where(first >= 0, top, torch.full_like(top, 0.0) + ((height - ch) // 2))
-        left = torch.where(first >= 0, left, torch.full_like(left, 0.0) + ((width - cw) // 2))
+        top = torch.where(first >= 0, top, (height - ch) // 2)
+        left = torch.where(first >= 0, left, (width - cw) // 2)
         flips = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
         box = torch.stack([top, left, ch, cw], 1).float()
         return {"box": box, "flip": flips}
@@ -157,7 +157,7 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     if (h, w) == (size, size) or h < size or w < size:
         return x
-    top, left = (h - size) // 2, (w - size) // 2
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))  # as torchvision's CenterCrop
     return x[..., top:top + size, left:left + size]
 
 

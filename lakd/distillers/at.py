@@ -17,7 +17,7 @@ from .base import Distiller, register_distiller
 
 def attention_map(feat: torch.Tensor, p: float) -> torch.Tensor:
     """B x C x H x W -> B x (H*W): the channel mean of ``feat**p``, L2-normalised over positions."""
-    return F.normalize(feat.pow(p).mean(1).reshape(feat.shape[0], -1), dim=1)
+    return F.normalize(feat.float().pow(p).mean(1).reshape(feat.shape[0], -1), dim=1)
 
 
 def at_stage_loss(f_s: torch.Tensor, f_t: torch.Tensor, p: float) -> torch.Tensor:

@@ -9,8 +9,8 @@ from .base import Distiller, register_distiller
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) on temperature-softened distributions, batch-mean, times T^2."""
-    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean()
     return kl * temperature**2
 

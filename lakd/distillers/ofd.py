@@ -52,7 +52,9 @@ def ofd_margin(gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
 
 
 def ofd_distance(s: torch.Tensor, t: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
-    """Partial L2 of OFD: summed over C x H x W, averaged over the batch. ``margin`` broadcasts to ``t``."""
+    """Partial L2 of OFD: summed over C x H x W, averaged over the batch. ``margin`` broadcasts to ``t``.
+    Computed in float32 (the sums overflow float16 under AMP)."""
+    s, t = s.float(), t.float()
     target = torch.maximum(t, margin.to(t))
     mask = ((s > target) | (target > 0)).to(s.dtype)
     return ((s - target).pow(2) * mask).sum() / s.shape[0]

@@ -26,7 +26,7 @@ def pairwise_distances(x: torch.Tensor, squared: bool = False, eps: float = 1e-1
 
 def rkd_distance_loss(f_s: torch.Tensor, f_t: torch.Tensor, squared: bool = False,
                       eps: float = 1e-12) -> torch.Tensor:
-    s, t = f_s.flatten(1), f_t.flatten(1)
+    s, t = f_s.flatten(1).float(), f_t.flatten(1).float()
     with torch.no_grad():
         d_t = pairwise_distances(t, squared, eps)
         d_t = d_t / d_t[d_t > 0].mean()
@@ -43,8 +43,8 @@ def triplet_cosines(x: torch.Tensor) -> torch.Tensor:
 
 def rkd_angle_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        a_t = triplet_cosines(f_t.flatten(1))
-    return F.smooth_l1_loss(triplet_cosines(f_s.flatten(1)), a_t)
+        a_t = triplet_cosines(f_t.flatten(1).float())
+    return F.smooth_l1_loss(triplet_cosines(f_s.flatten(1).float()), a_t)
 
 
 @register_distiller("rkd")
@@ -65,8 +65,12 @@ class RKD(Distiller):
         logits, feats = self.student(image, features=True)
         _, t_feats = self.teacher_forward(image, features=True)
         f_s, f_t = feats["embedding"], t_feats["embedding"]
+        # float32 even under AMP: distances from |a|^2 + |b|^2 - 2ab cancel badly in half precision
+        with torch.autocast(device_type=f_s.device.type, enabled=False):
+            dist = rkd_distance_loss(f_s, f_t, self.squared, self.eps)
+            angle = rkd_angle_loss(f_s, f_t)
         return logits, {
             "ce": self.ce_weight * F.cross_entropy(logits, target),
-            "rkd_distance": self.distance_weight * rkd_distance_loss(f_s, f_t, self.squared, self.eps),
-            "rkd_angle": self.angle_weight * rkd_angle_loss(f_s, f_t),
+            "rkd_distance": self.distance_weight * dist,
+            "rkd_angle": self.angle_weight * angle,
         }

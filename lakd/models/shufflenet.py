@@ -1,4 +1,5 @@
-"""ShuffleNetV1 and ShuffleNetV2 for CIFAR with the mdistiller / RepDistiller architecture and state-dict layout.
+"""ShuffleNetV1 and ShuffleNetV2 for CIFAR with the mdistiller / RepDistiller architecture and state-dict
+layout.
 
 ``shufflev1`` (mdistiller ``ShuffleV1``): 1x1 stem to 24 channels, three stages of 4/8/4 bottlenecks with
 240/480/960 output channels and 3 groups; the first unit of each stage has stride 2 and concatenates an
@@ -7,8 +8,8 @@ average-pooled shortcut. Keys: ``conv1``, ``bn1``, ``layer{1,2,3}.<i>.{conv1,bn1
 
 ``shufflev2`` (mdistiller ``ShuffleV2``, net size 1): 1x1 stem to 24 channels, three stages each made of a
 down-sampling unit and 3/7/3 basic units (116/232/464 channels), then a 1x1 conv to 1024 channels. Keys:
-``conv1``, ``bn1``, ``layer{1,2,3}.0.{conv1..conv5,bn1..bn5}`` (down unit), ``layer{1,2,3}.<i>.{conv1,bn1,conv2,
-bn2,conv3,bn3}`` (basic units), ``conv2``, ``bn2``, ``linear``.
+``conv1``, ``bn1``, ``layer{1,2,3}.0.{conv1..conv5,bn1..bn5}`` (down unit),
+``layer{1,2,3}.<i>.{conv1,bn1,conv2,bn2,conv3,bn3}`` (basic units), ``conv2``, ``bn2``, ``linear``.
 
 Feature interface: every unit is a block (16 for both); stages end at the last unit of each layer. As in
 mdistiller, a ShuffleNetV2 unit's pre-activation is taken before its channel shuffle (``shuffle(relu(pre))``
@@ -61,7 +62,8 @@ class V1Bottleneck(nn.Module):
 
 
 class ShuffleNetV1(FeatureNet):
-    def __init__(self, out_planes=(240, 480, 960), num_blocks=(4, 8, 4), groups: int = 3, num_classes: int = 10):
+    def __init__(self, out_planes=(240, 480, 960), num_blocks=(4, 8, 4), groups: int = 3,
+                 num_classes: int = 10):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
@@ -71,8 +73,8 @@ class ShuffleNetV1(FeatureNet):
             units = []
             for i in range(n):
                 # the stride-2 unit concatenates its (pooled) input, so its branch makes the rest
-                units.append(V1Bottleneck(in_planes, planes - (in_planes if i == 0 else 0), 2 if i == 0 else 1,
-                                          groups))
+                branch = planes - in_planes if i == 0 else planes
+                units.append(V1Bottleneck(in_planes, branch, 2 if i == 0 else 1, groups))
                 in_planes = planes
             layers.append(nn.Sequential(*units))
         self.layer1, self.layer2, self.layer3 = layers
@@ -135,8 +137,8 @@ class V2DownUnit(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         mid = out_channels // 2
-        self.conv1 = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=1, groups=in_channels,
-                               bias=False)
+        self.conv1 = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=1,
+                               groups=in_channels, bias=False)
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv2 = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False)
         self.bn2 = nn.BatchNorm2d(mid)
@@ -178,7 +180,7 @@ class ShuffleNetV2(FeatureNet):
             layers.append(nn.Sequential(V2DownUnit(in_channels, ch), *[V2BasicUnit(ch) for _ in range(n)]))
             in_channels = ch
         self.layer1, self.layer2, self.layer3 = layers
-        self.conv2 = nn.Conv2d(out_channels[2], out_channels[3], kernel_size=1, stride=1, padding=0, bias=False)
+        self.conv2 = nn.Conv2d(out_channels[2], out_channels[3], kernel_size=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels[3])
         self.linear = nn.Linear(out_channels[3], num_classes)
         self._units = [*self.layer1, *self.layer2, *self.layer3]
@@ -219,5 +221,5 @@ def shufflev1(num_classes: int = 10, **kw):
 
 @register_model("shufflev2", family="cifar")
 def shufflev2(num_classes: int = 10, **kw):
-    """mdistiller's ``ShuffleV2`` (net size 1): 116/232/464 channels, 3/7/3 basic units, 1024 before pooling."""
+    """mdistiller's ``ShuffleV2`` (net size 1): 116/232/464 channels, 3/7/3 basic units, 1024 at the end."""
     return ShuffleNetV2(net_size=1, num_classes=num_classes)

@@ -1,0 +1,184 @@
+"""LAKD: gradient isolation, local == joint backward, NDAM, class attention, EK, no-detach, a tiny run."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lakd.config import load_config
+from lakd.distillers import build_distiller
+from lakd.distillers.lakd import ndam_map
+from lakd.distillers.losses import class_activation_maps, class_attention_loss
+from lakd.engine.metrics import extracurricular_knowledge
+from lakd.errors import LakdError
+from lakd.models import create_model
+
+
+def make(splits=(1, 2, 3), student="resnet8", teacher="resnet14", extra=(), seed=0):
+    torch.manual_seed(seed)
+    cfg = load_config(None, ["method=lakd", f"teacher.name={teacher}", f"model.name={student}",
+                             f"sdm.splits=[{','.join(map(str, splits))}]", *extra])
+    s, t = create_model(student, 10), create_model(teacher, 10)
+    return build_distiller(cfg, s, t).train()
+
+
+def batch(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randn(n, 3, 32, 32, generator=g), "target": torch.randint(0, 10, (n,), generator=g)}
+
+
+def module_params(d, k):
+    """Parameters owned by local module k (0-based): its blocks (+stem/head) and its connector."""
+    s = d.student
+    start = 0 if k == 0 else d.splits[k - 1]
+    last = k == len(d.splits) - 1
+    ps = s.block_parameters(start, d.splits[k], stem=k == 0, head=last)
+    return ps + list(d.connectors[k].parameters())
+
+
+def grads_of(params):
+    return [None if p.grad is None else p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("splits", [(1, 2, 3), (2, 3)])
+def test_gradient_isolation_is_exact(splits):
+    d = make(splits, teacher="resnet14" if len(splits) == 3 else "resnet8",
+             extra=() if len(splits) == 3 else ["sdm.teacher_points=[2,3]"])
+    b = batch()
+    n = len(d.splits)
+    for k in range(n):
+        d.zero_grad(set_to_none=True)
+        _, losses = d.forward_train(**b)
+        own = [v for name, v in losses.items() if name == f"feat{k + 1}" or (k == n - 1 and name in ("ce", "att"))]
+        sum(own).backward()
+        for j in range(n):
+            g = grads_of(module_params(d, j))
+            if j < k:
+                # earlier modules: not a single gradient element from module k's loss
+                assert all(x is None or torch.count_nonzero(x) == 0 for x in g), (k, j)
+            if j == k:
+                assert any(x is not None and torch.count_nonzero(x) > 0 for x in g), (k, j)
+
+
+def test_local_backward_equals_joint_backward():
+    d = make((1, 2, 3))
+    d_joint = copy.deepcopy(d)
+    d_joint.local_backward = False
+    b = batch()
+    for model in (d, d_joint):
+        model.zero_grad(set_to_none=True)
+        model.train_step(b, lambda loss: loss.backward())
+    pa, pb = dict(d.named_trainable_parameters()), dict(d_joint.named_trainable_parameters())
+    assert pa.keys() == pb.keys()
+    worst = 0.0
+    for name in pa:
+        ga, gb = pa[name].grad, pb[name].grad
+        assert (ga is None) == (gb is None), name
+        if ga is not None:
+            worst = max(worst, (ga - gb).abs().max().item())
+    assert worst <= 1e-6
+    # and the losses agree
+    _, la = d.forward_train(**b)
+    _, lb = d_joint.forward_train(**b)
+    for k in la:
+        assert torch.allclose(la[k], lb[k], atol=1e-6)
+
+
+def test_no_detach_lets_gradients_cross_modules():
+    d = make((1, 2, 3), extra=["sdm.detach=false"])
+    assert not d.local_backward
+    d.zero_grad(set_to_none=True)
+    _, losses = d.forward_train(**batch())
+    losses["ce"].backward()  # the last module's loss ...
+    g = grads_of(module_params(d, 0))
+    assert any(x is not None and torch.count_nonzero(x) > 0 for x in g)  # ... reaches module 1
+
+
+def test_ndam_map_on_hand_made_tensor():
+    f = torch.zeros(1, 2, 2, 2)
+    f[0, 0] = torch.tensor([[1.0, -2.0], [0.0, 3.0]])
+    f[0, 1] = torch.tensor([[-1.0, 0.0], [4.0, -1.0]])
+    # |F| channel mean: [[1, 1], [2, 2]]; channel max: [[1, 2], [4, 3]]
+    a = 1.0 * torch.tensor([[1.0, 1.0], [2.0, 2.0]]) + 2.0 * torch.tensor([[1.0, 2.0], [4.0, 3.0]])
+    expected = a / a.mean()
+    got = ndam_map(f, 1.0, 2.0, use_abs=True)
+    assert got.shape == (1, 1, 2, 2)
+    assert torch.allclose(got[0, 0], expected, atol=1e-6)
+    assert torch.allclose(got.mean(), torch.tensor(1.0))
+    # without abs: mean [[0, -1], [2, 1]], max [[1, 0], [4, 3]] -> a = [[2,-1],[10,7]] -> shifted by +1
+    raw = torch.tensor([[2.0, -1.0], [10.0, 7.0]]) + 1.0
+    assert torch.allclose(ndam_map(f, 1.0, 2.0, use_abs=False)[0, 0], raw / raw.mean(), atol=1e-6)
+
+
+def test_feature_loss_is_ndam_weighted_mse():
+    d = make((1, 2, 3), student="resnet8", teacher="resnet8")
+    s = torch.randn(2, 16, 32, 32)
+    t = torch.randn(2, 16, 32, 32)
+    w = ndam_map(t, 1.0, 2.0, True)
+    assert torch.allclose(d.feature_loss(0, s, t), (w * (s - t) ** 2).mean(), atol=1e-6)
+    d.ndam["enabled"] = False
+    assert torch.allclose(d.feature_loss(0, s, t), F.mse_loss(s, t), atol=1e-6)
+
+
+def test_class_attention_loss_hand_computation():
+    fmap = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4)  # one channel
+    fc = torch.nn.Linear(1, 2)
+    with torch.no_grad():
+        fc.weight.copy_(torch.tensor([[1.0], [-2.0]]))
+        fc.bias.fill_(100.0)  # excluded from CAMs
+    cam = class_activation_maps(fmap, fc)
+    assert torch.equal(cam[0, 0], fmap[0, 0]) and torch.equal(cam[0, 1], -2 * fmap[0, 0])
+    # 2x2 average pooling of 0..15 laid out 4x4: [[2.5, 4.5], [10.5, 12.5]]
+    pooled = torch.tensor([[2.5, 4.5], [10.5, 12.5]])
+    zero = torch.zeros_like(cam)
+    expected = ((pooled**2).sum() + ((2 * pooled) ** 2).sum()) / 8
+    assert torch.allclose(class_attention_loss(cam, zero, resolution=2), expected)
+    # normalised: each class map has unit L2 norm over space -> squared error with zeros is 1 per class
+    assert torch.allclose(class_attention_loss(cam, zero, resolution=2, normalize=True), torch.tensor(2 / 8))
+
+
+def test_extracurricular_knowledge_on_a_table():
+    teacher = [True, True, False, False, False, True, False]
+    student = [True, False, True, False, True, True, False]
+    # teacher wrong at 2, 3, 4, 6; student right at 2 and 4 of those -> 2/4
+    assert extracurricular_knowledge(student, teacher) == pytest.approx(50.0)
+    assert extracurricular_knowledge([True], [True]) is None
+
+
+def test_bad_split_points_are_clear_errors():
+    with pytest.raises(LakdError, match="sdm.splits"):
+        make((1, 2, 4))  # resnet8 has 3 blocks
+    with pytest.raises(LakdError, match="sdm.splits"):
+        make((2, 1, 3))
+    with pytest.raises(LakdError, match="teacher_points"):
+        make((3,), teacher="resnet14")  # 1 module vs 3 teacher stages
+
+
+def test_connector_when_shapes_differ():
+    # resnet8x4 (64/128/256 channels) from resnet14 (16/32/64): 1x1 conv + BN connectors
+    d = make((1, 2, 3), student="resnet8x4", teacher="resnet14")
+    assert all(c.proj is not None for c in d.connectors)
+    logits, losses = d.forward_train(**batch())
+    assert logits.shape == (6, 10) and all(torch.isfinite(v) for v in losses.values())
+
+
+def test_tiny_lakd_run_learns(tmp_path):
+    from lakd.engine.trainer import Trainer
+
+    common = ["data.dataset=digits", "data.train_subset=640", "solver.batch_size=64", "solver.lr=0.1",
+              "solver.schedule=cosine", "train.progress=false", "train.threads=2", f"output_dir={tmp_path}"]
+    t_cfg = load_config(None, common + ["method=scratch", "model.name=resnet8", "solver.epochs=3",
+                                        "experiment=teacher"])
+    Trainer(t_cfg, quiet=True).fit()
+    cfg = load_config(None, common + ["method=lakd", "model.name=resnet8", "teacher.name=resnet8",
+                                      f"teacher.checkpoint={tmp_path}/teacher/best.pt", "solver.epochs=3",
+                                      "experiment=lakd", "sdm.splits=[1,2,3]"])
+    summary = Trainer(cfg, quiet=True).fit()
+    lines = [json.loads(x) for x in open(tmp_path / "lakd" / "metrics.jsonl")]
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    assert summary["final_top1"] > 30.0  # chance is 10%
+    assert summary["final_ek"] is not None
+    assert set(lines[0]["losses"]) == {"feat1", "feat2", "feat3", "ce", "att"}
