@@ -21,6 +21,14 @@ rare and kept). ``negatives: uniform`` is RepDistiller's plain uniform draw. Whe
 than ``K + 1`` images (tiny test sets), ``K`` becomes ``N - 1``.
 
 The contrast is computed in float32 (``exp(1/0.07)`` overflows float16 under AMP).
+
+Randomness and multi-process training. The negatives come from the memory's own generator, re-seeded at every
+draw from ``(seed, number of draws so far)`` (the count is the ``draws`` buffer, saved with the banks), so they do
+not depend on the global RNG and a resumed run draws what the uninterrupted one would. Under DDP every rank
+all-gathers the global batch's embeddings, indices and targets (one ``all_gather``): all ranks draw the
+negatives of the whole global batch with the same generator and keep their own rows, fix ``Z`` from the global
+batch's scores, and apply the same bank and label updates, so the banks, ``Z`` and the labels stay identical on
+every rank and equal to a single process's at the same global batch.
 """
 from __future__ import annotations
 
@@ -30,6 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.sampling import mix_seed
+from ..engine import distributed as dist
 from ..errors import LakdError
 from .base import Distiller, register_distiller
 
@@ -62,10 +72,12 @@ class ContrastMemory(nn.Module):
     """The two memory banks, the normalisation constants and the sampling of negatives."""
 
     def __init__(self, dim: int, num_data: int, k: int, temperature: float, momentum: float,
-                 negatives: str = "other_class"):
+                 negatives: str = "other_class", seed: int = 0):
         super().__init__()
         self.num_data, self.k, self.temperature, self.momentum = num_data, k, temperature, momentum
         self.negatives = negatives
+        self.seed = int(seed)
+        self._gen: torch.Generator | None = None
         stdv = 1.0 / math.sqrt(dim / 3)
         self.register_buffer("memory_s", torch.rand(num_data, dim).mul_(2 * stdv).add_(-stdv))
         self.register_buffer("memory_t", torch.rand(num_data, dim).mul_(2 * stdv).add_(-stdv))
@@ -73,43 +85,80 @@ class ContrastMemory(nn.Module):
         self.register_buffer("z", torch.tensor([-1.0, -1.0]))
         # label of each training image, -1 until seen
         self.register_buffer("labels", torch.full((num_data,), -1, dtype=torch.long))
+        # number of negative draws so far (seeds the next one; identical on every rank)
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self._gen is None or self._gen.device != device:
+            self._gen = torch.Generator(device=device)
+        self._gen.manual_seed(mix_seed(self.seed, int(self.draws)))
+        self.draws += 1
+        return self._gen
 
     @torch.no_grad()
     def sample(self, index: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         """B x (K+1) bank indices: column 0 the image itself, then K negatives."""
         b = index.shape[0]
-        neg = torch.randint(0, self.num_data, (b, self.k), device=index.device)
+        g = self._generator(index.device)
+        neg = torch.randint(0, self.num_data, (b, self.k), device=index.device, generator=g)
         if self.negatives == "other_class" and target is not None:
             for _ in range(3):
                 bad = (neg == index[:, None]) | (self.labels[neg] == target[:, None])
                 n_bad = int(bad.sum())
                 if n_bad == 0:
                     break
-                neg[bad] = torch.randint(0, self.num_data, (n_bad,), device=index.device)
+                neg[bad] = torch.randint(0, self.num_data, (n_bad,), device=index.device, generator=g)
         return torch.cat([index[:, None], neg], dim=1)
+
+    @staticmethod
+    def _gather_batch(v_s, v_t, index, target):
+        """The global batch (rank order) of the detached embeddings, indices and targets: one all-gather of
+        a float64 pack (exact for the float32 embeddings and for indices below 2**53). Needs the same local
+        batch size on every rank, which the training loaders guarantee."""
+        b = index.shape[0]
+        cols = [v_s.detach().double(), v_t.detach().double(), index.double()[:, None]]
+        if target is not None:
+            cols.append(target.double()[:, None])
+        packed = dist.all_gather_cat(torch.cat(cols, dim=1))
+        d_s, d_t = v_s.shape[1], v_t.shape[1]
+        g_s = packed[:, :d_s].to(v_s.dtype)
+        g_t = packed[:, d_s:d_s + d_t].to(v_t.dtype)
+        g_index = packed[:, d_s + d_t].long()
+        g_target = packed[:, d_s + d_t + 1].long() if target is not None else None
+        rank = torch.distributed.get_rank() if dist.is_enabled() else 0
+        return g_s, g_t, g_index, g_target, slice(rank * b, (rank + 1) * b)
 
     def forward(self, v_s: torch.Tensor, v_t: torch.Tensor, index: torch.Tensor,
                 contrast_index: torch.Tensor | None = None, target: torch.Tensor | None = None):
         """Scores (B x (K+1)) of the student embeddings against the teacher bank and of the teacher
         embeddings against the student bank; then the banks are updated with this batch."""
+        # the global batch (all ranks' rows; this batch itself without DDP) drives the sampling and updates
+        g_s, g_t, g_index, g_target, mine = v_s, v_t, index, target, slice(None)
+        if dist.is_enabled():
+            g_s, g_t, g_index, g_target, mine = self._gather_batch(v_s, v_t, index, target)
         if contrast_index is None:
-            contrast_index = self.sample(index, target)
+            contrast_index = self.sample(g_index, g_target)[mine]
         b, k1 = contrast_index.shape
         w_t = self.memory_t[contrast_index.reshape(-1)].view(b, k1, -1)
         w_s = self.memory_s[contrast_index.reshape(-1)].view(b, k1, -1)
         out_s = torch.exp(torch.bmm(w_t, v_s.unsqueeze(2)).squeeze(2) / self.temperature)
         out_t = torch.exp(torch.bmm(w_s, v_t.unsqueeze(2)).squeeze(2) / self.temperature)
-        if self.z[0] < 0:
-            self.z[0] = out_s.detach().mean() * self.num_data
-        if self.z[1] < 0:
-            self.z[1] = out_t.detach().mean() * self.num_data
+        if bool((self.z < 0).any()):  # first batch: Z = mean score of the global batch * N
+            with torch.no_grad():
+                stats = torch.stack([out_s.sum(), out_t.sum(), torch.tensor(float(out_s.numel()),
+                                                                            device=out_s.device)]).double()
+                s_sum, t_sum, count = dist.all_reduce_sum(stats).tolist()
+                if self.z[0] < 0:
+                    self.z[0] = s_sum / count * self.num_data
+                if self.z[1] < 0:
+                    self.z[1] = t_sum / count * self.num_data
         out_s, out_t = out_s / self.z[0], out_t / self.z[1]
         with torch.no_grad():
-            for bank, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
-                rows = bank[index] * self.momentum + v.detach().to(bank.dtype) * (1 - self.momentum)
-                bank.index_copy_(0, index, F.normalize(rows, p=2, dim=1))
-            if target is not None:
-                self.labels[index] = target
+            for bank, v in ((self.memory_s, g_s), (self.memory_t, g_t)):
+                rows = bank[g_index] * self.momentum + v.detach().to(bank.dtype) * (1 - self.momentum)
+                bank.index_copy_(0, g_index, F.normalize(rows, p=2, dim=1))
+            if g_target is not None:
+                self.labels[g_index] = g_target
         return out_s, out_t
 
 
@@ -141,7 +190,7 @@ class CRD(Distiller):
         self.embed_s = Embed(student.feature_info()["embedding_dim"], dim)
         self.embed_t = Embed(teacher.feature_info()["embedding_dim"], dim)
         self.contrast = ContrastMemory(dim, self.num_data, k, float(s["nce_t"]), float(s["momentum"]),
-                                       s["negatives"])
+                                       s["negatives"], seed=int(cfg.get("seed") or 0))
 
     def crd_loss(self, emb_s: torch.Tensor, emb_t: torch.Tensor, index: torch.Tensor,
                  target: torch.Tensor | None = None, contrast_index: torch.Tensor | None = None):

@@ -47,7 +47,13 @@ def ndam_map(feat: torch.Tensor, avg_weight: float = 1.0, max_weight: float = 2.
 
 
 class Connector(nn.Module):
-    """phi_k: 1x1 conv + BN when channels differ, then a resize to the teacher's spatial size."""
+    """phi_k: 1x1 conv + BN when channels differ, then a resize to the teacher's spatial size.
+
+    ``size`` records the teacher's size at the model's default input size; ``forward(x, size)`` resizes to the
+    size given at run time (the teacher feature's), so training at another image size (e.g. ImageNet models at
+    ``data.image_size=64``) aligns the maps that actually meet. Larger maps are average-pooled, smaller ones
+    bilinearly upsampled.
+    """
 
     def __init__(self, s: FeatureShape, t: FeatureShape):
         super().__init__()
@@ -56,14 +62,15 @@ class Connector(nn.Module):
             self.proj = nn.Sequential(nn.Conv2d(s.channels, t.channels, 1, bias=False), nn.BatchNorm2d(t.channels))
         self.size = None if (s.height, s.width) == (t.height, t.width) else (t.height, t.width)
 
-    def forward(self, x):
+    def forward(self, x, size=None):
         if self.proj is not None:
             x = self.proj(x)
-        if self.size is not None:
-            if x.shape[2] > self.size[0]:
-                x = F.adaptive_avg_pool2d(x, self.size)
+        size = tuple(size) if size is not None else self.size
+        if size is not None and tuple(x.shape[-2:]) != size:
+            if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
+                x = F.adaptive_avg_pool2d(x, size)
             else:
-                x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return x
 
 
@@ -142,7 +149,7 @@ class LAKD(Distiller):
         return ndam_map(src, float(self.ndam["avg"]), float(self.ndam["max"]), bool(self.ndam["abs"]))
 
     def feature_loss(self, k: int, out: torch.Tensor, t_feat: torch.Tensor) -> torch.Tensor:
-        s = self.connectors[k](out)
+        s = self.connectors[k](out, t_feat.shape[-2:])
         diff = (s.float() - t_feat.float()).pow(2)
         w = self.attention(s, t_feat)
         if w is not None:

@@ -4,6 +4,18 @@ Gradients are averaged with one explicit bucketed all-reduce per step over every
 after the method's backward passes (however many: LAKD backwards once per local module). This keeps every
 local module's gradients synchronised exactly once per step without one DDP wrapper per module, and works the
 same for methods with extra parts (connectors, embeddings).
+
+What is per rank and what is shared (``W`` processes, global batch ``B``, see ``lakd.data.sampling``):
+
+- parameters: broadcast from rank 0 at the start, then moved by identical averaged gradients, so they stay
+  bitwise identical on every rank;
+- BatchNorm: each rank normalises its ``B/W`` images with their own statistics (PyTorch DDP without
+  SyncBatchNorm); the running statistics drift apart during an epoch and are averaged over the ranks at the
+  end of it (``average_norm_buffers``), before evaluation and checkpoints, so every rank evaluates and saves the
+  same model. ``train.sync_bn=true`` uses ``torch.nn.SyncBatchNorm`` (CUDA only: PyTorch's implementation
+  refuses CPU tensors, so on CPU it is a ``LakdError``);
+- other state (CRD's memory banks) is kept identical by the method itself (it gathers the batch from all ranks);
+- metrics: sums all-reduced; only rank 0 writes files.
 """
 from __future__ import annotations
 
@@ -12,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+
+from ..errors import LakdError
 
 
 @dataclass
@@ -107,3 +121,64 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
         return
     for t in list(module.parameters()) + list(module.buffers()):
         tdist.broadcast(t.data, src=src)
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s value of a picklable object on every rank (the object itself without DDP)."""
+    if not is_enabled():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate (dim 0, rank order) a tensor that has the same shape on every rank; no gradient flows."""
+    if not is_enabled():
+        return t
+    t = t.detach().contiguous()
+    parts = [torch.empty_like(t) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(parts, t)
+    return torch.cat(parts, dim=0)
+
+
+def _norm_buffers(module: torch.nn.Module, skip: tuple[str, ...]) -> list[torch.Tensor]:
+    out = []
+    for name, m in module.named_modules():
+        if skip and name.startswith(skip):
+            continue
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            out += [b for b in (m.running_mean, m.running_var) if b is not None and b.is_floating_point()]
+    return out
+
+
+@torch.no_grad()
+def average_norm_buffers(module: torch.nn.Module, skip: tuple[str, ...] = ("teacher",)) -> None:
+    """Average the running mean/var of every normalisation layer of ``module`` over the ranks (one all-reduce
+    per dtype); modules whose name starts with one of ``skip`` are left alone (the frozen teacher)."""
+    if not is_enabled():
+        return
+    world = tdist.get_world_size()
+    bufs = _norm_buffers(module, skip)
+    for dtype in sorted({b.dtype for b in bufs}, key=str):
+        group = [b for b in bufs if b.dtype == dtype]
+        flat = torch.cat([b.reshape(-1) for b in group])
+        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+        flat /= world
+        offset = 0
+        for b in group:
+            b.copy_(flat[offset: offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, device: torch.device,
+                           skip: tuple[str, ...] = ("teacher",)) -> torch.nn.Module:
+    """``train.sync_bn``: replace the BatchNorm layers of ``module``'s children (except ``skip``) by
+    ``torch.nn.SyncBatchNorm``. PyTorch's SyncBatchNorm only runs on GPUs, so other devices get a LakdError."""
+    if torch.device(device).type != "cuda":
+        raise LakdError(f"train.sync_bn=true needs CUDA devices (torch.nn.SyncBatchNorm refuses {device} tensors); "
+                        f"set train.sync_bn=false for multi-process training on the CPU")
+    for name, child in list(module.named_children()):
+        if name not in skip:
+            setattr(module, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    return module

@@ -74,9 +74,9 @@ class Trainer:
             if not cfg["teacher"].get("checkpoint") and not quiet and self.dist.is_main:
                 print("warning: the teacher has no checkpoint (random weights); set teacher.checkpoint=PATH",
                       file=sys.stderr)
-        if t.get("sync_bn") and self.dist.enabled:
-            student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
         self.distiller = build_distiller(cfg, student, teacher, num_data=self.data.num_train)
+        if t.get("sync_bn") and self.dist.enabled:  # student and the method's parts (connectors), not the teacher
+            dist.convert_sync_batchnorm(self.distiller, self.device)
         self.distiller.to(self.device)
         if t.get("channels_last"):
             self.distiller.to(memory_format=torch.channels_last)
@@ -98,7 +98,8 @@ class Trainer:
         self.history: list[dict] = []
 
         # --- run folder ---
-        self.run_dir = run_dir or self._make_run_dir()
+        # rank 0 picks the folder (the others would race with its config.yaml when probing for a free name)
+        self.run_dir = dist.broadcast_object(run_dir or self._make_run_dir())
         self.writer = None
         if cfg.get("resume"):
             self._resume(cfg["resume"])
@@ -229,6 +230,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{total:.3f}", img_s=f"{float(n_img) / (time.perf_counter() - t0):.0f}")
         if bar is not None:
             bar.close()
+        dist.average_norm_buffers(self.distiller)  # every rank evaluates and saves the same BN statistics
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
