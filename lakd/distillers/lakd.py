@@ -37,8 +37,11 @@ def ndam_map(feat: torch.Tensor, avg_weight: float = 1.0, max_weight: float = 2.
 
     ``A = avg_weight * mean_c(|F|) + max_weight * max_c(|F|)`` (|F| replaced by F when ``use_abs`` is off),
     divided by its spatial mean. Where the map's mean is not positive (possible without abs) it is shifted
-    to be non-negative first, so the weights stay non-negative.
+    to be non-negative first, so the weights stay non-negative. Half-precision features (autocast) are
+    computed in float32: in fp16 ``eps`` would round to 0 and an all-zero map would give 0/0.
     """
+    if feat.dtype in (torch.float16, torch.bfloat16):
+        feat = feat.float()
     f = feat.abs() if use_abs else feat
     a = avg_weight * f.mean(dim=1, keepdim=True) + max_weight * f.amax(dim=1, keepdim=True)
     if not use_abs:

@@ -1,0 +1,319 @@
+"""Multi-process training on the CPU (gloo, loopback only): 2 processes against 1-process references.
+
+One launch of 2 worker processes (this file run as a script with RANK/WORLD_SIZE/MASTER_* set, as torchrun sets
+them) trains scratch, KD, LAKD and CRD for a few steps and saves every rank's full state; the tests compare the
+ranks with each other and with references computed here in one process. Two real ``torchrun ... -m lakd train``
+launches check the run folder and resume.
+
+Numbers (digits, resnet8, global batch 32 = 2 x 16, 3 SGD steps at lr 0.05, momentum 0.9):
+
+- ranks: parameters, BN statistics, CRD banks/Z/labels bitwise identical;
+- 2 processes vs one process that feeds the same two 16-image halves through the model one after the other and
+  averages their gradients (what DDP computes without SyncBatchNorm): equal to 1e-6 (measured: bitwise);
+- 2 processes vs one process at batch 32 (BN over 32 instead of 2 x 16): not the same computation; measured
+  parameter differences ~1e-3..1e-2 of the parameter scale after 3 steps, i.e. of the size of the updates
+  themselves, so only a loose bound is asserted;
+- CRD memory under 2 processes vs 1 process on the same global batches: scores, banks, Z equal to 1e-6.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER_CK = "teacher.pt"
+TINY = ["data.dataset=digits", "data.train_subset=192", "data.test_subset=100", "solver.batch_size=32",
+        "solver.max_steps_per_epoch=3", "solver.lr=0.05", "solver.schedule=constant", "model.name=resnet8",
+        "train.progress=false", "train.threads=1", "data.num_workers=0", "device=cpu", "seed=3",
+        "solver.epochs=1"]
+METHODS = ["scratch", "kd", "lakd", "crd"]
+CLI_ARGS = [*TINY, "method=scratch", "solver.max_steps_per_epoch=2", "train.eval_batch_size=30"]
+
+
+def method_overrides(method: str, folder: Path) -> list[str]:
+    out = [*TINY, f"method={method}"]
+    if method != "scratch":
+        out += ["teacher.name=resnet8", f"teacher.checkpoint={folder / TEACHER_CK}"]
+    if method == "crd":
+        out += ["crd.nce_k=50"]
+    return out
+
+
+def memory_batches(steps: int = 3, batch: int = 8, dim: int = 6, n: int = 40):
+    """Fixed global batches for the ContrastMemory check (the same on every process)."""
+    g = torch.Generator().manual_seed(11)
+    for _ in range(steps):
+        index = torch.randperm(n, generator=g)[:batch]
+        v_s = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=1)
+        v_t = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=1)
+        yield v_s, v_t, index, index % 4
+
+
+def make_memory():
+    from lakd.distillers.crd import ContrastMemory
+
+    torch.manual_seed(0)  # the same initial banks everywhere
+    return ContrastMemory(6, 40, 12, 0.07, 0.5, negatives="other_class", seed=5)
+
+
+# ----- the worker (run as a script by the launch below) ------------------------------------------------------------
+def worker(folder: Path) -> None:
+    import torch.distributed as tdist
+
+    from lakd.config import load_config
+    from lakd.engine.trainer import Trainer
+    from lakd.errors import LakdError
+
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    out: dict = {}
+    for method in METHODS:
+        cfg = load_config(None, method_overrides(method, folder))
+        trainer = Trainer(cfg, run_dir=str(folder / f"run_{method}"), quiet=True)
+        trainer.fit()
+        out[method] = {"state": {k: v.clone() for k, v in trainer.distiller.state_dict().items()},
+                       "history": trainer.history, "run_dir": trainer.run_dir}
+    # the uninterrupted 3-epoch run the CLI test resumes towards
+    trainer = Trainer(load_config(None, [*CLI_ARGS, "solver.epochs=3"]), run_dir=str(folder / "run_uninterrupted"),
+                      quiet=True)
+    trainer.fit()
+    # CRD's memory alone: each rank feeds its half of every global batch
+    mem = make_memory()
+    scores = []
+    for v_s, v_t, index, target in memory_batches():
+        rows = slice(rank * 4, rank * 4 + 4)
+        scores.append(mem(v_s[rows], v_t[rows], index[rows], target=target[rows]))
+    out["memory"] = {"state": dict(mem.state_dict()), "scores": scores}
+    # SyncBatchNorm cannot run on CPU tensors: a clear error on every rank (before any collective)
+    try:
+        Trainer(load_config(None, [*TINY, "train.sync_bn=true"]), run_dir=str(folder / "run_syncbn"), quiet=True)
+        out["sync_bn_error"] = None
+    except LakdError as e:
+        out["sync_bn_error"] = str(e)
+    torch.save(out, folder / f"rank{rank}.pt")
+    tdist.barrier()
+    tdist.destroy_process_group()
+
+
+# ----- launching -----------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                             "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    if os.path.exists("/sys/class/net/lo"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def launch_workers(folder: Path, world: int = 2, timeout: float = 240) -> None:
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, "worker", str(folder)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=clean_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=world, MASTER_PORT=port))
+             for r in range(world)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-4000:] if r < len(logs) else ''}"
+
+
+def torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "lakd", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=clean_env())
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    """Both ranks' results of the 2-process launch, and the folder it worked in."""
+    from lakd.models import create_model
+
+    folder = tmp_path_factory.mktemp("ddp")
+    torch.manual_seed(123)
+    teacher = create_model("resnet8", 10)
+    torch.save({"model": teacher.state_dict(), "arch": "resnet8", "num_classes": 10, "dataset": "digits"},
+               folder / TEACHER_CK)
+    launch_workers(folder)
+    ranks = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return folder, ranks
+
+
+def single_process_trainer(method: str, folder: Path, name: str):
+    from lakd.config import load_config
+    from lakd.engine.trainer import Trainer
+
+    assert "WORLD_SIZE" not in os.environ or os.environ["WORLD_SIZE"] == "1"
+    return Trainer(load_config(None, method_overrides(method, folder)), run_dir=str(folder / name), quiet=True)
+
+
+def ghost_batch_reference(method: str, folder: Path) -> dict[str, torch.Tensor]:
+    """One process, DDP's computation: each step feeds rank 0's and rank 1's half batch separately (BN over 16
+    images each) with loss / 2, so the accumulated gradient is the 2-rank average; then one SGD step."""
+    from lakd.data import build_data
+    from lakd.engine.schedule import lr_at
+
+    tr = single_process_trainer(method, folder, f"ghost_{method}")
+    halves = [build_data(tr.cfg, tr.device, r, 2).train for r in range(2)]
+    d, opt, solver = tr.distiller, tr.optimizer, tr.cfg["solver"]
+    d.set_epoch(0, int(solver["epochs"]))
+    d.train()
+    for loader in halves:
+        loader.set_epoch(0)
+    assert len(halves[0]) == len(tr.data.train) == 3
+    for step, pair in enumerate(zip(*halves)):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(solver, 0, step, len(halves[0]))
+        opt.zero_grad(set_to_none=True)
+        for batch in pair:
+            d.train_step(batch, lambda loss: (loss / 2).backward())
+        opt.step()
+    return {n: p.detach().clone() for n, p in d.named_parameters() if not n.startswith("teacher.")}
+
+
+# ----- (a) every rank holds the same model -----------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_ranks_hold_identical_parameters_buffers_and_banks(ddp, method):
+    _, (r0, r1) = ddp
+    s0, s1 = r0[method]["state"], r1[method]["state"]
+    assert s0.keys() == s1.keys()
+    differ = [k for k in s0 if not torch.equal(s0[k], s1[k])]
+    assert not differ, f"{method}: ranks differ in {differ[:5]}"
+    # training moved the student (the comparison is not vacuous) and both ranks logged the same reduced metrics
+    init = single_process_trainer(method, ddp[0], f"init_{method}").distiller.state_dict()
+    moved = [k for k in init if k.startswith("student.") and k.endswith("weight") and not torch.equal(init[k], s0[k])]
+    assert len(moved) > 5
+    timing = ("epoch_time_s", "images_per_s")
+    assert [{k: v for k, v in h.items() if k not in timing} for h in r0[method]["history"]] == \
+        [{k: v for k, v in h.items() if k not in timing} for h in r1[method]["history"]]
+    assert r0[method]["run_dir"] == r1[method]["run_dir"]
+    if method == "crd":
+        assert int(s0["contrast.draws"]) == 3 and (s0["contrast.z"] > 0).all()
+        assert (s0["contrast.labels"] >= 0).sum() == 3 * 32  # both ranks' images were recorded on both ranks
+
+
+# ----- (b) 2 processes at global batch B against one process --------------------------------------------------------
+@pytest.mark.parametrize("method", ["scratch", "kd", "lakd"])
+def test_two_processes_equal_one_process_with_the_same_half_batches(ddp, method):
+    folder, (r0, _) = ddp
+    ref = ghost_batch_reference(method, folder)
+    got = r0[method]["state"]
+    worst = max((got[n] - p).abs().max().item() for n, p in ref.items())
+    assert worst <= 1e-6, f"{method}: max |2 processes - reference| = {worst:g}"
+
+
+def test_two_processes_vs_one_process_at_the_same_global_batch(ddp):
+    """Without SyncBatchNorm each rank normalises 16 images instead of 32: close to, not equal to, one process."""
+    folder, (r0, _) = ddp
+    tr = single_process_trainer("kd", folder, "single_kd")
+    init = {n: p.detach().clone() for n, p in tr.distiller.student.named_parameters()}
+    tr.fit()
+    one = dict(tr.distiller.student.named_parameters())
+    two = {n[len("student."):]: v for n, v in r0["kd"]["state"].items() if n.startswith("student.")}
+    rel = []
+    for n, p in one.items():
+        update = (p.detach() - init[n]).norm().item()
+        if update > 0:
+            rel.append((two[n] - p.detach()).norm().item() / update)
+    # the difference is a fraction of the update itself (BN over 16 vs 32 images), far below a random
+    # direction's ~1.4; and the first step's losses agree closely
+    assert max(rel) < 0.5, max(rel)
+    h1, h2 = tr.history[0], r0["kd"]["history"][0]
+    assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=0.05)
+
+
+# ----- (2) CRD's memory across ranks --------------------------------------------------------------------------------
+def test_crd_memory_two_ranks_equal_one_process_on_the_global_batch(ddp):
+    _, (r0, r1) = ddp
+    mem = make_memory()
+    for step, (v_s, v_t, index, target) in enumerate(memory_batches()):
+        out_s, out_t = mem(v_s, v_t, index, target=target)
+        for side, full in enumerate((out_s, out_t)):
+            two = torch.cat([r0["memory"]["scores"][step][side], r1["memory"]["scores"][step][side]])
+            assert torch.allclose(two, full, rtol=1e-6, atol=0), (step, side)
+    for r in (r0, r1):
+        st = r["memory"]["state"]
+        for k, v in mem.state_dict().items():
+            assert torch.allclose(st[k].to(v.dtype), v, rtol=1e-6, atol=1e-7), k
+    assert torch.equal(r0["memory"]["state"]["labels"], mem.labels) and int(mem.draws) == 3
+
+
+# ----- (3) evaluation and EK under 2 processes ------------------------------------------------------------------
+def test_two_process_evaluation_and_ek_equal_one_process_on_the_same_weights(ddp):
+    from lakd.engine.metrics import evaluate, extracurricular_knowledge
+
+    folder, (r0, _) = ddp
+    tr = single_process_trainer("kd", folder, "eval_kd")
+    tr.distiller.load_state_dict(r0["kd"]["state"])
+    ev = evaluate(tr.distiller, tr.data.test, tr.device, None, tr.teacher_correct)
+    last = r0["kd"]["history"][-1]
+    assert ev["num_images"] == 100 and len(tr.teacher_correct) == 100
+    assert last["test_top1"] == ev["top1"] and last["test_top5"] == ev["top5"]
+    assert last["test_loss"] == pytest.approx(ev["loss"], rel=1e-6)
+    # EK by hand over the whole test set, from the per-index correctness of student and teacher
+    idx = sorted(ev["correct"])
+    ek = extracurricular_knowledge([ev["correct"][i] for i in idx], [tr.teacher_correct[i] for i in idx])
+    assert ek is not None and last["ek"] == pytest.approx(ek, abs=1e-9) and ev["ek"] == pytest.approx(ek, abs=1e-9)
+
+
+def test_sync_bn_on_cpu_is_a_clear_error(ddp):
+    _, (r0, r1) = ddp
+    for r in (r0, r1):
+        assert r["sync_bn_error"] and "train.sync_bn" in r["sync_bn_error"] and "CUDA" in r["sync_bn_error"]
+
+
+# ----- (c) `torchrun ... -m lakd train`: one run folder, resume -----------------------------------------------------
+def test_torchrun_cli_writes_one_run_folder_and_resumes(ddp):
+    folder, _ = ddp
+    out = folder / "cli"
+    res = torchrun(["train", *CLI_ARGS, "solver.epochs=2", f"output_dir={out}", "experiment=ddp"])
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert os.listdir(out) == ["ddp"]
+    run = out / "ddp"
+    assert {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "tb"} == set(os.listdir(run))
+    assert len(os.listdir(run / "tb")) == 1  # one events file: only rank 0 writes TensorBoard
+    lines = res.stdout.splitlines()
+    assert sum(x.startswith("run ") for x in lines) == 1 and "2 process(es)" in res.stdout
+    assert sum(x.startswith("epoch ") for x in lines) == 2
+    assert sum(x.startswith("{") for x in lines) == 1
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+
+    res = torchrun(["train", *CLI_ARGS, "solver.epochs=3", f"resume={run}", f"output_dir={out}", "experiment=ddp"])
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert os.listdir(out) == ["ddp"]
+    assert res.stdout.count(f"resumed {run} at epoch 2") == 1
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    # the resumed 2-process run is the uninterrupted 2-process run (same weights, same logged numbers)
+    ref = folder / "run_uninterrupted"
+    ref_metrics = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(metrics, ref_metrics):
+        assert (a["train_loss"], a["test_top1"], a["test_loss"]) == (b["train_loss"], b["test_top1"], b["test_loss"])
+    wa = torch.load(run / "last.pt", weights_only=True)["model"]
+    wb = torch.load(ref / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wb)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
+    sys.path.insert(0, str(ROOT))
+    worker(Path(sys.argv[2]))
