@@ -477,3 +477,29 @@ def test_visualize_cli(tmp_path, digits_ckpts, capsys):
                  "--out", str(tmp_path / "bad.png")]) == 2
     assert main(["visualize", "--checkpoints", digits_ckpts["teacher"], "--indices", "0,99999",
                  "--out", str(tmp_path / "bad.png")]) == 2
+
+
+def test_report_separates_variants_of_one_method(tmp_path):
+    """Two LAKD runs of one pair with different split points are two rows; seeds of one setting are one row."""
+    from lakd.analysis.report import build_tables, label_variants, load_run
+
+    def fake(name, splits, seed, top1):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = {"experiment": name, "method": "lakd", "seed": seed, "model": {"name": "resnet20"},
+               "teacher": {"name": "resnet56"}, "data": {"dataset": "cifar10"}, "solver": {"epochs": 1},
+               "sdm": {"splits": splits}}
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (d / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_top1": top1}) + "\n")
+        (d / "summary.json").write_text(json.dumps({"experiment": name, "method": "lakd", "student": "resnet20",
+                                                    "teacher": "resnet56", "dataset": "cifar10", "seed": seed,
+                                                    "epochs": 1, "final_top1": top1, "best_top1": top1}))
+        return str(d)
+
+    runs = [load_run(fake("a0", [1, 4, 9], 0, 70.0)), load_run(fake("a1", [1, 4, 9], 1, 72.0)),
+            load_run(fake("b0", [3, 6, 9], 0, 60.0))]
+    label_variants(runs)
+    (table,) = build_tables(runs)
+    assert table.methods == ["lakd (sdm.splits=[1, 4, 9])", "lakd (sdm.splits=[3, 6, 9])"]
+    cell = table.cells[("lakd (sdm.splits=[1, 4, 9])", 0)]
+    assert sorted(cell.values("final_top1")) == [70.0, 72.0]

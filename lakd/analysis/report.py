@@ -48,6 +48,7 @@ class Run:
     wall_time_s: float | None = None
     curve: list[tuple[int, float]] = field(default_factory=list)
     problem: str = ""
+    settings: dict = field(default_factory=dict)  # the method's own config keys, flattened ("sdm.splits": ...)
 
     @property
     def pair(self) -> str:
@@ -155,6 +156,7 @@ def load_run(path: str) -> Run:
         epochs_done=max((e for e, _ in curve), default=0),
         curve=curve,
         problem=problem,
+        settings=_method_settings(cfg),
     )
     if summary is not None:
         run.final_top1 = _num(s.get("final_top1"))
@@ -202,10 +204,43 @@ class Table:
     teacher_top1: dict[int, float | None]
 
 
+def _method_settings(cfg: dict) -> dict:
+    """The run's values of its method's own config sections (e.g. ``sdm``, ``ndam``, ``lakd`` for LAKD)."""
+    try:
+        from ..distillers import DISTILLERS
+
+        sections = list(DISTILLERS.get(cfg.get("method", "")).DEFAULTS)
+    except Exception:  # an unknown method: compare nothing
+        return {}
+    flat: dict = {}
+    for sec in sections:
+        for k, v in (cfg.get(sec) or {}).items():
+            flat[f"{sec}.{k}"] = json.dumps(v, sort_keys=True)
+    return flat
+
+
+def label_variants(runs: Sequence[Run]) -> None:
+    """Runs of one method on one pair whose method settings differ (LAKD's split points, NDAM switches...)
+    become separate rows, labelled by the settings that differ, e.g. ``lakd (sdm.splits=[1, 4, 9])``.
+    Seeds of the same settings stay in one row."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.dataset, r.method, r.pair), []).append(r)
+    for members in groups.values():
+        keys = sorted({k for r in members for k in r.settings})
+        varying = [k for k in keys if len({r.settings.get(k) for r in members}) > 1]
+        if not varying:
+            continue
+        for r in members:
+            parts = ", ".join(f"{k}={json.loads(r.settings[k]) if k in r.settings else None}" for k in varying)
+            r.method = f"{r.method} ({parts})"
+
+
 def _method_key(m: str):
     m = m.lower()
-    if m in METHOD_ORDER:
-        return (METHOD_ORDER.index(m) if m != "lakd" else 10_000, m)
+    base = m.split(" (")[0]
+    if base in METHOD_ORDER:
+        return (METHOD_ORDER.index(base) if base != "lakd" else 10_000, m)
     return (len(METHOD_ORDER) - 1, m)  # unknown methods just before lakd
 
 
@@ -444,6 +479,7 @@ def make_report(paths: Sequence[str], out: str | None = "report.md", csv_path: s
                 plot_path: str | None = None) -> dict:
     """Read run folders, write the Markdown report (and the CSV / plot when asked); returns what it wrote."""
     runs = [load_run(p) for p in find_runs(paths)]
+    label_variants(runs)
     tables = build_tables(runs)
     text = render_markdown(runs, tables)
     written = {"markdown": text, "runs": runs, "tables": tables}
