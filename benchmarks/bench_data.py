@@ -57,11 +57,17 @@ def torchvision_loader(bundle, batch: int, workers: int):
     from torchvision import transforms as T
 
     loader = bundle.train
-    images = loader.images.permute(0, 2, 3, 1).contiguous().numpy()
-    targets = loader.targets.tolist()
+    images = loader.images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    targets = loader.targets.cpu().tolist()
     tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
     return DataLoader(TorchvisionCIFAR(images, targets, tf), batch_size=batch, shuffle=True, num_workers=workers,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
+def to_device(it, device):
+    """Move torchvision's CPU batches to the training device (what a training loop would do)."""
+    for images, targets in it:
+        yield images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
 
 def measure(make_iter, images: int, warmup: int = 2) -> float:
@@ -77,6 +83,8 @@ def measure(make_iter, images: int, warmup: int = 2) -> float:
             if seen >= images:
                 break
         epoch += 1
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     return seen / (time.perf_counter() - start)
 
 
@@ -99,15 +107,17 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="measurements per pipeline (the median is shown)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the DataLoader pipelines")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the main process (fast path)")
+    p.add_argument("--device", default="cpu", help="where the batches are needed: cpu or cuda")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     root = os.path.abspath(args.root)
 
     rows = []
     for batch in args.batch_sizes:
-        fast = build_data(cfg_for(root, batch, True, args.workers), "cpu")
-        slow = build_data(cfg_for(root, batch, False, args.workers), "cpu")
+        fast = build_data(cfg_for(root, batch, True, args.workers), device)
+        slow = build_data(cfg_for(root, batch, False, args.workers), device)
 
         def run_fast(e, loader=fast.train):
             loader.set_epoch(e)
@@ -119,21 +129,21 @@ def main(argv=None) -> int:
 
         tv = torchvision_loader(fast, batch, args.workers)
         result = {"batch": batch,
-                  "torchvision": median_of(args.repeats, lambda e, tv=tv: iter(tv), args.images),
+                  "torchvision": median_of(args.repeats, lambda e, tv=tv: to_device(iter(tv), device), args.images),
                   "lakd_dataloader": median_of(args.repeats, run_slow, args.images),
                   "lakd_fast": median_of(args.repeats, run_fast, args.images)}
         result["speedup_fast_vs_torchvision"] = result["lakd_fast"] / result["torchvision"]
         rows.append(result)
         del tv, slow
 
-    info = {"device": "cpu", "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    info = {"device": str(device), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "threads": args.threads, "workers": args.workers, "images_timed": args.images,
             "repeats": args.repeats,
             "torch": torch.__version__, "results": rows}
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
-    print(f"CIFAR-10 train pipeline (crop 32 pad 4 + flip + normalise), CPU, {os.cpu_count()} cores, "
+    print(f"CIFAR-10 train pipeline (crop 32 pad 4 + flip + normalise), {device}, {os.cpu_count()} cores, "
           f"{args.threads} main thread(s), {args.workers} DataLoader workers; images/s "
           f"(median of {args.repeats} x {args.images} images)")
     print(f"{'batch':>6} {'torchvision':>12} {'lakd DataLoader':>16} {'lakd fast':>11} {'fast/torchvision':>17}")

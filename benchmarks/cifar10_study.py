@@ -89,6 +89,10 @@ def main() -> int:
                     if proc.returncode != 0:
                         raise SystemExit(f"run {name} failed; see {args.runs}/{name}.log")
     train_time = time.time() - t0
+    study_json = os.path.join(ROOT, args.out, "study.json")
+    if args.skip_train and os.path.exists(study_json):  # keep the record of the training that was done
+        previous = json.load(open(study_json))
+        train_time, commands = previous["train_wall_time_s"], previous["train_commands"]
     run_dirs = [os.path.join(args.runs, n) for n, _ in runs]
     out = args.out
     sh(lakd_cmd("report", *run_dirs, "--out", f"{out}/report.md", "--csv", f"{out}/report.csv",
@@ -101,7 +105,8 @@ def main() -> int:
                     "data.root=../shared/data"))
         sh(lakd_cmd("visualize", "--checkpoints", *[os.path.join(args.runs, n, "best.pt")
                                                    for n in ("catkd", "lakd_149") if n in dict(runs)],
-                    "--images", "6", "--out", f"{out}/maps.png", "data.root=../shared/data"))
+                    "--indices", "7,1507,3007,4507,6007,8507", "--out", f"{out}/maps.png",
+                    "data.root=../shared/data"))
     for what in ("memory", "speed"):
         extra = ["--steps", "10", "--rounds", "2"] if what == "speed" else []
         cmd = lakd_cmd("bench", what, "--teacher", "resnet56", "--student", "resnet20", "--methods",
@@ -116,10 +121,10 @@ def main() -> int:
         p = os.path.join(ROOT, args.runs, n, "summary.json")
         if os.path.exists(p):
             summaries[n] = json.load(open(p))
-    with open(os.path.join(ROOT, out, "study.json"), "w") as f:
+    with open(study_json, "w") as f:
         json.dump({"epochs": args.epochs, "train_subset": args.train_subset, "test_subset": args.test_subset, "seed": args.seed,
                    "parallel": args.parallel, "threads": args.threads, "train_wall_time_s": train_time,
-                   "total_wall_time_s": time.time() - t0, "train_commands": commands, "summaries": summaries},
+                   "analysis_wall_time_s": time.time() - t0 - (0 if args.skip_train else train_time), "train_commands": commands, "summaries": summaries},
                   f, indent=2)
     print(f"study done in {(time.time() - t0) / 60:.1f} min; outputs in {out}")
     return 0

@@ -10,9 +10,10 @@ Numbers (digits, resnet8, global batch 32 = 2 x 16, 3 SGD steps at lr 0.05, mome
 - ranks: parameters, BN statistics, CRD banks/Z/labels bitwise identical;
 - 2 processes vs one process that feeds the same two 16-image halves through the model one after the other and
   averages their gradients (what DDP computes without SyncBatchNorm): equal to 1e-6 (measured: bitwise);
-- 2 processes vs one process at batch 32 (BN over 32 instead of 2 x 16): not the same computation; measured
-  parameter differences ~1e-3..1e-2 of the parameter scale after 3 steps, i.e. of the size of the updates
-  themselves, so only a loose bound is asserted;
+- 2 processes vs one process at batch 32 (BN over 32 images instead of 2 x 16): not the same computation
+  (SyncBatchNorm, which would make it one, runs on CUDA only); after 3 steps |params_2 - params_1| is 8% of the
+  3 steps' update |params_1 - init| for KD (20% scratch, 6% LAKD; max elementwise difference ~1e-2), so a loose
+  bound (25%) is asserted;
 - CRD memory under 2 processes vs 1 process on the same global batches: scores, banks, Z equal to 1e-6.
 """
 from __future__ import annotations
@@ -229,14 +230,11 @@ def test_two_processes_vs_one_process_at_the_same_global_batch(ddp):
     tr.fit()
     one = dict(tr.distiller.student.named_parameters())
     two = {n[len("student."):]: v for n, v in r0["kd"]["state"].items() if n.startswith("student.")}
-    rel = []
-    for n, p in one.items():
-        update = (p.detach() - init[n]).norm().item()
-        if update > 0:
-            rel.append((two[n] - p.detach()).norm().item() / update)
-    # the difference is a fraction of the update itself (BN over 16 vs 32 images), far below a random
-    # direction's ~1.4; and the first step's losses agree closely
-    assert max(rel) < 0.5, max(rel)
+    diff = sum((two[n] - p.detach()).pow(2).sum().item() for n, p in one.items()) ** 0.5
+    update = sum((p.detach() - init[n]).pow(2).sum().item() for n, p in one.items()) ** 0.5
+    # the difference is a fraction of the 3 steps' update (measured 0.08; scratch 0.20, LAKD 0.06), far below
+    # an unrelated update's ~1.4; and the epoch's mean training losses agree closely
+    assert update > 0 and diff / update < 0.25, diff / update
     h1, h2 = tr.history[0], r0["kd"]["history"][0]
     assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=0.05)
 
