@@ -279,6 +279,27 @@ def test_sync_bn_on_cpu_is_a_clear_error(ddp):
         assert r["sync_bn_error"] and "train.sync_bn" in r["sync_bn_error"] and "CUDA" in r["sync_bn_error"]
 
 
+def test_sync_bn_conversion_covers_the_student_and_method_parts_not_the_teacher():
+    """The CUDA path of train.sync_bn, structurally (SyncBatchNorm layers can be built, not run, on the CPU)."""
+    from lakd.config import load_config
+    from lakd.distillers import build_distiller
+    from lakd.engine.distributed import convert_sync_batchnorm
+    from lakd.errors import LakdError
+    from lakd.models import create_model
+
+    cfg = load_config(None, [*TINY, "method=lakd", "teacher.name=resnet8x4"])
+    d = build_distiller(cfg, create_model("resnet8", 10), create_model("resnet8x4", 10))
+    params = {n: p for n, p in d.named_parameters()}
+    with pytest.raises(LakdError, match="train.sync_bn"):
+        convert_sync_batchnorm(d, torch.device("cpu"))
+    convert_sync_batchnorm(d, torch.device("cuda", 0))
+    kinds = {n: type(m) for n, m in d.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    assert any(n.startswith("connectors.") for n in kinds)  # 64 -> 256 channels: 1x1 conv + BN connectors
+    for n, kind in kinds.items():
+        assert (kind is torch.nn.SyncBatchNorm) == (not n.startswith("teacher.")), n
+    assert all(p is params[n] for n, p in d.named_parameters())  # the optimizer's parameters are kept
+
+
 # ----- (c) `torchrun ... -m lakd train`: one run folder, resume -----------------------------------------------------
 def test_torchrun_cli_writes_one_run_folder_and_resumes(ddp):
     folder, _ = ddp
