@@ -383,8 +383,6 @@ def test_torchvision_layout_checkpoints_load(tmp_path, layout):
         assert torch.equal(v, sd[k]), k
 
 
-@pytest.mark.xfail(strict=True, reason="lakd/models/checkpoint.py load_weights counts BatchNorm num_batches_tracked "
-                                       "as missing; torchvision's ImageNet .pth files do not have these buffers")
 def test_torchvision_checkpoint_without_num_batches_tracked(tmp_path):
     sd = {k: v for k, v in create_model("resnet34", 3).state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(sd, tmp_path / "old.pth")

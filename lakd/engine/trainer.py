@@ -123,7 +123,12 @@ class Trainer:
         return path
 
     def _compile(self) -> None:
-        """``torch.compile`` every block, stem and head module in place (works with local backward too)."""
+        """``torch.compile`` every block module in place (works with LAKD's local backward too)."""
+        import torch._dynamo
+
+        c = torch._dynamo.config  # one graph per block: raise the recompile limit so none falls back to eager
+        name = "recompile_limit" if hasattr(c, "recompile_limit") else "cache_size_limit"
+        setattr(c, name, max(getattr(c, name), 256))
         for model in (self.distiller.student, self.distiller.teacher):
             if model is None:
                 continue

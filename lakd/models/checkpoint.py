@@ -59,7 +59,11 @@ def extract_state_dict(obj: dict, path: str = "checkpoint") -> dict[str, torch.T
 def load_weights(model: nn.Module, path: str, arch: str = "") -> dict:
     """Load a checkpoint file into ``model`` strictly. Returns the checkpoint dict (for its metadata)."""
     obj = read_checkpoint(path)
-    sd = extract_state_dict(obj, path)
+    sd = dict(extract_state_dict(obj, path))
+    # torchvision's published ImageNet files carry no BatchNorm ``num_batches_tracked`` counters
+    for k, v in model.state_dict().items():
+        if k.endswith("num_batches_tracked") and k not in sd:
+            sd[k] = torch.zeros_like(v)
     ck_arch = obj.get("arch")
     if arch and ck_arch and str(ck_arch).lower() != arch.lower():
         raise LakdError(f"checkpoint {path!r} is a {ck_arch!r} but the config asks for {arch!r}; set the model "
