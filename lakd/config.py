@@ -51,7 +51,7 @@ DEFAULTS: dict[str, Any] = {
         "schedule": "multistep",  # linear | multistep | cosine | constant
         "milestones": [150, 180, 210],
         "gamma": 0.1,
-        "warmup_epochs": 0,
+        "warmup_epochs": 0.0,
         "min_lr": 0.0,
         "max_steps_per_epoch": 0,  # 0: full epochs; >0 cuts each epoch short (tests, smoke runs)
     },
@@ -143,24 +143,49 @@ def load_yaml(path: str) -> dict:
     return data
 
 
+def check_type(value: Any, default: Any, key: str, where: str) -> Any:
+    """Check a value against its default's type (bool, number, string, list); ints become floats where the
+    default is a float. ``where`` says where the value came from, for the error message."""
+    if value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise LakdError(f"{where}: {key} must be true or false, got {value!r}")
+    elif isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LakdError(f"{where}: {key} must be a number (e.g. {key}={default}), got {value!r}")
+        if isinstance(default, int) and not isinstance(value, int):
+            raise LakdError(f"{where}: {key} must be a whole number (e.g. {key}={default}), got {value!r}")
+        if isinstance(default, float):
+            value = float(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise LakdError(f"{where}: {key} must be a string (e.g. {key}={default or 'NAME'}), got {value!r}")
+    elif isinstance(default, list):
+        if not isinstance(value, list):
+            raise LakdError(f"{where}: {key} must be a list (e.g. {key}=[3,6,9]), got {value!r}")
+    return value
+
+
+def _check_values(cfg: dict, schema: dict, where: str, prefix: str = "") -> None:
+    for k, v in cfg.items():
+        d = schema.get(k)
+        if isinstance(d, dict) and d:
+            if isinstance(v, dict):
+                _check_values(v, d, where, f"{prefix}{k}.")
+        else:
+            cfg[k] = check_type(v, d, f"{prefix}{k}", where)
+
+
 def parse_value(text: str, default: Any, key: str) -> Any:
     """Parse an override's value with YAML and check it against the default's type."""
     try:
         value = yaml_load(text) if text != "" else ""
     except yaml.YAMLError:
         value = text
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise LakdError(f"override {key}={text!r}: expected true or false")
-    elif isinstance(default, (int, float)) and not isinstance(default, bool):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise LakdError(f"override {key}={text!r}: expected a number, e.g. {key}={default}")
-        if isinstance(default, float):
-            value = float(value)
-    elif isinstance(default, list):
-        if not isinstance(value, list):
-            raise LakdError(f"override {key}={text!r}: expected a list, e.g. {key}=[3,6,9]")
-    return value
+    if isinstance(default, str) and not isinstance(value, str) and value is not None:
+        value = text  # e.g. experiment=2024 or data.root=123 stay strings
+    return check_type(value, default, key, f"override {key}={text!r}")
 
 
 def apply_overrides(cfg: dict, overrides: list[str], schema: dict) -> dict:
@@ -196,6 +221,23 @@ def validate(cfg: dict) -> None:
         raise LakdError(f"solver.schedule {s['schedule']!r} is not one of linear, multistep, cosine, constant")
     if cfg["train"]["amp"] not in ("none", "bf16", "fp16"):
         raise LakdError(f"train.amp {cfg['train']['amp']!r} is not one of none, bf16, fp16")
+    nc = cfg["model"].get("num_classes")
+    if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int) or nc < 1):
+        raise LakdError(f"model.num_classes must be a positive integer or null (the dataset's), got {nc!r}")
+    for key in ("resume",):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            raise LakdError(f"{key} must be a path (a run folder or its last.pt), got {cfg[key]!r}")
+    for sec, key in (("model", "name"), ("model", "checkpoint"), ("teacher", "name"), ("teacher", "checkpoint")):
+        v = cfg[sec].get(key)
+        if v is not None and not isinstance(v, str):
+            raise LakdError(f"{sec}.{key} must be a string, got {v!r}")
+    if not all(isinstance(m, int) and not isinstance(m, bool) for m in s["milestones"]):
+        raise LakdError(f"solver.milestones must be a list of epochs (integers), got {s['milestones']!r}")
+    for key in ("mean", "std"):
+        v = cfg["data"].get(key)
+        if v is not None and (not isinstance(v, list) or len(v) != 3
+                              or not all(isinstance(x, (int, float)) for x in v)):
+            raise LakdError(f"data.{key} must be a list of 3 numbers or null, got {v!r}")
     from .distillers import DISTILLERS
 
     DISTILLERS.get(cfg["method"])  # unknown method -> clear error
@@ -210,6 +252,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     if path:
         data = load_yaml(path)
         _check_keys(data, schema, path)
+        _check_values(data, schema, path)
         cfg = _merge(cfg, data)
     cfg = apply_overrides(cfg, overrides or [], schema)
     validate(cfg)

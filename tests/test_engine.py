@@ -210,3 +210,72 @@ def test_resume_refuses_a_different_run(tmp_path, capsys):
     assert code == 2 and "cannot resume" in capsys.readouterr().err
     with pytest.raises(LakdError, match="does not exist"):
         Trainer(load_config(None, [*TINY, f"resume={tmp_path}/none"]), quiet=True)
+
+
+@pytest.mark.parametrize("method", ["lakd", "crd", "dkd"])
+def test_resume_is_exact_for_stateful_methods(method, tmp_path):
+    """Connectors (LAKD), memory banks and negatives (CRD) and warm-up (DKD) continue exactly."""
+    from lakd.engine.trainer import Trainer
+
+    teacher = _save_ckpt(tmp_path, "t.pt", "resnet8", 10)
+    common = [*TINY, f"method={method}", "teacher.name=resnet8", f"teacher.checkpoint={teacher}",
+              "solver.epochs=2", "data.train_subset=128", "solver.max_steps_per_epoch=3", f"output_dir={tmp_path}"]
+    full = Trainer(load_config(None, common + ["experiment=full"]), quiet=True)
+    full.fit()
+    part = load_config(None, common + ["experiment=part"])
+    part["solver"]["epochs"] = 2
+    tr = Trainer(part, quiet=True)
+    tr.train_epoch(0)  # one epoch, then a checkpoint as fit() writes it
+    from lakd.engine.checkpoint import atomic_save
+
+    atomic_save(tr._checkpoint(1), str(tmp_path / "part" / "last.pt"))
+    resumed = Trainer(load_config(None, common + ["experiment=part", f"resume={tmp_path}/part"]), quiet=True)
+    assert resumed.start_epoch == 1
+    resumed.fit()
+    a = full.distiller.state_dict()
+    b = resumed.distiller.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_kd_loss_hand_computation():
+    import math
+
+    from lakd.distillers.kd import kd_loss
+
+    s = torch.tensor([[1.0, 0.0]])
+    t = torch.tensor([[0.0, 1.0]])
+    T = 2.0
+    ps = [math.exp(0.5) / (math.exp(0.5) + 1), 1 / (math.exp(0.5) + 1)]
+    pt = [ps[1], ps[0]]
+    kl = sum(p * math.log(p / q) for p, q in zip(pt, ps))
+    assert kd_loss(s, t, T).item() == pytest.approx(kl * T * T, rel=1e-6)
+    assert kd_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_values_in_yaml_files_are_type_checked(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("solver:\n  lr: fast\n")
+    with pytest.raises(LakdError, match="solver.lr must be a number"):
+        load_config(str(bad))
+    for over, words in ((["model.num_classes=abc"], "num_classes"), (["resume=5"], "resume"),
+                        (["solver.milestones=[a]"], "milestones"), (["solver.epochs=2.5"], "whole number")):
+        with pytest.raises(LakdError, match=words):
+            load_config(None, over)
+
+
+def test_too_few_classes_and_a_cut_metrics_line(tmp_path):
+    from lakd.engine.trainer import Trainer
+
+    with pytest.raises(LakdError, match="smaller than the 10 classes"):
+        Trainer(load_config(None, [*TINY, "model.num_classes=5", f"output_dir={tmp_path}"]), quiet=True)
+    cfg = load_config(None, [*TINY, "method=scratch", "solver.epochs=1", f"output_dir={tmp_path}", "experiment=c"])
+    Trainer(cfg, quiet=True).fit()
+    with open(tmp_path / "c" / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "train_lo')  # what a kill during the write leaves
+    more = load_config(None, [*TINY, "method=scratch", "solver.epochs=2", f"resume={tmp_path}/c"])
+    Trainer(more, quiet=True).fit()
+    lines = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert load_config(str(tmp_path / "c" / "config.yaml"))["resume"] is None

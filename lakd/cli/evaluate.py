@@ -33,6 +33,15 @@ def load_any(path: str, arch: str | None, num_classes: int | None):
     return model.eval(), obj
 
 
+def check_classes(model, path, data) -> None:
+    from ..errors import LakdError
+
+    n = model.classifier.out_features
+    if n != data.num_classes:
+        raise LakdError(f"{path!r} predicts {n} classes but {data.dataset} has {data.num_classes}; evaluate it on "
+                        f"its own dataset (data.dataset=..., data.root=...)")
+
+
 def run(args) -> int:
     from ..config import load_config
     from ..data import build_data
@@ -52,11 +61,13 @@ def run(args) -> int:
     device = resolve_device(str(cfg["device"]))
     data = build_data(cfg, device)
     model, _ = load_any(args.checkpoint, args.arch, data.num_classes)
+    check_classes(model, args.checkpoint, data)
     model.to(device)
     out: dict = {"checkpoint": args.checkpoint, "dataset": cfg["data"]["dataset"]}
     teacher_correct = None
     if args.teacher:
         teacher, _ = load_any(args.teacher, args.teacher_arch, data.num_classes)
+        check_classes(teacher, args.teacher, data)
         tres = evaluate(teacher.to(device), data.test, device)
         teacher_correct = tres["correct"]
         out.update(teacher_top1=tres["top1"], teacher_top5=tres["top5"])

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import LakdError
 from ..models.base import FeatureNet
 from ..registry import Registry
 
@@ -101,7 +102,8 @@ class Distiller(nn.Module):
         own = self.extra_state_dict()
         missing = [k for k in own if k not in sd]
         if missing:
-            raise KeyError(f"checkpoint lacks the {self.name} state {missing[:3]}")
+            raise LakdError(f"the checkpoint lacks the {self.name} method's state {missing[:3]}; was it written by a "
+                            f"run of another method or config? resume with that run's own config.yaml")
         self.load_state_dict({**{f"student.{k}": v for k, v in self.student.state_dict().items()},
                               **({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
                                  if self.teacher is not None else {}),

@@ -107,6 +107,11 @@ class LAKD(Distiller):
         super().__init__(student, teacher, cfg, num_data)
         sdm, nd, lk = self.section("sdm"), self.section("ndam"), self.section("lakd")
         n = student.num_blocks
+        for key in ("splits", "teacher_points"):
+            v = sdm[key]
+            if v is not None and (not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                                     for x in v)):
+                raise LakdError(f"sdm.{key} must be a list of 1-based block indices such as [1, 4, 9], got {v!r}")
         splits = list(sdm["splits"] or student.stage_ends)
         if not splits or splits != sorted(set(splits)) or splits[0] < 1 or splits[-1] != n:
             raise LakdError(f"sdm.splits={splits} does not fit {cfg['model']['name']} ({n} blocks): give increasing "
@@ -136,6 +141,8 @@ class LAKD(Distiller):
             raise LakdError(f"ndam.source={nd['source']!r} is not one of teacher, student")
         self.ndam = nd
         fw = lk["feat_weights"]
+        if fw is not None and (not isinstance(fw, list) or not all(isinstance(x, (int, float)) for x in fw)):
+            raise LakdError(f"lakd.feat_weights must be a list of numbers (one per local module), got {fw!r}")
         if fw is None:
             fw = [float(lk["feat_weight"])] * len(splits)
         if len(fw) != len(splits):

@@ -48,7 +48,9 @@ class Trainer:
         self.quiet = quiet or not self.dist.is_main
         if t.get("threads"):
             torch.set_num_threads(int(t["threads"]))
-        if t.get("deterministic"):
+        if t.get("deterministic"):  # bitwise-reproducible GPU runs (CPU runs are already)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(int(cfg["seed"]))
 
@@ -58,6 +60,9 @@ class Trainer:
             cfg["data"]["mean"], cfg["data"]["std"] = list(meta["mean"]), list(meta["std"])
         self.data = build_data(cfg, self.device, self.dist.rank, self.dist.world_size)
         num_classes = cfg["model"].get("num_classes") or self.data.num_classes
+        if num_classes < self.data.num_classes:
+            raise LakdError(f"model.num_classes={num_classes} is smaller than the {self.data.num_classes} classes of "
+                            f"{cfg['data']['dataset']}; leave it unset (null) to use the dataset's")
         cfg["model"]["num_classes"] = num_classes
 
         # --- models ---
@@ -106,7 +111,8 @@ class Trainer:
         if self.dist.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-                f.write(config_mod.dump_config(cfg))
+                # the file must start a fresh run when re-used, so the resume pointer is left out
+                f.write(config_mod.dump_config({**cfg, "resume": None}))
         self.teacher_correct, self.teacher_top1 = self._teacher_eval()
 
     # ------------------------------------------------------------------------------------------------
@@ -146,9 +152,14 @@ class Trainer:
         if ck.get("method") != self.cfg["method"] or ck.get("arch") != self.cfg["model"]["name"]:
             raise LakdError(f"cannot resume from {ck_path!r}: it is a {ck.get('method')} run of {ck.get('arch')}, "
                             f"the config asks for {self.cfg['method']} with {self.cfg['model']['name']}")
-        self.distiller.student.load_state_dict(ck["model"])
-        self.distiller.load_extra_state_dict(ck.get("distiller", {}))
-        self.optimizer.load_state_dict(ck["optimizer"])
+        try:
+            self.distiller.student.load_state_dict(ck["model"])
+            self.distiller.load_extra_state_dict(ck.get("distiller", {}))
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise LakdError(f"cannot resume from {ck_path!r}: it does not fit this config "
+                            f"({str(e).strip().splitlines()[0][:160]}); resume with the run's own config.yaml "
+                            f"(lakd train {os.path.join(self.run_dir, 'config.yaml')} resume={self.run_dir})") from None
         if ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
         set_rng_state(ck["rng"])
@@ -159,9 +170,14 @@ class Trainer:
         metrics = os.path.join(self.run_dir, "metrics.jsonl")
         if os.path.exists(metrics) and self.dist.is_main:
             # drop lines written after the checkpoint (a kill between the log and the save)
+            lines = []
             with open(metrics) as f:
-                lines = [json.loads(x) for x in f if x.strip()]
-            self.history = [m for m in lines if m["epoch"] <= self.start_epoch]
+                for x in f:
+                    try:
+                        lines.append(json.loads(x))
+                    except json.JSONDecodeError:
+                        pass  # a line cut short by the kill
+            self.history = [m for m in lines if isinstance(m, dict) and m.get("epoch", 1e9) <= self.start_epoch]
             with open(metrics, "w") as f:
                 f.writelines(json.dumps(m) + "\n" for m in self.history)
         if not self.quiet:
@@ -210,7 +226,9 @@ class Trainer:
         n_img = torch.zeros((), device=self.device, dtype=torch.float64)
         n_correct = torch.zeros_like(n_img)
         bar = None
-        if cfg["train"].get("progress") and not self.quiet:
+        show = bool(cfg["train"].get("progress")) and not self.quiet
+        log_every = max(int(cfg["train"].get("log_every", 50)), 1)
+        if show:
             from tqdm import tqdm
 
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg['solver']['epochs']}", leave=False,
@@ -228,11 +246,15 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v.float() * bs
             n_img += bs
             n_correct += topk_correct(logits.float(), batch["target"], ks=(1,))[0].sum()
+            if show and (step % log_every == 0 or step + 1 == steps):
+                total = sum(float(v) for v in losses.values())
+                img_s = float(n_img) / (time.perf_counter() - t0)
+                if bar is not None and not bar.disable:
+                    bar.set_postfix(loss=f"{total:.3f}", img_s=f"{img_s:.0f}")
+                else:  # no terminal (a log file): a plain line every train.log_every steps
+                    print(f"  epoch {epoch + 1} step {step + 1}/{steps} loss {total:.4f} {img_s:.0f} img/s", flush=True)
             if bar is not None:
                 bar.update(1)
-                if step % 10 == 0:
-                    total = sum(float(v) for v in losses.values())
-                    bar.set_postfix(loss=f"{total:.3f}", img_s=f"{float(n_img) / (time.perf_counter() - t0):.0f}")
         if bar is not None:
             bar.close()
         dist.average_norm_buffers(self.distiller)  # every rank evaluates and saves the same BN statistics

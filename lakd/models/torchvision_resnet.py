@@ -1,6 +1,6 @@
 """ImageNet ResNets from torchvision, with torchvision's state-dict layout, behind the feature interface.
 
-Weights never download: pass a local file (``teacher.checkpoint`` / ``model.pretrained``) holding a
+Weights never download: pass a local file (``teacher.checkpoint`` / ``model.checkpoint``) holding a
 torchvision state dict (e.g. ``resnet34-b627a593.pth``) or a ``{"model": state_dict}`` checkpoint.
 """
 from __future__ import annotations
