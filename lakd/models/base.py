@@ -37,23 +37,29 @@ class FeatureNet(nn.Module):
     #: default input size (square) used to infer feature shapes.
     input_size: int = 32
 
+    #: the ordered block modules (a plain list: the modules stay registered under their original names, so
+    #: the state-dict layout is the original code base's). The defaults below use it.
+    _blocks: list[nn.Module]
+
     # ----- what a model implements -------------------------------------------------------------
     def stem_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     @property
     def num_blocks(self) -> int:
-        raise NotImplementedError
+        return len(self._blocks)
 
     def block_forward(self, i: int, h: torch.Tensor, preact: bool = False):
-        """Run block ``i`` (0-based). Returns the output, or ``(output, pre-activation)`` if ``preact``."""
-        raise NotImplementedError
+        """Run block ``i`` (0-based). Returns the output, or ``(output, pre-activation)`` if ``preact``.
+
+        Default: the block module itself takes ``preact`` (as the zoo's residual blocks do)."""
+        return self._blocks[i](h, preact=preact)
 
     def stem_modules(self) -> list[nn.Module]:
         raise NotImplementedError
 
     def block_modules(self, i: int) -> list[nn.Module]:
-        raise NotImplementedError
+        return [self._blocks[i]]
 
     def head_modules(self) -> list[nn.Module]:
         raise NotImplementedError

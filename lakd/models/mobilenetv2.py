@@ -79,7 +79,7 @@ class MobileNetV2(FeatureNet):
         self.last_channel = int(1280 * width_mult) if width_mult > 1.0 else 1280
         self.conv2 = _conv_bn_relu(channels, self.last_channel, 1, 1)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
-        self._units = units
+        self._blocks = units
         self.stage_ends = ends
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -101,12 +101,8 @@ class MobileNetV2(FeatureNet):
     def stem_forward(self, x):
         return self.conv1(x)
 
-    @property
-    def num_blocks(self):
-        return len(self._units)
-
     def block_forward(self, i, h, preact=False):
-        out = self._units[i](h)
+        out = self._blocks[i](h)
         return (out, out) if preact else out
 
     def pre_pool(self, h):
@@ -114,9 +110,6 @@ class MobileNetV2(FeatureNet):
 
     def stem_modules(self):
         return [self.conv1]
-
-    def block_modules(self, i):
-        return [self._units[i]]
 
     def head_modules(self):
         return [self.conv2, self._modules["classifier"]]

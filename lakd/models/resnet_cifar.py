@@ -75,18 +75,8 @@ class CifarResNet(FeatureNet):
     def stem_forward(self, x):
         return self.relu(self.bn1(self.conv1(x)))
 
-    @property
-    def num_blocks(self):
-        return len(self._blocks)
-
-    def block_forward(self, i, h, preact=False):
-        return self._blocks[i](h, preact=preact)
-
     def stem_modules(self):
         return [self.conv1, self.bn1]
-
-    def block_modules(self, i):
-        return [self._blocks[i]]
 
     def head_modules(self):
         return [self.fc]

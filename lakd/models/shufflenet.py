@@ -79,7 +79,7 @@ class ShuffleNetV1(FeatureNet):
             layers.append(nn.Sequential(*units))
         self.layer1, self.layer2, self.layer3 = layers
         self.linear = nn.Linear(out_planes[2], num_classes)
-        self._units = [*self.layer1, *self.layer2, *self.layer3]
+        self._blocks = [*self.layer1, *self.layer2, *self.layer3]
         self.stage_ends = [sum(num_blocks[:k + 1]) for k in range(3)]
 
     @property
@@ -89,18 +89,8 @@ class ShuffleNetV1(FeatureNet):
     def stem_forward(self, x):
         return F.relu(self.bn1(self.conv1(x)))
 
-    @property
-    def num_blocks(self):
-        return len(self._units)
-
-    def block_forward(self, i, h, preact=False):
-        return self._units[i](h, preact=preact)
-
     def stem_modules(self):
         return [self.conv1, self.bn1]
-
-    def block_modules(self, i):
-        return [self._units[i]]
 
     def head_modules(self):
         return [self.linear]
@@ -183,7 +173,7 @@ class ShuffleNetV2(FeatureNet):
         self.conv2 = nn.Conv2d(out_channels[2], out_channels[3], kernel_size=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels[3])
         self.linear = nn.Linear(out_channels[3], num_classes)
-        self._units = [*self.layer1, *self.layer2, *self.layer3]
+        self._blocks = [*self.layer1, *self.layer2, *self.layer3]
         self.stage_ends = [sum(n + 1 for n in num_blocks[:k + 1]) for k in range(3)]
 
     @property
@@ -193,21 +183,11 @@ class ShuffleNetV2(FeatureNet):
     def stem_forward(self, x):
         return F.relu(self.bn1(self.conv1(x)))
 
-    @property
-    def num_blocks(self):
-        return len(self._units)
-
-    def block_forward(self, i, h, preact=False):
-        return self._units[i](h, preact=preact)
-
     def pre_pool(self, h):
         return F.relu(self.bn2(self.conv2(h)))
 
     def stem_modules(self):
         return [self.conv1, self.bn1]
-
-    def block_modules(self, i):
-        return [self._units[i]]
 
     def head_modules(self):
         return [self.conv2, self.bn2, self.linear]

@@ -31,10 +31,6 @@ class TorchvisionResNet(tvr.ResNet, FeatureNet):
     def stem_forward(self, x):
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
-    @property
-    def num_blocks(self):
-        return len(self._blocks)
-
     def block_forward(self, i, h, preact=False):
         b = self._blocks[i]
         if not preact:
@@ -52,9 +48,6 @@ class TorchvisionResNet(tvr.ResNet, FeatureNet):
 
     def stem_modules(self):
         return [self.conv1, self.bn1]
-
-    def block_modules(self, i):
-        return [self._blocks[i]]
 
     def head_modules(self):
         return [self.fc]

@@ -67,10 +67,6 @@ class VGG(FeatureNet):
     def stem_forward(self, x):
         return F.relu(self.block0(x))
 
-    @property
-    def num_blocks(self):
-        return 4
-
     def block_forward(self, i, h, preact=False):
         if i < 3:
             h = self._pools[i](h)
@@ -82,9 +78,6 @@ class VGG(FeatureNet):
 
     def stem_modules(self):
         return [self.block0]
-
-    def block_modules(self, i):
-        return [self._blocks[i]]
 
     def head_modules(self):
         return [self.classifier]

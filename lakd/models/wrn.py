@@ -83,10 +83,6 @@ class WideResNet(FeatureNet):
     def stem_forward(self, x):
         return self.conv1(x)
 
-    @property
-    def num_blocks(self):
-        return len(self._blocks)
-
     def block_forward(self, i, h, preact=False):
         out = self._blocks[i](h)
         if not preact:
@@ -100,9 +96,6 @@ class WideResNet(FeatureNet):
 
     def stem_modules(self):
         return [self.conv1]
-
-    def block_modules(self, i):
-        return [self._blocks[i]]
 
     def head_modules(self):
         return [self.bn1, self.fc]
