@@ -1,4 +1,4 @@
-"""The model zoo: CIFAR ResNet/WRN/VGG (mdistiller layout) and torchvision ImageNet ResNets."""
+"""The model zoo: CIFAR ResNet/WRN/VGG/MobileNetV2/ShuffleNetV1-V2 (mdistiller layout) and torchvision ImageNet ResNets."""
 from __future__ import annotations
 
 from . import mobilenetv2, resnet_cifar, shufflenet, torchvision_resnet, vgg, wrn  # noqa: F401  (registration)
