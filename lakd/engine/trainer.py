@@ -285,14 +285,12 @@ class Trainer:
             print(f"run {self.run_dir}: {cfg['method']} -> {cfg['model']['name']} on {cfg['data']['dataset']} "
                   f"({self.data.num_train} train images, {len(self.data.train)} steps/epoch, "
                   f"device {self.device}, {self.dist.world_size} process(es){t})")
-        last_eval: dict = {}
         for epoch in range(self.start_epoch, epochs):
             t0 = time.perf_counter()
             record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             every = max(int(cfg["train"]["eval_every"]), 1)
             if (epoch + 1) % every == 0 or epoch + 1 == epochs:
                 ev = evaluate(self.distiller, self.data.test, self.device, self.amp_dtype, self.teacher_correct)
-                last_eval = ev
                 record.update(test_top1=ev["top1"], test_top5=ev["top5"], test_loss=ev["loss"], ek=ev["ek"])
                 if ev["top1"] > self.best_top1:
                     self.best_top1, self.best_epoch = ev["top1"], epoch + 1
@@ -305,7 +303,7 @@ class Trainer:
                 if (epoch + 1) % max(int(cfg["train"]["save_every"]), 1) == 0 or epoch + 1 == epochs:
                     atomic_save(self._checkpoint(epoch + 1), os.path.join(self.run_dir, "last.pt"))
             dist.barrier()
-        summary = self._summary(last_eval)
+        summary = self._summary()
         if self.dist.is_main:
             with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
@@ -341,7 +339,7 @@ class Trainer:
                   f" ({parts}) train top-1 {record['train_top1']:.2f}{ev} | {record['images_per_s']:.0f} img/s "
                   f"{record['epoch_time_s']:.1f}s", flush=True)
 
-    def _summary(self, last_eval: dict) -> dict:
+    def _summary(self) -> dict:
         evals = [m for m in self.history if "test_top1" in m]
         final = evals[-1] if evals else {}
         cfg = self.cfg
