@@ -1,3 +1,33 @@
-"""lakd: Local Attention Knowledge Distillation and the baselines it is compared with."""
+"""lakd: Local Attention Knowledge Distillation and the baselines it is compared with.
+
+The Python API (imported on first use, so ``import lakd`` stays light)::
+
+    import lakd
+    cfg = lakd.load_config("configs/cifar10/lakd/resnet56_resnet20_149.yaml", ["solver.epochs=1"])
+    parts = lakd.build(cfg)              # data, student, teacher, distiller, optimizer, scaler
+    summary = lakd.Trainer(cfg).fit()    # or train: the run folder, metrics, checkpoints
+
+The library reports through ``logging.getLogger("lakd")``; the ``lakd`` command shows those messages.
+"""
 
 __version__ = "0.1.0"
+
+_API = {
+    "load_config": "lakd.config",
+    "build": "lakd.engine.build",
+    "Trainer": "lakd.engine.trainer",
+    "create_model": "lakd.models",
+    "build_data": "lakd.data",
+    "load_models_and_data": "lakd.engine.loading",
+}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'lakd' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_API]

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .errors import LakdError, close_matches
+from .registry import DISTILLERS
 
 DEFAULTS: dict[str, Any] = {
     "experiment": "",  # run name (the run folder is output_dir/experiment)
@@ -87,9 +88,7 @@ def yaml_load(text_or_stream):
 
 
 def method_defaults() -> dict[str, Any]:
-    """The union of every registered distiller's own config sections."""
-    from .distillers import DISTILLERS
-
+    """The union of every registered distiller's own config sections (learnt through the method registry)."""
     out: dict[str, Any] = {}
     for name in DISTILLERS.names():
         for section, values in DISTILLERS.get(name).DEFAULTS.items():
@@ -238,8 +237,6 @@ def validate(cfg: dict) -> None:
         if v is not None and (not isinstance(v, list) or len(v) != 3
                               or not all(isinstance(x, (int, float)) for x in v)):
             raise LakdError(f"data.{key} must be a list of 3 numbers or null, got {v!r}")
-    from .distillers import DISTILLERS
-
     DISTILLERS.get(cfg["method"])  # unknown method -> clear error
     if DISTILLERS.get(cfg["method"]).needs_teacher and not cfg["teacher"].get("name"):
         raise LakdError(f"method {cfg['method']!r} needs a teacher: set teacher.name (and teacher.checkpoint)")

@@ -17,3 +17,12 @@ def close_matches(name: str, choices, n: int = 3) -> str:
     """A short 'did you mean' suffix for ``name`` among ``choices`` ('' when nothing is close)."""
     matches = difflib.get_close_matches(str(name), [str(c) for c in choices], n=n, cutoff=0.5)
     return f" (did you mean: {', '.join(matches)}?)" if matches else ""
+
+
+def worker_message(e: Exception) -> str:
+    """The one-line message of a ``LakdError`` raised in a DataLoader worker (PyTorch re-raises it with the
+    worker's traceback in the text); the text itself for any other error."""
+    text = str(e)
+    marker = "LakdError: "
+    lines = [ln for ln in text.splitlines() if marker in ln]
+    return lines[-1].split(marker, 1)[1] if lines and "\n" in text else text

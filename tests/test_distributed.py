@@ -283,9 +283,9 @@ def test_sync_bn_conversion_covers_the_student_and_method_parts_not_the_teacher(
     """The CUDA path of train.sync_bn, structurally (SyncBatchNorm layers can be built, not run, on the CPU)."""
     from lakd.config import load_config
     from lakd.distillers import build_distiller
-    from lakd.engine.distributed import convert_sync_batchnorm
     from lakd.errors import LakdError
     from lakd.models import create_model
+    from lakd.runtime.distributed import convert_sync_batchnorm
 
     cfg = load_config(None, [*TINY, "method=lakd", "teacher.name=resnet8x4"])
     d = build_distiller(cfg, create_model("resnet8", 10), create_model("resnet8x4", 10))

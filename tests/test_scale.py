@@ -20,10 +20,10 @@ from lakd.cli.main import main as cli_main
 from lakd.config import load_config
 from lakd.distillers import build_distiller
 from lakd.distillers.lakd import Connector, ndam_map
-from lakd.engine.device import AMP_DTYPES
 from lakd.engine.step import training_step
 from lakd.engine.trainer import Trainer
 from lakd.models import FeatureShape, create_model, load_weights
+from lakd.runtime.device import AMP_DTYPES
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 

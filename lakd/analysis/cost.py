@@ -18,11 +18,10 @@ import weakref
 import torch
 
 from ..config import load_config
-from ..distillers import build_distiller
+from ..distillers import DISTILLERS, cost_reference, resolve_method
+from ..engine.build import build
 from ..engine.step import training_step
-from ..models import FAMILY, create_model
-
-METHOD_ALIASES = {"lakd_joint": ("lakd", ["sdm.backward=joint"])}
+from ..models import FAMILY
 
 
 class SavedTensorMeter:
@@ -72,17 +71,18 @@ class _Packed:
 
 def _setup(teacher: str, teacher_ckpt: str | None, student: str, method: str, num_classes: int,
            overrides: list[str], device: torch.device):
-    name, extra = METHOD_ALIASES.get(method, (method, []))
-    over = [f"method={name}", f"model.name={student}", f"teacher.name={teacher}"] + extra + list(overrides)
-    cfg = load_config(None, over)
-    cfg["model"]["num_classes"] = num_classes
-    s = create_model(student, num_classes)
-    t = create_model(teacher, num_classes, checkpoint=teacher_ckpt) if name != "scratch" else None
-    d = build_distiller(cfg, s, t, num_data=max(20000, 2 * 16384))
-    d.to(device).train()
-    params = d.trainable_parameters()
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    return d, opt, params
+    """The distiller, optimizer and parameters of one method (or a variant such as ``lakd_joint``), through the
+    trainer's build path; no data: CRD's memory bank assumes a training set of ``max(20000, 2 * 16384)``."""
+    name, extra = resolve_method(method)
+    over = [f"method={name}", f"model.name={student}", f"model.num_classes={num_classes}"]
+    if DISTILLERS.get(name).needs_teacher:
+        over.append(f"teacher.name={teacher}")
+    cfg = load_config(None, over + extra + list(overrides))
+    if teacher_ckpt and cfg["teacher"].get("name"):
+        cfg["teacher"]["checkpoint"] = teacher_ckpt
+    parts = build(cfg, device, num_data=max(20000, 2 * 16384), warn=False)
+    parts.distiller.train()
+    return parts.distiller, parts.optimizer, parts.params
 
 
 def _batch(student: str, batch_size: int, num_classes: int, device, size: int | None = None):
@@ -163,7 +163,7 @@ def measure_speed(teacher: str, student: str, methods: list[str], batch_size: in
 
 
 def _ratios(results: dict, key: str) -> None:
-    ref = results.get("scratch", {}).get(key)
+    ref = results.get(cost_reference(), {}).get(key)  # training without distillation
     for r in results.values():
         r["ratio_to_scratch"] = (r[key] / ref) if ref else None
 

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from ..distillers import DISTILLERS, display_name, report_order
+from ..engine.metrics import read_metrics
 from ..errors import LakdError
 
-#: row order of the paper's Table 1 (others follow alphabetically, before LAKD's own rows)
-METHOD_ORDER = ["scratch", "kd", "dkd", "crd", "ofd", "fitnet", "rkd", "at", "catkd", "cat_kd", "sdm", "ndam",
-                "lakd"]
 DAGGER = "†"
 
 
@@ -58,23 +57,6 @@ class Run:
 def _read_json(path: str):
     with open(path) as f:
         return json.load(f)
-
-
-def _read_metrics(path: str) -> tuple[list[dict], int]:
-    """Lines of ``metrics.jsonl`` (a torn last line, as left by a killed run, is skipped and counted)."""
-    rows, bad = [], 0
-    if not os.path.exists(path):
-        return rows, bad
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                bad += 1
-    return rows, bad
 
 
 def is_run_dir(path: str) -> bool:
@@ -132,7 +114,7 @@ def load_run(path: str) -> Run:
             summary = _read_json(sp)
         except (json.JSONDecodeError, OSError) as e:
             problem = f"unreadable summary.json ({e})"
-    metrics, bad = _read_metrics(os.path.join(path, "metrics.jsonl"))
+    metrics, bad = read_metrics(os.path.join(path, "metrics.jsonl"))
     if bad:
         problem = (problem + "; " if problem else "") + f"{bad} unreadable line(s) in metrics.jsonl"
     s = summary or {}
@@ -206,12 +188,10 @@ class Table:
 
 def _method_settings(cfg: dict) -> dict:
     """The run's values of its method's own config sections (e.g. ``sdm``, ``ndam``, ``lakd`` for LAKD)."""
-    try:
-        from ..distillers import DISTILLERS
-
-        sections = list(DISTILLERS.get(cfg.get("method", "")).DEFAULTS)
-    except Exception:  # an unknown method: compare nothing
+    method = cfg.get("method", "")
+    if not isinstance(method, str) or method not in DISTILLERS:  # an unknown method: compare nothing
         return {}
+    sections = list(DISTILLERS.get(method).DEFAULTS)
     flat: dict = {}
     for sec in sections:
         for k, v in (cfg.get(sec) or {}).items():
@@ -237,11 +217,16 @@ def label_variants(runs: Sequence[Run]) -> None:
 
 
 def _method_key(m: str):
+    """Table order: each method's declared ``report_order`` (the paper's Table 1), then the name (variants of a
+    method, e.g. ``lakd (sdm.splits=[1, 4, 9])``, sort by their settings)."""
     m = m.lower()
-    base = m.split(" (")[0]
-    if base in METHOD_ORDER:
-        return (METHOD_ORDER.index(base) if base != "lakd" else 10_000, m)
-    return (len(METHOD_ORDER) - 1, m)  # unknown methods just before lakd
+    return (report_order(m.split(" (")[0]), m)
+
+
+def _display(method: str) -> str:
+    """A row label as figures write it: the method's declared display name, then its variant settings."""
+    base, sep, rest = method.partition(" (")
+    return display_name(base) + sep + rest
 
 
 def build_tables(runs: Sequence[Run]) -> list[Table]:
@@ -463,7 +448,7 @@ def plot_curves(runs: Sequence[Run], path: str, tables: Sequence[Table] | None =
                 xs, ys = zip(*r.curve)
                 style = styles[k % len(styles)] if r.complete else "--"
                 ax.plot(xs, ys, style, color=colours[r.method], lw=1.4 if r.complete else 1.0, alpha=0.9,
-                        label=f"{r.method} seed {r.seed}" + ("" if r.complete else " (incomplete)"))
+                        label=f"{_display(r.method)} seed {r.seed}" + ("" if r.complete else " (incomplete)"))
         ax.set_title(f"{t.dataset}: {_column_title(t.columns[ci])}", fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test top-1 (%)")

@@ -19,24 +19,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from ..distillers.losses import class_activation_maps
+from ..distillers.losses import class_activation_maps, ndam_map
 from ..errors import LakdError
-
-
-def _ndam_map_local(feat: torch.Tensor, avg: float = 1.0, max_: float = 2.0,
-                    use_abs: bool = True) -> torch.Tensor:
-    """NDAM's non-directional activation map ``A(F) = avg * mean_c |F| + max_ * max_c |F|`` (B x 1 x H x W),
-    normalised per sample to mean 1 over H x W."""
-    f = feat.abs() if use_abs else feat
-    a = avg * f.mean(1, keepdim=True) + max_ * f.amax(1, keepdim=True)
-    mean = a.mean((2, 3), keepdim=True)
-    return a / mean.clamp_min(1e-12)
-
-
-try:  # the LAKD distiller's own NDAM map, when it ships one
-    from ..distillers.lakd import ndam_map  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the distiller being present
-    ndam_map = _ndam_map_local
 
 
 def _new_figure(width: float, height: float) -> Figure:

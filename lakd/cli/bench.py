@@ -6,17 +6,20 @@ import json
 
 HELP = "measure peak memory (bench memory) or training images/s (bench speed) per method, in one run"
 
-ALL_METHODS = "scratch,kd,fitnet,at,rkd,crd,ofd,catkd,dkd,lakd,lakd_joint"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..distillers import bench_default_methods, method_variants
+
+    variants = method_variants()
+    every = ",".join(variants)
+    described = "; ".join(f"{v}: {m} with {' '.join(o)}" for v, (m, o) in variants.items() if o)
     sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     for what in ("memory", "speed"):
         q = sub.add_parser(what, help=f"{what} per method")
         q.add_argument("--teacher", default="resnet56", help="teacher model, optionally MODEL=CHECKPOINT")
         q.add_argument("--student", default="resnet20")
-        q.add_argument("--methods", default="scratch,kd,fitnet,catkd,lakd,lakd_joint",
-                       help=f"comma-separated; any of {ALL_METHODS} (lakd_joint: LAKD with one joint backward)")
+        q.add_argument("--methods", default=",".join(bench_default_methods()),
+                       help=f"comma-separated; any of {every}" + (f" ({described})" if described else ""))
         q.add_argument("--batch-size", type=int, default=64)
         q.add_argument("--num-classes", type=int, default=100)
         q.add_argument("--device", default="auto")
@@ -32,15 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..analysis.cost import measure_memory, measure_speed
-    from ..distillers import DISTILLERS
-    from ..engine.device import AMP_DTYPES, resolve_device
+    from ..distillers import resolve_method
     from ..errors import LakdError
+    from ..runtime.device import AMP_DTYPES, resolve_device
 
     teacher, _, ckpt = args.teacher.partition("=")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m != "lakd_joint":
-            DISTILLERS.get(m)  # clear error for an unknown method
+        resolve_method(m)  # clear error for an unknown method or variant
     if args.batch_size < 1:
         raise LakdError("--batch-size must be positive")
     device = str(resolve_device(args.device))

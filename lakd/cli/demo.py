@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..config import load_config
+    from ..distillers import DISTILLERS
     from ..engine.trainer import Trainer
 
     os.makedirs(args.out, exist_ok=True)
@@ -50,7 +51,7 @@ def run(args) -> int:
             over += [f"model.name={args.teacher}", f"solver.epochs={args.teacher_epochs}"]
         else:
             over += [f"model.name={args.student}", f"solver.epochs={args.epochs}"]
-            if method != "scratch":
+            if DISTILLERS.get(method).needs_teacher:
                 over += [f"teacher.name={args.teacher}", f"teacher.checkpoint={teacher_ckpt}"]
         cfg = load_config(None, over + extra + list(args.overrides))
         run_dir = os.path.join(args.out, name)

@@ -18,57 +18,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value config overrides (data.dataset, data.root, device, ...)")
 
 
-def load_any(path: str, arch: str | None, num_classes: int | None):
-    """A model from a lakd checkpoint (arch recorded) or any known layout given ``arch``."""
-    from ..errors import LakdError
-    from ..models import create_model, load_model_from_checkpoint, read_checkpoint
-
-    obj = read_checkpoint(path)
-    if obj.get("arch") and not arch:
-        return load_model_from_checkpoint(path)
-    if not arch:
-        raise LakdError(f"{path!r} does not record its architecture: pass --arch/--teacher-arch (e.g. resnet56)")
-    n = obj.get("num_classes") or num_classes
-    model = create_model(arch, int(n), checkpoint=path)
-    return model.eval(), obj
-
-
-def check_classes(model, path, data) -> None:
-    from ..errors import LakdError
-
-    n = model.classifier.out_features
-    if n != data.num_classes:
-        raise LakdError(f"{path!r} predicts {n} classes but {data.dataset} has {data.num_classes}; evaluate it on "
-                        f"its own dataset (data.dataset=..., data.root=...)")
-
-
 def run(args) -> int:
-    from ..config import load_config
-    from ..data import build_data
-    from ..engine.device import resolve_device
+    from ..engine.loading import load_models_and_data
     from ..engine.metrics import evaluate
-    from ..models import read_checkpoint
 
-    ck = read_checkpoint(args.checkpoint)
-    base = []
-    if ck.get("dataset"):
-        base.append(f"data.dataset={ck['dataset']}")
-    if ck.get("config", {}).get("data", {}).get("root"):
-        base.append(f"data.root={ck['config']['data']['root']}")
-    cfg = load_config(None, base + list(args.overrides))
-    if cfg["data"]["mean"] is None and ck.get("mean"):
-        cfg["data"]["mean"], cfg["data"]["std"] = list(ck["mean"]), list(ck["std"])
-    device = resolve_device(str(cfg["device"]))
-    data = build_data(cfg, device)
-    model, _ = load_any(args.checkpoint, args.arch, data.num_classes)
-    check_classes(model, args.checkpoint, data)
-    model.to(device)
+    paths = [args.checkpoint] + ([args.teacher] if args.teacher else [])
+    archs = [args.arch] + ([args.teacher_arch] if args.teacher else [])
+    models, _labels, _metas, data, cfg, device = load_models_and_data(paths, archs, list(args.overrides))
+    model = models[0]
     out: dict = {"checkpoint": args.checkpoint, "dataset": cfg["data"]["dataset"]}
     teacher_correct = None
     if args.teacher:
-        teacher, _ = load_any(args.teacher, args.teacher_arch, data.num_classes)
-        check_classes(teacher, args.teacher, data)
-        tres = evaluate(teacher.to(device), data.test, device)
+        tres = evaluate(models[1], data.test, device)
         teacher_correct = tres["correct"]
         out.update(teacher_top1=tres["top1"], teacher_top5=tres["top5"])
     res = evaluate(model, data.test, device, teacher_correct=teacher_correct)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import re
 import sys
@@ -50,7 +51,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class ConsoleHandler(logging.Handler):
+    """The library's log records as the CLI prints them: info lines on stdout, warnings on stderr prefixed
+    with ``warning:``. The streams are looked up at each record (so redirected or captured streams work)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                print(f"warning: {msg}", file=sys.stderr, flush=True)
+            else:
+                print(msg, file=sys.stdout, flush=True)
+        except Exception:  # a closed stream: never let logging break a run
+            self.handleError(record)
+
+
+def setup_logging() -> None:
+    """Show the library's messages (``logging.getLogger("lakd")``) on the console, once per process."""
+    logger = logging.getLogger("lakd")
+    if not any(isinstance(h, ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(ConsoleHandler())
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     parser = build_parser()
     # key=value overrides may come after options (`lakd train CONFIG --quiet solver.epochs=1`)
     args, extra = parser.parse_known_args(argv)

@@ -35,8 +35,8 @@ def run(args) -> int:
     if args.show_config:
         print(dump_config(cfg), end="")
         return 0
-    from ..engine import distributed as dist
     from ..engine.trainer import Trainer
+    from ..runtime import distributed as dist
 
     try:
         trainer = Trainer(cfg, run_dir=args.run_dir, quiet=args.quiet)

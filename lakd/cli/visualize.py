@@ -6,7 +6,7 @@ import argparse
 import torch
 
 from ..errors import LakdError
-from .analyze import _archs, load_models_and_data, split_overrides, unique_labels
+from .common import archs_for, split_overrides
 
 HELP = "picture grid of each model's class activation map (true class) and NDAM attention map"
 
@@ -59,6 +59,7 @@ def _positions(args) -> list[int]:
 def run(args) -> int:
     from ..analysis.visualize import attention_maps, plot_attention_grid
     from ..data import denormalize
+    from ..engine.loading import load_models_and_data, unique_labels
 
     paths, overrides = split_overrides(args.checkpoints, args.overrides)
     if not paths:
@@ -68,7 +69,7 @@ def run(args) -> int:
     if not args.out.lower().endswith(".png"):
         raise LakdError(f"--out {args.out!r} must name a .png file")
     pos = _positions(args)
-    archs = _archs(args.arch, len(paths), "--arch")
+    archs = archs_for(args.arch, len(paths), "--arch")
     models, labels, _metas, bundle, cfg, device = load_models_and_data(paths, archs, overrides)
     labels = unique_labels(labels, paths)
     # gather the chosen test images (fixed order)

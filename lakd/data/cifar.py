@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import LakdError
+from ..registry import DATASETS
 
 
 @dataclass
@@ -159,3 +160,13 @@ def load_cifar(name: str, root: str, *, download: bool = False, verify_md5: bool
     if names is None:
         names = list(CIFAR10_CLASSES) if name == "cifar10" else [str(i) for i in range(spec["num_classes"])]
     return train, test, names
+
+
+def _load_registered(name: str, d: dict):
+    return load_cifar(name, d["root"], download=bool(d.get("download")), verify_md5=bool(d.get("verify_md5")))
+
+
+DATASETS.register("cifar10", mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), size=32, kind="array",
+                  num_classes=10)(_load_registered)
+DATASETS.register("cifar100", mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), size=32, kind="array",
+                  num_classes=100)(_load_registered)

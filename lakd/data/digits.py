@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..registry import DATASETS
 from .cifar import ArraySplit
 
 DIGITS_TEST = 360
@@ -42,3 +43,8 @@ def digits_stats(train: ArraySplit) -> tuple[tuple[float, ...], tuple[float, ...
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3), unbiased=False)
     return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+
+
+@DATASETS.register("digits", mean=DIGITS_MEAN, std=DIGITS_STD, size=DIGITS_SIZE, kind="array", num_classes=10)
+def _load_registered(name: str, d: dict):
+    return load_digits()

@@ -8,11 +8,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import LakdError
+from ..errors import LakdError, worker_message
+from ..registry import DATASETS
 from .cifar import ArraySplit
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_URL = "https://image-net.org/download.php"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _how(name: str) -> str:
@@ -102,8 +105,16 @@ def decode_all(samples, size: int, num_workers: int = 0) -> ArraySplit:
             images[pos:pos + len(batch)] = batch
             pos += len(batch)
     except LakdError as e:
-        from .loader import worker_message
-
         raise LakdError(worker_message(e)) from None
     targets = torch.from_numpy(np.asarray([t for _, t in samples], dtype=np.int64))
     return ArraySplit(images, targets)
+
+
+def _load_registered(name: str, d: dict):
+    return scan_folder(d["root"], name)
+
+
+DATASETS.register("imagenet", mean=IMAGENET_MEAN, std=IMAGENET_STD, size=224, kind="folder",
+                  num_classes=1000)(_load_registered)
+DATASETS.register("imagefolder", mean=IMAGENET_MEAN, std=IMAGENET_STD, size=224, kind="folder",
+                  num_classes=None)(_load_registered)

@@ -13,14 +13,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import LakdError
-from .sampling import (
-    batch_positions,
-    epoch_permutation,
-    mix_seed,
-    num_train_batches,
-    shard_bounds,
-)
+from ..errors import LakdError, worker_message
+from ..runtime.seeding import mix_seed
+from .sampling import batch_positions, epoch_permutation, num_train_batches, shard_bounds
 from .transforms import Normalizer, seeded_torch_rng
 
 
@@ -160,9 +155,3 @@ class TorchLoader:
         except LakdError as e:  # raised in a worker: keep the one-line message, drop the worker traceback
             raise LakdError(worker_message(e)) from None
 
-
-def worker_message(e: Exception) -> str:
-    text = str(e)
-    marker = "LakdError: "
-    lines = [ln for ln in text.splitlines() if marker in ln]
-    return lines[-1].split(marker, 1)[1] if lines and "\n" in text else text

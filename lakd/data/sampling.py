@@ -10,19 +10,10 @@ kept with one process and dropped with several (ranks must step together with eq
 """
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from ..errors import LakdError
-
-
-def mix_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (stable across runs, platforms and Python hash salts)."""
-    h = hashlib.blake2b(digest_size=8)
-    for p in parts:
-        h.update(int(p).to_bytes(8, "little", signed=True))
-    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+from ..runtime.seeding import mix_seed
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

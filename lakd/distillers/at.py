@@ -37,6 +37,8 @@ def at_loss(feats_s: list, feats_t: list, p: float) -> torch.Tensor:
 
 @register_distiller("at")
 class AT(Distiller):
+    display_name = "AT"
+    report_order = 7
     DEFAULTS = {"at": {"ce_weight": 1.0, "feat_weight": 1000.0, "p": 2.0}}
 
     def __init__(self, student, teacher, cfg, num_data=0):

@@ -9,6 +9,10 @@ memory banks). The trainer only calls:
   so no method deals with it.
 - ``forward(image)``: the student's logits (evaluation; the teacher and extra parts are not used).
 - ``trainable_parameters()``, ``extra_state_dict()`` / ``load_extra_state_dict()``, ``set_epoch()``.
+
+What reports, benchmarks and analyses need to know about a method is declared here, on the method class
+(``display_name``, ``report_order``, ``variants``, ``analysis_points``), so no code outside this package
+names a method or keeps a list of them.
 """
 from __future__ import annotations
 
@@ -20,9 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import LakdError
 from ..models.base import FeatureNet
-from ..registry import Registry
-
-DISTILLERS = Registry("method")
+from ..registry import DISTILLERS
 
 
 def register_distiller(name: str):
@@ -40,6 +42,23 @@ class Distiller(nn.Module):
     needs_teacher = True
     #: the batch must carry dataset indices (``batch["index"]``), e.g. for CRD's memory bank
     needs_index = False
+    #: how papers and tables write the method (default: its registered name)
+    display_name = ""
+    #: row position in result tables (the paper's Table 1 order); methods without one come last but before
+    #: the proposed method
+    report_order = 9_999
+    #: named variants for benchmarks: name -> config overrides, e.g. {"lakd_joint": ["sdm.backward=joint"]}
+    variants: dict[str, list[str]] = {}
+    #: part of ``lakd bench``'s default method list (the paper's Table 4)
+    bench_default = False
+    #: the reference the benchmarks divide by (``ratio_to_scratch``): training without distillation
+    cost_reference = False
+
+    @classmethod
+    def analysis_points(cls, cfg: dict) -> str:
+        """Which of a trained student's block outputs analyses show by default (a ``parse_points`` spec:
+        ``stages``, ``blocks`` or 1-based block indices such as ``1,4,9``), given its run config."""
+        return "stages"
 
     def __init__(self, student: FeatureNet, teacher: FeatureNet | None, cfg: dict, num_data: int = 0):
         super().__init__()

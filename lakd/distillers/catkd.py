@@ -19,6 +19,9 @@ from .losses import class_activation_maps, class_attention_loss
 
 @register_distiller("catkd")
 class CATKD(Distiller):
+    display_name = "CAT-KD"
+    report_order = 8
+    bench_default = True
     DEFAULTS = {"catkd": {"ce_weight": 1.0, "beta": 1.0, "resolution": 2, "normalize": False}}
 
     def __init__(self, student, teacher, cfg, num_data=0):

@@ -38,9 +38,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.sampling import mix_seed
-from ..engine import distributed as dist
 from ..errors import LakdError
+from ..runtime import distributed as dist
+from ..runtime.seeding import mix_seed
 from .base import Distiller, register_distiller
 
 NCE_EPS = 1e-7
@@ -164,6 +164,8 @@ class ContrastMemory(nn.Module):
 
 @register_distiller("crd")
 class CRD(Distiller):
+    display_name = "CRD"
+    report_order = 3
     needs_index = True
     DEFAULTS = {"crd": {"ce_weight": 1.0, "feat_weight": 0.8, "feat_dim": 128, "nce_k": 16384,
                         "nce_t": 0.07, "momentum": 0.5, "negatives": "other_class"}}

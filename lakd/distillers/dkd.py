@@ -37,6 +37,8 @@ def dkd_terms(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tens
 
 @register_distiller("dkd")
 class DKD(Distiller):
+    display_name = "DKD"
+    report_order = 2
     DEFAULTS = {"dkd": {"ce_weight": 1.0, "alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup": 20}}
 
     def __init__(self, student, teacher, cfg, num_data=0):

@@ -49,6 +49,9 @@ def hint_feature(feats: dict, stage: int) -> torch.Tensor:
 
 @register_distiller("fitnet")
 class FitNet(Distiller):
+    display_name = "FitNet"
+    report_order = 5
+    bench_default = True
     DEFAULTS = {"fitnet": {"ce_weight": 1.0, "feat_weight": 100.0, "hint_stage": 2}}
 
     def __init__(self, student, teacher, cfg, num_data=0):

@@ -17,6 +17,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 @register_distiller("kd")
 class KD(Distiller):
+    display_name = "KD"
+    report_order = 1
+    bench_default = True
     DEFAULTS = {"kd": {"T": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}}
 
     def __init__(self, student, teacher, cfg, num_data=0):

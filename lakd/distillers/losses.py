@@ -1,4 +1,5 @@
-"""Loss pieces shared by several methods (CAT-KD's class attention is used by CAT-KD and LAKD)."""
+"""Loss pieces shared by several methods and by the analyses: class activation maps and CAT-KD's class attention
+(used by CAT-KD and LAKD), and LAKD's NDAM attention map (also drawn by ``lakd visualize``)."""
 from __future__ import annotations
 
 import torch
@@ -23,3 +24,21 @@ def class_attention_loss(cam_s: torch.Tensor, cam_t: torch.Tensor, resolution: i
         s = F.normalize(s.flatten(2), dim=2)
         t = F.normalize(t.flatten(2), dim=2)
     return F.mse_loss(s, t)
+
+
+def ndam_map(feat: torch.Tensor, avg_weight: float = 1.0, max_weight: float = 2.0, use_abs: bool = True,
+             eps: float = 1e-8) -> torch.Tensor:
+    """Non-Directional Activation Map of a B x C x H x W feature: B x 1 x H x W, mean 1 per sample.
+
+    ``A = avg_weight * mean_c(|F|) + max_weight * max_c(|F|)`` (|F| replaced by F when ``use_abs`` is off),
+    divided by its spatial mean. Where the map's mean is not positive (possible without abs) it is shifted
+    to be non-negative first, so the weights stay non-negative. Half-precision features (autocast) are
+    computed in float32: in fp16 ``eps`` would round to 0 and an all-zero map would give 0/0.
+    """
+    if feat.dtype in (torch.float16, torch.bfloat16):
+        feat = feat.float()
+    f = feat.abs() if use_abs else feat
+    a = avg_weight * f.mean(dim=1, keepdim=True) + max_weight * f.amax(dim=1, keepdim=True)
+    if not use_abs:
+        a = a - a.amin(dim=(2, 3), keepdim=True).clamp(max=0)
+    return a / (a.mean(dim=(2, 3), keepdim=True) + eps)

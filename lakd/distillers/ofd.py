@@ -104,6 +104,8 @@ def connector(s_channels: int, t_channels: int, kernel_size: int = 1) -> nn.Sequ
 
 @register_distiller("ofd")
 class OFD(Distiller):
+    display_name = "OFD"
+    report_order = 4
     DEFAULTS = {"ofd": {"ce_weight": 1.0, "feat_weight": 0.001, "connector_kernel": 1}}
 
     def __init__(self, student, teacher, cfg, num_data=0):

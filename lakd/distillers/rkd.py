@@ -49,6 +49,8 @@ def rkd_angle_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 
 @register_distiller("rkd")
 class RKD(Distiller):
+    display_name = "RKD"
+    report_order = 6
     DEFAULTS = {"rkd": {"ce_weight": 1.0, "distance_weight": 25.0, "angle_weight": 50.0, "eps": 1e-12,
                         "squared": False}}
 

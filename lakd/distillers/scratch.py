@@ -8,6 +8,10 @@ from .base import Distiller, register_distiller
 
 @register_distiller("scratch")
 class Scratch(Distiller):
+    display_name = "Student"
+    report_order = 0
+    bench_default = True
+    cost_reference = True
     needs_teacher = False
 
     def forward_train(self, image, target, **batch):

@@ -1,10 +1,13 @@
-"""Accuracy, Extracurricular Knowledge (EK) and evaluation over a loader."""
+"""Accuracy, Extracurricular Knowledge (EK), evaluation over a loader, and the reader of a run's metrics.jsonl."""
 from __future__ import annotations
+
+import json
+import os
 
 import torch
 import torch.nn.functional as F
 
-from . import distributed as dist
+from ..runtime import distributed as dist
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
@@ -70,3 +73,21 @@ def evaluate(model, loader, device, amp_dtype=None, teacher_correct: dict | None
         "correct": correct,
     }
     return out
+
+
+def read_metrics(path: str) -> tuple[list[dict], int]:
+    """The records of a run's ``metrics.jsonl`` (one JSON object per line) and the number of unreadable lines
+    (a torn last line, as left by a killed run, is skipped and counted). A missing file gives no records."""
+    rows, bad = [], 0
+    if not os.path.exists(path):
+        return rows, bad
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad += 1
+    return rows, bad

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed as dist
+from ..runtime import distributed as dist
 
 
 def training_step(distiller, optimizer, scaler, batch: dict, params, amp_dtype=None):

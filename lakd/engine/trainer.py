@@ -17,33 +17,23 @@ import time
 import torch
 
 from .. import config as config_mod
-from ..data import build_data
-from ..distillers import build_distiller
 from ..errors import LakdError
-from ..models import create_model, load_weights, read_checkpoint
-from . import distributed as dist
-from .checkpoint import atomic_save, rng_state, seed_everything, set_rng_state
-from .device import AMP_DTYPES, resolve_device
-from .metrics import evaluate, topk_correct
+from ..models import read_checkpoint
+from ..runtime import distributed as dist
+from ..runtime.device import device_kind, resolve_device
+from ..runtime.seeding import rng_state, seed_everything, set_rng_state
+from .build import build
+from .checkpoint import atomic_save
+from .metrics import evaluate, read_metrics, topk_correct
 from .schedule import lr_at
 from .step import training_step
-
-
-def teacher_metadata(cfg: dict) -> dict:
-    """Normalisation and class count recorded in the teacher checkpoint (if any)."""
-    path = cfg["teacher"].get("checkpoint")
-    if not path:
-        return {}
-    obj = read_checkpoint(path)
-    return {k: obj[k] for k in ("mean", "std", "num_classes", "arch", "dataset") if k in obj}
 
 
 class Trainer:
     def __init__(self, cfg: dict, run_dir: str | None = None, quiet: bool = False):
         self.cfg = cfg
         t = cfg["train"]
-        self.dist = dist.init_from_env("cuda" if str(cfg["device"]).startswith("cuda") or
-                                       (cfg["device"] == "auto" and torch.cuda.is_available()) else "cpu")
+        self.dist = dist.init_from_env(device_kind(cfg["device"]))
         self.device = resolve_device(str(cfg["device"]), self.dist.local_rank)
         self.quiet = quiet or not self.dist.is_main
         if t.get("threads"):
@@ -54,48 +44,14 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(int(cfg["seed"]))
 
-        # --- teacher metadata decides normalisation before the data is built ---
-        meta = teacher_metadata(cfg) if cfg["teacher"].get("name") else {}
-        if cfg["data"].get("mean") is None and "mean" in meta:
-            cfg["data"]["mean"], cfg["data"]["std"] = list(meta["mean"]), list(meta["std"])
-        self.data = build_data(cfg, self.device, self.dist.rank, self.dist.world_size)
-        num_classes = cfg["model"].get("num_classes") or self.data.num_classes
-        if num_classes < self.data.num_classes:
-            raise LakdError(f"model.num_classes={num_classes} is smaller than the {self.data.num_classes} classes of "
-                            f"{cfg['data']['dataset']}; leave it unset (null) to use the dataset's")
-        cfg["model"]["num_classes"] = num_classes
-
-        # --- models ---
-        student = create_model(cfg["model"]["name"], num_classes)
-        if cfg["model"].get("checkpoint"):
-            load_weights(student, cfg["model"]["checkpoint"], arch=cfg["model"]["name"])
-        teacher = None
-        if cfg["teacher"].get("name"):
-            if "num_classes" in meta and int(meta["num_classes"]) != num_classes:
-                raise LakdError(f"teacher checkpoint {cfg['teacher']['checkpoint']!r} has {meta['num_classes']} "
-                                f"classes but {cfg['data']['dataset']} has {num_classes}; use a teacher trained on "
-                                f"this dataset")
-            teacher = create_model(cfg["teacher"]["name"], num_classes, checkpoint=cfg["teacher"].get("checkpoint"))
-            if not cfg["teacher"].get("checkpoint") and not quiet and self.dist.is_main:
-                print("warning: the teacher has no checkpoint (random weights); set teacher.checkpoint=PATH",
-                      file=sys.stderr)
-        self.distiller = build_distiller(cfg, student, teacher, num_data=self.data.num_train)
-        if t.get("sync_bn") and self.dist.enabled:  # student and the method's parts (connectors), not the teacher
-            dist.convert_sync_batchnorm(self.distiller, self.device)
-        self.distiller.to(self.device)
-        if t.get("channels_last"):
-            self.distiller.to(memory_format=torch.channels_last)
+        # data, models, distiller, optimizer and scaler: the one build path (engine.build)
+        parts = build(cfg, self.device, self.dist.rank, self.dist.world_size, warn=not quiet and self.dist.is_main)
+        self.data, self.distiller = parts.data, parts.distiller
         if t.get("compile"):
             self._compile()
         dist.broadcast_module(self.distiller)
-
-        s = cfg["solver"]
-        self.params = self.distiller.trainable_parameters()
-        self.optimizer = torch.optim.SGD(self.params, lr=float(s["lr"]), momentum=float(s["momentum"]),
-                                         nesterov=bool(s["nesterov"]) and float(s["momentum"]) > 0,
-                                         weight_decay=float(s["weight_decay"]))
-        self.amp_dtype = AMP_DTYPES[t["amp"]]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t["amp"] == "fp16")
+        self.params, self.optimizer, self.scaler = parts.params, parts.optimizer, parts.scaler
+        self.amp_dtype = parts.amp_dtype
         self.start_epoch = 0
         self.best_top1 = -1.0
         self.best_epoch = 0
@@ -169,14 +125,8 @@ class Trainer:
         self.wall_time = float(ck.get("wall_time_s", 0.0))
         metrics = os.path.join(self.run_dir, "metrics.jsonl")
         if os.path.exists(metrics) and self.dist.is_main:
-            # drop lines written after the checkpoint (a kill between the log and the save)
-            lines = []
-            with open(metrics) as f:
-                for x in f:
-                    try:
-                        lines.append(json.loads(x))
-                    except json.JSONDecodeError:
-                        pass  # a line cut short by the kill
+            # drop lines written after the checkpoint (a kill between the log and the save; a torn line is skipped)
+            lines, _ = read_metrics(metrics)
             self.history = [m for m in lines if isinstance(m, dict) and m.get("epoch", 1e9) <= self.start_epoch]
             with open(metrics, "w") as f:
                 f.writelines(json.dumps(m) + "\n" for m in self.history)

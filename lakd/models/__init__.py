@@ -1,9 +1,10 @@
 """The model zoo: CIFAR ResNet/WRN/VGG/MobileNetV2/ShuffleNetV1-V2 (mdistiller layout) and torchvision ImageNet ResNets."""
 from __future__ import annotations
 
+from ..errors import LakdError
 from . import mobilenetv2, resnet_cifar, shufflenet, torchvision_resnet, vgg, wrn  # noqa: F401  (registration)
 from .base import FeatureNet, FeatureShape
-from .checkpoint import extract_state_dict, load_weights, read_checkpoint
+from .checkpoint import checkpoint_meta, extract_state_dict, load_weights, read_checkpoint
 from .registry import FAMILY, MODELS
 
 
@@ -20,7 +21,25 @@ def list_models() -> list[str]:
 
 
 __all__ = ["FeatureNet", "FeatureShape", "create_model", "list_models", "load_weights", "read_checkpoint",
-           "extract_state_dict", "FAMILY"]
+           "extract_state_dict", "checkpoint_meta", "load_model", "load_model_from_checkpoint", "FAMILY"]
+
+
+def load_model(path: str, arch: str | None = None, num_classes: int | None = None):
+    """A model from a checkpoint file: a lakd checkpoint (architecture and classes recorded) or any known
+    layout given ``arch`` (classes: the recorded ones, else ``num_classes``). Returns ``(model, checkpoint dict)``;
+    the model is in eval mode on the CPU."""
+    obj = read_checkpoint(path)
+    meta = checkpoint_meta(obj)
+    arch = arch or meta.get("arch")
+    if not arch:
+        raise LakdError(f"checkpoint {path!r} does not record its architecture; give the model name "
+                        f"(e.g. --arch resnet20 / --teacher-arch resnet56, or create_model(name, num_classes, "
+                        f"checkpoint={path!r}))")
+    n = meta.get("num_classes") or num_classes
+    if not n:
+        raise LakdError(f"checkpoint {path!r} does not record its number of classes; give num_classes")
+    model = create_model(str(arch), int(n), checkpoint=path)
+    return model.eval(), obj
 
 
 def load_model_from_checkpoint(path: str):
@@ -28,13 +47,8 @@ def load_model_from_checkpoint(path: str):
 
     Returns ``(model, checkpoint_dict)``; the model is in eval mode on the CPU.
     """
-    from ..errors import LakdError
-
-    obj = read_checkpoint(path)
-    arch, num_classes = obj.get("arch"), obj.get("num_classes")
-    if not arch or not num_classes:
+    meta = checkpoint_meta(path)
+    if not meta.get("arch") or not meta.get("num_classes"):
         raise LakdError(f"checkpoint {path!r} does not record its architecture; load it with create_model(name, "
                         f"num_classes, checkpoint={path!r}) or pass the model name (e.g. --teacher-arch resnet56)")
-    model = MODELS.get(arch)(num_classes=int(num_classes))
-    load_weights(model, path, arch=arch)
-    return model.eval(), obj
+    return load_model(path)

@@ -34,6 +34,20 @@ def read_checkpoint(path: str) -> dict:
     return obj
 
 
+#: what a checkpoint records besides the weights (lakd writes all of them; other code bases some or none)
+META_KEYS = ("arch", "num_classes", "dataset", "mean", "std", "method", "epoch", "config")
+
+
+def checkpoint_meta(source) -> dict:
+    """The one reader of checkpoint metadata: the ``META_KEYS`` a checkpoint (a path or a loaded dict)
+    records, e.g. ``arch``, ``num_classes``, ``dataset``, ``mean``/``std`` and the run ``config``."""
+    obj = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    meta = {k: obj[k] for k in META_KEYS if k in obj}
+    if not isinstance(meta.get("config"), dict):
+        meta.pop("config", None)
+    return meta
+
+
 def extract_state_dict(obj: dict, path: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The model's state dict from a checkpoint in any of the known layouts (prefixes such as
     ``module.`` from DataParallel/DDP and ``student.`` are stripped)."""

@@ -1,4 +1,4 @@
-"""Device and precision choices."""
+"""Device and precision choices: the one device resolver of the package."""
 from __future__ import annotations
 
 import torch
@@ -19,3 +19,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     elif name != "cpu" and name != "mps":
         raise LakdError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
     return torch.device(name)
+
+
+def device_kind(name: str) -> str:
+    """``cuda`` or ``cpu``: the kind of device ``name`` will resolve to (before any process group exists)."""
+    name = str(name)
+    return "cuda" if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()) else "cpu"

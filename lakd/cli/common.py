@@ -1,0 +1,31 @@
+"""Argument helpers shared by the ``lakd`` sub-commands that take checkpoints (eval, analyze, visualize)."""
+from __future__ import annotations
+
+import os
+import re
+
+from ..errors import LakdError
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def split_overrides(items: list[str], overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``key=value`` items swallowed by a ``nargs='+'`` option go back to the overrides."""
+    paths, extra = [], []
+    for it in items:
+        if _OVERRIDE.match(it) and not os.path.exists(it):
+            extra.append(it)
+        else:
+            paths.append(it)
+    return paths, extra + list(overrides or [])
+
+
+def archs_for(arg, n: int, flag: str) -> list[str | None]:
+    if not arg:
+        return [None] * n
+    if len(arg) == 1:
+        return list(arg) * n
+    if len(arg) != n:
+        raise LakdError(f"{flag} takes one model name for all checkpoints or one per checkpoint ({n}), "
+                        f"got {len(arg)}")
+    return list(arg)

@@ -1,0 +1,134 @@
+"""The one build path: data, models, distiller, optimizer and AMP scaler from a config.
+
+The trainer (``engine.trainer``), the cost benchmarks (``analysis.cost``) and Python users (``lakd.build``) all
+build through these functions, so a run, a benchmark and a notebook get the same objects from the same config:
+
+    cfg = lakd.load_config("configs/cifar10/lakd/resnet56_resnet20_149.yaml", ["data.root=../shared/data"])
+    parts = lakd.build(cfg)             # parts.data, parts.distiller, parts.optimizer, parts.scaler, ...
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..data import DataBundle, build_data
+from ..distillers import DISTILLERS, Distiller, build_distiller
+from ..errors import LakdError
+from ..models import FeatureNet, checkpoint_meta, create_model, load_weights
+from ..runtime import distributed as dist
+from ..runtime.device import AMP_DTYPES, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Built:
+    """What ``build`` returns. ``params`` are the optimizer's parameters (student and the method's parts)."""
+
+    data: DataBundle | None
+    student: FeatureNet
+    teacher: FeatureNet | None
+    distiller: Distiller
+    params: list
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: Any
+    device: torch.device
+
+
+def teacher_metadata(cfg: dict) -> dict:
+    """Normalisation and class count recorded in the teacher checkpoint (if any)."""
+    path = cfg["teacher"].get("checkpoint")
+    return checkpoint_meta(path) if path else {}
+
+
+def apply_teacher_normalisation(cfg: dict, meta: dict) -> None:
+    """The teacher checkpoint's normalisation decides the data's when the config leaves it unset."""
+    if cfg["data"].get("mean") is None and "mean" in meta:
+        cfg["data"]["mean"], cfg["data"]["std"] = list(meta["mean"]), list(meta["std"])
+
+
+def resolve_num_classes(cfg: dict, data: DataBundle) -> int:
+    """``model.num_classes`` (default: the dataset's), checked against the data; written back to ``cfg``."""
+    num_classes = cfg["model"].get("num_classes") or data.num_classes
+    if num_classes < data.num_classes:
+        raise LakdError(f"model.num_classes={num_classes} is smaller than the {data.num_classes} classes of "
+                        f"{cfg['data']['dataset']}; leave it unset (null) to use the dataset's")
+    cfg["model"]["num_classes"] = num_classes
+    return num_classes
+
+
+def build_models(cfg: dict, num_classes: int, meta: dict | None = None, warn: bool = True):
+    """``(student, teacher)`` from ``cfg["model"]`` and ``cfg["teacher"]`` (teacher None without a name), with
+    their checkpoints loaded. ``meta``: the teacher checkpoint's metadata (read when not given)."""
+    student = create_model(cfg["model"]["name"], num_classes)
+    if cfg["model"].get("checkpoint"):
+        load_weights(student, cfg["model"]["checkpoint"], arch=cfg["model"]["name"])
+    teacher = None
+    if cfg["teacher"].get("name"):
+        meta = teacher_metadata(cfg) if meta is None else meta
+        if "num_classes" in meta and int(meta["num_classes"]) != num_classes:
+            raise LakdError(f"teacher checkpoint {cfg['teacher']['checkpoint']!r} has {meta['num_classes']} "
+                            f"classes but {cfg['data']['dataset']} has {num_classes}; use a teacher trained on "
+                            f"this dataset")
+        teacher = create_model(cfg["teacher"]["name"], num_classes, checkpoint=cfg["teacher"].get("checkpoint"))
+        if not cfg["teacher"].get("checkpoint") and warn:
+            log.warning("the teacher has no checkpoint (random weights); set teacher.checkpoint=PATH")
+    return student, teacher
+
+
+def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
+    """SGD with ``cfg["solver"]``'s momentum, Nesterov switch and weight decay (the lr is set per step)."""
+    s = cfg["solver"]
+    return torch.optim.SGD(params, lr=float(s["lr"]), momentum=float(s["momentum"]),
+                           nesterov=bool(s["nesterov"]) and float(s["momentum"]) > 0,
+                           weight_decay=float(s["weight_decay"]))
+
+
+def build_scaler(cfg: dict, device: torch.device) -> torch.amp.GradScaler:
+    """The AMP loss scaler: enabled for ``train.amp=fp16`` only."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=cfg["train"]["amp"] == "fp16")
+
+
+def build(cfg: dict, device=None, rank: int = 0, world_size: int = 1, data: DataBundle | None = None,
+          num_data: int | None = None, warn: bool = True) -> Built:
+    """Everything a training step needs, from a config (``lakd.config.load_config``).
+
+    ``device`` defaults to ``cfg["device"]``. The data is built unless ``data`` is given, or ``num_data`` is (a
+    benchmark without data: ``num_data`` is then the training-set size the method assumes, e.g. CRD's memory
+    bank, and ``model.num_classes`` must be set). ``cfg`` is completed in place (``model.num_classes``, the
+    teacher's normalisation). Under torchrun (``world_size > 1``) ``train.sync_bn`` converts the BatchNorm
+    layers of the student and the method's parts.
+    """
+    device = resolve_device(str(cfg["device"])) if device is None else torch.device(device)
+    t = cfg["train"]
+    meta = teacher_metadata(cfg) if cfg["teacher"].get("name") else {}
+    if num_data is None:
+        apply_teacher_normalisation(cfg, meta)
+        if data is None:
+            data = build_data(cfg, device, rank, world_size)
+        num_classes = resolve_num_classes(cfg, data)
+        num_data = data.num_train
+    else:
+        num_classes = cfg["model"].get("num_classes")
+        if not num_classes:
+            raise LakdError("model.num_classes must be set to build without data (num_data given)")
+    student, teacher = build_models(cfg, int(num_classes), meta, warn=warn)
+    distiller = build_distiller(cfg, student, teacher, num_data=num_data)
+    if t.get("sync_bn") and world_size > 1:  # student and the method's parts (connectors), not the teacher
+        dist.convert_sync_batchnorm(distiller, device)
+    distiller.to(device)
+    if t.get("channels_last"):
+        distiller.to(memory_format=torch.channels_last)
+    params = distiller.trainable_parameters()
+    return Built(data=data, student=distiller.student, teacher=distiller.teacher, distiller=distiller,
+                 params=params, optimizer=build_optimizer(cfg, params), scaler=build_scaler(cfg, device),
+                 amp_dtype=AMP_DTYPES[t["amp"]], device=device)
+
+
+def needs_teacher(method: str) -> bool:
+    """Whether a registered method distils from a teacher (``scratch`` does not)."""
+    return DISTILLERS.get(method).needs_teacher

@@ -1,0 +1,5 @@
+"""Process-level helpers, the floor every other layer may import: distributed set-up and collectives
+(``distributed``), device resolution (``device``), seeding and RNG state (``seeding``).
+
+Nothing here imports from models, data, distillers, engine, analysis or cli.
+"""
