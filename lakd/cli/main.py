@@ -26,6 +26,7 @@ COMMANDS = {
     "analyze": "lakd.cli.analyze",
     "visualize": "lakd.cli.visualize",
     "report": "lakd.cli.report",
+    "sweep": "lakd.cli.sweep",
 }
 
 
