@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..errors import LakdError
 
@@ -15,6 +16,12 @@ examples:
 Runs are grouped by dataset, method and teacher -> student pair. A cell is the final top-1 mean over seeds,
 "± sample std" with 2+ seeds, and the mean best-epoch top-1 in parentheses; the best cell of a column is bold.
 Runs without summary.json (still running or killed) are listed as incomplete from their metrics.jsonl.
+
+Over seeds (a `lakd sweep` results folder, which holds sweep.json, or --seeds): one table per sweep group with,
+per row, n seeds, mean ± sample std, the 95% t-interval of the mean, and the paired difference to a reference
+row over matched seeds; then the group's declared comparisons A − B. A seed run twice counts once (flagged).
+  lakd report results/cifar10_seeds --out results/cifar10_seeds/report.md --csv results/cifar10_seeds/report.csv \
+      --plot results/cifar10_seeds/curves.png --update docs/results.md
 """
 
 
@@ -27,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, metavar="FILE.png",
                         help="also draw test top-1 vs epoch, one line per run")
     parser.add_argument("--print", dest="print_report", action="store_true", help="print the report too")
+    parser.add_argument("--seeds", action="store_true",
+                        help="statistics over seeds (automatic for a folder holding a sweep's sweep.json)")
+    parser.add_argument("--reference", metavar="ROW",
+                        help="over seeds: the row every other row is compared with (default: the sweep group's)")
+    parser.add_argument("--update", metavar="DOC.md",
+                        help="over seeds: also replace the tables between the '<!-- lakd report: begin -->' and "
+                             "'<!-- lakd report: end -->' lines of this Markdown file")
 
 
 def run(args) -> int:
@@ -34,6 +48,9 @@ def run(args) -> int:
 
     if args.plot and not args.plot.lower().endswith(".png"):
         raise LakdError(f"--plot {args.plot!r} must name a .png file")
+    if args.seeds or args.reference or args.update or any(
+            os.path.exists(os.path.join(p, "sweep.json")) for p in args.runs):
+        return _run_seeds(args)
     res = make_report(args.runs, out=args.out, csv_path=args.csv, plot_path=args.plot)
     runs = res["runs"]
     n_inc = sum(not r.complete for r in runs)
@@ -41,4 +58,17 @@ def run(args) -> int:
         print(res["markdown"])
     wrote = [p for p in (res.get("out"), res.get("csv"), res.get("plot")) if p]
     print(f"{len(runs)} run(s) ({n_inc} incomplete) -> {', '.join(wrote)}")
+    return 0
+
+
+def _run_seeds(args) -> int:
+    from ..analysis.seeds import make_seed_report
+
+    res = make_seed_report(args.runs, out=args.out, csv_path=args.csv, plot_path=args.plot, update=args.update,
+                           reference=args.reference)
+    if args.print_report:
+        print(res["markdown"])
+    n_done = sum(r.complete for r in res["runs"])
+    wrote = [res[k] for k in ("out", "csv", "plot", "update") if res.get(k)]
+    print(f"{n_done} finished run(s) in {len(res['groups'])} group(s) -> {', '.join(wrote)}")
     return 0

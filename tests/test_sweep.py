@@ -1,0 +1,220 @@
+"""`lakd sweep` (plan, names, merging, dry run, kill + resume) and `lakd report` over seeds (statistics checked
+against hand computations, paired differences, repeated seeds)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lakd.analysis.seeds import load_study, make_seed_report, paired_difference, summarize, t_quantile
+from lakd.cli.main import main
+from lakd.errors import LakdError
+from lakd.sweep import load_plan, run_command
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.dataset=digits", "data.train_subset=192", "data.test_subset=64", "solver.batch_size=32",
+        "model.name=resnet8", "data.num_workers=0", "solver.schedule=linear", "method=scratch"]
+
+
+def write_spec(path: Path, epochs: int = 2, seeds=(0, 1), extra_groups: str = "") -> Path:
+    path.write_text(f"""
+name: tiny
+seeds: {list(seeds)}
+processes: 1
+threads: 1
+overrides: {json.dumps(TINY + [f"solver.epochs={epochs}"])}
+groups:
+  - name: main
+    order: seed-major
+    reference: a
+    compare: [[b, a]]
+    runs:
+      - {{name: a, label: "row A"}}
+      - {{name: b, label: "row B", overrides: [solver.lr=0.1]}}
+{extra_groups}""")
+    return path
+
+
+# ----- statistics against hand computations -----------------------------------------------------------------------
+def test_t_quantile_matches_the_table():
+    # printed t tables: t(0.975; 1) = 12.706, t(0.975; 2) = 4.303, t(0.975; 4) = 2.776
+    assert t_quantile(1) == pytest.approx(12.706, abs=1e-3)
+    assert t_quantile(2) == pytest.approx(4.303, abs=1e-3)
+    assert t_quantile(4) == pytest.approx(2.776, abs=1e-3)
+
+
+def test_summary_by_hand():
+    s = summarize([80.0, 81.0, 82.5])
+    # mean 243.5 / 3; deviations -7/6, -1/6, 8/6; sum of squares 114/36 = 19/6; variance (19/6) / 2 = 19/12
+    assert s.n == 3 and s.mean == pytest.approx(81.1666667, abs=1e-6)
+    assert s.std == pytest.approx(math.sqrt(19 / 12), abs=1e-9) and s.std == pytest.approx(1.2583, abs=1e-4)
+    # half width t(0.975; 2) * std / sqrt(3) = 4.3027 * 1.2583 / 1.7321 = 3.1258
+    assert s.half_width == pytest.approx(3.1258, abs=1e-3)
+    assert s.ci[0] == pytest.approx(78.0409, abs=1e-3) and s.ci[1] == pytest.approx(84.2925, abs=1e-3)
+    one = summarize([75.5])
+    assert (one.n, one.mean, one.std, one.ci) == (1, 75.5, None, None)
+    assert summarize([]).n == 0
+
+
+def test_paired_difference_by_hand():
+    a = {0: 80.0, 1: 81.0, 2: 82.5, 5: 99.0}  # seed 5 has no partner: left out
+    b = {0: 79.0, 1: 80.5, 2: 81.0, 3: 90.0}
+    p = paired_difference(a, b, "A", "B")
+    assert p.seeds == [0, 1, 2] and p.diffs == [1.0, 0.5, 1.5]
+    # mean 1.0, std 0.5, half width 4.3027 * 0.5 / sqrt(3) = 1.2421: [-0.2421, 2.2421] holds 0
+    assert p.summary.mean == pytest.approx(1.0) and p.summary.std == pytest.approx(0.5)
+    assert p.summary.ci[0] == pytest.approx(-0.2421, abs=1e-3) and p.summary.ci[1] == pytest.approx(2.2421, abs=1e-3)
+    assert p.verdict.startswith("cannot tell")
+    # the same means, but a consistent per-seed gain: diffs 1.0, 1.1, 0.9 -> std 0.1, half width 0.2484
+    q = paired_difference({0: 81.0, 1: 81.1, 2: 80.9}, {0: 80.0, 1: 80.0, 2: 80.0}, "A", "B")
+    assert q.summary.ci[0] == pytest.approx(0.7516, abs=1e-3) and q.verdict == "A > B"
+    assert paired_difference({0: 1.0}, {0: 2.0}).verdict.startswith("cannot tell")
+
+
+def _fake_run(folder: Path, name: str, seed: int, top1: float, epochs: int = 2) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"experiment: {name}\nmethod: scratch\nseed: {seed}\n")
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e + 1, "test_top1": top1 - (epochs - e - 1)})
+                                                  + "\n" for e in range(epochs)))
+    (folder / "summary.json").write_text(json.dumps({
+        "experiment": name, "method": "scratch", "student": "resnet8", "teacher": None, "dataset": "digits",
+        "seed": seed, "epochs": epochs, "final_top1": top1, "best_top1": top1, "final_ek": None,
+        "wall_time_s": 60.0}))
+
+
+def test_report_over_seeds_flags_repeated_seeds(tmp_path):
+    for seed, a, b in ((0, 80.0, 79.0), (1, 81.0, 80.5), (2, 82.5, 81.0)):
+        _fake_run(tmp_path / "r1" / f"a-s{seed}", f"a-s{seed}", seed, a)
+        _fake_run(tmp_path / "r1" / f"b-s{seed}", f"b-s{seed}", seed, b)
+    _fake_run(tmp_path / "r2" / "a-s0", "a-s0", 0, 90.0)  # a second copy of seed 0, with another result
+    groups, runs, _ = load_study([str(tmp_path / "r1"), str(tmp_path / "r2")], reference="b")
+    rows = {r.name: r for r in groups[0].rows}
+    assert rows["a"].values() == {0: 80.0, 1: 81.0, 2: 82.5}  # the repeat is not averaged in
+    assert [r.final_top1 for r in rows["a"].repeats[0]] == [90.0]
+    res = make_seed_report([str(tmp_path / "r1"), str(tmp_path / "r2")], out=str(tmp_path / "rep.md"),
+                           reference="b")
+    md = res["markdown"]
+    assert "seed 0 run 2× (different results; counted once)" in md
+    assert "| 3 | 81.17 ± 1.26 | [78.04, 84.29] |" in md  # row a: the hand-computed cell
+    assert "+1.00 [-0.24, 2.24] (n=3)" in md  # a vs the reference b, paired
+    with pytest.raises(LakdError, match="--reference 'zz' is not a row"):
+        load_study([str(tmp_path / "r1")], reference="zz")
+
+
+# ----- the plan ----------------------------------------------------------------------------------------------------
+def test_plan_names_order_grid_and_merged_rows(tmp_path):
+    spec = write_spec(tmp_path / "s.yaml", extra_groups="""
+  - name: grid
+    order: run-major
+    seeds: [3]
+    grid: {solver.lr: [0.05, 0.2]}
+    runs:
+      - {name: g}
+  - name: again
+    runs:
+      - {name: a_copy}
+""")
+    plan = load_plan(str(spec), runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"))
+    names = [r.name for r in plan.runs]
+    assert names == ["a-s0", "b-s0", "a-s1", "b-s1", "g_lr0.05-s3", "g_lr0.2-s3", "a_copy-s0", "a_copy-s1"]
+    # g at lr 0.05 is row a's config (0.05 is the default lr) at another seed: a run of its own
+    same = {r.name: r.same_as for r in plan.runs}
+    assert same["a_copy-s0"] == "a-s0" and same["a_copy-s1"] == "a-s1" and same["g_lr0.05-s3"] is None
+    assert [r.name for r in plan.unique()] == names[:6]
+    assert plan.groups[2]["rows"] == [{"name": "a_copy", "label": "a_copy", "variant": "a"}]
+    cmd = run_command(plan, plan.runs[1], python="python")
+    assert cmd[:4] == ["python", "-m", "lakd", "train"] and "solver.lr=0.1" in cmd and "seed=0" in cmd
+    assert cmd[-2:] == ["--run-dir", str(tmp_path / "runs" / "b-s0")] and "experiment=b-s0" in cmd
+    # the same spec gives the same plan (names do not depend on the machine or the day)
+    assert [r.name for r in load_plan(str(spec)).runs] == names
+
+
+@pytest.mark.parametrize("text, message", [
+    ("groups: []", "has no groups"),
+    ("groups: [{name: x, runs: [{config: c.yaml}]}]", "has no name"),
+    ("groups: [{name: x, runs: [{name: a, config: nope.yaml}]}]", "config 'nope.yaml' does not exist"),
+    ("groups: [{name: x, runs: [{name: a, overrides: [solver.epoch=3]}]}]", "unknown config key 'solver.epoch'"),
+    ("groupz: []", "unknown key(s) groupz"),
+    ("groups: [{name: x, order: random, runs: [{name: a}]}]", "order must be seed-major or run-major"),
+])
+def test_bad_specs_are_one_line_errors(tmp_path, capsys, text, message):
+    (tmp_path / "s.yaml").write_text(text)
+    assert main(["sweep", str(tmp_path / "s.yaml"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+# ----- running: killed once, then resumed --------------------------------------------------------------------------
+def _sweep(spec, runs, res, *extra, **kw):
+    return subprocess.Popen([sys.executable, "-m", "lakd", "sweep", str(spec), "--runs-dir", str(runs),
+                             "--results", str(res), "--device", "cpu", *extra], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def test_sweep_killed_then_resumed_exactly(tmp_path, capsys):
+    spec = write_spec(tmp_path / "s.yaml", epochs=4, seeds=[0])
+    runs, res = tmp_path / "runs", tmp_path / "res"
+    where = ["--runs-dir", str(runs), "--results", str(res)]
+    # dry run: one `lakd train` command per run, nothing started
+    assert main(["sweep", str(spec), *where, "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(x.startswith("python -m lakd train ") for x in lines)
+    assert not runs.exists()
+
+    # the sweep (one run at a time) is killed with its runs (SIGKILL to the process group) while b trains
+    proc = _sweep(spec, runs, res, start_new_session=True)
+    deadline = time.time() + 240
+    while not (runs / "b-s0" / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(runs / "b-s0" / "last.pt", weights_only=True)["epoch"]
+    assert killed_at < 4, "b finished before it could be killed; make it longer"
+    assert (res / "a-s0" / "summary.json").exists() and not (res / "b-s0").exists()
+    a_mtime = (res / "a-s0" / "summary.json").stat().st_mtime_ns
+    assert main(["sweep", str(spec), *where, "--status"]) == 0
+    status = capsys.readouterr().out
+    assert "a-s0" in status and "finished" in status and "interrupted (resumes from last.pt)" in status
+    # the dry run now lists only b, resuming
+    assert main(["sweep", str(spec), *where, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and f"resume={runs / 'b-s0'}" in out
+
+    # the same command again: a is skipped, b resumes from its last.pt
+    again = _sweep(spec, runs, res)
+    log, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, log
+    assert "1 finished, 1 to resume" in log and "resume b-s0" in log and "start  a-s0" not in log
+    assert (res / "a-s0" / "summary.json").stat().st_mtime_ns == a_mtime
+    blog = (runs / "_logs" / "b-s0.log").read_text()
+    assert f"resumed {runs / 'b-s0'} at epoch {killed_at}" in blog
+    assert sorted(os.listdir(res / "b-s0")) == ["config.yaml", "metrics.jsonl", "summary.json"]
+    assert [json.loads(x)["epoch"] for x in (res / "b-s0" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    events = [json.loads(x) for x in (res / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events if e["run"] == "b-s0"] == ["start", "resume", "end"]
+    plan = json.loads((res / "sweep.json").read_text())
+    assert len(plan["invocations"]) == 2 and [r["name"] for r in plan["runs"]] == ["a-s0", "b-s0"]
+
+    # b, interrupted and resumed, is bitwise the uninterrupted run of the same command
+    ref_dir = tmp_path / "uninterrupted"
+    cmd = run_command(load_plan(str(spec), runs_dir=str(runs)), load_plan(str(spec)).runs[1])
+    cmd[-1] = str(ref_dir)
+    assert cmd[1:4] == ["-m", "lakd", "train"] and main(cmd[3:]) == 0  # in this process: same code, same numbers
+    wa = torch.load(ref_dir / "last.pt", weights_only=True)["model"]
+    wb = torch.load(runs / "b-s0" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ra, rb = json.loads((ref_dir / "summary.json").read_text()), json.loads((res / "b-s0" / "summary.json").read_text())
+    assert ra["final_top1"] == rb["final_top1"] and ra["best_top1"] == rb["best_top1"]
+
+    # and the report reads the results folder: the plan's groups, rows and comparison
+    assert main(["report", str(res), "--out", str(tmp_path / "r.md")]) == 0
+    md = (tmp_path / "r.md").read_text()
+    assert "| row A | 1 |" in md and "| row B − row A | 0 |" in md and "2 finished run(s) of the 2" in md
