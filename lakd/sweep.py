@@ -238,7 +238,7 @@ def collect(plan: Plan, run: PlannedRun) -> bool:
     if not os.path.exists(os.path.join(src, "summary.json")):
         return False
     dst = os.path.join(plan.results_dir, run.name)
-    tmp = dst + ".tmp"
+    tmp = os.path.join(plan.results_dir, f".{run.name}.tmp")  # hidden: never read as a run folder
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     for f in SMALL_OUTPUTS:
@@ -319,6 +319,16 @@ def write_plan(plan: Plan, extra: dict | None = None) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class _Active:
+    proc: subprocess.Popen
+    started: float
+    gpu: int | None
+    run: PlannedRun
+    epochs: int
+    log: object
+
+
 class SweepRunner:
     """Runs a plan's unfinished runs, ``slots`` at a time; ``say`` receives one progress line at a time."""
 
@@ -330,7 +340,7 @@ class SweepRunner:
         self.poll_s = poll_s
         self.gpus = self._gpus(device)
         self.slots = len(self.gpus) * plan.runs_per_gpu if self.gpus else plan.processes
-        self.active: dict[str, tuple[subprocess.Popen, float, int | None, object]] = {}
+        self.active: dict[str, _Active] = {}
         self.failed: list[str] = []
         self.durations: list[float] = []
         self._stop = False
@@ -371,8 +381,8 @@ class SweepRunner:
         done = sum(is_finished(self.plan, r) for r in unique)
         running = []
         left_work = float(len(pending))
-        for name, (_p, _t0, _g, run) in self.active.items():
-            e, total = _epochs_done(os.path.join(self.plan.runs_dir, name)), run._epochs
+        for name, a in self.active.items():
+            e, total = _epochs_done(os.path.join(self.plan.runs_dir, name)), a.epochs
             running.append(f"{name} {e}/{total} ep")
             left_work += 1.0 - e / max(total, 1)
         mean = self._finished_mean()
@@ -401,24 +411,22 @@ class SweepRunner:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, ".sweep_pid"), "w") as f:
             f.write(str(proc.pid))
-        run._epochs = _planned_epochs(run)
-        self.active[run.name] = (proc, time.time(), slot_gpu, run)
-        run._log = logf
+        self.active[run.name] = _Active(proc, time.time(), slot_gpu, run, _planned_epochs(run), logf)
         self._event(run=run.name, event="resume" if resume else "start", pid=proc.pid, command=shlex.join(cmd))
         self.say(f"{'resume' if resume else 'start '} {run.name}" + (f" on GPU {slot_gpu}" if slot_gpu is not None
                                                                       else ""))
 
     def _reap(self) -> bool:
         changed = False
-        for name, (proc, t0, _gpu, run) in list(self.active.items()):
-            rc = proc.poll()
+        for name, a in list(self.active.items()):
+            rc = a.proc.poll()
             if rc is None:
                 continue
             changed = True
-            dt = time.time() - t0
+            dt = time.time() - a.started
             del self.active[name]
-            run._log.close()
-            ok = rc == 0 and collect(self.plan, run)
+            a.log.close()
+            ok = rc == 0 and collect(self.plan, a.run)
             self._event(run=name, event="end", rc=rc, wall_s=dt, collected=ok)
             if ok:
                 self.durations.append(dt)
@@ -432,8 +440,8 @@ class SweepRunner:
         if not self.gpus:
             return None
         use = {g: 0 for g in self.gpus}
-        for _p, _t, g, _r in self.active.values():
-            use[g] += 1
+        for a in self.active.values():
+            use[a.gpu] += 1
         return min(use, key=lambda g: (use[g], g))
 
     def stop(self, *_args) -> None:
@@ -497,13 +505,14 @@ class SweepRunner:
             for s, h in old.items():
                 signal.signal(s, h)
             if self.active:  # stopped: end the run processes; their last.pt lets the next sweep resume them
-                for proc, *_ in self.active.values():
-                    proc.terminate()
-                for name, (proc, *_rest) in list(self.active.items()):
+                for a in self.active.values():
+                    a.proc.terminate()
+                for name, a in list(self.active.items()):
                     try:
-                        proc.wait(timeout=60)
+                        a.proc.wait(timeout=60)
                     except subprocess.TimeoutExpired:
-                        proc.kill()
+                        a.proc.kill()
+                    a.log.close()
                     self._event(run=name, event="stopped")
                 self.say(f"stopped; {len(self.active)} run(s) ended, to be resumed by the same command")
                 self.active.clear()
