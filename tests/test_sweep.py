@@ -218,3 +218,29 @@ def test_sweep_killed_then_resumed_exactly(tmp_path, capsys):
     assert main(["report", str(res), "--out", str(tmp_path / "r.md")]) == 0
     md = (tmp_path / "r.md").read_text()
     assert "| row A | 1 |" in md and "| row B − row A | 0 |" in md and "2 finished run(s) of the 2" in md
+
+
+def test_update_rewrites_only_between_markers(tmp_path, capsys):
+    for seed, v in ((0, 70.0), (1, 71.0)):
+        _fake_run(tmp_path / "res" / f"x-s{seed}", f"x-s{seed}", seed, v)
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Doc\n\ntext before\n<!-- lakd report: begin -->\nold table\n<!-- lakd report: end -->\nafter\n")
+    assert main(["report", str(tmp_path / "res"), "--seeds", "--out", str(tmp_path / "r.md"),
+                 "--update", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("# Doc\n\ntext before\n<!-- lakd report: begin -->\n### Results over seeds")
+    assert "old table" not in text and text.endswith("<!-- lakd report: end -->\nafter\n")
+    assert "| x | 2 | 70.50 ± 0.71 |" in text  # std of (70, 71) = sqrt(0.5) = 0.7071
+    doc.write_text("no markers\n")
+    assert main(["report", str(tmp_path / "res"), "--seeds", "--out", str(tmp_path / "r.md"),
+                 "--update", str(doc)]) == 2
+    assert "must hold the line <!-- lakd report: begin -->" in capsys.readouterr().err
+
+
+def test_a_sweep_with_nothing_finished_reports_empty_rows(tmp_path):
+    spec = write_spec(tmp_path / "s.yaml")
+    from lakd.sweep import write_plan
+
+    write_plan(load_plan(str(spec), results_dir=str(tmp_path / "res")))
+    md = make_seed_report([str(tmp_path / "res")])["markdown"]
+    assert "0 finished run(s) of the 4 the sweep plans (**partial**" in md and "| row A | 0 | — |" in md

@@ -132,7 +132,14 @@ def load_study(paths: Sequence[str], reference: str | None = None) -> tuple[list
             with open(sp) as f:
                 plan = json.load(f)
             break
-    runs = [load_run(p) for p in find_runs(paths)]
+    run_paths: list[str] = []
+    for p in paths:
+        try:
+            run_paths += find_runs([p])
+        except LakdError:
+            if not os.path.exists(os.path.join(p, "sweep.json")):
+                raise  # a sweep's results folder with no finished run yet is an empty table, not an error
+    runs = [load_run(p) for p in run_paths]
     by_variant: dict[str, Row] = {}
     alias = {r["name"]: r["variant"] for r in plan.get("runs", [])}  # run name -> variant (merged rows too)
     for r in sorted(runs, key=lambda r: r.path):
