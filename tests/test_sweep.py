@@ -16,8 +16,8 @@ import torch
 
 from lakd.analysis.seeds import load_study, make_seed_report, paired_difference, summarize, t_quantile
 from lakd.cli.main import main
+from lakd.engine.sweep import load_plan, run_command
 from lakd.errors import LakdError
-from lakd.sweep import load_plan, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.dataset=digits", "data.train_subset=192", "data.test_subset=64", "solver.batch_size=32",
@@ -239,7 +239,7 @@ def test_update_rewrites_only_between_markers(tmp_path, capsys):
 
 def test_a_sweep_with_nothing_finished_reports_empty_rows(tmp_path):
     spec = write_spec(tmp_path / "s.yaml")
-    from lakd.sweep import write_plan
+    from lakd.engine.sweep import write_plan
 
     write_plan(load_plan(str(spec), results_dir=str(tmp_path / "res")))
     md = make_seed_report([str(tmp_path / "res")])["markdown"]

@@ -1,4 +1,4 @@
-"""``lakd sweep SPEC.yaml``: a grid of configs x overrides x seeds, resumable (see ``lakd/sweep.py``)."""
+"""``lakd sweep SPEC.yaml``: a grid of configs x overrides x seeds, resumable (see ``lakd/engine/sweep.py``)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ HELP = "run a sweep (configs x overrides x seeds) several runs at a time; skips 
 
 EPILOG = """\
 examples:
-  lakd sweep configs/sweeps/cifar10_seeds.yaml                      # run (or continue) the whole sweep
+  lakd sweep sweeps/cifar10_seeds.yaml                              # run (or continue) the whole sweep
   lakd sweep SPEC --processes 2 --threads 1 --runs-dir /scratch/runs --results results/my_sweep
   lakd sweep SPEC --dry-run > commands.txt        # one `lakd train` command per unfinished run, e.g. for
                                                   # a Slurm job array: sed -n "${SLURM_ARRAY_TASK_ID}p" commands.txt | sh
@@ -37,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from ..engine.sweep import SweepRunner, has_checkpoint, is_finished, load_plan, run_command
     from ..errors import LakdError
-    from ..sweep import SweepRunner, has_checkpoint, is_finished, load_plan, run_command
 
     plan = load_plan(args.spec, runs_dir=args.runs_dir, results_dir=args.results, processes=args.processes,
                      threads=args.threads, runs_per_gpu=args.runs_per_gpu)

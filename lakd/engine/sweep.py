@@ -50,8 +50,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from .config import load_config, load_yaml, yaml_load
-from .errors import LakdError
+from ..config import load_config, load_yaml, yaml_load
+from ..errors import LakdError
 
 log = logging.getLogger(__name__)
 
