@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from lakd.config import full_defaults, load_config
-from lakd.distillers import DISTILLERS, build_distiller
+from lakd.distillers import build_distiller
 from lakd.distillers.at import at_loss
 from lakd.distillers.crd import ContrastMemory, nce_loss
 from lakd.distillers.dkd import DKD, dkd_terms
@@ -23,14 +23,7 @@ from lakd.distillers.rkd import rkd_angle_loss, rkd_distance_loss
 from lakd.errors import LakdError
 from lakd.models import create_model, list_models
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is faster than several (and the machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster (conftest.py)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +32,7 @@ PAIRS = [("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "re
          ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8")]
 
 
-def make_cfg(method: str, **section) -> dict:
+def method_cfg(method: str, **section) -> dict:
     cfg = copy.deepcopy(full_defaults())
     cfg["method"] = method
     if section:
@@ -134,7 +127,7 @@ def test_dkd_split_by_hand():
 def test_dkd_warmup_and_weights():
     torch.manual_seed(0)
     s, t = create_model("resnet8", 10), create_model("resnet8", 10)
-    d = DKD(s, t, make_cfg("dkd", alpha=2.0, beta=3.0, warmup=20))
+    d = DKD(s, t, method_cfg("dkd", alpha=2.0, beta=3.0, warmup=20))
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     d.set_epoch(0, 240)
     assert d.warmup_factor() == pytest.approx(1 / 20)  # mdistiller's epoch 1
@@ -201,7 +194,7 @@ def test_crd_negatives_avoid_known_same_class():
 def test_fitnet_mse_with_identity_regressor():
     torch.manual_seed(0)
     s, t = create_model("resnet8", 10), create_model("resnet14", 10)
-    d = build_distiller(make_cfg("fitnet", hint_stage=2, feat_weight=100.0), s, t)
+    d = build_distiller(method_cfg("fitnet", hint_stage=2, feat_weight=100.0), s, t)
     conv = d.regressor.conv
     assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1)  # equal sizes: 1x1 (mdistiller)
     with torch.no_grad():
@@ -221,7 +214,7 @@ def test_fitnet_regressor_handles_size_mismatch():
     torch.manual_seed(0)
     # resnet8's stage 1 is 16 x 32 x 32, vgg8's 128 x 16 x 16 (after the first max-pool)
     s, t = create_model("resnet8", 10), create_model("vgg8", 10)
-    d = build_distiller(make_cfg("fitnet", hint_stage=1), s, t)  # 32x32 student -> 16x16 teacher
+    d = build_distiller(method_cfg("fitnet", hint_stage=1), s, t)  # 32x32 student -> 16x16 teacher
     assert d.regressor.conv.stride == (2, 2)
     x = torch.randn(2, 3, 32, 32)
     _, losses = d.forward_train(x, torch.tensor([0, 1]))
@@ -258,7 +251,7 @@ def test_ofd_finds_bn_before_each_stage_output(arch, names):
 def test_ofd_loss_uses_margins_and_stage_weights():
     torch.manual_seed(0)
     s, t = create_model("resnet8", 10), create_model("resnet8", 10)
-    d = build_distiller(make_cfg("ofd"), s, t)
+    d = build_distiller(method_cfg("ofd"), s, t)
     assert d.margin0.shape == (1, 16, 1, 1)
     assert torch.allclose(d.margin2, torch.full((1, 64, 1, 1), -math.sqrt(2 / math.pi)))
     pre_s = [torch.randn(2, c, h, h) for c, h in ((16, 32), (32, 16), (64, 8))]
@@ -292,7 +285,7 @@ def test_catkd_on_tiny_cams():
     fmap_t = torch.tensor([[[[2.0, 0.0], [0.0, 2.0]], [[1.0, 1.0], [1.0, 1.0]]]])
     w_s = torch.tensor([[1.0, 0.0], [1.0, -1.0]])
     w_t = torch.tensor([[0.5, 0.5], [0.0, 1.0]])
-    d = build_distiller(make_cfg("catkd", beta=3.0, resolution=1, ce_weight=0.0),
+    d = build_distiller(method_cfg("catkd", beta=3.0, resolution=1, ce_weight=0.0),
                         Tiny(fmap_s, w_s), Tiny(fmap_t, w_t))
     _, losses = d.forward_train(torch.zeros(1, 3, 4, 4), torch.tensor([0]))
     # CAMs pooled to 1x1 = classifier applied to the mean feature: student mean (2.5, 0.5) -> (2.5, 2.0);
@@ -309,7 +302,7 @@ def test_steps_lower_loss_and_state_round_trips(method, tmp_path):
     index = torch.arange(16)
     teacher = calibrated(create_model("resnet14", 10), x)
     student = create_model("resnet8", 10)
-    cfg = make_cfg(method)
+    cfg = method_cfg(method)
     d = build_distiller(cfg, student, teacher, num_data=16)
     d.train()
     params = d.trainable_parameters()
@@ -375,15 +368,14 @@ def test_steps_lower_loss_and_state_round_trips(method, tmp_path):
 def test_bad_settings_raise(method, section, match):
     s, t = create_model("resnet8", 10), create_model("resnet8", 10)
     with pytest.raises(LakdError, match=match):
-        build_distiller(make_cfg(method, **section), s, t, num_data=100)
+        build_distiller(method_cfg(method, **section), s, t, num_data=100)
 
 
 def test_crd_needs_index_and_data_size():
     s, t = create_model("resnet8", 10), create_model("resnet8", 10)
-    assert DISTILLERS.get("crd").needs_index
     with pytest.raises(LakdError, match="num_data"):
-        build_distiller(make_cfg("crd"), s, t, num_data=1)
-    d = build_distiller(make_cfg("crd"), s, t, num_data=50)
+        build_distiller(method_cfg("crd"), s, t, num_data=1)
+    d = build_distiller(method_cfg("crd"), s, t, num_data=50)
     assert d.contrast.k == 49  # fewer images than 16384 + 1: K = N - 1
     with pytest.raises(LakdError, match="index"):
         d.forward_train(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))

@@ -23,7 +23,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-def make_cfg(root=None, batch=8, seed=0, eval_batch=5, max_steps=0, **data):
+def data_cfg(root=None, batch=8, seed=0, eval_batch=5, max_steps=0, **data):
     cfg = copy.deepcopy(DEFAULTS)
     cfg["seed"] = seed
     cfg["solver"]["batch_size"] = batch
@@ -108,7 +108,7 @@ def image_folder(tmp_path_factory):
 def real_cifar():
     if not (SHARED / "cifar-10-batches-py").is_dir():
         pytest.skip(f"the shared CIFAR-10 copy is not at {SHARED.resolve()}/cifar-10-batches-py")
-    return build_data(make_cfg(SHARED, batch=128, eval_batch=1000, augment=False), "cpu")
+    return build_data(data_cfg(SHARED, batch=128, eval_batch=1000, augment=False), "cpu")
 
 
 def test_real_cifar10_shapes_counts_and_normalisation(real_cifar):
@@ -151,7 +151,7 @@ def test_real_cifar10_train_batches_and_dataloader_path_agree(real_cifar):
     assert torch.equal(raw_from(first, b.mean, b.std), b.train.images[first["index"]])
     assert torch.equal(first["target"], b.train.targets[first["index"]])
     # the DataLoader path walks the same (seed, epoch) order
-    slow = build_data(make_cfg(SHARED, batch=128, augment=False, fast=False, train_subset=0), "cpu")
+    slow = build_data(data_cfg(SHARED, batch=128, augment=False, fast=False, train_subset=0), "cpu")
     assert not slow.fast and len(slow.train) == 391
     sb = next(iter(slow.train))
     assert torch.equal(sb["index"], first["index"])
@@ -162,7 +162,7 @@ def test_real_cifar10_train_batches_and_dataloader_path_agree(real_cifar):
 
 def test_fake_cifar10_and_cifar100_load_exact_pixels(fake_cifar):
     root = fake_cifar["root"]
-    b = build_data(make_cfg(root, batch=30, eval_batch=4, augment=False), "cpu")
+    b = build_data(data_cfg(root, batch=30, eval_batch=4, augment=False), "cpu")
     assert (b.num_train, b.num_test, b.num_classes) == (30, 10, 10)
     assert b.class_names == [f"c{k}" for k in range(10)]
     (batch,) = batches(b.train, 0)
@@ -174,7 +174,7 @@ def test_fake_cifar10_and_cifar100_load_exact_pixels(fake_cifar):
     assert [len(t["target"]) for t in test] == [4, 4, 2]
     assert torch.equal(torch.cat([raw_from(t, b.mean, b.std) for t in test]), torch.from_numpy(fake_cifar["test"]))
 
-    b100 = build_data(make_cfg(root, dataset="cifar100", batch=12, augment=False), "cpu")
+    b100 = build_data(data_cfg(root, dataset="cifar100", batch=12, augment=False), "cpu")
     assert (b100.num_train, b100.num_test, b100.num_classes) == (12, 4, 100)
     assert b100.class_names[:2] == ["n0", "n1"] and b100.mean == (0.5071, 0.4865, 0.4409)
     (batch,) = batches(b100.train, 0)
@@ -185,7 +185,7 @@ def test_fake_cifar10_and_cifar100_load_exact_pixels(fake_cifar):
 
 
 def test_mean_std_override_and_channels_last(fake_cifar):
-    cfg = make_cfg(fake_cifar["root"], augment=False, mean=[0.5, 0.5, 0.5], std=[0.25, 0.5, 1.0])
+    cfg = data_cfg(fake_cifar["root"], augment=False, mean=[0.5, 0.5, 0.5], std=[0.25, 0.5, 1.0])
     cfg["train"]["channels_last"] = True
     b = build_data(cfg, "cpu")
     assert b.mean == (0.5, 0.5, 0.5) and b.std == (0.25, 0.5, 1.0)
@@ -195,15 +195,15 @@ def test_mean_std_override_and_channels_last(fake_cifar):
     want = (x - 0.5) / torch.tensor([0.25, 0.5, 1.0], dtype=torch.float64).view(1, 3, 1, 1)
     assert torch.allclose(batch["image"].double(), want, atol=1e-6)
     with pytest.raises(LakdError, match="data.std"):
-        build_data(make_cfg(fake_cifar["root"], std=[0.2, 0.2]), "cpu")
+        build_data(data_cfg(fake_cifar["root"], std=[0.2, 0.2]), "cpu")
 
 
 def test_image_size_and_md5_check(fake_cifar):
-    b = build_data(make_cfg(fake_cifar["root"], image_size=40, batch=8), "cpu")
+    b = build_data(data_cfg(fake_cifar["root"], image_size=40, batch=8), "cpu")
     assert b.image_size == 40 and next(iter(b.train))["image"].shape == (8, 3, 40, 40)
     assert next(iter(b.test))["image"].shape == (5, 3, 40, 40)
     with pytest.raises(LakdError, match="does not match the official md5.*data.verify_md5=false"):
-        build_data(make_cfg(fake_cifar["root"], verify_md5=True), "cpu")
+        build_data(data_cfg(fake_cifar["root"], verify_md5=True), "cpu")
 
 
 def test_corrupt_and_malicious_pickles_are_refused(tmp_path):
@@ -212,7 +212,7 @@ def test_corrupt_and_malicious_pickles_are_refused(tmp_path):
     (folder / "train").write_bytes(b"\x80\x02}q\x00(X\x04\x00")  # truncated
     (folder / "test").write_bytes(b"")
     with pytest.raises(LakdError, match="not a readable CIFAR pickle"):
-        build_data(make_cfg(tmp_path, dataset="cifar100"), "cpu")
+        build_data(data_cfg(tmp_path, dataset="cifar100"), "cpu")
 
     class Evil:
         def __reduce__(self):
@@ -221,29 +221,29 @@ def test_corrupt_and_malicious_pickles_are_refused(tmp_path):
     with open(folder / "train", "wb") as f:
         pickle.dump({"data": Evil(), "fine_labels": []}, f)
     with pytest.raises(LakdError, match="refusing to load"):
-        build_data(make_cfg(tmp_path, dataset="cifar100"), "cpu")
+        build_data(data_cfg(tmp_path, dataset="cifar100"), "cpu")
 
 
 def test_missing_dataset_and_bad_names(tmp_path):
     with pytest.raises(LakdError) as e:
-        build_data(make_cfg(tmp_path / "nowhere"), "cpu")
+        build_data(data_cfg(tmp_path / "nowhere"), "cpu")
     msg = str(e.value)
     want = os.path.join(str(tmp_path / "nowhere"), "cifar-10-batches-py")
     assert want in msg and "data.root=" in msg and "data.download=true" in msg
     assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in msg and "\n" not in msg
     with pytest.raises(LakdError, match="cifar10, cifar100, digits, imagenet, imagefolder"):
-        build_data(make_cfg(tmp_path, dataset="svhn"), "cpu")
+        build_data(data_cfg(tmp_path, dataset="svhn"), "cpu")
     with pytest.raises(LakdError, match="did you mean: cifar100"):
         dataset_info("cifar1000")
     with pytest.raises(LakdError, match="data.fast"):
-        build_data(make_cfg(tmp_path, fast="sometimes"), "cpu")
+        build_data(data_cfg(tmp_path, fast="sometimes"), "cpu")
 
 
 def test_batch_not_divisible_by_world_size(fake_cifar):
     with pytest.raises(LakdError, match="not divisible by the 3 processes"):
-        build_data(make_cfg(fake_cifar["root"], batch=8), "cpu", rank=0, world_size=3)
+        build_data(data_cfg(fake_cifar["root"], batch=8), "cpu", rank=0, world_size=3)
     with pytest.raises(LakdError, match="rank 2"):
-        build_data(make_cfg(fake_cifar["root"], batch=8), "cpu", rank=2, world_size=2)
+        build_data(data_cfg(fake_cifar["root"], batch=8), "cpu", rank=2, world_size=2)
 
 
 # --------------------------------------------------------------------------- fast-path augmentation
@@ -277,7 +277,7 @@ def test_crop_flip_matches_reference_windows():
 
 
 def test_loader_batches_are_shifted_windows_of_padded_images(fake_cifar):
-    b = build_data(make_cfg(fake_cifar["root"], batch=8), "cpu")
+    b = build_data(data_cfg(fake_cifar["root"], batch=8), "cpu")
     loader = b.train
     loader.set_epoch(2)
     perm, params = loader.plan()
@@ -321,8 +321,8 @@ def test_resized_crop_flip_hand_checks():
 
 def test_epoch_determinism(fake_cifar):
     root = fake_cifar["root"]
-    a = build_data(make_cfg(root, batch=8, seed=5), "cpu").train
-    b = build_data(make_cfg(root, batch=8, seed=5), "cpu").train
+    a = build_data(data_cfg(root, batch=8, seed=5), "cpu").train
+    b = build_data(data_cfg(root, batch=8, seed=5), "cpu").train
     e3a, e3b = batches(a, 3), batches(b, 3)
     for x, y in zip(e3a, e3b):
         assert torch.equal(x["index"], y["index"]) and torch.equal(x["image"], y["image"])
@@ -330,7 +330,7 @@ def test_epoch_determinism(fake_cifar):
     assert not torch.equal(torch.cat([x["index"] for x in e4]), torch.cat([x["index"] for x in e3a]))
     again = batches(a, 3)  # going back to an epoch reproduces it (exact resume)
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(again, e3a))
-    other = batches(build_data(make_cfg(root, batch=8, seed=6), "cpu").train, 3)
+    other = batches(build_data(data_cfg(root, batch=8, seed=6), "cpu").train, 3)
     assert not torch.equal(torch.cat([x["index"] for x in other]), torch.cat([x["index"] for x in e3a]))
     # the global RNG is neither used nor disturbed
     torch.manual_seed(123)
@@ -342,8 +342,8 @@ def test_epoch_determinism(fake_cifar):
 @pytest.mark.parametrize("fast", [True, False])
 def test_world_size_2_slices_concatenate_to_single_process_batches(fake_cifar, fast):
     root = fake_cifar["root"]
-    single = build_data(make_cfg(root, batch=8, seed=1, fast=fast), "cpu")
-    ranks = [build_data(make_cfg(root, batch=8, seed=1, fast=fast), "cpu", rank=r, world_size=2) for r in (0, 1)]
+    single = build_data(data_cfg(root, batch=8, seed=1, fast=fast), "cpu")
+    ranks = [build_data(data_cfg(root, batch=8, seed=1, fast=fast), "cpu", rank=r, world_size=2) for r in (0, 1)]
     assert len(single.train) == 4 and all(len(r.train) == 3 for r in ranks)  # W>1 drops the last 6 images
     s = batches(single.train, 7)
     r0, r1 = batches(ranks[0].train, 7), batches(ranks[1].train, 7)
@@ -358,8 +358,8 @@ def test_world_size_2_slices_concatenate_to_single_process_batches(fake_cifar, f
 
 def test_dataloader_path_is_worker_independent(fake_cifar):
     root = fake_cifar["root"]
-    b0 = build_data(make_cfg(root, batch=8, seed=2, fast=False), "cpu")
-    cfg = make_cfg(root, batch=8, seed=2, fast=False, num_workers=2, persistent_workers=True, prefetch_factor=2)
+    b0 = build_data(data_cfg(root, batch=8, seed=2, fast=False), "cpu")
+    cfg = data_cfg(root, batch=8, seed=2, fast=False, num_workers=2, persistent_workers=True, prefetch_factor=2)
     b2 = build_data(cfg, "cpu")
     for e in (0, 1):
         for x, y in zip(batches(b0.train, e), batches(b2.train, e)):
@@ -375,7 +375,7 @@ def test_dataloader_path_is_worker_independent(fake_cifar):
 
 
 def test_max_steps_and_subsets(fake_cifar):
-    b = build_data(make_cfg(fake_cifar["root"], batch=4, max_steps=2, train_subset=10, test_subset=5), "cpu")
+    b = build_data(data_cfg(fake_cifar["root"], batch=4, max_steps=2, train_subset=10, test_subset=5), "cpu")
     assert b.num_train == 10 and b.num_test == 5 and len(b.train) == 2 and len(batches(b.train)) == 2
     assert subset_indices(10, 3).tolist() == [0, 3, 6] and subset_indices(10, 0) is None
     # the test subset is evenly spaced (the shared test set is class-sorted): labels 0, 2, 4, 6, 8
@@ -386,7 +386,7 @@ def test_max_steps_and_subsets(fake_cifar):
 # --------------------------------------------------------------------------- image folders and digits
 
 def test_image_folder_dataloader_path(image_folder):
-    b = build_data(make_cfg(image_folder, dataset="imagefolder", image_size=16, batch=6, eval_batch=4), "cpu")
+    b = build_data(data_cfg(image_folder, dataset="imagefolder", image_size=16, batch=6, eval_batch=4), "cpu")
     assert not b.fast and b.class_names == ["ant", "bee", "cat"] and b.num_classes == 3
     assert (b.num_train, b.num_test, b.image_size) == (12, 6, 16)
     train = batches(b.train, 0)
@@ -404,7 +404,7 @@ def test_image_folder_dataloader_path(image_folder):
 
 
 def test_image_folder_fast_path(image_folder):
-    b = build_data(make_cfg(image_folder, dataset="imagefolder", image_size=16, batch=6, fast=True), "cpu")
+    b = build_data(data_cfg(image_folder, dataset="imagefolder", image_size=16, batch=6, fast=True), "cpu")
     assert b.fast and b.train.images.shape == (12, 3, 18, 18)  # stored at 16*256/224 = 18
     train = batches(b.train, 1)
     assert [x["image"].shape for x in train] == [(6, 3, 16, 16)] * 2
@@ -418,19 +418,19 @@ def test_image_folder_errors(tmp_path, image_folder):
     with pytest.raises(LakdError, match="no class sub-folders"):
         (tmp_path / "train").mkdir()
         (tmp_path / "val").mkdir()
-        build_data(make_cfg(tmp_path, dataset="imagefolder"), "cpu")
+        build_data(data_cfg(tmp_path, dataset="imagefolder"), "cpu")
     (tmp_path / "train" / "a").mkdir()
     (tmp_path / "val" / "a").mkdir()
     with pytest.raises(LakdError, match="no images found under"):
-        build_data(make_cfg(tmp_path, dataset="imagefolder"), "cpu")
+        build_data(data_cfg(tmp_path, dataset="imagefolder"), "cpu")
     with pytest.raises(LakdError, match="ILSVRC2012"):
-        build_data(make_cfg(tmp_path / "none", dataset="imagenet"), "cpu")
+        build_data(data_cfg(tmp_path / "none", dataset="imagenet"), "cpu")
 
 
 def test_digits_loads_with_10_classes():
     from lakd.data.digits import DIGITS_MEAN, DIGITS_STD, digits_stats, load_digits
 
-    b = build_data(make_cfg(dataset="digits", batch=64, eval_batch=100, augment=False), "cpu")
+    b = build_data(data_cfg(dataset="digits", batch=64, eval_batch=100, augment=False), "cpu")
     assert (b.num_classes, b.num_train, b.num_test, b.image_size) == (10, 1437, 360, 32)
     assert b.class_names == [str(k) for k in range(10)]
     counts = b.train.targets.bincount()

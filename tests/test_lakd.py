@@ -30,12 +30,11 @@ def batch(n=6, seed=1):
     return {"image": torch.randn(n, 3, 32, 32, generator=g), "target": torch.randint(0, 10, (n,), generator=g)}
 
 
-def module_params(d, k):
+def module_params(d, k, block_parameters):
     """Parameters owned by local module k (0-based): its blocks (+stem/head) and its connector."""
-    s = d.student
     start = 0 if k == 0 else d.splits[k - 1]
     last = k == len(d.splits) - 1
-    ps = s.block_parameters(start, d.splits[k], stem=k == 0, head=last)
+    ps = block_parameters(d.student, start, d.splits[k], stem=k == 0, head=last)
     return ps + list(d.connectors[k].parameters())
 
 
@@ -44,7 +43,7 @@ def grads_of(params):
 
 
 @pytest.mark.parametrize("splits", [(1, 2, 3), (2, 3)])
-def test_gradient_isolation_is_exact(splits):
+def test_gradient_isolation_is_exact(splits, block_parameters):
     d = make(splits, teacher="resnet14" if len(splits) == 3 else "resnet8",
              extra=() if len(splits) == 3 else ["sdm.teacher_points=[2,3]"])
     b = batch()
@@ -55,7 +54,7 @@ def test_gradient_isolation_is_exact(splits):
         own = [v for name, v in losses.items() if name == f"feat{k + 1}" or (k == n - 1 and name in ("ce", "att"))]
         sum(own).backward()
         for j in range(n):
-            g = grads_of(module_params(d, j))
+            g = grads_of(module_params(d, j, block_parameters))
             if j < k:
                 # earlier modules: not a single gradient element from module k's loss
                 assert all(x is None or torch.count_nonzero(x) == 0 for x in g), (k, j)
@@ -87,13 +86,13 @@ def test_local_backward_equals_joint_backward():
         assert torch.allclose(la[k], lb[k], atol=1e-6)
 
 
-def test_no_detach_lets_gradients_cross_modules():
+def test_no_detach_lets_gradients_cross_modules(block_parameters):
     d = make((1, 2, 3), extra=["sdm.detach=false"])
     assert not d.local_backward
     d.zero_grad(set_to_none=True)
     _, losses = d.forward_train(**batch())
     losses["ce"].backward()  # the last module's loss ...
-    g = grads_of(module_params(d, 0))
+    g = grads_of(module_params(d, 0, block_parameters))
     assert any(x is not None and torch.count_nonzero(x) > 0 for x in g)  # ... reaches module 1
 
 

@@ -303,7 +303,10 @@ def _check_preact(name, model, post, pre, k):
         shuffled = F.relu(pre).reshape(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
         assert torch.allclose(shuffled, post, atol=1e-6)
     elif name == "mobilenetv2":
-        assert torch.equal(pre, post)  # linear bottlenecks: the unit's output has no activation
+        # linear bottlenecks: the unit's output has no activation, so there is no pre-activation to give
+        assert pre is None and not model.has_preact
+        with pytest.raises(LakdError, match="no pre-activation"):
+            model.block_forward(model.stage_ends[k] - 1, torch.zeros(1, 1), preact=True)
     elif name.startswith("wrn"):
         # mdistiller's convention: the BN that reads the stage output next
         e = model.stage_ends[k]
@@ -314,12 +317,12 @@ def _check_preact(name, model, post, pre, k):
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_feature_interface(name):
+def test_feature_interface(name, block_parameters):
     with torch.no_grad():
-        _check_feature_interface(name)
+        _check_feature_interface(name, block_parameters)
 
 
-def _check_feature_interface(name):
+def _check_feature_interface(name, block_parameters):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     imagenet = FAMILY[name] == "imagenet"
@@ -331,17 +334,21 @@ def _check_feature_interface(name):
 
     logits = model(x)
     assert logits.shape == (2, 7)
-    out, feats = model(x, features=True, preact=True, blocks=True)
+    if not model.has_preact:  # MobileNetV2: no pre-activation, and asking for one is a clear error
+        with pytest.raises(LakdError, match="no pre-activation"):
+            model(x, features=True, preact=True)
+    out, feats = model(x, features=True, preact=model.has_preact, blocks=True)
     assert torch.allclose(out, logits, atol=1e-5, rtol=1e-5)
 
     n, ends = model.num_blocks, model.stage_ends
     assert ends == sorted(set(ends)) and ends[-1] == n and ends[0] >= 1
     assert len(feats["blocks"]) == n
-    assert len(feats["stages"]) == len(ends) == len(feats["stages_preact"])
+    assert len(feats["stages"]) == len(ends) == len(feats.get("stages_preact", ends))
     for k, e in enumerate(ends):
         assert feats["stages"][k] is feats["blocks"][e - 1]
-        assert feats["stages_preact"][k].shape == feats["stages"][k].shape
-        _check_preact(name, model, feats["stages"][k], feats["stages_preact"][k], k)
+        if model.has_preact:
+            assert feats["stages_preact"][k].shape == feats["stages"][k].shape
+        _check_preact(name, model, feats["stages"][k], feats["stages_preact"][k] if model.has_preact else None, k)
 
     # the head: pooled embedding of the last map, then the classifier
     assert isinstance(model.classifier, nn.Linear) and model.classifier.out_features == 7
@@ -368,14 +375,14 @@ def _check_feature_interface(name):
     assert torch.allclose(model.head_forward(h), logits, atol=1e-5, rtol=1e-5)
 
     # block_parameters partitions the parameters: stem, each block and head, no overlap, nothing left out
-    groups = [model.block_parameters(0, 0, stem=True)] + [model.block_parameters(i, i + 1) for i in range(n)]
-    groups.append(model.block_parameters(n, n, head=True))
+    groups = [block_parameters(model, 0, 0, stem=True)] + [block_parameters(model, i, i + 1) for i in range(n)]
+    groups.append(block_parameters(model, n, n, head=True))
     ids = [id(p) for g in groups for p in g]
     all_ids = {id(p) for p in model.parameters()}
     assert len(ids) == len(set(ids)) == len(all_ids)
     assert set(ids) == all_ids
     assert all(len(g) > 0 for g in groups[1:])  # every block owns parameters
-    whole = model.block_parameters(0, n, stem=True, head=True)
+    whole = block_parameters(model, 0, n, stem=True, head=True)
     assert {id(p) for p in whole} == all_ids
 
 

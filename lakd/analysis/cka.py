@@ -289,6 +289,91 @@ def _iter_images(loader, num_images: int, batch_size: int = 0):
         yield torch.cat(buf_x), torch.cat(buf_y)
 
 
+def _representations(models: list, chosen: list[list[int]]) -> list[tuple[int, int]]:
+    """``(model index, block index)`` of every representation to compare: each model's chosen points plus its
+    stage ends (the stage-by-stage diagonal needs them)."""
+    return [(mi, b) for mi, m in enumerate(models) for b in sorted(set(chosen[mi]) | set(m.stage_ends))]
+
+
+def _minibatch_pass(models: list, keys: list[tuple[int, int]], loader, num_images: int, batch_size: int):
+    """One pass of the minibatch estimator: ``(CKA matrix over keys, correct per model, images, dropped)``."""
+    correct = [0] * len(models)
+    counted = dropped = 0
+    acc = MinibatchCKA()
+    for x, y in _iter_images(loader, num_images, batch_size):
+        if x.shape[0] < 4:  # the unbiased estimator needs 4 images: a short last minibatch is left out
+            dropped += x.shape[0]
+            continue
+        feats: list[torch.Tensor] = []
+        for mi, m in enumerate(models):
+            blocks = [b for (i, b) in keys if i == mi]
+            logits, fb = _block_features(m, x, blocks)
+            correct[mi] += int((logits.argmax(1) == y).sum())
+            feats += [fb[b].flatten(1).float() for b in blocks]
+        counted += x.shape[0]
+        acc.update(feats)
+    if counted < 4:
+        raise LakdError("the test loader gave fewer than 4 images; check the dataset (data.test_subset?)")
+    return acc.compute(), correct, counted, dropped
+
+
+def _memory_groups(models: list, keys: list[tuple[int, int]], num_images: int, image_size: int,
+                   max_memory_gb: float) -> list[list[int]]:
+    """The full estimator keeps every image's features: split the representations into groups whose features
+    fit ``max_memory_gb`` next to the Gram matrices (one pass over the data per group)."""
+    budget = max_memory_gb * 2**30
+    sizes = [4 * num_images * _feature_numel(models[mi], b, image_size) for (mi, b) in keys]
+    gram_bytes = 8 * num_images**2 * len(keys)
+    if gram_bytes > budget:
+        raise LakdError(f"the full CKA estimator would keep {len(keys)} Gram matrices of {num_images}^2 "
+                        f"({gram_bytes / 2**30:.1f} GiB); use fewer --images or the minibatch estimator "
+                        f"(--batch-size 256)")
+    groups: list[list[int]] = [[]]
+    used = 0.0
+    for i, size in enumerate(sizes):
+        if groups[-1] and used + size > budget - gram_bytes:
+            groups.append([])
+            used = 0.0
+        groups[-1].append(i)
+        used += size
+    return groups
+
+
+def _full_pass(models: list, keys: list[tuple[int, int]], loader, num_images: int, image_size: int,
+               max_memory_gb: float):
+    """The full estimator: ``(CKA matrix over keys, correct per model, images)``, from one centred Gram matrix
+    per representation (features gathered as float32 on the CPU, group by group)."""
+    pos = {k: i for i, k in enumerate(keys)}
+    correct = [0] * len(models)
+    counted = 0
+    grams: list[torch.Tensor | None] = [None] * len(keys)
+    for gi, group in enumerate(_memory_groups(models, keys, num_images, image_size, max_memory_gb)):
+        store: dict[int, list[torch.Tensor]] = {i: [] for i in group}
+        need = {mi for (mi, _) in (keys[i] for i in group)}
+        for x, y in _iter_images(loader, num_images):
+            for mi, m in enumerate(models):
+                if mi not in need and gi > 0:
+                    continue
+                blocks = [keys[i][1] for i in group if keys[i][0] == mi]
+                logits, fb = _block_features(m, x, blocks)
+                if gi == 0:  # accuracy and image count from the first pass
+                    correct[mi] += int((logits.argmax(1) == y).sum())
+                for b in blocks:
+                    store[pos[(mi, b)]].append(fb[b].flatten(1).float().cpu())
+            if gi == 0:
+                counted += x.shape[0]
+        for i in group:
+            feats = torch.cat(store.pop(i))
+            feats = feats - feats.double().mean(0, keepdim=True).float()
+            dev = next(models[keys[i][0]].parameters()).device
+            f = feats.to(dev)
+            grams[i] = (f @ f.T).double().cpu()
+            del feats, f
+    if counted < 4:
+        raise LakdError("the test loader gave fewer than 4 images; check the dataset (data.test_subset?)")
+    return full_cka_matrix(grams), correct, counted  # type: ignore[arg-type]
+
+
 @torch.no_grad()
 def run_cka(teacher, students: Sequence[tuple[str, object]], loader, num_images: int = 1000,
             batch_size: int = 0, teacher_points: str = "stages", student_points: str | Sequence[str] = "stages",
@@ -312,81 +397,22 @@ def run_cka(teacher, students: Sequence[tuple[str, object]], loader, num_images:
     specs = [student_points] * len(students) if isinstance(student_points, str) else list(student_points)
     if len(specs) != len(students):
         raise LakdError(f"{len(specs)} student point specs for {len(students)} students")
-    # (model index, block index) of every representation: chosen points plus stage ends (for the diagonal)
     chosen = [parse_points(teacher_points, teacher)] + [parse_points(sp, m) for sp, (_, m) in zip(specs, students)]
-    keys: list[tuple[int, int]] = []
-    for mi, m in enumerate(models):
-        for b in sorted(set(chosen[mi]) | set(m.stage_ends)):
-            keys.append((mi, b))
-    pos = {k: i for i, k in enumerate(keys)}
-
-    correct = [0] * len(models)
-    counted = 0
+    keys = _representations(models, chosen)
     if batch_size > 0:
-        acc = MinibatchCKA()
-        dropped = 0
-        for x, y in _iter_images(loader, num_images, batch_size):
-            if x.shape[0] < 4:
-                dropped += x.shape[0]
-                continue
-            feats: list[torch.Tensor] = []
-            for mi, m in enumerate(models):
-                blocks = [b for (i, b) in keys if i == mi]
-                logits, fb = _block_features(m, x, blocks)
-                correct[mi] += int((logits.argmax(1) == y).sum())
-                feats += [fb[b].flatten(1).float() for b in blocks]
-            counted += x.shape[0]
-            acc.update(feats)
-        if counted < 4:
-            raise LakdError("the test loader gave fewer than 4 images; check the dataset (data.test_subset?)")
-        matrix = acc.compute()
+        matrix, correct, counted, dropped = _minibatch_pass(models, keys, loader, num_images, batch_size)
         estimator = "minibatch"
     else:
-        dropped = 0
-        # split the representations into groups whose features fit the memory budget
-        budget = max_memory_gb * 2**30
-        sizes = [4 * num_images * _feature_numel(models[mi], b, image_size) for (mi, b) in keys]
-        gram_bytes = 8 * num_images**2 * len(keys)
-        if gram_bytes > budget:
-            raise LakdError(f"the full CKA estimator would keep {len(keys)} Gram matrices of {num_images}^2 "
-                            f"({gram_bytes / 2**30:.1f} GiB); use fewer --images or the minibatch estimator "
-                            f"(--batch-size 256)")
-        groups: list[list[int]] = [[]]
-        used = 0.0
-        for i, s in enumerate(sizes):
-            if groups[-1] and used + s > budget - gram_bytes:
-                groups.append([])
-                used = 0.0
-            groups[-1].append(i)
-            used += s
-        grams: list[torch.Tensor | None] = [None] * len(keys)
-        for gi, group in enumerate(groups):
-            store: dict[int, list[torch.Tensor]] = {i: [] for i in group}
-            need = {mi for (mi, _) in (keys[i] for i in group)}
-            for x, y in _iter_images(loader, num_images):
-                for mi, m in enumerate(models):
-                    if mi not in need and gi > 0:
-                        continue
-                    blocks = [keys[i][1] for i in group if keys[i][0] == mi]
-                    logits, fb = _block_features(m, x, blocks)
-                    if gi == 0:
-                        correct[mi] += int((logits.argmax(1) == y).sum())
-                    for b in blocks:
-                        store[pos[(mi, b)]].append(fb[b].flatten(1).float().cpu())
-                if gi == 0:
-                    counted += x.shape[0]
-            for i in group:
-                feats = torch.cat(store.pop(i))
-                feats = feats - feats.double().mean(0, keepdim=True).float()
-                dev = next(models[keys[i][0]].parameters()).device
-                f = feats.to(dev)
-                grams[i] = (f @ f.T).double().cpu()
-                del feats, f
-        if counted < 4:
-            raise LakdError("the test loader gave fewer than 4 images; check the dataset (data.test_subset?)")
-        matrix = full_cka_matrix(grams)  # type: ignore[arg-type]
-        estimator = "full"
+        matrix, correct, counted = _full_pass(models, keys, loader, num_images, image_size, max_memory_gb)
+        estimator, dropped = "full", 0
+    return _result(matrix, keys, teacher, students, chosen, teacher_points, specs, correct, counted, estimator,
+                   batch_size, dropped)
 
+
+def _result(matrix, keys, teacher, students, chosen, teacher_points, specs, correct, counted, estimator,
+            batch_size, dropped) -> CKAResult:
+    """Cut the teacher x student blocks and the stage diagonals out of the CKA matrix over all representations."""
+    pos = {k: i for i, k in enumerate(keys)}
     t_rows = [pos[(0, b)] for b in chosen[0]]
     t_stage_rows = [pos[(0, b)] for b in teacher.stage_ends]
     result = CKAResult(estimator=estimator, num_images=counted, batch_size=batch_size,

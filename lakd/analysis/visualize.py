@@ -1,5 +1,5 @@
-"""Pictures of the analyses: CKA heatmaps and stage-by-stage comparisons (the paper's Figure 1), and grids of
-class activation maps and NDAM attention maps (Figures 4, 6 and 7).
+"""Pictures of the analyses: CKA heatmaps and stage-by-stage comparisons (the paper's Figure 1), grids of
+class activation maps and NDAM attention maps (Figures 4, 6 and 7), and the report's accuracy curves.
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas, so nothing here touches the
 global ``pyplot`` state or needs a display.
@@ -21,6 +21,8 @@ from matplotlib.figure import Figure
 
 from ..distillers.losses import class_activation_maps, ndam_map
 from ..errors import LakdError
+from .runs import Run
+from .tables import Table, build_tables, column_runs, column_title, display_label, method_key
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -191,4 +193,45 @@ def plot_attention_grid(images: np.ndarray, rows: Sequence[dict], models: Sequen
     cb.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Accuracy curves (lakd report --plot)
+# ----------------------------------------------------------------------------------------------------
+
+
+def plot_curves(runs: Sequence[Run], path: str, tables: Sequence[Table] | None = None) -> str:
+    """Test top-1 vs epoch, one line per run, one panel per table column (dataset, teacher -> student; runs
+    from scratch appear in the panels of their model). Colour: method; line style: seed; dashed: incomplete."""
+    with_curve = [r for r in runs if r.curve]
+    if not with_curve:
+        raise LakdError("no run has test accuracies in metrics.jsonl to plot; nothing to draw for --plot")
+    tables = build_tables(with_curve) if tables is None else tables
+    panels = [(t, ci) for t in tables for ci in range(len(t.columns))]
+    panels = [(t, ci) for t, ci in panels if any(r.curve for r in column_runs(t, ci, with_curve))]
+    methods = sorted({r.method for r in with_curve}, key=method_key)
+    colours = {m: colormaps["tab10"](i % 10) for i, m in enumerate(methods)}
+    styles = ["-", "-.", ":"]
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = _new_figure(5.2 * ncols, 3.8 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for pi, (t, ci) in enumerate(panels):
+        ax = axes[pi // ncols, pi % ncols]
+        members = sorted(column_runs(t, ci, with_curve), key=lambda r: (method_key(r.method), str(r.seed)))
+        for m in methods:
+            for k, r in enumerate(x for x in members if x.method == m):
+                xs, ys = zip(*r.curve)
+                style = styles[k % len(styles)] if r.complete else "--"
+                ax.plot(xs, ys, style, color=colours[r.method], lw=1.4 if r.complete else 1.0, alpha=0.9,
+                        label=f"{display_label(r.method)} seed {r.seed}" + ("" if r.complete else " (incomplete)"))
+        ax.set_title(f"{t.dataset}: {column_title(t.columns[ci])}", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for pi in range(len(panels), nrows * ncols):
+        axes[pi // ncols, pi % ncols].set_visible(False)
+    fig.tight_layout()
     return _save(fig, path)

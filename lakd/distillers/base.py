@@ -20,7 +20,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import LakdError
 from ..models.base import FeatureNet
@@ -40,8 +39,6 @@ class Distiller(nn.Module):
     #: config sections this method owns, with their defaults, e.g. {"kd": {"T": 4.0}}
     DEFAULTS: dict = {}
     needs_teacher = True
-    #: the batch must carry dataset indices (``batch["index"]``), e.g. for CRD's memory bank
-    needs_index = False
     #: how papers and tables write the method (default: its registered name)
     display_name = ""
     #: row position in result tables (the paper's Table 1 order); methods without one come last but before
@@ -127,7 +124,3 @@ class Distiller(nn.Module):
                               **({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
                                  if self.teacher is not None else {}),
                               **sd}, strict=True)
-
-
-def ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, target)

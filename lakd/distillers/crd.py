@@ -166,7 +166,6 @@ class ContrastMemory(nn.Module):
 class CRD(Distiller):
     display_name = "CRD"
     report_order = 3
-    needs_index = True
     DEFAULTS = {"crd": {"ce_weight": 1.0, "feat_weight": 0.8, "feat_dim": 128, "nce_k": 16384,
                         "nce_t": 0.07, "momentum": 0.5, "negatives": "other_class"}}
 

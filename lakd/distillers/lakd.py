@@ -180,7 +180,7 @@ class LAKD(Distiller):
             h = self.student.stem_forward(image)
         return self.student.run_blocks(h, start, self.splits[k])
 
-    def last_losses(self, out, target, t_feat, t_cam):
+    def last_losses(self, out, target, t_cam):
         logits, fmap, _ = self.student.head_forward(out, return_map=True)
         cam = class_activation_maps(fmap, self.student.classifier)
         losses = {
@@ -199,7 +199,7 @@ class LAKD(Distiller):
             out = self.module_forward(k, h, image)
             mod = {f"feat{k + 1}": self.feat_weights[k] * self.feature_loss(k, out, t_feats[k])}
             if k == last:
-                logits, extra = self.last_losses(out, target, t_feats[k], t_cam)
+                logits, extra = self.last_losses(out, target, t_cam)
                 mod.update(extra)
             if backward is not None:
                 backward(sum(mod.values()))

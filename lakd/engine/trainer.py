@@ -5,10 +5,15 @@ evaluates (top-1, top-5, loss and, with a teacher, EK), and writes the run folde
 ``metrics.jsonl``, ``tb/`` (TensorBoard), ``last.pt``/``best.pt`` (atomic) and ``summary.json``.
 A method's backward passes go through the ``backward`` callable that ``engine.step.training_step`` hands
 to the distiller's ``train_step`` (AMP loss scaling included).
+
+Progress lines (the run banner, one line per epoch, resume notices) go to ``logging.getLogger("lakd.engine
+.trainer")`` at INFO level: the ``lakd`` command shows them; from Python configure or silence the ``lakd``
+logger. The tqdm bar (``train.progress``, on a terminal only) stays a console widget.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -27,6 +32,8 @@ from .checkpoint import atomic_save
 from .metrics import evaluate, read_metrics, topk_correct
 from .schedule import lr_at
 from .step import training_step
+
+log = logging.getLogger(__name__)
 
 
 class Trainer:
@@ -131,7 +138,7 @@ class Trainer:
             with open(metrics, "w") as f:
                 f.writelines(json.dumps(m) + "\n" for m in self.history)
         if not self.quiet:
-            print(f"resumed {self.run_dir} at epoch {self.start_epoch}")
+            log.info("resumed %s at epoch %d", self.run_dir, self.start_epoch)
 
     @torch.no_grad()
     def _teacher_eval(self):
@@ -202,7 +209,7 @@ class Trainer:
                 if bar is not None and not bar.disable:
                     bar.set_postfix(loss=f"{total:.3f}", img_s=f"{img_s:.0f}")
                 else:  # no terminal (a log file): a plain line every train.log_every steps
-                    print(f"  epoch {epoch + 1} step {step + 1}/{steps} loss {total:.4f} {img_s:.0f} img/s", flush=True)
+                    log.info(f"  epoch {epoch + 1} step {step + 1}/{steps} loss {total:.4f} {img_s:.0f} img/s")
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -232,9 +239,9 @@ class Trainer:
             self.writer = SummaryWriter(os.path.join(self.run_dir, "tb"))
         if not self.quiet:
             t = f", teacher {cfg['teacher']['name']} top-1 {self.teacher_top1:.2f}" if self.teacher_top1 else ""
-            print(f"run {self.run_dir}: {cfg['method']} -> {cfg['model']['name']} on {cfg['data']['dataset']} "
-                  f"({self.data.num_train} train images, {len(self.data.train)} steps/epoch, "
-                  f"device {self.device}, {self.dist.world_size} process(es){t})")
+            log.info(f"run {self.run_dir}: {cfg['method']} -> {cfg['model']['name']} on {cfg['data']['dataset']} "
+                     f"({self.data.num_train} train images, {len(self.data.train)} steps/epoch, "
+                     f"device {self.device}, {self.dist.world_size} process(es){t})")
         for epoch in range(self.start_epoch, epochs):
             t0 = time.perf_counter()
             record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
@@ -285,9 +292,9 @@ class Trainer:
                 if record.get("ek") is not None:
                     ev += f" EK {record['ek']:.2f}"
             parts = " ".join(f"{k} {v:.4f}" for k, v in record["losses"].items())
-            print(f"epoch {e:>3}/{self.cfg['solver']['epochs']} lr {record['lr']:.4f} | loss {record['train_loss']:.4f}"
-                  f" ({parts}) train top-1 {record['train_top1']:.2f}{ev} | {record['images_per_s']:.0f} img/s "
-                  f"{record['epoch_time_s']:.1f}s", flush=True)
+            log.info(f"epoch {e:>3}/{self.cfg['solver']['epochs']} lr {record['lr']:.4f} | loss "
+                     f"{record['train_loss']:.4f} ({parts}) train top-1 {record['train_top1']:.2f}{ev} | "
+                     f"{record['images_per_s']:.0f} img/s {record['epoch_time_s']:.1f}s")
 
     def _summary(self) -> dict:
         evals = [m for m in self.history if "test_top1" in m]

@@ -5,8 +5,8 @@ A model is cut into an ordered list of *blocks* (the units between which SDM may
 
     x --stem--> h0 --block 1--> h1 --block 2--> ... --block n--> hn --pre_pool--> last map --pool/fc--> logits
 
-Subclasses implement five small methods (``stem_forward``, ``num_blocks``, ``block_forward``,
-``block_modules``/``stem_modules``/``head_modules``, ``pre_pool``) and declare ``stage_ends`` (1-based indices
+Subclasses implement a few small methods (``stem_forward``, ``num_blocks``, ``block_forward``,
+``block_modules``, ``pre_pool``) and declare ``stage_ends`` (1-based indices
 of the blocks that end a stage) and ``classifier`` (the final ``nn.Linear``). The state-dict layout stays the
 one of the original code base (mdistiller / RepDistiller / torchvision), so published checkpoints load.
 
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..errors import LakdError
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class FeatureNet(nn.Module):
     stage_ends: list[int]
     #: default input size (square) used to infer feature shapes.
     input_size: int = 32
+    #: whether stage outputs have a pre-activation (the tensor before their last ReLU), for methods that distil
+    #: it (OFD). A model whose stages end without an activation (MobileNetV2's linear bottlenecks) has none.
+    has_preact: bool = True
 
     #: the ordered block modules (a plain list: the modules stay registered under their original names, so
     #: the state-dict layout is the original code base's). The defaults below use it.
@@ -55,14 +60,8 @@ class FeatureNet(nn.Module):
         Default: the block module itself takes ``preact`` (as the zoo's residual blocks do)."""
         return self._blocks[i](h, preact=preact)
 
-    def stem_modules(self) -> list[nn.Module]:
-        raise NotImplementedError
-
     def block_modules(self, i: int) -> list[nn.Module]:
         return [self._blocks[i]]
-
-    def head_modules(self) -> list[nn.Module]:
-        raise NotImplementedError
 
     def pre_pool(self, h: torch.Tensor) -> torch.Tensor:
         """The last feature map (input of global pooling) from the last block's output."""
@@ -99,6 +98,8 @@ class FeatureNet(nn.Module):
         ``blocks``), ``last`` (the map fed to global pooling, for class activation maps) and
         ``embedding`` (the pooled vector fed to the classifier).
         """
+        if preact and not self.has_preact:
+            raise LakdError(no_preact_message(self))
         h = self.stem_forward(x)
         if not features:
             h = self.run_blocks(h, 0, self.num_blocks)
@@ -159,22 +160,10 @@ class FeatureNet(nn.Module):
         cache[size] = info
         return info
 
-    def block_parameters(self, start: int, end: int, stem: bool = False, head: bool = False):
-        """Parameters of blocks ``start .. end-1`` (0-based), optionally with the stem's and head's."""
-        mods: list[nn.Module] = []
-        if stem:
-            mods += self.stem_modules()
-        for i in range(start, end):
-            mods += self.block_modules(i)
-        if head:
-            mods += self.head_modules()
-        seen, params = set(), []
-        for m in mods:
-            for p in m.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    params.append(p)
-        return params
+
+def no_preact_message(model: FeatureNet) -> str:
+    return (f"{type(model).__name__} has no pre-activation stage outputs (its stages end without an activation); "
+            f"use a method that does not distil pre-activations, or another model")
 
 
 def _shape(t: torch.Tensor) -> FeatureShape:

@@ -8,7 +8,8 @@ BN, project 1x1, BN), ``conv2.{0,1}`` (1x1 conv, BN), ``classifier.0`` (the line
 
 Feature interface: every inverted-residual unit is a block (17); the stages end after groups 1, 2, 4 and 6
 (units 3, 6, 13, 17), which are mdistiller's ``feats[1:]``. The units end with a linear projection (no
-ReLU), so a stage's pre-activation is its output itself.
+ReLU), so the stages have no pre-activation: ``has_preact`` is false and asking for one (``preact=True``, as OFD
+does) is a ``LakdError``.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import math
 
 import torch.nn as nn
 
-from .base import FeatureNet
+from ..errors import LakdError
+from .base import FeatureNet, no_preact_message
 from .registry import register_model
 
 #: (expansion t, channels c, units n, first stride s) of the seven groups, before the width multiplier
@@ -101,18 +103,17 @@ class MobileNetV2(FeatureNet):
     def stem_forward(self, x):
         return self.conv1(x)
 
+    has_preact = False
+
     def block_forward(self, i, h, preact=False):
-        out = self._blocks[i](h)
-        return (out, out) if preact else out
+        if preact:
+            raise LakdError(no_preact_message(self))
+        return self._blocks[i](h)
 
     def pre_pool(self, h):
         return self.conv2(h)
 
-    def stem_modules(self):
-        return [self.conv1]
 
-    def head_modules(self):
-        return [self.conv2, self._modules["classifier"]]
 
 
 @register_model("mobilenetv2", family="cifar")

@@ -75,12 +75,6 @@ class CifarResNet(FeatureNet):
     def stem_forward(self, x):
         return self.relu(self.bn1(self.conv1(x)))
 
-    def stem_modules(self):
-        return [self.conv1, self.bn1]
-
-    def head_modules(self):
-        return [self.fc]
-
     @property
     def classifier(self):
         return self.fc

@@ -89,11 +89,7 @@ class ShuffleNetV1(FeatureNet):
     def stem_forward(self, x):
         return F.relu(self.bn1(self.conv1(x)))
 
-    def stem_modules(self):
-        return [self.conv1, self.bn1]
 
-    def head_modules(self):
-        return [self.linear]
 
 
 # ---------------------------------------------------------------------------------------- ShuffleNetV2
@@ -186,11 +182,7 @@ class ShuffleNetV2(FeatureNet):
     def pre_pool(self, h):
         return F.relu(self.bn2(self.conv2(h)))
 
-    def stem_modules(self):
-        return [self.conv1, self.bn1]
 
-    def head_modules(self):
-        return [self.conv2, self.bn2, self.linear]
 
 
 @register_model("shufflev1", family="cifar")

@@ -46,12 +46,6 @@ class TorchvisionResNet(tvr.ResNet, FeatureNet):
         pre = out + identity
         return F.relu(pre), pre
 
-    def stem_modules(self):
-        return [self.conv1, self.bn1]
-
-    def head_modules(self):
-        return [self.fc]
-
     @property
     def classifier(self) -> nn.Linear:  # type: ignore[override]
         return self._modules["fc"]

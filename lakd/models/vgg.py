@@ -76,11 +76,7 @@ class VGG(FeatureNet):
         out = F.relu(pre)
         return (out, pre) if preact else out
 
-    def stem_modules(self):
-        return [self.block0]
 
-    def head_modules(self):
-        return [self.classifier]
 
 
 def _make(cfg_name):

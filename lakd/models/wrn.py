@@ -94,12 +94,6 @@ class WideResNet(FeatureNet):
     def pre_pool(self, h):
         return self.relu(self.bn1(h))
 
-    def stem_modules(self):
-        return [self.conv1]
-
-    def head_modules(self):
-        return [self.bn1, self.fc]
-
     @property
     def classifier(self):
         return self.fc

@@ -1,0 +1,149 @@
+"""The results report (``lakd report``): numbers reproduced from run folders, incomplete runs, CSV and curves,
+variants of one method as separate rows."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import pytest
+import yaml
+
+from lakd.analysis.report import load_run, make_report
+from lakd.cli.main import main
+from lakd.errors import LakdError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------
+
+
+def _write_run(root, name, method, student, teacher, seed, curve, ek=None, teacher_top1=None, complete=True,
+               epochs=None, dataset="cifar100"):
+    d = root / name
+    d.mkdir(parents=True)
+    epochs = epochs or len(curve)
+    cfg = {"experiment": name, "seed": seed, "method": method, "data": {"dataset": dataset},
+           "model": {"name": student}, "teacher": {"name": teacher}, "solver": {"epochs": epochs}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with open(d / "metrics.jsonl", "w") as f:
+        for e, acc in enumerate(curve, start=1):
+            f.write(json.dumps({"epoch": e, "lr": 0.05, "train_loss": 1.0, "train_top1": 50.0, "losses": {},
+                                "test_top1": acc, "test_top5": acc + 10, "test_loss": 1.2, "ek": ek,
+                                "epoch_time_s": 1.0, "images_per_s": 100.0}) + "\n")
+    if complete:
+        best = max(range(len(curve)), key=lambda i: curve[i])
+        (d / "summary.json").write_text(json.dumps({
+            "experiment": name, "method": method, "student": student, "teacher": teacher, "dataset": dataset,
+            "seed": seed, "epochs": epochs, "final_top1": curve[-1], "final_top5": curve[-1] + 10,
+            "best_top1": curve[best], "best_epoch": best + 1, "final_ek": ek, "teacher_top1": teacher_top1,
+            "wall_time_s": 12.5, "run_dir": str(d)}))
+    return d
+
+
+def _mean_std(v):
+    m = sum(v) / len(v)
+    return m, math.sqrt(sum((a - m) ** 2 for a in v) / (len(v) - 1))
+
+
+def test_report_reproduces_the_run_numbers(tmp_path, not_blank):
+    runs = tmp_path / "runs"
+    T = "resnet56"
+    _write_run(runs, "kd_s0", "kd", "resnet20", T, 0, [50.0, 70.4, 70.66], ek=20.5, teacher_top1=72.34)
+    _write_run(runs, "kd_s1", "kd", "resnet20", T, 1, [51.0, 71.36, 70.9], ek=21.25, teacher_top1=72.34)
+    _write_run(runs, "lakd_s0", "lakd", "resnet20", T, 0, [52.0, 71.5, 72.01], ek=30.0, teacher_top1=72.34)
+    _write_run(runs, "lakd_s1", "lakd", "resnet20", T, 1, [52.5, 72.8, 72.37], ek=31.5, teacher_top1=72.34)
+    _write_run(runs, "scratch_r20", "scratch", "resnet20", None, 0, [40.0, 69.06])
+    _write_run(runs, "lakd_s2_killed", "lakd", "resnet20", T, 2, [49.0, 68.125], complete=False, epochs=240)
+    out = tmp_path / "report.md"
+    res = make_report([str(runs)], out=str(out), csv_path=str(tmp_path / "t.csv"), plot_path=str(tmp_path / "c.png"))
+    text = out.read_text()
+    assert len(res["runs"]) == 6
+
+    kd_f, kd_fs = _mean_std([70.66, 70.9])
+    kd_b = (70.66 + 71.36) / 2
+    la_f, la_fs = _mean_std([72.01, 72.37])
+    la_b = (72.01 + 72.8) / 2
+    kd_cell = f"{kd_f:.2f} ± {kd_fs:.2f} (best {kd_b:.2f})"
+    la_cell = f"{la_f:.2f} ± {la_fs:.2f} (best {la_b:.2f})"
+    assert kd_cell == "70.78 ± 0.17 (best 71.01)"  # the hand values, as a check on the check
+    assert f"| kd | {kd_cell} |" in text
+    assert f"| lakd | **{la_cell}** |" in text  # best in its column, bold
+    assert "| scratch | 69.06 (best 69.06) |" in text  # one seed: no std
+    assert "| Teacher | 72.34 |" in text
+    assert "resnet56 → resnet20" in text
+    # EK table
+    ek_kd, ek_kd_s = _mean_std([20.5, 21.25])
+    assert f"| kd | {ek_kd:.2f} ± {ek_kd_s:.2f} |" in text
+    # the killed run is reported, from metrics.jsonl, not dropped (and kept out of the means)
+    line = next(lin for lin in text.splitlines() if lin.startswith("| lakd_s2_killed"))
+    assert "INCOMPLETE" in line and "68.12" in line and "2/240" in line
+    kill = load_run(str(runs / "lakd_s2_killed"))
+    assert not kill.complete and kill.final_top1 == 68.125 and kill.best_top1 == 68.125
+
+    with open(tmp_path / "t.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"scratch", "kd", "lakd"}
+    assert float(rows["kd"]["final_top1_mean"]) == pytest.approx(kd_f, rel=1e-15)
+    assert float(rows["kd"]["final_top1_std"]) == pytest.approx(kd_fs, rel=1e-12)
+    assert float(rows["lakd"]["best_top1_mean"]) == pytest.approx(la_b, rel=1e-15)
+    assert float(rows["lakd"]["final_ek_mean"]) == 30.75
+    assert rows["lakd"]["seeds"] == "0;1" and rows["scratch"]["final_top1_std"] == ""
+    assert float(rows["kd"]["teacher_top1"]) == 72.34
+    not_blank(tmp_path / "c.png")
+
+
+def test_report_incomplete_only_cell_and_errors(tmp_path):
+    runs = tmp_path / "r"
+    _write_run(runs, "at0", "at", "resnet8", "resnet14", 0, [30.0, 41.0, 40.5], complete=False, epochs=10,
+               dataset="digits")
+    res = make_report([str(runs / "at0")], out=str(tmp_path / "o.md"))
+    text = res["markdown"]
+    assert "| at | 40.50 (best 41.00) †" in text and "INCOMPLETE" in text
+    with pytest.raises(LakdError, match="does not exist"):
+        make_report([str(tmp_path / "empty_does_not_exist")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LakdError, match="no run folders"):
+        make_report([str(tmp_path / "empty")])
+
+
+def test_report_cli(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _write_run(runs, "kd0", "kd", "resnet8", "resnet14", 0, [10.0, 20.0])
+    rc = main(["report", str(runs), "--out", str(tmp_path / "r.md"), "--csv", str(tmp_path / "r.csv"),
+               "--plot", str(tmp_path / "p.png")])
+    assert rc == 0
+    assert "| kd | 20.00 (best 20.00) |" in (tmp_path / "r.md").read_text()
+    assert os.path.getsize(tmp_path / "r.csv") > 0 and os.path.getsize(tmp_path / "p.png") > 0
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_report_separates_variants_of_one_method(tmp_path):
+    """Two LAKD runs of one pair with different split points are two rows; seeds of one setting are one row."""
+    from lakd.analysis.report import build_tables, label_variants, load_run
+
+    def fake(name, splits, seed, top1):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = {"experiment": name, "method": "lakd", "seed": seed, "model": {"name": "resnet20"},
+               "teacher": {"name": "resnet56"}, "data": {"dataset": "cifar10"}, "solver": {"epochs": 1},
+               "sdm": {"splits": splits}}
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (d / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_top1": top1}) + "\n")
+        (d / "summary.json").write_text(json.dumps({"experiment": name, "method": "lakd", "student": "resnet20",
+                                                    "teacher": "resnet56", "dataset": "cifar10", "seed": seed,
+                                                    "epochs": 1, "final_top1": top1, "best_top1": top1}))
+        return str(d)
+
+    runs = [load_run(fake("a0", [1, 4, 9], 0, 70.0)), load_run(fake("a1", [1, 4, 9], 1, 72.0)),
+            load_run(fake("b0", [3, 6, 9], 0, 60.0))]
+    label_variants(runs)
+    (table,) = build_tables(runs)
+    assert table.methods == ["lakd (sdm.splits=[1, 4, 9])", "lakd (sdm.splits=[3, 6, 9])"]
+    cell = table.cells[("lakd (sdm.splits=[1, 4, 9])", 0)]
+    assert sorted(cell.values("final_top1")) == [70.0, 72.0]
