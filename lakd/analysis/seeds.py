@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import LakdError
-from .report import Run, find_runs, load_run
+from .runs import Run, find_runs, load_run
 
 SEED_SUFFIX = re.compile(r"-s(\d+)(?:-\d+)?$")
 LEVEL = 0.95
