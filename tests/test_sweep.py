@@ -231,6 +231,13 @@ def test_update_rewrites_only_between_markers(tmp_path, capsys):
     assert text.startswith("# Doc\n\ntext before\n<!-- lakd report: begin -->\n### Results over seeds")
     assert "old table" not in text and text.endswith("<!-- lakd report: end -->\nafter\n")
     assert "| x | 2 | 70.50 ± 0.71 |" in text  # std of (70, 71) = sqrt(0.5) = 0.7071
+    from lakd.analysis.seeds import curve_panels
+
+    groups, _, _ = load_study([str(tmp_path / "res")])
+    assert curve_panels(groups) == [("Runs by setting", [("x", [{1: 69.0, 2: 70.0}, {1: 70.0, 2: 71.0}])])]
+    assert main(["report", str(tmp_path / "res"), "--seeds", "--out", str(tmp_path / "r.md"), "--plot",
+                 str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     doc.write_text("no markers\n")
     assert main(["report", str(tmp_path / "res"), "--seeds", "--out", str(tmp_path / "r.md"),
                  "--update", str(doc)]) == 2

@@ -322,43 +322,10 @@ def write_csv(groups: Sequence[Group], path: str, attr: str = "final_top1") -> s
     return path
 
 
-def plot_groups(groups: Sequence[Group], path: str) -> str:
-    """Test top-1 per epoch, one panel per group: each row's mean over seeds, with a band from min to max."""
-    from matplotlib import colormaps
-    from matplotlib.ticker import MaxNLocator
-
-    from .visualize import _new_figure, _save
-
-    panels = [g for g in groups if any(r.curve for row in g.rows for r in row.runs.values())]
-    if not panels:
-        raise LakdError("no finished run has test accuracies in metrics.jsonl; nothing to draw for --plot")
-    ncols = min(2, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig = _new_figure(6.0 * ncols, 4.0 * nrows)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for pi, g in enumerate(panels):
-        ax = axes[pi // ncols, pi % ncols]
-        for k, row in enumerate(g.rows):
-            curves = [dict(r.curve) for r in row.runs.values() if r.curve]
-            if not curves:
-                continue
-            epochs = sorted(set.intersection(*(set(c) for c in curves)))
-            mean = [statistics.fmean(c[e] for c in curves) for e in epochs]
-            colour = colormaps["tab10"](k % 10)
-            ax.plot(epochs, mean, "-o", ms=3, color=colour, label=f"{row.label} (n={len(curves)})")
-            if len(curves) > 1:
-                ax.fill_between(epochs, [min(c[e] for c in curves) for e in epochs],
-                                [max(c[e] for c in curves) for e in epochs], color=colour, alpha=0.15)
-        ax.set_title(g.title, fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("test top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for pi in range(len(panels), nrows * ncols):
-        axes[pi // ncols, pi % ncols].set_visible(False)
-    fig.tight_layout()
-    return _save(fig, path)
+def curve_panels(groups: Sequence[Group]) -> list[tuple[str, list[tuple[str, list[dict[int, float]]]]]]:
+    """What ``visualize.plot_seed_curves`` draws: per group, per row, one {epoch: top-1} per counted seed."""
+    return [(g.title, [(row.label, [dict(r.curve) for r in row.runs.values() if r.curve]) for row in g.rows])
+            for g in groups]
 
 
 BEGIN, END = "<!-- lakd report: begin -->", "<!-- lakd report: end -->"
@@ -393,7 +360,9 @@ def make_seed_report(paths: Sequence[str], out: str | None = None, csv_path: str
     if csv_path:
         res["csv"] = write_csv(groups, csv_path)
     if plot_path:
-        res["plot"] = plot_groups(groups, plot_path)
+        from .visualize import plot_seed_curves  # matplotlib: imported on use
+
+        res["plot"] = plot_seed_curves(curve_panels(groups), plot_path)
     if update:  # the same tables, as subsections of the document's seeded-study section
         res["update"] = update_between_markers(update, render(groups, runs, plan, level=3))
     return res

@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ..distillers.losses import class_activation_maps, ndam_map
 from ..errors import LakdError
@@ -201,6 +202,27 @@ def plot_attention_grid(images: np.ndarray, rows: Sequence[dict], models: Sequen
 # ----------------------------------------------------------------------------------------------------
 
 
+def _panel_grid(n: int, ncols: int, width: float, height: float):
+    """A figure with ``n`` panels, ``ncols`` to a row; returns the figure and the ``n`` axes (spares hidden)."""
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig = _new_figure(width * ncols, height * nrows)
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    axes = [grid[i // ncols, i % ncols] for i in range(nrows * ncols)]
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _accuracy_axes(ax, title: str) -> None:
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("test top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot_curves(runs: Sequence[Run], path: str, tables: Sequence[Table] | None = None) -> str:
     """Test top-1 vs epoch, one line per run, one panel per table column (dataset, teacher -> student; runs
     from scratch appear in the panels of their model). Colour: method; line style: seed; dashed: incomplete."""
@@ -213,12 +235,8 @@ def plot_curves(runs: Sequence[Run], path: str, tables: Sequence[Table] | None =
     methods = sorted({r.method for r in with_curve}, key=method_key)
     colours = {m: colormaps["tab10"](i % 10) for i, m in enumerate(methods)}
     styles = ["-", "-.", ":"]
-    ncols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig = _new_figure(5.2 * ncols, 3.8 * nrows)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for pi, (t, ci) in enumerate(panels):
-        ax = axes[pi // ncols, pi % ncols]
+    fig, axes = _panel_grid(len(panels), 3, 5.2, 3.8)
+    for ax, (t, ci) in zip(axes, panels):
         members = sorted(column_runs(t, ci, with_curve), key=lambda r: (method_key(r.method), str(r.seed)))
         for m in methods:
             for k, r in enumerate(x for x in members if x.method == m):
@@ -226,12 +244,30 @@ def plot_curves(runs: Sequence[Run], path: str, tables: Sequence[Table] | None =
                 style = styles[k % len(styles)] if r.complete else "--"
                 ax.plot(xs, ys, style, color=colours[r.method], lw=1.4 if r.complete else 1.0, alpha=0.9,
                         label=f"{display_label(r.method)} seed {r.seed}" + ("" if r.complete else " (incomplete)"))
-        ax.set_title(f"{t.dataset}: {column_title(t.columns[ci])}", fontsize=10)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for pi in range(len(panels), nrows * ncols):
-        axes[pi // ncols, pi % ncols].set_visible(False)
+        _accuracy_axes(ax, f"{t.dataset}: {column_title(t.columns[ci])}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_seed_curves(panels: Sequence[tuple[str, Sequence[tuple[str, Sequence[dict[int, float]]]]]],
+                     path: str) -> str:
+    """Test top-1 vs epoch over seeds (``lakd report`` of a sweep): one panel per ``(title, rows)``, each row a
+    ``(label, curves)`` with one ``{epoch: top-1}`` per seed, drawn as the mean over seeds with a band from the
+    lowest to the highest seed."""
+    panels = [(title, [(label, curves) for label, curves in rows if curves]) for title, rows in panels]
+    panels = [p for p in panels if p[1]]
+    if not panels:
+        raise LakdError("no finished run has test accuracies in metrics.jsonl; nothing to draw for --plot")
+    fig, axes = _panel_grid(len(panels), 2, 6.0, 4.0)
+    for ax, (title, rows) in zip(axes, panels):
+        for k, (label, curves) in enumerate(rows):
+            epochs = sorted(set.intersection(*(set(c) for c in curves)))
+            colour = colormaps["tab10"](k % 10)
+            ax.plot(epochs, [sum(c[e] for c in curves) / len(curves) for e in epochs], "-o", ms=3, color=colour,
+                    label=f"{label} (n={len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(epochs, [min(c[e] for c in curves) for e in epochs],
+                                [max(c[e] for c in curves) for e in epochs], color=colour, alpha=0.15)
+        _accuracy_axes(ax, title)
     fig.tight_layout()
     return _save(fig, path)
