@@ -14,7 +14,7 @@ import csv
 import os
 from collections.abc import Sequence
 
-from .runs import Run, find_runs, is_run_dir, load_run
+from .runs import Run, find_runs, is_run_dir, load_run, write_text
 from .tables import (
     CSV_FIELDS,
     DAGGER,
@@ -138,10 +138,7 @@ def make_report(paths: Sequence[str], out: str | None = "report.md", csv_path: s
     text = render_markdown(runs, tables)
     written = {"markdown": text, "runs": runs, "tables": tables}
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            f.write(text)
-        written["out"] = out
+        written["out"] = write_text(out, text)
     if csv_path:
         written["csv"] = write_csv(tables, csv_path)
     if plot_path:

@@ -166,3 +166,11 @@ def _method_settings(cfg: dict) -> dict:
         for k, v in (cfg.get(sec) or {}).items():
             flat[f"{sec}.{k}"] = json.dumps(v, sort_keys=True)
     return flat
+
+
+def write_text(path: str, text: str) -> str:
+    """Write a report file (its folder created when missing); returns the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return path

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import LakdError
-from .runs import Run, find_runs, load_run
+from .runs import Run, find_runs, load_run, write_text
 
 SEED_SUFFIX = re.compile(r"-s(\d+)(?:-\d+)?$")
 LEVEL = 0.95
@@ -353,10 +353,7 @@ def make_seed_report(paths: Sequence[str], out: str | None = None, csv_path: str
     text = render(groups, runs, plan)
     res: dict = {"markdown": text, "groups": groups, "runs": runs}
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            f.write(text)
-        res["out"] = out
+        res["out"] = write_text(out, text)
     if csv_path:
         res["csv"] = write_csv(groups, csv_path)
     if plot_path:
