@@ -7,6 +7,7 @@ that lists the close keys instead of a silently ignored setting.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from typing import Any
@@ -15,6 +16,16 @@ import yaml
 
 from .errors import LakdError, close_matches
 from .registry import DISTILLERS
+
+#: environment variable naming the default data folder (else ``./data``, relative to the working directory)
+DATA_ENV = "LAKD_DATA"
+
+
+def default_data_root() -> str:
+    """Where datasets live when ``data.root`` is not set: ``$LAKD_DATA``, else ``data`` in the working directory
+    (``data.download=true`` fetches CIFAR there)."""
+    return os.environ.get(DATA_ENV) or "data"
+
 
 DEFAULTS: dict[str, Any] = {
     "experiment": "",  # run name (the run folder is output_dir/experiment)
@@ -25,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "resume": None,  # a run folder (or its last.pt) to continue
     "data": {
         "dataset": "cifar10",  # cifar10 | cifar100 | imagenet | imagefolder | digits
-        "root": "../shared/data",  # folder holding cifar-10-batches-py / cifar-100-python / train,val
+        "root": "",  # folder holding cifar-10-batches-py / cifar-100-python / train,val ("": $LAKD_DATA or ./data)
         "download": False,  # fetch CIFAR through torchvision when online
         "verify_md5": False,
         "fast": "auto",  # in-memory loader with batched on-device augmentation: auto | true | false
@@ -123,12 +134,23 @@ def _check_keys(cfg: dict, schema: dict, where: str, prefix: str = "") -> None:
             _check_keys(v, schema[k], where, prefix=f"{path}.")
 
 
-def load_yaml(path: str) -> dict:
+def load_yaml(path: str, _chain: tuple[str, ...] = ()) -> dict:
     if not os.path.exists(path):
         raise LakdError(f"config file {path!r} does not exist; `lakd configs` lists the shipped ones")
+    if os.path.isdir(path):
+        raise LakdError(f"config file {path!r} is a folder; give a YAML file (`lakd configs` lists the shipped ones)")
+    real = os.path.realpath(path)
+    if real in _chain:
+        cycle = " -> ".join([*_chain[_chain.index(real):], real])
+        raise LakdError(f"config file {path!r}: its _base_ chain loops ({cycle}); remove one of the _base_ lines")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml_load(f) or {}
+    except UnicodeDecodeError as e:
+        raise LakdError(f"config file {path!r} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 "
+                        f"YAML") from None
+    except OSError as e:
+        raise LakdError(f"cannot read config file {path!r} ({e.strerror or e}); check its permissions") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -137,7 +159,9 @@ def load_yaml(path: str) -> dict:
         raise LakdError(f"config file {path!r} must hold a mapping of keys, not a {type(data).__name__}")
     base = data.pop("_base_", None)
     if base:
-        parent = load_yaml(os.path.join(os.path.dirname(path), base))
+        if not isinstance(base, str):
+            raise LakdError(f"config file {path!r}: _base_ must be a path to another YAML file, got {base!r}")
+        parent = load_yaml(os.path.join(os.path.dirname(path), base), (*_chain, real))
         data = _merge(parent, data)
     return data
 
@@ -216,6 +240,16 @@ def validate(cfg: dict) -> None:
     for k in ("epochs", "batch_size"):
         if not isinstance(s[k], int) or s[k] < 1:
             raise LakdError(f"solver.{k} must be a positive integer, got {s[k]!r}")
+    for k in ("lr", "momentum", "weight_decay", "warmup_epochs", "min_lr"):
+        if not isinstance(s[k], (int, float)) or isinstance(s[k], bool) or not math.isfinite(s[k]) or s[k] < 0:
+            raise LakdError(f"solver.{k} must be a finite number >= 0, got {s[k]!r}")
+    if s["lr"] == 0:
+        raise LakdError("solver.lr must be positive (e.g. solver.lr=0.05), got 0")
+    for sec, k in (("train", "threads"), ("data", "train_subset"), ("data", "test_subset"),
+                   ("data", "num_workers"), ("solver", "max_steps_per_epoch"), ("data", "image_size")):
+        v = cfg[sec][k]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise LakdError(f"{sec}.{k} must be a whole number >= 0 (0: the default), got {v!r}")
     if s["schedule"] not in ("linear", "multistep", "cosine", "constant"):
         raise LakdError(f"solver.schedule {s['schedule']!r} is not one of linear, multistep, cosine, constant")
     if cfg["train"]["amp"] not in ("none", "bf16", "fp16"):
@@ -253,6 +287,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         cfg = _merge(cfg, data)
     cfg = apply_overrides(cfg, overrides or [], schema)
     validate(cfg)
+    if not cfg["data"].get("root"):
+        cfg["data"]["root"] = default_data_root()
     if not cfg["experiment"]:
         base = os.path.splitext(os.path.basename(path))[0] if path else "run"
         cfg["experiment"] = base

@@ -18,7 +18,8 @@ from lakd.data.sampling import subset_indices
 from lakd.data.transforms import CropFlip, ResizedCropFlip
 from lakd.errors import LakdError
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+# this machine's copy of the data (not part of the product): $LAKD_SHARED/data, set by .ci/run when present
+SHARED = Path(os.environ.get("LAKD_SHARED") or "LAKD_SHARED-is-not-set") / "data"
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
@@ -107,7 +108,7 @@ def image_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_cifar():
     if not (SHARED / "cifar-10-batches-py").is_dir():
-        pytest.skip(f"the shared CIFAR-10 copy is not at {SHARED.resolve()}/cifar-10-batches-py")
+        pytest.skip(f"no CIFAR-10 copy at {SHARED}/cifar-10-batches-py (set LAKD_SHARED to the folder holding data/)")
     return build_data(data_cfg(SHARED, batch=128, eval_batch=1000, augment=False), "cpu")
 
 
@@ -237,6 +238,49 @@ def test_missing_dataset_and_bad_names(tmp_path):
         dataset_info("cifar1000")
     with pytest.raises(LakdError, match="data.fast"):
         build_data(data_cfg(tmp_path, fast="sometimes"), "cpu")
+
+
+def test_download_fetches_and_unpacks_the_archive_through_torchvision(fake_cifar, tmp_path, monkeypatch):
+    """data.download=true: torchvision's download_url (replaced here by a fake that writes a tiny archive in the
+    official layout) then extraction; the second build finds the folder and downloads nothing."""
+    import tarfile
+
+    from torchvision.datasets import utils as tv_utils
+
+    calls = []
+
+    def fake_download_url(url, root, filename=None, md5=None, **kw):
+        calls.append((url, filename, md5))
+        with tarfile.open(os.path.join(root, filename), "w:gz") as tar:
+            tar.add(fake_cifar["root"] / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+
+    monkeypatch.setattr(tv_utils, "download_url", fake_download_url)
+    root = tmp_path / "fresh" / "data"  # does not exist yet
+    b = build_data(data_cfg(root, download=True, augment=False), "cpu")
+    assert calls == [("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz",
+                      "c58f30108f718f92721af3b95e74349a")]
+    assert (b.num_train, b.num_test, b.class_names[0]) == (30, 10, "c0")
+    assert torch.equal(b.train.images.cpu(), torch.from_numpy(fake_cifar["train"]))
+    build_data(data_cfg(root, download=True), "cpu")
+    assert len(calls) == 1
+
+    def offline(url, root, filename=None, md5=None, **kw):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(tv_utils, "download_url", offline)
+    with pytest.raises(LakdError) as e:
+        build_data(data_cfg(tmp_path / "other", download=True, dataset="cifar100"), "cpu")
+    assert "Network is unreachable" in str(e.value) and "cifar-100-python.tar.gz" in str(e.value)
+
+
+def test_default_data_root_is_a_user_folder_or_lakd_data(monkeypatch):
+    from lakd.config import load_config
+
+    monkeypatch.delenv("LAKD_DATA", raising=False)
+    assert load_config(None, [])["data"]["root"] == "data"
+    monkeypatch.setenv("LAKD_DATA", "/somewhere/datasets")
+    assert load_config(None, [])["data"]["root"] == "/somewhere/datasets"
+    assert load_config(None, ["data.root=/x"])["data"]["root"] == "/x"
 
 
 def test_batch_not_divisible_by_world_size(fake_cifar):

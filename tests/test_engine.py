@@ -152,7 +152,9 @@ def _save_ckpt(tmp_path, name, arch, num_classes):
 
 @pytest.mark.parametrize("case", ["unknown_key", "non_numeric", "unknown_model", "unknown_dataset",
                                   "missing_data", "teacher_classes", "corrupt_ckpt", "bad_split",
-                                  "unknown_method", "missing_config"])
+                                  "unknown_method", "missing_config", "config_is_folder", "config_not_utf8",
+                                  "base_cycle", "negative_lr", "negative_momentum", "negative_wd",
+                                  "negative_threads", "negative_subset"])
 def test_bad_input_gets_one_clear_line_and_exit_2(case, tmp_path, capsys):
     base = ["train", *TINY, "solver.epochs=1", f"output_dir={tmp_path}/runs"]
     expect = {
@@ -170,6 +172,14 @@ def test_bad_input_gets_one_clear_line_and_exit_2(case, tmp_path, capsys):
         "bad_split": (["method=lakd", "teacher.name=resnet8", "sdm.splits=[2,1,3]"], ["sdm.splits"]),
         "unknown_method": (["method=lakdd"], ["lakdd", "did you mean"]),
         "missing_config": ([], ["does not exist"]),
+        "config_is_folder": ([], ["is a folder", "YAML file"]),
+        "config_not_utf8": ([], ["not UTF-8", "save it as UTF-8"]),
+        "base_cycle": ([], ["_base_ chain loops", "a.yaml -> ", "b.yaml"]),
+        "negative_lr": (["solver.lr=-0.1"], ["solver.lr", ">= 0"]),
+        "negative_momentum": (["solver.momentum=-0.9"], ["solver.momentum", ">= 0"]),
+        "negative_wd": (["solver.weight_decay=-5e-4"], ["solver.weight_decay", ">= 0"]),
+        "negative_threads": (["train.threads=-1"], ["train.threads", ">= 0"]),
+        "negative_subset": (["data.train_subset=-5"], ["data.train_subset", ">= 0"]),
     }
     extra, words = expect[case]
     if case == "corrupt_ckpt":
@@ -178,6 +188,15 @@ def test_bad_input_gets_one_clear_line_and_exit_2(case, tmp_path, capsys):
     argv = base + extra
     if case == "missing_config":
         argv = ["train", str(tmp_path / "nope.yaml")]
+    if case == "config_is_folder":
+        argv = ["train", str(tmp_path)]
+    if case == "config_not_utf8":
+        (tmp_path / "latin1.yaml").write_bytes("experiment: caf\xe9\n".encode("latin-1"))
+        argv = ["train", str(tmp_path / "latin1.yaml")]
+    if case == "base_cycle":
+        (tmp_path / "a.yaml").write_text("_base_: b.yaml\nseed: 1\n")
+        (tmp_path / "b.yaml").write_text("_base_: a.yaml\nseed: 2\n")
+        argv = ["train", str(tmp_path / "a.yaml")]
     code = main(argv)
     err = capsys.readouterr().err.strip()
     assert code == 2

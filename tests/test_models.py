@@ -2,6 +2,7 @@
 model, checkpoint errors and name suggestions."""
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import time
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 from lakd.errors import LakdError
 from lakd.models import FAMILY, create_model, list_models, load_model_from_checkpoint
 
-SHARED = Path(__file__).parents[1] / ".." / "shared"
+# this machine's teacher and data (not part of the product): $LAKD_SHARED, set by .ci/run when present
+SHARED = Path(os.environ.get("LAKD_SHARED") or "LAKD_SHARED-is-not-set")
 TEACHER = SHARED / "teachers" / "cifar10_resnet56.pth"
 TEST_BATCH = SHARED / "data" / "cifar-10-batches-py" / "test_batch"
 
@@ -257,7 +259,7 @@ def _load_test_batch():
 @pytest.mark.slow
 def test_shared_teacher_loads_and_reaches_its_stated_accuracy():
     if not TEACHER.exists() or not TEST_BATCH.exists():
-        pytest.skip("shared teacher or CIFAR-10 test batch not present")
+        pytest.skip("no teacher or CIFAR-10 test batch under $LAKD_SHARED")
     ckpt = torch.load(TEACHER, map_location="cpu", weights_only=True)
     model = create_model("resnet56", 10, checkpoint=str(TEACHER)).eval()
     own = model.state_dict()

@@ -121,14 +121,20 @@ def _read_split(folder: str, files: list[str], spec: dict) -> ArraySplit:
 
 
 def _download(name: str, root: str) -> None:
-    try:
-        from torchvision.datasets import CIFAR10, CIFAR100
+    """Fetch and unpack the official archive with torchvision's helpers (md5-checked download, then extract)."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+    from torchvision.datasets import utils as tv_utils
 
-        cls = CIFAR10 if name == "cifar10" else CIFAR100
-        cls(root, train=True, download=True)
-    except Exception as e:  # network, disk, checksum
-        raise LakdError(f"downloading {SPECS[name]['title']} into {root} failed ({type(e).__name__}: {e}); "
-                        f"fetch {SPECS[name]['url']} by hand and unpack it there") from None
+    spec = SPECS[name]
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    filename = os.path.basename(spec["url"])
+    try:
+        os.makedirs(root, exist_ok=True)
+        tv_utils.download_url(spec["url"], root, filename=filename, md5=cls.tgz_md5)
+        tv_utils.extract_archive(os.path.join(root, filename), root)
+    except Exception as e:  # network, disk, checksum, a broken archive
+        raise LakdError(f"downloading {spec['title']} into {root} failed ({type(e).__name__}: {e}); fetch "
+                        f"{spec['url']} by hand and unpack it there (or set data.root / $LAKD_DATA to a copy)") from None
 
 
 def load_cifar(name: str, root: str, *, download: bool = False, verify_md5: bool = False):
@@ -139,9 +145,9 @@ def load_cifar(name: str, root: str, *, download: bool = False, verify_md5: bool
     if not os.path.isdir(folder) and download:
         _download(name, root)
     if not os.path.isdir(folder):
-        raise LakdError(f"{spec['title']} not found: {folder} does not exist; point data.root at the folder that "
-                        f"holds {spec['folder']}/ (data.root=...), or set data.download=true when online, or "
-                        f"unpack {spec['url']} into {root}")
+        raise LakdError(f"{spec['title']} not found: {folder} does not exist; add data.download=true to fetch it "
+                        f"there, or point data.root=... (or the LAKD_DATA environment variable) at the folder that "
+                        f"holds {spec['folder']}/, or unpack {spec['url']} into {root}")
     if verify_md5:
         for fname, want in official_md5s(name).items():
             path = os.path.join(folder, fname)
