@@ -507,3 +507,40 @@ def test_names_are_case_insensitive_and_listed():
     assert FAMILY["mobilenetv2"] == FAMILY["shufflev1"] == FAMILY["shufflev2"] == "cifar"
     assert type(create_model("ShuffleV1", 10)) is type(create_model("shufflev1", 10))
     assert isinstance(create_model("MobileNetV2", 10).classifier, nn.Linear)
+
+
+def test_checkpoint_with_python_objects_names_them_and_loads_only_when_trusted(tmp_path, monkeypatch):
+    """torchdistill stores an argparse.Namespace next to the weights: weights_only refuses it; the error names
+    the refused object and the opt-in, and the opt-in covers only the files it lists."""
+    import argparse
+
+    sd = create_model("resnet8", 10).state_dict()
+    path = tmp_path / "torchdistill.pt"
+    torch.save({"model": sd, "args": argparse.Namespace(lr=0.1)}, path)
+    monkeypatch.delenv("LAKD_TRUST_CHECKPOINTS", raising=False)
+    with pytest.raises(LakdError) as e:
+        create_model("resnet8", 10, checkpoint=str(path))
+    msg = str(e.value)
+    assert "argparse.Namespace" in msg and f"LAKD_TRUST_CHECKPOINTS={path}" in msg and "corrupt" not in msg
+    assert "\n" not in msg
+    monkeypatch.setenv("LAKD_TRUST_CHECKPOINTS", str(tmp_path / "other.pt"))
+    with pytest.raises(LakdError, match="argparse.Namespace"):
+        create_model("resnet8", 10, checkpoint=str(path))
+    monkeypatch.setenv("LAKD_TRUST_CHECKPOINTS", f"/nowhere:{tmp_path}")  # a folder above the file
+    model = create_model("resnet8", 10, checkpoint=str(path))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+
+
+def test_untrusted_code_in_a_checkpoint_never_runs(tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": Evil()}, path)
+    monkeypatch.delenv("LAKD_TRUST_CHECKPOINTS", raising=False)
+    with pytest.raises(LakdError, match="refuses: io.open"):
+        create_model("resnet8", 10, checkpoint=str(path))
+    assert not marker.exists()

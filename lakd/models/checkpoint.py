@@ -11,10 +11,36 @@ from ..errors import LakdError
 
 #: keys under which the known code bases store a model's state dict
 _STATE_KEYS = ("model", "state_dict", "net", "student", "model_state_dict")
+#: environment variable listing checkpoint files (or folders) the user trusts to be unpickled in full
+TRUST_ENV = "LAKD_TRUST_CHECKPOINTS"
 
 
-def read_checkpoint(path: str) -> dict:
-    """``torch.load`` a file (weights only), turning every failure into a one-line ``LakdError``."""
+def is_trusted(path: str) -> bool:
+    """Whether ``$LAKD_TRUST_CHECKPOINTS`` (paths separated by ``os.pathsep``) names ``path`` or a folder above it."""
+    real = os.path.realpath(path)
+    for entry in os.environ.get(TRUST_ENV, "").split(os.pathsep):
+        if entry.strip():
+            base = os.path.realpath(os.path.expanduser(entry.strip()))
+            if real == base or real.startswith(base.rstrip(os.sep) + os.sep):
+                return True
+    return False
+
+
+def _refused_globals(path: str) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # an older torch or a file it cannot scan: the caller falls back to the load error
+        return []
+
+
+def read_checkpoint(path: str, trusted: bool | None = None) -> dict:
+    """``torch.load`` a file, turning every failure into a one-line ``LakdError``.
+
+    Files are loaded with ``weights_only=True`` (tensors and plain containers; no code runs). A file that also
+    pickles Python objects (torchdistill stores an ``argparse.Namespace``) is refused with the names of those
+    objects; ``trusted=True``, or the file (or a folder above it) listed in ``$LAKD_TRUST_CHECKPOINTS``, loads it
+    in full, which runs whatever code the file names: only for files from a source you trust.
+    """
     path = os.path.expanduser(str(path))
     if not os.path.exists(path):
         raise LakdError(f"checkpoint {path!r} does not exist; check the path (relative paths are taken from "
@@ -22,9 +48,17 @@ def read_checkpoint(path: str) -> dict:
     if os.path.isdir(path):
         raise LakdError(f"checkpoint {path!r} is a folder; give a .pt/.pth file (for a run folder, use "
                         f"{os.path.join(path, 'best.pt')!r} or 'last.pt')")
+    full = is_trusted(path) if trusted is None else bool(trusted)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=not full)
     except Exception as e:  # torch raises many kinds for a bad file (RuntimeError, UnpicklingError, IndexError...)
+        refused = _refused_globals(path) if "Weights only load failed" in str(e) else []
+        if refused:
+            shown = ", ".join(refused[:4]) + (f" and {len(refused) - 4} more" if len(refused) > 4 else "")
+            raise LakdError(f"checkpoint {path!r} holds Python objects that safe loading (weights_only) refuses: "
+                            f"{shown}; if you trust its source, allow it with {TRUST_ENV}="
+                            f"{os.path.abspath(path)} (loading it runs the code it names), or re-save only its "
+                            f"state dict") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LakdError(f"checkpoint {path!r} is corrupt or truncated ({first[:160]}); re-download or re-save "
                         f"it (lakd writes checkpoints atomically, so a run's last.pt/best.pt stay readable)") from None
