@@ -251,3 +251,24 @@ def test_cka_cli(tmp_path, digits_ckpts, not_blank):
     # no architecture recorded and none given: a one-line error
     assert main(["analyze", "cka", "--teacher", digits_ckpts["teacher"], "--students", digits_ckpts["bare"],
                  "--images", "8", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_analyze_and_visualize_check_out_first_and_use_the_recorded_data_root(tmp_path, digits_ckpts, capsys):
+    taken = tmp_path / "a_file"
+    taken.write_text("keep me")
+    assert main(["analyze", "cka", "--teacher", digits_ckpts["teacher"], "--students", digits_ckpts["kd_run"],
+                 "--images", "8", "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert "existing file" in err and "Traceback" not in err and taken.read_text() == "keep me"
+    (tmp_path / "dir.png").mkdir()
+    assert main(["visualize", "--checkpoints", digits_ckpts["teacher"], "--out", str(tmp_path / "dir.png")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    # a checkpoint trained on CIFAR-10 from another folder: analyze and visualize look there, as eval does
+    sd = torch.load(digits_ckpts["kd_run"], weights_only=True)
+    sd.update(dataset="cifar10", config={"data": {"dataset": "cifar10", "root": str(tmp_path / "their_data")}})
+    ck = tmp_path / "c10.pt"
+    torch.save(sd, ck)
+    for argv in (["analyze", "cka", "--teacher", str(ck), "--students", str(ck), "--out", str(tmp_path / "o")],
+                 ["visualize", "--checkpoints", str(ck), "--out", str(tmp_path / "v.png")]):
+        assert main(argv) == 2
+        assert str(tmp_path / "their_data") in capsys.readouterr().err

@@ -71,3 +71,15 @@ def test_saved_tensor_meter_by_hand_and_release(make_distiller, image_batch):
     with meter.hooks():
         training_step(d, opt, scaler, image_batch(), params)
     assert meter.peak > 0 and meter.current == 0 and meter.live == {}
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["bench", "memory", "--num-classes", "0"], ["--num-classes 0", "at least 2"]),
+    (["bench", "speed", "--steps", "0"], ["--steps 0", "at least one step"]),
+    (["bench", "speed", "--rounds", "0"], ["--rounds"]),
+])
+def test_bench_refuses_meaningless_sizes(argv, words, capsys):
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert all(w in err for w in words)

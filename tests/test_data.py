@@ -493,3 +493,22 @@ def test_digits_loads_with_10_classes():
     up = F.interpolate(src, size=32, mode="bilinear", align_corners=False).round().clamp(0, 255).to(torch.uint8)
     known = {bytes(u.numpy().tobytes()) for u in up[:, 0]}
     assert all(bytes(t.numpy().tobytes()) in known for t in train.images[:, 0])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_oversized_image_is_named_not_a_traceback(image_folder, tmp_path, monkeypatch, fast):
+    """PIL refuses images over twice MAX_IMAGE_PIXELS (DecompressionBombError); the error names the file.
+    The limit is lowered here so that the fixture's small images count as oversized."""
+    import shutil
+
+    from PIL import Image
+
+    root = tmp_path / "tree"
+    shutil.copytree(image_folder, root)
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(root / "val" / "bee" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 = 4096 > 2 x 1000; the others are <= 960
+    cfg = data_cfg(root, dataset="imagefolder", image_size=16, fast=fast, augment=False)
+    with pytest.raises(LakdError) as e:
+        b = build_data(cfg, "cpu")
+        list(b.test)
+    assert str(root / "val" / "bee" / "huge.png") in str(e.value) and "too large" in str(e.value)

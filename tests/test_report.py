@@ -147,3 +147,24 @@ def test_report_separates_variants_of_one_method(tmp_path):
     assert table.methods == ["lakd (sdm.splits=[1, 4, 9])", "lakd (sdm.splits=[3, 6, 9])"]
     cell = table.cells[("lakd (sdm.splits=[1, 4, 9])", 0)]
     assert sorted(cell.values("final_top1")) == [70.0, 72.0]
+
+
+def test_report_averages_one_run_per_seed_and_names_a_malformed_summary(tmp_path, capsys):
+    import time
+
+    runs = tmp_path / "runs"
+    _write_run(runs, "kd_s0", "kd", "resnet20", "resnet56", 0, [70.0])
+    _write_run(runs, "kd_s1", "kd", "resnet20", "resnet56", 1, [72.0])
+    time.sleep(0.02)
+    _write_run(runs, "kd_s1_again", "kd", "resnet20", "resnet56", 1, [74.0])  # the same seed, run again later
+    bad = _write_run(runs, "kd_bad", "kd", "resnet20", "resnet56", 2, [60.0])
+    (bad / "summary.json").write_text('{"final_top1": "abc", "seed": [2]')  # cut short
+    assert main(["report", str(runs), "--out", str(tmp_path / "r.md")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {bad}: unreadable summary.json" in err and "Traceback" not in err
+    md = (tmp_path / "r.md").read_text()
+    m, s = _mean_std([70.0, 74.0])  # seeds 0 and 1 (the newest run of seed 1), not three samples
+    assert f"{m:.2f} ± {s:.2f}" in md and "‡" in md and "kd_s1 (kd" in md.split("left out:")[1]
+    (bad / "summary.json").write_text("[1, 2]")
+    assert main(["report", str(runs), "--out", str(tmp_path / "r.md")]) == 0
+    assert "summary.json holds a list" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from .runs import Run, find_runs, is_run_dir, load_run, write_text
 from .tables import (
     CSV_FIELDS,
     DAGGER,
+    REPEAT,
     Cell,
     Table,
     build_tables,
@@ -89,6 +90,12 @@ def render_markdown(runs: Sequence[Run], tables: Sequence[Table]) -> str:
             out.append("")
     if any(c.incomplete for t in tables for c in t.cells.values()):
         out.append(f"{DAGGER} from incomplete runs only: values at the last evaluated epoch (see below).")
+        out.append("")
+    repeats = [r for t in tables for c in t.cells.values() for r in c.repeats]
+    if repeats:
+        out.append(f"{REPEAT} the cell has repeated runs of one seed: only the newest run of each seed enters the "
+                   f"mean and std (repeats are not independent samples); left out: "
+                   + "; ".join(f"{r.experiment} ({r.method}, {r.pair}, seed {r.seed})" for r in repeats) + ".")
         out.append("")
     used = {id(r) for t in tables for c in t.cells.values() for r in c.runs}
     left_out = [r for r in incomplete if id(r) not in used]

@@ -87,7 +87,14 @@ def find_runs(paths: Sequence[str]) -> list[str]:
 
 
 def _num(v):
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+    """A finite number, or None for anything else (a malformed summary.json must not stop the report)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _seed(v):
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def load_run(path: str) -> Run:
@@ -98,7 +105,9 @@ def load_run(path: str) -> Run:
         try:
             with open(cfg_path) as f:
                 cfg = yaml.safe_load(f) or {}
-        except yaml.YAMLError:
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            cfg = {}
+        if not isinstance(cfg, dict):
             cfg = {}
     summary = None
     problem = ""
@@ -106,8 +115,10 @@ def load_run(path: str) -> Run:
     if os.path.exists(sp):
         try:
             summary = _read_json(sp)
-        except (json.JSONDecodeError, OSError) as e:
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
             problem = f"unreadable summary.json ({e})"
+        if summary is not None and not isinstance(summary, dict):
+            problem, summary = f"summary.json holds a {type(summary).__name__}, not a mapping", None
     metrics, bad = read_metrics(os.path.join(path, "metrics.jsonl"))
     if bad:
         problem = (problem + "; " if problem else "") + f"{bad} unreadable line(s) in metrics.jsonl"
@@ -126,7 +137,7 @@ def load_run(path: str) -> Run:
         student=str(s.get("student") or model.get("name") or "unknown"),
         teacher=s.get("teacher") or teacher.get("name") or None,
         dataset=str(s.get("dataset") or data.get("dataset") or "unknown"),
-        seed=s.get("seed", cfg.get("seed")),
+        seed=_seed(s.get("seed", cfg.get("seed"))),
         complete=summary is not None,
         epochs_planned=s.get("epochs") or solver.get("epochs"),
         epochs_done=max((e for e, _ in curve), default=0),

@@ -4,20 +4,23 @@ method's declared ``report_order``), columns teacher -> student pairs; a cell ho
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..distillers import display_name, report_order
 from .runs import Run
 
 DAGGER = "†"
+REPEAT = "‡"
 
 
 @dataclass
 class Cell:
     runs: list[Run]
     incomplete: bool  # built from incomplete runs only
+    repeats: list[Run] = field(default_factory=list)  # further runs of a seed already in ``runs`` (not averaged)
 
     def values(self, attr: str) -> list[float]:
         return [getattr(r, attr) for r in self.runs if getattr(r, attr) is not None]
@@ -69,6 +72,31 @@ def display_label(method: str) -> str:
     return display_name(base) + sep + rest
 
 
+def _mtime(r: Run) -> float:
+    for name in ("summary.json", "metrics.jsonl", "config.yaml"):
+        try:
+            return os.path.getmtime(os.path.join(r.path, name))
+        except OSError:
+            continue
+    return 0.0
+
+
+def one_per_seed(runs: Sequence[Run]) -> tuple[list[Run], list[Run]]:
+    """``(kept, repeats)``: the newest run of each seed, and the other runs of a seed that is already kept.
+
+    Repeated runs of one seed are not independent samples: averaging them would shrink the std and weight that
+    seed more. Runs with no recorded seed are all kept."""
+    kept: dict = {}
+    repeats: list[Run] = []
+    for r in sorted(runs, key=_mtime, reverse=True):
+        key = r.seed if r.seed is not None else ("no seed", id(r))
+        if key in kept:
+            repeats.append(r)
+        else:
+            kept[key] = r
+    return [r for r in runs if any(r is k for k in kept.values())], repeats
+
+
 def build_tables(runs: Sequence[Run]) -> list[Table]:
     """Group runs into one table per dataset: rows are methods, columns teacher -> student pairs.
 
@@ -99,11 +127,13 @@ def build_tables(runs: Sequence[Run]) -> list[Table]:
                     continue
                 done = [r for r in members if r.complete and r.final_top1 is not None]
                 if done:
-                    cells[(m, ci)] = Cell(done, incomplete=False)
+                    kept, rep = one_per_seed(done)
+                    cells[(m, ci)] = Cell(kept, incomplete=False, repeats=rep)
                 else:
                     part = [r for r in members if r.final_top1 is not None]
                     if part:
-                        cells[(m, ci)] = Cell(part, incomplete=True)
+                        kept, rep = one_per_seed(part)
+                        cells[(m, ci)] = Cell(kept, incomplete=True, repeats=rep)
         tables.append(Table(ds, cols, methods, cells, tacc))
     return tables
 
@@ -123,6 +153,8 @@ def format_cell(cell: Cell, attr: str = "final_top1", best_attr: str | None = "b
             txt += f" (best {bmean:.2f})"
     if cell.incomplete:
         txt += f" {DAGGER}"
+    if cell.repeats:
+        txt += f" {REPEAT}"
     return txt
 
 

@@ -10,7 +10,7 @@ import os
 import re
 
 from ..errors import LakdError
-from .common import archs_for, split_overrides
+from .common import archs_for, check_out_dir, split_overrides
 
 HELP = "analyses of trained models: linear CKA between teacher and student layers (Figure 1)"
 
@@ -81,6 +81,7 @@ def run_cka_command(args) -> int:
         raise LakdError(f"--images {args.images}: CKA needs at least 4 images")
     if args.batch_size < 0 or 0 < args.batch_size < 4:
         raise LakdError(f"--batch-size {args.batch_size}: use 0 (full estimator) or at least 4")
+    check_out_dir(args.out)
     paths = [args.teacher] + students
     archs = archs_for([args.teacher_arch] if args.teacher_arch else None, 1, "--teacher-arch") + \
         archs_for(args.student_arch, len(students), "--student-arch")

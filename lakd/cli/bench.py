@@ -44,7 +44,14 @@ def run(args) -> int:
     for m in methods:
         resolve_method(m)  # clear error for an unknown method or variant
     if args.batch_size < 1:
-        raise LakdError("--batch-size must be positive")
+        raise LakdError(f"--batch-size {args.batch_size}: must be a positive number of images")
+    if args.num_classes < 2:
+        raise LakdError(f"--num-classes {args.num_classes}: a classifier needs at least 2 classes")
+    if args.what == "speed":
+        if args.steps < 1:
+            raise LakdError(f"--steps {args.steps}: time at least one step (e.g. --steps 10)")
+        if args.warmup < 0 or args.rounds < 1:
+            raise LakdError(f"--warmup {args.warmup} / --rounds {args.rounds}: use --warmup >= 0 and --rounds >= 1")
     device = str(resolve_device(args.device))
     common = dict(teacher=teacher, student=args.student, methods=methods, batch_size=args.batch_size,
                   teacher_ckpt=ckpt or None, num_classes=args.num_classes, device=device,

@@ -20,6 +20,19 @@ def split_overrides(items: list[str], overrides: list[str]) -> tuple[list[str], 
     return paths, extra + list(overrides or [])
 
 
+def check_out_dir(path: str, flag: str = "--out") -> None:
+    """Create the output folder before any computation, so a bad ``--out`` costs nothing."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise LakdError(f"{flag} {path!r} is an existing file, not a folder; give a new or existing folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise LakdError(f"cannot create the output folder {flag} {path!r} ({e.strerror or e}); choose another "
+                        f"folder") from None
+    if not os.access(path, os.W_OK):
+        raise LakdError(f"the output folder {flag} {path!r} is not writable; choose another folder")
+
+
 def archs_for(arg, n: int, flag: str) -> list[str | None]:
     if not arg:
         return [None] * n

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from ..errors import LakdError
 
@@ -56,6 +57,9 @@ def run(args) -> int:
     n_inc = sum(not r.complete for r in runs)
     if args.print_report:
         print(res["markdown"])
+    for r in runs:  # a damaged file is named, and the report is still written from everything else
+        if r.problem:
+            print(f"warning: {r.path}: {r.problem}", file=sys.stderr)
     wrote = [p for p in (res.get("out"), res.get("csv"), res.get("plot")) if p]
     print(f"{len(runs)} run(s) ({n_inc} incomplete) -> {', '.join(wrote)}")
     return 0

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
 from ..errors import LakdError
-from .common import archs_for, split_overrides
+from .common import archs_for, check_out_dir, split_overrides
 
 HELP = "picture grid of each model's class activation map (true class) and NDAM attention map"
 
@@ -68,6 +69,9 @@ def run(args) -> int:
         raise LakdError(f"--alpha {args.alpha} must lie in 0..1")
     if not args.out.lower().endswith(".png"):
         raise LakdError(f"--out {args.out!r} must name a .png file")
+    if os.path.isdir(args.out):
+        raise LakdError(f"--out {args.out!r} is a folder; give a .png file name")
+    check_out_dir(os.path.dirname(os.path.abspath(args.out)), "--out's folder")
     pos = _positions(args)
     archs = archs_for(args.arch, len(paths), "--arch")
     models, labels, _metas, bundle, cfg, device = load_models_and_data(paths, archs, overrides)

@@ -74,6 +74,8 @@ def open_rgb(path: str):
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
+    except Image.DecompressionBombError as e:  # PIL refuses images over 2x its MAX_IMAGE_PIXELS
+        raise LakdError(f"image {path} is too large to decode safely ({e}); shrink or remove the file") from None
     except OSError as e:
         raise LakdError(f"cannot read image {path}: {e}; remove or replace the file") from None
 
