@@ -295,5 +295,34 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+#: keys that say where and how fast a run goes, not what it computes: resume may change them freely
+RESUME_FREE = {
+    "experiment", "output_dir", "resume", "device", "data.root", "data.download", "data.verify_md5",
+    "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor", "train.progress",
+    "train.log_every", "train.threads", "train.save_every", "train.eval_batch_size",
+}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(stored: dict | None, cfg: dict) -> dict[str, tuple[Any, Any]]:
+    """``{key: (stored value, new value)}`` for the keys that change what a resumed run computes.
+
+    ``stored`` is the config recorded in the checkpoint (None for checkpoints that record none: no check)."""
+    if not isinstance(stored, dict):
+        return {}
+    a, b = _flatten(stored), _flatten(cfg)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in RESUME_FREE and a.get(k) != b.get(k)}
+
+
 def dump_config(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)

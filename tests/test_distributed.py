@@ -308,7 +308,8 @@ def test_torchrun_cli_writes_one_run_folder_and_resumes(ddp):
     assert res.returncode == 0, res.stderr[-4000:]
     assert os.listdir(out) == ["ddp"]
     run = out / "ddp"
-    assert {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "tb"} == set(os.listdir(run))
+    # (.lock: the run folder's lock file, held while a run lives)
+    assert {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "tb", ".lock"} == set(os.listdir(run))
     assert len(os.listdir(run / "tb")) == 1  # one events file: only rank 0 writes TensorBoard
     lines = res.stdout.splitlines()
     assert sum(x.startswith("run ") for x in lines) == 1 and "2 process(es)" in res.stdout
@@ -317,7 +318,8 @@ def test_torchrun_cli_writes_one_run_folder_and_resumes(ddp):
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert json.loads((run / "summary.json").read_text())["world_size"] == 2
 
-    res = torchrun(["train", *CLI_ARGS, "solver.epochs=3", f"resume={run}", f"output_dir={out}", "experiment=ddp"])
+    res = torchrun(["train", *CLI_ARGS, "solver.epochs=3", f"resume={run}", f"output_dir={out}", "experiment=ddp",
+                    "--allow-config-change"])  # one more epoch than the run's config: an accepted change
     assert res.returncode == 0, res.stderr[-4000:]
     assert os.listdir(out) == ["ddp"]
     assert res.stdout.count(f"resumed {run} at epoch 2") == 1

@@ -248,6 +248,7 @@ def test_resume_is_exact_for_stateful_methods(method, tmp_path):
     from lakd.engine.checkpoint import atomic_save
 
     atomic_save(tr._checkpoint(1), str(tmp_path / "part" / "last.pt"))
+    tr.close()  # release the run folder's lock, as fit() does when it returns
     resumed = Trainer(load_config(None, common + ["experiment=part", f"resume={tmp_path}/part"]), quiet=True)
     assert resumed.start_epoch == 1
     resumed.fit()
@@ -294,7 +295,199 @@ def test_too_few_classes_and_a_cut_metrics_line(tmp_path):
     with open(tmp_path / "c" / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 2, "train_lo')  # what a kill during the write leaves
     more = load_config(None, [*TINY, "method=scratch", "solver.epochs=2", f"resume={tmp_path}/c"])
-    Trainer(more, quiet=True).fit()
+    Trainer(more, quiet=True, allow_config_change=True).fit()  # one more epoch: a config change, accepted
     lines = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
     assert load_config(str(tmp_path / "c" / "config.yaml"))["resume"] is None
+
+
+# ----- issue 11: a run owns its folder, nothing computed is lost ------------------------------------------------
+def _files(folder):
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")}
+
+
+def _one_error_line(res):
+    err = res.stderr.strip()
+    assert res.returncode == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("error: "), err
+    return err.splitlines()[-1]
+
+
+def cli(argv, capsys):
+    """``lakd ARGV`` in this process (no interpreter start-up): a result like subprocess.run's."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out.out, out.err)
+
+
+def test_a_run_owns_its_folder(tmp_path, capsys):
+    """--run-dir onto a finished run is refused (nothing of it changes) until --overwrite; a second live run on
+    one folder stops at once with exit 2 while the first finishes; default names never collide."""
+    args = ["train", *TINY, "method=scratch", "solver.epochs=1"]
+    x = tmp_path / "x"
+    assert cli([*args, "--run-dir", x], capsys).returncode == 0
+    before = _files(x)
+    line = _one_error_line(cli([*args, "seed=1", "--run-dir", x], capsys))
+    assert "already holds a run" in line and f"resume={x}" in line and "--overwrite" in line
+    assert _files(x) == before
+    res = cli([*args, "seed=1", "--run-dir", x, "--overwrite"], capsys)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((x / "summary.json").read_text())["seed"] == 1
+    assert len((x / "metrics.jsonl").read_text().splitlines()) == 1  # replaced, not appended to
+
+    # two live runs with one --run-dir: the second one (even with --overwrite) leaves the first alone
+    live = tmp_path / "live"
+    first = subprocess.Popen([sys.executable, "-m", "lakd", *args, "solver.epochs=40", "--run-dir", str(live)],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (live / "config.yaml").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        for extra in (["--overwrite"], [f"resume={live}"]):
+            line = _one_error_line(cli([*args, "solver.epochs=40", "--run-dir", live, *extra], capsys))
+            assert "in use by a live run" in line and f"process {first.pid}" in line, line
+        assert first.poll() is None and (live / "config.yaml").exists()
+    finally:
+        first.kill()
+        first.wait()
+
+    # default names: exclusive creation, so concurrent claims of one experiment name get distinct folders
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lakd.engine import rundir
+
+    with ThreadPoolExecutor(8) as pool:
+        runs = list(pool.map(lambda _: rundir.claim(None, str(tmp_path / "same")), range(8)))
+    assert sorted(os.path.basename(r.path) for r in runs) == ["same"] + [f"same-{k}" for k in range(1, 8)]
+    for r in runs:
+        r.release()
+
+
+@pytest.mark.parametrize("case", ["parent_is_file", "run_dir_is_file"])
+def test_unusable_output_folder_is_one_line(case, tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    extra = ([f"output_dir={blocker}"] if case == "parent_is_file" else ["--run-dir", str(blocker)])
+    line = _one_error_line(cli(["train", *TINY, "solver.epochs=1", *extra], capsys))
+    assert str(blocker) in line and "file" in line
+    assert blocker.read_text() == "a file"
+
+
+def test_resume_refuses_a_changed_config_unless_asked_and_records_the_change(tmp_path, capsys):
+    args = ["train", *TINY, "method=scratch", "solver.epochs=1"]
+    run = tmp_path / "r"
+    assert cli([*args, "--run-dir", run], capsys).returncode == 0
+    cfg_before = (run / "config.yaml").read_text()
+    line = _one_error_line(cli([*args, "solver.epochs=2", "solver.lr=0.1", "data.train_subset=200",
+                                f"resume={run}"], capsys))
+    for change in ("solver.epochs: 1 -> 2", "solver.lr: 0.05 -> 0.1", "data.train_subset: 320 -> 200"):
+        assert change in line, line
+    assert f"lakd train {run}/config.yaml resume={run}" in line and "--allow-config-change" in line
+    assert (run / "config.yaml").read_text() == cfg_before and not (run / "config_changes.jsonl").exists()
+    # keys that only say where or how fast (threads, data folder, progress) are no change
+    res = cli(["train", run / "config.yaml", f"resume={run}", "train.threads=1", "data.root=elsewhere"], capsys)
+    assert res.returncode == 0 and "resumed" in res.stdout, res.stderr
+    res = cli([*args, "solver.epochs=2", f"resume={run}", "--allow-config-change"], capsys)
+    assert res.returncode == 0, res.stderr
+    rec = [json.loads(x) for x in (run / "config_changes.jsonl").read_text().splitlines()]
+    assert rec[-1]["epoch"] == 1 and rec[-1]["changes"] == {"solver.epochs": {"from": 1, "to": 2}}
+    assert load_config(str(run / "config.yaml"))["solver"]["epochs"] == 2
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_non_finite_evaluation_or_weights_are_never_saved(tmp_path, monkeypatch, capsys):
+    """The probe's case (resume at lr=1e6, one step per epoch) and the two checks one by one."""
+    from lakd.engine import trainer as trainer_mod
+
+    args = ["train", *TINY, "method=scratch", "solver.epochs=1", "solver.max_steps_per_epoch=1"]
+    run = tmp_path / "r"
+    assert cli([*args, "--run-dir", run], capsys).returncode == 0
+    before = _files(run)
+    line = _one_error_line(cli([*args, "solver.epochs=4", "solver.lr=1e6", f"resume={run}",
+                                "--allow-config-change"], capsys))
+    assert "diverged" in line and "solver.lr" in line
+    assert _files(run)["last.pt"] == before["last.pt"] and _files(run)["best.pt"] == before["best.pt"]
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+    def cfg(name):  # 3 epochs, evaluated at the end only (the weight check runs after every epoch)
+        return load_config(None, [*TINY, "method=scratch", "solver.epochs=3", "train.eval_every=3",
+                                  "solver.max_steps_per_epoch=2", f"output_dir={tmp_path}", f"experiment={name}"])
+
+    real_evaluate = trainer_mod.evaluate
+    monkeypatch.setattr(trainer_mod, "evaluate", lambda *a, **k: {**real_evaluate(*a, **k), "loss": float("nan")})
+    with pytest.raises(LakdError, match="epoch 3: the test loss is nan.*last good checkpoint"):
+        trainer_mod.Trainer(cfg("nan_eval"), quiet=True).fit()
+    assert torch.load(tmp_path / "nan_eval" / "last.pt", weights_only=True)["epoch"] == 2
+    assert not (tmp_path / "nan_eval" / "best.pt").exists()
+    monkeypatch.setattr(trainer_mod, "evaluate", real_evaluate)
+
+    real_epoch = trainer_mod.Trainer.train_epoch
+
+    def poisoned(self, epoch):
+        out = real_epoch(self, epoch)
+        if epoch == 1:
+            with torch.no_grad():
+                self.distiller.student.classifier.weight[0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_epoch", poisoned)
+    with pytest.raises(LakdError, match=r"epoch 2: student.fc.weight holds non-finite.*last good checkpoint"):
+        trainer_mod.Trainer(cfg("inf_weight"), quiet=True).fit()
+    assert torch.load(tmp_path / "inf_weight" / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_unwritable_run_folder_mid_run_saves_the_state_elsewhere(tmp_path, monkeypatch):
+    from lakd.engine import trainer as trainer_mod
+
+    real_save = trainer_mod.atomic_save
+
+    def failing(obj, path):
+        if obj["epoch"] == 2 and str(tmp_path) in path:
+            raise PermissionError(13, "Permission denied")
+        real_save(obj, path)
+
+    monkeypatch.setattr(trainer_mod, "atomic_save", failing)
+    cfg = load_config(None, [*TINY, "method=scratch", "solver.epochs=3", f"output_dir={tmp_path}", "experiment=w"])
+    with pytest.raises(LakdError) as e:
+        trainer_mod.Trainer(cfg, quiet=True).fit()
+    msg = str(e.value)
+    assert "cannot write to the run folder" in msg and "Permission denied" in msg and "\n" not in msg
+    rescue = msg.split("saved to ")[1].split(": ")[0]
+    assert torch.load(rescue, weights_only=True)["epoch"] == 2
+    assert f"resume={tmp_path / 'w'}" in msg
+
+
+def test_kill_leftovers_best_pt_fallback_interrupt_command_and_umask(tmp_path, capsys):
+    args = ["train", *TINY, "method=scratch", "solver.epochs=1"]
+    run = tmp_path / "r"
+    assert cli([*args, "--run-dir", run], capsys).returncode == 0
+    (run / ".tmp-abc123.pt").write_bytes(b"cut")  # a kill during a save
+    (run / "last.pt").unlink()  # and a lost last.pt: best.pt holds a full training state
+    res = cli([*args, "solver.epochs=2", f"resume={run}", "--allow-config-change"], capsys)
+    assert res.returncode == 0, res.stderr
+    assert "last.pt is missing; resuming from" in res.stdout and "resumed" in res.stdout
+    assert not glob.glob(str(run / ".tmp-*"))
+    # checkpoints follow the umask like any other file
+    old = os.umask(0o027)
+    try:
+        atomic_save({"x": 1}, str(tmp_path / "m.pt"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.pt").stat().st_mode & 0o777 == 0o640
+
+    # Ctrl-C prints the exact command that continues the run, and that command works
+    live = tmp_path / "live"
+    proc = subprocess.Popen([sys.executable, "-m", "lakd", *args, "solver.epochs=30", "--run-dir", str(live)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (live / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    cmd = err.strip().splitlines()[-1].split("continue it with: ")[1]
+    assert cmd == f"lakd train {live}/config.yaml resume={live}"
+    res = cli([*cmd.split()[1:], "solver.epochs=1", "solver.max_steps_per_epoch=1", "--allow-config-change"],
+              capsys)
+    assert res.returncode == 0 and "resumed" in res.stdout, res.stderr

@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
             print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
 
 

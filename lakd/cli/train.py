@@ -10,6 +10,7 @@ EPILOG = """examples:
   lakd train configs/cifar10/lakd/resnet56_resnet20_149.yaml
   lakd train configs/cifar10/teachers/resnet56.yaml solver.epochs=30 data.root=/data
   lakd train CONFIG resume=runs/my_run          # continue an interrupted run from its last.pt
+  lakd train CONFIG --run-dir runs/x --overwrite   # replace the run in runs/x (a live one is never touched)
   torchrun --nproc_per_node=4 -m lakd train CONFIG   # several GPUs (DDP)
 """
 
@@ -21,6 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", help="write the run here instead of output_dir/experiment")
     p.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the finished or killed run in the run folder (never a live one)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with resume=: continue although the config differs from the checkpoint's (the change is "
+                        "recorded in the run folder's config_changes.jsonl)")
 
 
 def run(args) -> int:
@@ -39,7 +45,8 @@ def run(args) -> int:
     from ..runtime import distributed as dist
 
     try:
-        trainer = Trainer(cfg, run_dir=args.run_dir, quiet=args.quiet)
+        trainer = Trainer(cfg, run_dir=args.run_dir, quiet=args.quiet, overwrite=args.overwrite,
+                          allow_config_change=args.allow_config_change)
         summary = trainer.fit()
     finally:
         dist.cleanup()

@@ -12,6 +12,7 @@ logger. The tqdm bar (``train.progress``, on a terminal only) stays a console wi
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from ..models import read_checkpoint
 from ..runtime import distributed as dist
 from ..runtime.device import device_kind, resolve_device
 from ..runtime.seeding import rng_state, seed_everything, set_rng_state
+from . import rundir
 from .build import build
 from .checkpoint import atomic_save
 from .metrics import evaluate, read_metrics, topk_correct
@@ -37,7 +39,12 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, cfg: dict, run_dir: str | None = None, quiet: bool = False):
+    """``overwrite``: replace a finished run in the folder (never a live one); ``allow_config_change``: let
+    ``resume=`` continue with a config that differs from the checkpoint's (the change is recorded in
+    ``config_changes.jsonl``)."""
+
+    def __init__(self, cfg: dict, run_dir: str | None = None, quiet: bool = False, overwrite: bool = False,
+                 allow_config_change: bool = False):
         self.cfg = cfg
         t = cfg["train"]
         self.dist = dist.init_from_env(device_kind(cfg["device"]))
@@ -65,31 +72,71 @@ class Trainer:
         self.wall_time = 0.0
         self.history: list[dict] = []
 
-        # --- run folder ---
-        # rank 0 picks the folder (the others would race with its config.yaml when probing for a free name)
-        self.run_dir = dist.broadcast_object(run_dir or self._make_run_dir())
+        # --- run folder: claimed by rank 0 (exclusive creation + lock, see engine/rundir.py) ---
+        self.run: rundir.RunDir | None = None
         self.writer = None
-        if cfg.get("resume"):
-            self._resume(cfg["resume"])
-        if self.dist.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+        self.run_dir = self._claim_run_dir(run_dir, overwrite)
+        try:
+            if cfg.get("resume"):
+                self._resume(cfg["resume"], allow_config_change)
+            if self.dist.is_main:
                 # the file must start a fresh run when re-used, so the resume pointer is left out
-                f.write(config_mod.dump_config({**cfg, "resume": None}))
-        self.teacher_correct, self.teacher_top1 = self._teacher_eval()
+                self._write_file("config.yaml", config_mod.dump_config({**cfg, "resume": None}))
+            self.teacher_correct, self.teacher_top1 = self._teacher_eval()
+        except BaseException:
+            self.close(failed=True)
+            raise
 
     # ------------------------------------------------------------------------------------------------
-    def _make_run_dir(self) -> str:
+    def _claim_run_dir(self, run_dir: str | None, overwrite: bool) -> str:
         cfg = self.cfg
-        if cfg.get("resume"):
-            path = cfg["resume"]
-            return os.path.dirname(path) if path.endswith(".pt") else path
-        base = os.path.join(cfg["output_dir"], cfg["experiment"])
-        path, k = base, 1
-        while os.path.exists(os.path.join(path, "config.yaml")):
-            path = f"{base}-{k}"
-            k += 1
+        path = err = None
+        if self.dist.is_main:
+            try:
+                resume = cfg.get("resume")
+                if resume:
+                    folder = os.path.dirname(resume) if resume.endswith(".pt") else resume
+                    same = run_dir is None or os.path.realpath(run_dir) == os.path.realpath(folder)
+                    self.run = (rundir.claim(folder, folder, resume=True) if same
+                                else rundir.claim(run_dir, run_dir, overwrite=overwrite))
+                else:
+                    self.run = rundir.claim(run_dir, os.path.join(cfg["output_dir"], cfg["experiment"]),
+                                            overwrite=overwrite)
+                path = self.run.path
+            except LakdError as e:
+                err = str(e)
+        # every rank learns the folder, or the reason there is none (so no rank waits for a failed rank 0)
+        path, err = dist.broadcast_object((path, err))
+        if err:
+            raise LakdError(err)
         return path
+
+    def _write_file(self, name: str, text: str, mode: str = "w") -> None:
+        try:
+            with open(os.path.join(self.run_dir, name), mode) as f:
+                f.write(text)
+        except OSError as e:
+            raise LakdError(f"cannot write {name} in the run folder {self.run_dir!r} ({e.strerror or e}); make it "
+                            f"writable or choose another output_dir=... / --run-dir") from None
+
+    def close(self, failed: bool = False) -> None:
+        """Close TensorBoard and release the run folder's lock; after a failed start (no checkpoint written in
+        a folder this run created) the folder is removed, so that it does not look like an incomplete run."""
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except OSError:
+                pass
+            self.writer = None
+        if self.run is not None:
+            if failed:
+                self.run.discard()
+            else:
+                self.run.release()
+            self.run = None
+
+    def resume_command(self) -> str:
+        return f"lakd train {os.path.join(self.run_dir, 'config.yaml')} resume={self.run_dir}"
 
     def _compile(self) -> None:
         """``torch.compile`` every block module in place (works with LAKD's local backward too)."""
@@ -105,8 +152,13 @@ class Trainer:
                 for m in model.block_modules(i):
                     m.compile()
 
-    def _resume(self, path: str) -> None:
+    def _resume(self, path: str, allow_config_change: bool = False) -> None:
         ck_path = path if path.endswith(".pt") else os.path.join(path, "last.pt")
+        best = os.path.join(os.path.dirname(ck_path), "best.pt")
+        if not os.path.exists(ck_path) and not path.endswith(".pt") and os.path.exists(best):
+            ck_path = best  # last.pt lost (deleted, or a kill before its first save): best.pt holds a full state
+            if not self.quiet:
+                print(f"{os.path.join(path, 'last.pt')} is missing; resuming from {best}")
         if not os.path.exists(ck_path):
             raise LakdError(f"cannot resume: {ck_path!r} does not exist; give the run folder of an earlier run")
         ck = read_checkpoint(ck_path)
@@ -115,6 +167,13 @@ class Trainer:
         if ck.get("method") != self.cfg["method"] or ck.get("arch") != self.cfg["model"]["name"]:
             raise LakdError(f"cannot resume from {ck_path!r}: it is a {ck.get('method')} run of {ck.get('arch')}, "
                             f"the config asks for {self.cfg['method']} with {self.cfg['model']['name']}")
+        changes = config_mod.config_changes(ck.get("config"), self.cfg)
+        if changes and not allow_config_change:
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:6])
+            more = f" and {len(changes) - 6} more" if len(changes) > 6 else ""
+            raise LakdError(f"cannot resume from {ck_path!r} with a different config ({shown}{more}); continue with "
+                            f"the run's own config ({self.resume_command()}), or accept the change with "
+                            f"--allow-config-change (it is recorded in the run folder)")
         try:
             self.distiller.student.load_state_dict(ck["model"])
             self.distiller.load_extra_state_dict(ck.get("distiller", {}))
@@ -130,6 +189,13 @@ class Trainer:
         self.best_top1 = float(ck.get("best_top1", -1.0))
         self.best_epoch = int(ck.get("best_epoch", 0))
         self.wall_time = float(ck.get("wall_time_s", 0.0))
+        if changes and self.dist.is_main:
+            record = {"epoch": self.start_epoch, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
+            self._write_file("config_changes.jsonl", json.dumps(record) + "\n", mode="a")
+            if not self.quiet:
+                print(f"config changed on resume ({', '.join(changes)}); recorded in "
+                      f"{os.path.join(self.run_dir, 'config_changes.jsonl')}")
         metrics = os.path.join(self.run_dir, "metrics.jsonl")
         if os.path.exists(metrics) and self.dist.is_main:
             # drop lines written after the checkpoint (a kill between the log and the save; a torn line is skipped)
@@ -231,6 +297,56 @@ class Trainer:
                 "losses": losses_avg, "epoch_time_s": dt, "images_per_s": vec[0] / dt}
 
     def fit(self) -> dict:
+        """Train to ``solver.epochs``; the run folder's lock is released at the end, whatever happens."""
+        ok = False
+        try:
+            summary = self._fit()
+            ok = True
+            return summary
+        except KeyboardInterrupt:
+            if self.run is not None and self.run.has_checkpoint():
+                epoch = self.history[-1]["epoch"] if self.history else self.start_epoch
+                msg = f"the run stopped after epoch {epoch}; continue it with: {self.resume_command()}"
+            else:
+                msg = "the run stopped before its first checkpoint; nothing to continue (its folder was removed)"
+            self.close(failed=True)
+            raise KeyboardInterrupt(msg) from None
+        finally:
+            self.close(failed=not ok)
+
+    def _check_finite(self, epoch: int, ev: dict | None) -> None:
+        """Stop before a checkpoint holds a diverged model (a NaN test loss, or non-finite weights)."""
+        bad = ""
+        if ev is not None and not math.isfinite(float(ev["loss"])):
+            bad = f"the test loss is {ev['loss']}"
+        else:
+            for name, t in itertools.chain(self.distiller.named_parameters(), self.distiller.named_buffers()):
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad = f"{name} holds non-finite values"
+                    break
+        if bad:
+            last = os.path.join(self.run_dir, "last.pt")
+            kept = (f"the last good checkpoint {last} is kept" if os.path.exists(last)
+                    else "no checkpoint was written")
+            raise LakdError(f"training diverged at epoch {epoch + 1}: {bad}; nothing of this epoch was saved and "
+                            f"{kept}; lower solver.lr (now {self.cfg['solver']['lr']}) or check the loss weights")
+
+    def _rescue(self, epoch: int, err: OSError) -> None:
+        """The run folder became unwritable: save the training state elsewhere, then stop with the way back."""
+        import tempfile
+
+        where = ""
+        try:
+            folder = tempfile.mkdtemp(prefix=f"lakd-rescue-{self.cfg['experiment']}-")
+            atomic_save(self._checkpoint(epoch + 1), os.path.join(folder, "last.pt"))
+            where = (f"; the training state of epoch {epoch + 1} was saved to {folder}/last.pt: when the folder is "
+                     f"writable again, copy it to {self.run_dir}/last.pt and continue with {self.resume_command()}")
+        except OSError:
+            pass
+        raise LakdError(f"cannot write to the run folder {self.run_dir!r} at epoch {epoch + 1} "
+                        f"({err.strerror or err}){where}") from None
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         epochs = int(cfg["solver"]["epochs"])
         if self.dist.is_main and self.writer is None:
@@ -246,26 +362,28 @@ class Trainer:
             t0 = time.perf_counter()
             record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             every = max(int(cfg["train"]["eval_every"]), 1)
+            ev = None
             if (epoch + 1) % every == 0 or epoch + 1 == epochs:
                 ev = evaluate(self.distiller, self.data.test, self.device, self.amp_dtype, self.teacher_correct)
                 record.update(test_top1=ev["top1"], test_top5=ev["top5"], test_loss=ev["loss"], ek=ev["ek"])
-                if ev["top1"] > self.best_top1:
+            self._check_finite(epoch, ev)
+            try:
+                if ev is not None and ev["top1"] > self.best_top1:
                     self.best_top1, self.best_epoch = ev["top1"], epoch + 1
                     if self.dist.is_main:
                         atomic_save(self._checkpoint(epoch + 1), os.path.join(self.run_dir, "best.pt"))
-            self.wall_time += time.perf_counter() - t0
-            self.history.append(record)
-            if self.dist.is_main:
-                self._log(record)
-                if (epoch + 1) % max(int(cfg["train"]["save_every"]), 1) == 0 or epoch + 1 == epochs:
-                    atomic_save(self._checkpoint(epoch + 1), os.path.join(self.run_dir, "last.pt"))
+                self.wall_time += time.perf_counter() - t0
+                self.history.append(record)
+                if self.dist.is_main:
+                    self._log(record)
+                    if (epoch + 1) % max(int(cfg["train"]["save_every"]), 1) == 0 or epoch + 1 == epochs:
+                        atomic_save(self._checkpoint(epoch + 1), os.path.join(self.run_dir, "last.pt"))
+            except OSError as e:
+                self._rescue(epoch, e)
             dist.barrier()
         summary = self._summary()
         if self.dist.is_main:
-            with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
-            if self.writer is not None:
-                self.writer.close()
+            self._write_file("summary.json", json.dumps(summary, indent=2))
         return summary
 
     def _log(self, record: dict) -> None:

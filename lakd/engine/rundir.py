@@ -1,0 +1,156 @@
+"""A run owns its folder: created exclusively, locked while the run lives, reused only on request.
+
+- A new run creates its folder with ``os.mkdir`` (atomic: of two processes asking for one name, one gets it).
+  Without ``--run-dir`` the name is ``output_dir/experiment``, then ``-1``, ``-2``... for the first free one.
+- While the run lives it holds an exclusive ``flock`` on ``<run>/.lock`` (released by the kernel when the
+  process dies, even on SIGKILL), so a second live run on the same folder stops at once with exit code 2.
+- An existing run folder is reused only to continue it (``resume=``) or, when asked explicitly
+  (``--overwrite``), to replace it; anything else is an error that says which of the two to use.
+
+``fcntl`` is POSIX; where it is missing (Windows) the lock is skipped and exclusive creation still holds.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+from ..errors import LakdError
+from .checkpoint import remove_stale_temporaries
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
+LOCK_NAME = ".lock"
+
+
+class RunDir:
+    """A claimed run folder: ``path``, whether this process created it, and the lock it holds."""
+
+    def __init__(self, path: str, created: bool):
+        self.path = path
+        self.created = created
+        self._fd: int | None = None
+
+    # ------------------------------------------------------------------------------------------------
+    def lock(self) -> None:
+        if fcntl is None or self._fd is not None:
+            return
+        lock_path = os.path.join(self.path, LOCK_NAME)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise LakdError(f"cannot write in the run folder {self.path!r} ({e.strerror or e}); choose a writable "
+                            f"output_dir=... or --run-dir") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise LakdError(f"run folder {self.path!r} is in use by a live run (process {owner}); wait for it to "
+                            f"finish, or write this run elsewhere with --run-dir DIR") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def contents(self) -> list[str]:
+        """What the folder holds besides the lock and the temporaries of a killed save."""
+        try:
+            return sorted(n for n in os.listdir(self.path) if n != LOCK_NAME)
+        except OSError:
+            return []
+
+    def has_checkpoint(self) -> bool:
+        return any(os.path.exists(os.path.join(self.path, n)) for n in ("last.pt", "best.pt"))
+
+    def discard(self) -> None:
+        """Remove a folder this process created and that holds no checkpoint (a run that failed to start), so
+        that it does not show up as an incomplete run; release the lock either way."""
+        try:
+            if self.created and not self.has_checkpoint():
+                shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            self.release()
+
+
+def _mkdir_parent(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except FileExistsError:
+        raise LakdError(f"cannot create the run folder {path!r}: {parent!r} is a file, not a folder; choose "
+                        f"another output_dir=... or --run-dir") from None
+    except OSError as e:
+        raise LakdError(f"cannot create the run folder {path!r} ({e.strerror or e}); choose a writable "
+                        f"output_dir=... or --run-dir") from None
+
+
+def _mkdir(path: str) -> bool:
+    """``os.mkdir``; False when the name is taken (by a folder or a file)."""
+    try:
+        os.mkdir(path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        raise LakdError(f"cannot create the run folder {path!r} ({e.strerror or e}); choose a writable "
+                        f"output_dir=... or --run-dir") from None
+
+
+def _clear(run: RunDir) -> None:
+    for name in run.contents():
+        p = os.path.join(run.path, name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        else:
+            os.unlink(p)
+
+
+def claim(path: str | None, base: str, *, resume: bool = False, overwrite: bool = False) -> RunDir:
+    """Claim the run folder: ``path`` when given (``--run-dir``), else ``base`` or the first free ``base-k``.
+
+    ``resume``: the folder holds the run being continued (it must exist). ``overwrite``: an existing run in the
+    folder is deleted (under the lock, so never one that is still running).
+    """
+    if resume:
+        target = path or base
+        if not os.path.isdir(target):
+            raise LakdError(f"cannot resume: the run folder {target!r} does not exist")
+        run = RunDir(target, created=False)
+        run.lock()
+        remove_stale_temporaries(target)
+        return run
+    if path is None and not overwrite:
+        _mkdir_parent(base)
+        k = 0
+        while True:
+            candidate = base if k == 0 else f"{base}-{k}"
+            if _mkdir(candidate):
+                run = RunDir(candidate, created=True)
+                run.lock()
+                return run
+            k += 1
+    target = path or base
+    _mkdir_parent(target)
+    created = _mkdir(target)
+    if not created and not os.path.isdir(target):
+        raise LakdError(f"cannot use {target!r} as the run folder: it is a file; choose another --run-dir")
+    run = RunDir(target, created=created)
+    run.lock()  # from here on no other live run writes in the folder
+    remove_stale_temporaries(target)
+    if run.contents():
+        if not overwrite:
+            run.release()
+            raise LakdError(f"run folder {target!r} already holds a run ({', '.join(run.contents()[:4])}); "
+                            f"continue it with resume={target}, write this run elsewhere with --run-dir DIR, or "
+                            f"replace it with --overwrite")
+        _clear(run)
+    return run
