@@ -79,6 +79,7 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 50,
         "deterministic": False,
         "threads": 0,  # torch.set_num_threads on CPU (0: leave PyTorch's default)
+        "dist_timeout_s": 600.0,  # multi-process: how long ranks wait for each other before naming the missing one
     },
 }
 
@@ -250,6 +251,8 @@ def validate(cfg: dict) -> None:
         v = cfg[sec][k]
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise LakdError(f"{sec}.{k} must be a whole number >= 0 (0: the default), got {v!r}")
+    if not cfg["train"]["dist_timeout_s"] > 0:
+        raise LakdError(f"train.dist_timeout_s must be a positive number of seconds, got {cfg['train']['dist_timeout_s']!r}")
     if s["schedule"] not in ("linear", "multistep", "cosine", "constant"):
         raise LakdError(f"solver.schedule {s['schedule']!r} is not one of linear, multistep, cosine, constant")
     if cfg["train"]["amp"] not in ("none", "bf16", "fp16"):

@@ -338,3 +338,38 @@ def test_torchrun_cli_writes_one_run_folder_and_resumes(ddp):
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
     sys.path.insert(0, str(ROOT))
     worker(Path(sys.argv[2]))
+
+
+# ----- (d) a rank that stops answering ---------------------------------------------------------------------------
+def test_a_stopped_rank_is_named_within_the_configured_timeout(tmp_path):
+    """SIGSTOP one of two gloo ranks mid-training: rank 0 fails after train.dist_timeout_s (not PyTorch's 30
+    minutes), names rank 1 in one error line, and exits with code 2."""
+    import signal
+    import time
+
+    port = free_port()
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "lakd", "train", *CLI_ARGS, "solver.epochs=50", "train.dist_timeout_s=5",
+            "--run-dir", str(run)]
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=clean_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=2, MASTER_PORT=port))
+             for r in range(2)]
+    try:
+        deadline = time.time() + 240
+        while not (run / "last.pt").exists() and all(p.poll() is None for p in procs) and time.time() < deadline:
+            time.sleep(0.05)
+        assert (run / "last.pt").exists(), procs[0].stderr.read() if procs[0].poll() is not None else "no epoch"
+        procs[1].send_signal(signal.SIGSTOP)
+        t0 = time.time()
+        _, err = procs[0].communicate(timeout=120)
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert procs[0].returncode == 2, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: rank 1 of 2 stopped answering") and f"resume={run}" in line, err[-3000:]
+    assert "train.dist_timeout_s=5" in line and "Traceback" not in err
+    assert waited < 60  # 5 s for the collective, at most 5 s more to find the rank, plus a slow machine

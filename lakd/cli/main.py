@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except LakdError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+        # under torchrun every rank fails alike: say it once (a rank that names a stuck rank 0 says it too)
+        if os.environ.get("RANK", "0") == "0" or "stopped answering" in str(e):
             print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:

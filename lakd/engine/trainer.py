@@ -47,7 +47,7 @@ class Trainer:
                  allow_config_change: bool = False):
         self.cfg = cfg
         t = cfg["train"]
-        self.dist = dist.init_from_env(device_kind(cfg["device"]))
+        self.dist = dist.init_from_env(device_kind(cfg["device"]), timeout_s=float(t["dist_timeout_s"]))
         self.device = resolve_device(str(cfg["device"]), self.dist.local_rank)
         self.quiet = quiet or not self.dist.is_main
         if t.get("threads"):
@@ -311,8 +311,24 @@ class Trainer:
                 msg = "the run stopped before its first checkpoint; nothing to continue (its folder was removed)"
             self.close(failed=True)
             raise KeyboardInterrupt(msg) from None
+        except RuntimeError as e:  # a collective failed (gloo/NCCL timeout, a rank gone): which rank?
+            if self.dist.enabled:
+                self._name_stuck_ranks(e)
+            raise
         finally:
             self.close(failed=not ok)
+
+    def _name_stuck_ranks(self, err: RuntimeError) -> None:
+        wait = min(float(self.cfg["train"]["dist_timeout_s"]), 60.0)
+        ranks = dist.unresponsive_ranks(wait)
+        if not ranks:
+            return  # every rank answers (or it cannot be told): the original error stands
+        who = ", ".join(str(r) for r in ranks)
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise LakdError(f"rank {who} of {self.dist.world_size} stopped answering (rank {self.dist.rank} saw: {first}); "
+                        f"check that process (hung, stopped, out of memory?) and restart with resume="
+                        f"{self.run_dir}; train.dist_timeout_s={self.cfg['train']['dist_timeout_s']} sets how long "
+                        f"ranks wait for each other") from None
 
     def _check_finite(self, epoch: int, ev: dict | None) -> None:
         """Stop before a checkpoint holds a diverged model (a NaN test loss, or non-finite weights)."""

@@ -19,7 +19,9 @@ What is per rank and what is shared (``W`` processes, global batch ``B``, see ``
 """
 from __future__ import annotations
 
+import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +49,16 @@ def is_enabled() -> bool:
     return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
 
 
-def init_from_env(device_kind: str) -> DistInfo:
-    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1 in the environment)."""
+#: a CPU (gloo) group beside the training group, used only to find out which rank stopped answering
+_monitor = None
+
+
+def init_from_env(device_kind: str, timeout_s: float = 600.0) -> DistInfo:
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1 in the environment).
+
+    ``timeout_s`` bounds every collective: a rank that stops answering (hung, stopped, dead) makes the others
+    fail after that long instead of PyTorch's default 30 minutes; ``unresponsive_ranks`` then names it."""
+    global _monitor
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -58,13 +68,35 @@ def init_from_env(device_kind: str) -> DistInfo:
         backend = "nccl" if device_kind == "cuda" else "gloo"
         if device_kind == "cuda":
             torch.cuda.set_device(local_rank)
-        tdist.init_process_group(backend=backend)
+        timeout = datetime.timedelta(seconds=float(timeout_s))
+        tdist.init_process_group(backend=backend, timeout=timeout)
+        _monitor = tdist.new_group(backend="gloo", timeout=timeout)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
 
+def unresponsive_ranks(wait_s: float) -> list[int] | None:
+    """After a collective failed: the ranks that do not reach a ``monitored_barrier`` (gloo) within ``wait_s``.
+
+    On rank 0 these are the ranks that stopped answering; on another rank, ``[0]`` when rank 0 does not answer.
+    ``[]`` when every rank answers (the failure was something else); None when it cannot be told."""
+    if _monitor is None:
+        return None
+    try:
+        tdist.monitored_barrier(group=_monitor, timeout=datetime.timedelta(seconds=float(wait_s)),
+                                wait_all_ranks=True)
+        return []
+    except RuntimeError as e:
+        m = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(e))
+        if m:
+            return [int(x) for x in re.findall(r"\d+", m.group(1))]
+        return [0] if tdist.get_rank() != 0 else None
+
+
 def cleanup() -> None:
+    global _monitor
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
+    _monitor = None
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
