@@ -40,17 +40,83 @@ def test_demo_on_tiny_settings(tmp_path):
     assert rows[2]["ek"] is not None and rows[3]["ek"] is not None
 
 
+def _readme_block(title: str) -> list[str]:
+    """The ``lakd ...`` command lines of the first bash block after the heading ``title`` (comments removed)."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split(title, 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip().startswith("lakd ")]
+
+
+def _tiny_cifar10_archive(path: Path) -> None:
+    """A CIFAR-10 archive in the official layout, 5 x 16 training and 20 test images."""
+    import io
+    import pickle
+    import tarfile
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    files = {f"data_batch_{i}": 16 for i in range(1, 6)} | {"test_batch": 20}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, n in files.items():
+            blob = pickle.dumps({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                                 "labels": [k % 10 for k in range(n)]}, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+
+def test_readme_first_distilled_student_from_a_fresh_clone(tmp_path, monkeypatch, capsys):
+    """README's first-student commands, as written, in a folder with nothing but the configs (no ../shared, no
+    data): data.download=true goes through torchvision's download_url, replaced here by a fake that writes a
+    tiny archive; then the teacher config, the LAKD config (which names the teacher's run folder), eval, report.
+    Only the budget is overridden (appended, so the README's own overrides are still parsed)."""
+    import shutil
+
+    from torchvision.datasets import utils as tv_utils
+
+    from lakd.cli.main import main
+
+    commands = _readme_block("## Your first distilled student on CIFAR-10")
+    assert [c.split()[1] for c in commands] == ["train", "train", "eval", "report"]
+    assert "data.download=true" in commands[0] and "../shared" not in " ".join(commands)
+    clone = tmp_path / "clone"
+    shutil.copytree(ROOT / "configs", clone / "configs")
+    monkeypatch.chdir(clone)
+    monkeypatch.delenv("LAKD_DATA", raising=False)
+    fetched = []
+
+    def fake_download_url(url, root, filename=None, md5=None, **kw):
+        fetched.append(url)
+        _tiny_cifar10_archive(Path(root) / filename)
+
+    monkeypatch.setattr(tv_utils, "download_url", fake_download_url)
+    tiny = ["solver.epochs=1", "solver.max_steps_per_epoch=1", "solver.batch_size=16", "train.threads=1",
+            "train.progress=false"]
+    for cmd in commands:
+        argv = cmd.split()[1:]
+        if argv[0] == "train":
+            argv += tiny
+        assert main(argv) == 0, (cmd, capsys.readouterr().err)
+    assert fetched == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"]
+    assert (clone / "data" / "cifar-10-batches-py" / "test_batch").exists()
+    out = capsys.readouterr().out
+    assert "EK" in out and "top-1" in out
+    assert (clone / "runs" / "cifar10_teacher_resnet56" / "best.pt").exists()
+    assert "lakd" in (clone / "report.md").read_text()
+
+
 @pytest.mark.skipif(not (SHARED / "data" / "cifar-10-batches-py").exists()
                     or not (SHARED / "teachers" / "cifar10_resnet56.pth").exists(),
                     reason="needs $LAKD_SHARED/data and $LAKD_SHARED/teachers")
-def test_readme_first_distilled_student(tmp_path):
+def test_first_distilled_student_with_this_machines_teacher(tmp_path):
+    """The same path with a teacher in mdistiller's layout (this machine's copy, found through LAKD_SHARED)."""
+    teacher = str(SHARED / "teachers" / "cifar10_resnet56.pth")
     tiny = ["data.train_subset=128", "data.test_subset=100", "train.threads=1", f"output_dir={tmp_path}",
-            "solver.max_steps_per_epoch=2"]
+            "solver.max_steps_per_epoch=2", f"data.root={SHARED / 'data'}", f"teacher.checkpoint={teacher}"]
     lakd("train", "configs/cifar10/lakd/resnet56_resnet20_149.yaml", "solver.epochs=1", *tiny)
     run = tmp_path / "cifar10_lakd_149"
-    out = lakd("eval", "--checkpoint", str(run / "best.pt"), "--teacher", str(SHARED / "teachers" /
-                                                                             "cifar10_resnet56.pth"),
-               "data.test_subset=100")
+    out = lakd("eval", "--checkpoint", str(run / "best.pt"), "--teacher", teacher, "data.test_subset=100")
     assert "EK" in out and "top-1" in out
     out = lakd("report", str(run), "--out", str(tmp_path / "report.md"))
     assert (tmp_path / "report.md").read_text().count("lakd") >= 1
