@@ -38,6 +38,12 @@ def test_demo_on_tiny_settings(tmp_path):
     rows = json.loads((tmp_path / "demo.json").read_text())["rows"]
     assert [r["run"] for r in rows] == ["teacher", "scratch", "kd", "lakd"]
     assert rows[2]["ek"] is not None and rows[3]["ek"] is not None
+    # EK with its counts (k of the n images the teacher gets wrong), and LAKD's step memory against scratch
+    k, n = rows[3]["ek_of"]
+    assert 0 <= k <= n and (n == 0 or abs(100.0 * k / n - rows[3]["ek"]) < 1e-6)
+    assert rows[0]["memory_vs_scratch"] is None and rows[1]["memory_vs_scratch"] == 1.0
+    assert 0 < rows[3]["memory_vs_scratch"] < 1.0  # LAKD's local backward frees each module's activations
+    assert "step memory vs scratch" in out and "points" in out
 
 
 def _readme_block(title: str) -> list[str]:
