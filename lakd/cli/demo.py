@@ -55,8 +55,8 @@ def run(args) -> int:
     from ..config import load_config
     from ..distillers import DISTILLERS
     from ..engine.trainer import Trainer
-    from ..runtime.device import resolve_device
     from ..errors import LakdError
+    from ..runtime.device import resolve_device
 
     if args.labelled < 10 or args.epochs < 1 or args.teacher_epochs < 1:
         raise LakdError("--labelled must be at least 10 and --epochs/--teacher-epochs at least 1")
