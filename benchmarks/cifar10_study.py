@@ -18,7 +18,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEACHER = "../shared/teachers/cifar10_resnet56.pth"
+# this machine's CIFAR-10 copy and resnet56 teacher (mdistiller's layout): $LAKD_SHARED, else ../shared
+SHARED = os.environ.get("LAKD_SHARED") or os.path.join(ROOT, "..", "shared")
+TEACHER = os.path.join(SHARED, "teachers", "cifar10_resnet56.pth")
+DATA = os.path.join(SHARED, "data")
 
 RUNS = [  # name, config
     ("scratch", "configs/cifar10/scratch/resnet20_paper.yaml"),
@@ -61,7 +64,8 @@ def main() -> int:
     runs = [r for r in RUNS if not args.only or r[0] in args.only.split(",")]
     common = [f"solver.epochs={args.epochs}", f"data.train_subset={args.train_subset}",
               f"data.test_subset={args.test_subset}", f"seed={args.seed}",
-              f"train.threads={args.threads}", "train.progress=false", "data.num_workers=0"]
+              f"train.threads={args.threads}", "train.progress=false", "data.num_workers=0", f"data.root={DATA}",
+              f"teacher.checkpoint={TEACHER}"]
     t0 = time.time()
     commands = []
     if not args.skip_train:
@@ -102,11 +106,11 @@ def main() -> int:
     if students:
         sh(lakd_cmd("analyze", "cka", "--teacher", TEACHER, "--teacher-arch", "resnet56", "--students", *students,
                     "--images", str(min(1000, args.test_subset or 1000)), "--out", f"{out}/cka",
-                    "data.root=../shared/data"))
+                    f"data.root={DATA}"))
         sh(lakd_cmd("visualize", "--checkpoints", *[os.path.join(args.runs, n, "best.pt")
                                                    for n in ("catkd", "lakd_149") if n in dict(runs)],
                     "--indices", "7,1507,3007,4507,6007,8507", "--out", f"{out}/maps.png",
-                    "data.root=../shared/data"))
+                    f"data.root={DATA}"))
     for what in ("memory", "speed"):
         extra = ["--steps", "10", "--rounds", "2"] if what == "speed" else []
         cmd = lakd_cmd("bench", what, "--teacher", "resnet56", "--student", "resnet20", "--methods",

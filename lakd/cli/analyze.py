@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="memory for the full estimator's features; more passes over the data above it")
     p.add_argument("--out", default="cka", metavar="DIR", help="output folder (default ./cka)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides for the data, e.g. data.dataset=cifar100 data.root=../shared/data")
+                   help="config overrides for the data, e.g. data.dataset=cifar100 data.root=/data")
     p.set_defaults(_analysis=run_cka_command)
 
 

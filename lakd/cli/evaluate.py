@@ -8,8 +8,8 @@ HELP = "evaluate a checkpoint on a test set: top-1, top-5, loss, and EK against 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.epilog = ("example:\n  lakd eval --checkpoint runs/lakd/best.pt --teacher ../shared/teachers/cifar10_resnet56.pth "
-                "data.root=../shared/data")
+    p.epilog = ("example:\n  lakd eval --checkpoint runs/cifar10_lakd_149/best.pt "
+                "--teacher runs/cifar10_teacher_resnet56/best.pt data.root=/data")
     p.add_argument("--checkpoint", required=True, help="student checkpoint (lakd, mdistiller or RepDistiller)")
     p.add_argument("--arch", help="model name when the checkpoint does not record it (mdistiller files)")
     p.add_argument("--teacher", help="teacher checkpoint: also report its accuracy and the student's EK")

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity over the image (0..1)")
     parser.add_argument("--out", default="attention.png", metavar="FILE.png", help="output picture")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides for the data, e.g. data.dataset=cifar10 data.root=../shared/data")
+                        help="config overrides for the data, e.g. data.dataset=cifar10 data.root=/data")
 
 
 def _positions(args) -> list[int]:

@@ -3,7 +3,7 @@
 The trainer (``engine.trainer``), the cost benchmarks (``analysis.cost``) and Python users (``lakd.build``) all
 build through these functions, so a run, a benchmark and a notebook get the same objects from the same config:
 
-    cfg = lakd.load_config("configs/cifar10/lakd/resnet56_resnet20_149.yaml", ["data.root=../shared/data"])
+    cfg = lakd.load_config("configs/cifar10/lakd/resnet56_resnet20_149.yaml", ["data.download=true"])
     parts = lakd.build(cfg)             # parts.data, parts.distiller, parts.optimizer, parts.scaler, ...
 """
 from __future__ import annotations
