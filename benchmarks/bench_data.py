@@ -9,7 +9,7 @@ normalised float32 NCHW:
 - ``torchvision``: the classic recipe, as ``torchvision.datasets.CIFAR10`` does it (``Image.fromarray`` per
   sample, RandomCrop, RandomHorizontalFlip, ToTensor, Normalize in ``--workers`` DataLoader workers).
 
-Usage: ``python benchmarks/bench_data.py [--root ../shared/data] [--batch-sizes 64 256] [--json]``
+Usage: ``python benchmarks/bench_data.py [--root DATA] [--batch-sizes 64 256] [--json]``
 """
 from __future__ import annotations
 
@@ -101,7 +101,8 @@ def cfg_for(root: str, batch: int, fast: bool, workers: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--root", default=str(REPO / ".." / "shared" / "data"), help="folder holding cifar-10-batches-py")
+    p.add_argument("--root", default=os.environ.get("LAKD_DATA") or "data",
+                   help="folder holding cifar-10-batches-py (default: $LAKD_DATA, else ./data)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     p.add_argument("--images", type=int, default=12800, help="images timed per measurement")
     p.add_argument("--repeats", type=int, default=3, help="measurements per pipeline (the median is shown)")
