@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import time
 
 HELP = "distillation on the bundled digits: a teacher, then scratch/KD/LAKD students with few labels (offline)"
@@ -79,11 +78,9 @@ def run(args) -> int:
                 over += [f"teacher.name={args.teacher}", f"teacher.checkpoint={teacher_ckpt}"]
         cfg = load_config(None, over + extra + list(args.overrides))
         run_dir = os.path.join(args.out, name)
-        if os.path.exists(os.path.join(run_dir, "config.yaml")):
-            shutil.rmtree(run_dir)  # the demo's own earlier run
         print(f"== {name}: {method} {cfg['model']['name']} on {cfg['data']['train_subset'] or 'all'} labelled "
               f"images for {cfg['solver']['epochs']} epochs", flush=True)
-        trainer = Trainer(cfg, run_dir=run_dir)
+        trainer = Trainer(cfg, run_dir=run_dir, overwrite=True)  # replaces the demo's own earlier run
         summary = trainer.fit()
         if who == "teacher":
             teacher_ckpt = os.path.join(run_dir, "best.pt")
