@@ -1,7 +1,7 @@
 """``lakd demo``: what distillation is for, offline on scikit-learn's bundled digits, in minutes on a CPU.
 
 A resnet20 teacher learns from all 1437 labelled training images. Three resnet8 students then get only a few
-of those labels (``--labelled``, 300 by default) and a short budget: one from scratch, one with KD, one with
+of those labels (``--labelled``, 150 by default) and a short budget: one from scratch, one with KD, one with
 LAKD. With so few labels the teacher's knowledge is what the distilled students have over the scratch one, and
 the table shows it: top-1 of each, EK (of the test images the teacher gets wrong, the share the student gets
 right, with the counts, since the teacher errs on few images), and each method's training-step memory against
@@ -31,10 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="folder for the runs (one sub-folder per model) and demo.md")
     p.add_argument("--teacher", default="resnet20")
     p.add_argument("--student", default="resnet8")
-    p.add_argument("--labelled", type=int, default=300,
+    p.add_argument("--labelled", type=int, default=150,
                    help="labelled training images the students get (of 1437; the teacher sees all)")
-    p.add_argument("--epochs", type=int, default=15, help="student epochs")
-    p.add_argument("--teacher-epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=20, help="student epochs")
+    p.add_argument("--teacher-epochs", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
