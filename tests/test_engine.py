@@ -420,6 +420,11 @@ def test_non_finite_evaluation_or_weights_are_never_saved(tmp_path, monkeypatch,
         trainer_mod.Trainer(cfg("nan_eval"), quiet=True).fit()
     assert torch.load(tmp_path / "nan_eval" / "last.pt", weights_only=True)["epoch"] == 2
     assert not (tmp_path / "nan_eval" / "best.pt").exists()
+    one = cfg("stub")
+    one["solver"]["epochs"] = 1
+    with pytest.raises(LakdError, match="epoch 1: the test loss is nan.*no checkpoint was written"):
+        trainer_mod.Trainer(one, quiet=True).fit()
+    assert not (tmp_path / "stub").exists()  # a failed start leaves no stub folder for `lakd report` to count
     monkeypatch.setattr(trainer_mod, "evaluate", real_evaluate)
 
     real_epoch = trainer_mod.Trainer.train_epoch
