@@ -158,7 +158,7 @@ class Trainer:
         if not os.path.exists(ck_path) and not path.endswith(".pt") and os.path.exists(best):
             ck_path = best  # last.pt lost (deleted, or a kill before its first save): best.pt holds a full state
             if not self.quiet:
-                print(f"{os.path.join(path, 'last.pt')} is missing; resuming from {best}")
+                log.info("%s is missing; resuming from %s", os.path.join(path, "last.pt"), best)
         if not os.path.exists(ck_path):
             raise LakdError(f"cannot resume: {ck_path!r} does not exist; give the run folder of an earlier run")
         ck = read_checkpoint(ck_path)
@@ -194,8 +194,8 @@ class Trainer:
                       "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
             self._write_file("config_changes.jsonl", json.dumps(record) + "\n", mode="a")
             if not self.quiet:
-                print(f"config changed on resume ({', '.join(changes)}); recorded in "
-                      f"{os.path.join(self.run_dir, 'config_changes.jsonl')}")
+                log.info("config changed on resume (%s); recorded in %s", ", ".join(changes),
+                         os.path.join(self.run_dir, "config_changes.jsonl"))
         metrics = os.path.join(self.run_dir, "metrics.jsonl")
         if os.path.exists(metrics) and self.dist.is_main:
             # drop lines written after the checkpoint (a kill between the log and the save; a torn line is skipped)
