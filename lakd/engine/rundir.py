@@ -62,9 +62,10 @@ class RunDir:
             self._fd = None
 
     def contents(self) -> list[str]:
-        """What the folder holds besides the lock and the temporaries of a killed save."""
+        """The run outputs in the folder: hidden files (the lock, a killed save's temporaries, a sweep's pid
+        file) are not a run."""
         try:
-            return sorted(n for n in os.listdir(self.path) if n != LOCK_NAME)
+            return sorted(n for n in os.listdir(self.path) if not n.startswith("."))
         except OSError:
             return []
 
