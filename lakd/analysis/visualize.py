@@ -20,7 +20,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..distillers.losses import class_activation_maps, ndam_map
+from ..distillers.losses import ndam_map
 from ..errors import LakdError
 from .runs import Run
 from .tables import Table, build_tables, column_runs, column_title, display_label, method_key
@@ -139,7 +139,7 @@ def attention_maps(model, images: torch.Tensor, targets: torch.Tensor, stage: in
         raise LakdError(f"--stage {stage} does not exist: this model has stages 1..{n} (or -1 for the last)")
     sidx = stage - 1 if stage > 0 else n + stage
     size = images.shape[-2:]
-    cams = class_activation_maps(feats["last"], model.classifier)
+    cams = model.class_maps(feats["last"])
     cam = cams[torch.arange(len(targets), device=cams.device), targets.to(cams.device)]
     cam = F.interpolate(cam[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
     nd = ndam_map(stages[sidx].float(), ndam_avg, ndam_max, use_abs)

@@ -51,6 +51,10 @@ class Distiller(nn.Module):
     #: the reference the benchmarks divide by (``ratio_to_scratch``): training without distillation
     cost_reference = False
 
+    #: what the method needs from the student and teacher beyond logits and features, checked at construction
+    #: (``FeatureNet.missing``): ``"class_maps"`` (a classifier for class activation maps), ``"preact"``
+    needs: tuple[str, ...] = ()
+
     @classmethod
     def analysis_points(cls, cfg: dict) -> str:
         """Which of a trained student's block outputs analyses show by default (a ``parse_points`` spec:
@@ -64,6 +68,11 @@ class Distiller(nn.Module):
         self.cfg = cfg
         self.epoch = 0
         self.total_epochs = int(cfg.get("solver", {}).get("epochs", 1))
+        for role, model in (("student", student), ("teacher", teacher if self.needs_teacher else None)):
+            for need in self.needs if model is not None else ():
+                why = model.missing(need)
+                if why:
+                    raise LakdError(f"method {self.name} needs {_NEEDS.get(need, need)} from the {role}, but {why}")
         if teacher is not None:
             for p in teacher.parameters():
                 p.requires_grad_(False)
@@ -124,3 +133,7 @@ class Distiller(nn.Module):
                               **({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
                                  if self.teacher is not None else {}),
                               **sd}, strict=True)
+
+
+_NEEDS = {"class_maps": "class activation maps (a linear classifier after global pooling)",
+          "preact": "pre-activation stage outputs"}

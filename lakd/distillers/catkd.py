@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..errors import LakdError
 from .base import Distiller, register_distiller
-from .losses import class_activation_maps, class_attention_loss
+from .losses import class_attention_loss
 
 
 @register_distiller("catkd")
@@ -22,6 +22,7 @@ class CATKD(Distiller):
     display_name = "CAT-KD"
     report_order = 8
     bench_default = True
+    needs = ("class_maps",)
     DEFAULTS = {"catkd": {"ce_weight": 1.0, "beta": 1.0, "resolution": 2, "normalize": False}}
 
     def __init__(self, student, teacher, cfg, num_data=0):
@@ -39,9 +40,9 @@ class CATKD(Distiller):
     def forward_train(self, image, target, **batch):
         logits, feats = self.student(image, features=True)
         _, t_feats = self.teacher_forward(image, features=True)
-        cam_s = class_activation_maps(feats["last"], self.student.classifier)
+        cam_s = self.student.class_maps(feats["last"])
         with torch.no_grad():
-            cam_t = class_activation_maps(t_feats["last"], self.teacher.classifier)
+            cam_t = self.teacher.class_maps(t_feats["last"])
         return logits, {
             "ce": self.ce_weight * F.cross_entropy(logits, target),
             "cat": self.beta * class_attention_loss(cam_s, cam_t, self.resolution, self.normalize),

@@ -26,9 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LakdError
-from ..models.base import FeatureShape
+from ..models.base import FeatureShape, detach_state, feature
 from .base import Distiller, register_distiller
-from .losses import class_activation_maps, class_attention_loss, ndam_map
+from .losses import class_attention_loss, ndam_map
 
 
 class Connector(nn.Module):
@@ -66,6 +66,7 @@ class LAKD(Distiller):
     bench_default = True
     #: the same gradients with one backward over the summed losses (the memory comparison of Table 4)
     variants = {"lakd_joint": ["sdm.backward=joint"]}
+    needs = ("class_maps",)
     DEFAULTS = {
         "sdm": {
             "splits": None,  # 1-based student block indices ending each local module; None: the stage ends
@@ -169,9 +170,9 @@ class LAKD(Distiller):
         for i in range(t.num_blocks):
             h = t.block_forward(i, h)
             if i + 1 in want:
-                feats[i + 1] = h
+                feats[i + 1] = feature(h)
         _, fmap, _ = t.head_forward(h, return_map=True)
-        cam = class_activation_maps(fmap, t.classifier)
+        cam = t.class_maps(fmap)
         return [feats[p] for p in self.teacher_points], cam
 
     def module_forward(self, k: int, h: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -182,7 +183,7 @@ class LAKD(Distiller):
 
     def last_losses(self, out, target, t_cam):
         logits, fmap, _ = self.student.head_forward(out, return_map=True)
-        cam = class_activation_maps(fmap, self.student.classifier)
+        cam = self.student.class_maps(fmap)
         losses = {
             "ce": self.ce_weight * F.cross_entropy(logits, target),
             "att": self.att_weight * class_attention_loss(cam, t_cam, self.resolution, self.normalize),
@@ -197,7 +198,7 @@ class LAKD(Distiller):
         last = len(self.splits) - 1
         for k in range(len(self.splits)):
             out = self.module_forward(k, h, image)
-            mod = {f"feat{k + 1}": self.feat_weights[k] * self.feature_loss(k, out, t_feats[k])}
+            mod = {f"feat{k + 1}": self.feat_weights[k] * self.feature_loss(k, feature(out), t_feats[k])}
             if k == last:
                 logits, extra = self.last_losses(out, target, t_cam)
                 mod.update(extra)
@@ -205,7 +206,7 @@ class LAKD(Distiller):
                 backward(sum(mod.values()))
                 mod = {n: v.detach() for n, v in mod.items()}
             losses.update(mod)
-            h = out.detach() if self.detach or backward is not None else out
+            h = detach_state(out) if self.detach or backward is not None else out
         return logits, losses
 
     def forward_train(self, image, target, **batch):

@@ -11,7 +11,13 @@ of the blocks that end a stage) and ``classifier`` (the final ``nn.Linear``). Th
 one of the original code base (mdistiller / RepDistiller / torchvision), so published checkpoints load.
 
 Distillers and the trainer only use the generic methods defined here: ``forward(x, features=True)``,
-``run_blocks``, ``head_forward``, ``feature_info``. They never look at a model's internals.
+``run_blocks``, ``head_forward``, ``feature_info``, ``class_maps``. They never look at a model's internals.
+
+What passes from one block to the next (the *state*) is the block's output tensor for the zoo. A model adapted
+from an arbitrary network (``lakd.models.adapter``) passes a ``Carry`` instead: the cut's tensor plus every
+other value a later block still needs (a skip connection spanning the cut). Code outside the model takes the
+block output with ``feature(state)`` and cuts the gradient with ``detach_state(state)``; both are the identity /
+``.detach()`` on a plain tensor.
 """
 from __future__ import annotations
 
@@ -22,6 +28,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LakdError
+
+
+class Carry:
+    """The state between two blocks of an adapted network: every value that crosses the cut, in a fixed order,
+    and which of them is the block's output (``feature``)."""
+
+    __slots__ = ("values", "main")
+
+    def __init__(self, values: tuple, main: int):
+        self.values, self.main = tuple(values), main
+
+    @property
+    def feature(self) -> torch.Tensor:
+        return self.values[self.main]
+
+
+def feature(state) -> torch.Tensor:
+    """The block output held by a state (the state itself for the zoo's plain tensors)."""
+    return state.feature if isinstance(state, Carry) else state
+
+
+def detach_state(state):
+    """The state with every carried value detached from the graph (LAKD's cut between local modules)."""
+    if isinstance(state, Carry):
+        return Carry(tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in state.values), state.main)
+    return state.detach()
 
 
 @dataclass(frozen=True)
@@ -71,6 +103,16 @@ class FeatureNet(nn.Module):
     def classifier(self) -> nn.Linear:
         raise NotImplementedError
 
+    def class_maps(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Class activation maps (B x K x H x W) of the last feature map: the classifier's weights applied as a
+        1x1 convolution (bias excluded)."""
+        return torch.einsum("bchw,kc->bkhw", fmap, self.classifier.weight)
+
+    def missing(self, need: str) -> str | None:
+        """Why this model cannot provide ``need`` (``"class_maps"``, ``"preact"``), or None when it can.
+        Methods declare what they need (``Distiller.needs``); the zoo provides everything."""
+        return None
+
     # ----- generic machinery ---------------------------------------------------------------------
     def run_blocks(self, h: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Run blocks ``start`` .. ``end - 1`` (0-based, half-open)."""
@@ -104,7 +146,7 @@ class FeatureNet(nn.Module):
         if not features:
             h = self.run_blocks(h, 0, self.num_blocks)
             return self.head_forward(h)
-        feats: dict = {"stem": h, "stages": [], "blocks": []}
+        feats: dict = {"stem": feature(h), "stages": [], "blocks": []}
         if preact:
             feats["stages_preact"] = []
         ends = set(self.stage_ends)
@@ -116,9 +158,9 @@ class FeatureNet(nn.Module):
             else:
                 h = self.block_forward(i, h)
             if blocks:
-                feats["blocks"].append(h)
+                feats["blocks"].append(feature(h))
             if is_end:
-                feats["stages"].append(h)
+                feats["stages"].append(feature(h))
         logits, fmap, emb = self.head_forward(h, return_map=True)
         feats["last"] = fmap
         feats["embedding"] = emb
@@ -141,12 +183,12 @@ class FeatureNet(nn.Module):
         try:
             x = torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype)
             h = self.stem_forward(x)
-            stem = _shape(h)
+            stem = _shape(feature(h))
             blocks = []
             for i in range(self.num_blocks):
                 h = self.block_forward(i, h)
-                blocks.append(_shape(h))
-            _, fmap, emb = self.head_forward(h, return_map=True)
+                blocks.append(_shape(feature(h)))
+            logits, fmap, emb = self.head_forward(h, return_map=True)
         finally:
             self.train(was_training)
         info = {
@@ -155,7 +197,7 @@ class FeatureNet(nn.Module):
             "stages": [blocks[e - 1] for e in self.stage_ends],
             "last": _shape(fmap),
             "embedding_dim": emb.shape[1],
-            "num_classes": self.classifier.out_features,
+            "num_classes": int(logits.shape[1]),
         }
         cache[size] = info
         return info
@@ -167,4 +209,7 @@ def no_preact_message(model: FeatureNet) -> str:
 
 
 def _shape(t: torch.Tensor) -> FeatureShape:
+    if t.dim() != 4:
+        raise LakdError(f"a block output has shape {tuple(t.shape)}, not B x C x H x W; cut the network where its "
+                        f"features are 4-D maps (list the candidates with `lakd models --blocks NAME`)")
     return FeatureShape(int(t.shape[1]), int(t.shape[2]), int(t.shape[3]))
