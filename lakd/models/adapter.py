@@ -1,0 +1,570 @@
+"""Any ``nn.Module`` behind the feature interface (``FeatureNet``), so every method -- LAKD's local backward
+included -- runs on torchvision, timm and user-defined networks unchanged.
+
+The network is traced with ``torch.fx`` by torchvision's feature-extraction tracer (``NodePathTracer``: its node
+names -- ``layer1.0``, ``features.3``, ``stages.2.blocks.1`` -- name the cut points, and its leaf-module handling
+keeps torchvision.ops and timm's untraceable layers whole). A cut named by a module path is the last node inside
+that module, as in ``torchvision.models.feature_extraction.create_feature_extractor``. The graph is then split,
+in its own node order, into a stem, one piece per block and a head: each piece is an ``fx.GraphModule`` that calls
+the network's own modules, so the parameters are shared, the network's ``state_dict`` names stay valid (the
+adapter registers the network's top-level children as its own) and a checkpoint of the plain network loads.
+
+Every value that crosses a cut is carried to the next piece (``Carry``), so a skip connection spanning a cut
+works, and LAKD's ``detach_state`` detaches all of them. The pieces are built here rather than with
+``torch.fx.passes.split_module`` because the distillers run them one at a time, with the block output named and
+the carried values detached between LAKD modules, which ``split_module``'s parent graph would hide.
+
+The head is everything after the last cut. Its global pooling (adaptive/average pooling to 1x1 or a mean over
+H x W) gives the last feature map (its input); the classifier is the last ``nn.Linear`` after it (or the module
+named by ``classifier=``). Class activation maps apply the classifier to the map at every position -- through the
+layers between pooling and the classifier when there are any (e.g. MobileNetV3's hidden ``Linear``) -- which is
+the usual CAM (bias excluded) when the classifier follows the pooling directly.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import sys
+import traceback
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.feature_extraction import NodePathTracer
+
+from ..errors import LakdError, close_matches
+from .base import Carry, FeatureNet, feature
+
+_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
+_POOL_FUNCTIONS = (F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, torch.mean,
+                   torch.amax)
+_POOL_METHODS = ("mean", "amax")
+_RELU = (F.relu, torch.relu, torch.relu_)
+#: ops that only reshape or drop out: a classifier behind only these sees the pooled map itself
+_TRIVIAL_MODULES = (nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+_TRIVIAL_FUNCTIONS = (torch.flatten, F.dropout, torch.squeeze, torch.reshape)
+_TRIVIAL_METHODS = ("flatten", "view", "reshape", "squeeze", "contiguous")
+
+
+class _Tracer(NodePathTracer):
+    """torchvision's tracer, plus leaves named by class name or module path, and a record of the module being
+    traced when tracing fails (for the error message)."""
+
+    def __init__(self, leaf_names=(), **kw):
+        super().__init__(**kw)
+        self.leaf_names = set(leaf_names)
+        self.stack: list[str] = []
+
+    def is_leaf_module(self, m, qualname):
+        if qualname in self.leaf_names or type(m).__name__ in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m))
+        out = super().call_module(m, forward, args, kwargs)
+        self.stack.pop()  # left in place when tracing raises: the top names the module that failed
+        return out
+
+
+def _tracer_kwargs(leaf_modules) -> tuple[dict, set]:
+    """torchvision's defaults (torchvision.ops as leaves, math autowrapped), timm's registered untraceable
+    modules and functions when timm is loaded, and the user's leaves (types, class names or module paths)."""
+    types = [m for m in leaf_modules if isinstance(m, type)]
+    names = {m for m in leaf_modules if isinstance(m, str)}
+    kw: dict = {"leaf_modules": types, "autowrap_functions": []}
+    if "timm" in sys.modules:
+        try:
+            from timm.layers import get_notrace_functions, get_notrace_modules
+
+            kw["leaf_modules"] += list(get_notrace_modules())
+            kw["autowrap_functions"] += list(get_notrace_functions())
+        except ImportError:  # an old timm: its defaults are missed, the user's leaves still apply
+            pass
+    try:
+        from torchvision.models.feature_extraction import _set_default_tracer_kwargs
+
+        kw = _set_default_tracer_kwargs(kw)
+    except ImportError:  # the private helper moved: the same defaults by hand
+        kw["autowrap_modules"] = (math, torchvision.ops)
+    return kw, names
+
+
+def _where(tb) -> str:
+    """The innermost frame of the traceback that is not torch's own: the line of the model that failed."""
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(tb) if not f.filename.startswith(torch_dir)
+              and not f.filename.startswith(os.path.dirname(__file__))]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {os.path.basename(f.filename)}:{f.lineno} `{(f.line or '').strip()}`"
+
+
+def trace(model: nn.Module, leaf_modules=(), name: str | None = None) -> tuple[fx.GraphModule, dict]:
+    """Trace ``model`` in its current mode. Returns the ``GraphModule`` and ``{node: qualified name}``."""
+    kw, names = _tracer_kwargs(leaf_modules)
+    tracer = _Tracer(leaf_names=names, **kw)
+    label = name or type(model).__name__
+    sig = inspect.signature(model.forward)
+    params = list(sig.parameters.values())[1:]
+    concrete = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    try:
+        graph = tracer.trace(model, concrete_args=concrete or None)
+    except Exception as e:  # fx raises TraceError, TypeError, RuntimeError... for what it cannot follow
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        inside = tracer.stack[-1] if tracer.stack else ""
+        mod = model.get_submodule(inside) if inside else model
+        where = f"module {inside!r} ({type(mod).__name__})" if inside else f"the top-level forward of {label}"
+        raise LakdError(f"cannot trace {label} with torch.fx: {first}{_where(e.__traceback__)} in {where}; make "
+                        f"that module a leaf (model.leaf_modules=[{type(mod).__name__}]) so it runs as one call, "
+                        f"or wrap the network with module:<package.module>:<callable> and an explicit model.blocks "
+                        f"list that cuts around it") from None
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return gm, dict(tracer.node_to_qualname)
+
+
+def _value_nodes(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.op in ("placeholder", "call_module", "call_function", "call_method")]
+
+
+def _tensor_shape(node: fx.Node):
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _is_relu(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), nn.ReLU)
+    if n.op == "call_function":
+        return n.target in _RELU
+    return n.op == "call_method" and n.target in ("relu", "relu_")
+
+
+def _is_trivial(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), _TRIVIAL_MODULES)
+    if n.op == "call_function":
+        return n.target in _TRIVIAL_FUNCTIONS
+    return n.op == "call_method" and n.target in _TRIVIAL_METHODS
+
+
+def _is_global_pool(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """A pooling / mean op whose input is a 4-D map and whose output is one value per channel."""
+    if n.op == "call_module":
+        kind = isinstance(gm.get_submodule(n.target), _POOL_MODULES)
+    elif n.op == "call_function":
+        kind = n.target in _POOL_FUNCTIONS
+    else:
+        kind = n.op == "call_method" and n.target in _POOL_METHODS
+    if not kind or not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    inp, out = _tensor_shape(n.args[0]), _tensor_shape(n)
+    if inp is None or out is None or len(inp) != 4:
+        return False
+    return (len(out) == 4 and out[1] == inp[1] and out[2] == out[3] == 1) or (len(out) == 2 and out[1] == inp[1])
+
+
+class _Split:
+    """One traced graph cut into stem, blocks and head pieces (one per mode when train and eval graphs differ)."""
+
+    def __init__(self, gm: fx.GraphModule, qualnames: dict, stem: str | None, blocks: list[str],
+                 classifier: str | None, label: str):
+        self.gm, self.label = gm, label
+        nodes = _value_nodes(gm.graph)
+        pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+        out_node = next(n for n in gm.graph.nodes if n.op == "output")
+        logits = out_node.args[0]
+        if not isinstance(logits, fx.Node):
+            raise LakdError(f"{label} returns {type(logits).__name__} in this mode, not one tensor of logits; wrap it "
+                            f"with module:<package.module>:<callable> returning a module whose forward gives logits")
+        placeholders = [n for n in nodes if n.op == "placeholder"]
+        cuts = [resolve_cut(c, qualnames, label) for c in blocks]
+        stem_node = resolve_cut(stem, qualnames, label) if stem else placeholders[0]
+        order = [stem_node, *cuts]
+        names = [stem or "input", *blocks]
+        for a, b, na, nb in zip(order, order[1:], names, names[1:]):
+            if pos[b] <= pos[a]:
+                raise LakdError(f"cut points out of order for {label}: {nb!r} runs before (or is) {na!r}; list "
+                                f"model.blocks in the order the network runs them (see `lakd models --blocks`)")
+        # the head: global pooling after the last cut; its input is the last feature map
+        pool = next((n for n in nodes if pos[n] > pos[order[-1]] and _is_global_pool(gm, n)), None)
+        if pool is None:
+            raise LakdError(f"{label}: found no global pooling (adaptive/average pooling to 1x1 or a mean over "
+                            f"H x W) after the last cut {names[-1]!r}; the adapter needs a convolutional network "
+                            f"that pools its last feature map before classifying")
+        fmap = pool.args[0]
+        if pos[fmap] < pos[order[-1]]:
+            raise LakdError(f"cut point {names[-1]!r} of {label} lies after the last feature map (the input of "
+                            f"global pooling {qualnames.get(pool, pool.name)!r}); end model.blocks at or before it")
+        self.pool_shape = _tensor_shape(pool)
+        cls_node = None
+        if classifier:
+            cls_node = resolve_cut(classifier, qualnames, label)
+            if cls_node.op != "call_module" or not isinstance(gm.get_submodule(cls_node.target), nn.Linear):
+                raise LakdError(f"model.classifier={classifier!r} of {label} is not an nn.Linear call")
+            if pos[cls_node] < pos[pool]:
+                raise LakdError(f"model.classifier={classifier!r} of {label} runs before global pooling")
+        else:
+            linears = [n for n in nodes if pos[n] > pos[pool] and n.op == "call_module"
+                       and isinstance(gm.get_submodule(n.target), nn.Linear)]
+            cls_node = linears[-1] if linears else None
+        self.classifier_path = cls_node.target if cls_node is not None else None
+        self.cam_problem = None if cls_node is not None else (
+            f"{label} has no nn.Linear after global pooling; name its classifier with model.classifier=<module path>")
+        emb = cls_node.args[0] if cls_node is not None else pool
+        # the layers between pooling and the classifier, for dense class maps
+        mid = self._ancestors(emb, stop=pool) if cls_node is not None else []
+        if any(pos[n] < pos[pool] for n in mid if n.op != "get_attr"):
+            self.cam_problem = (f"the classifier {cls_node.target!r} of {label} sees more than the pooled map; "
+                                f"name another with model.classifier=<module path>")
+            mid = []
+        self.mid_trivial = all(_is_trivial(gm, n) for n in mid if n.op != "get_attr")
+        # segments: 0 = stem, 1..n = blocks, n+1 = head
+        seg: dict[fx.Node, int] = {}
+        bounds = [pos[n] for n in order]
+        for n in nodes:
+            seg[n] = 0 if n.op == "placeholder" else sum(pos[n] > b for b in bounds)
+        head = len(order)
+        carry: list[list[fx.Node]] = []
+        for s in range(head):
+            live = [v for v in nodes if seg[v] <= s and (v is order[s] or any(
+                seg.get(u, head) > s for u in v.users))]
+            carry.append(live)
+        self.mains = [carry[s].index(order[s]) for s in range(head)]
+        self.inputs = placeholders
+        self.defaults = [p.args[0] if p.args else None for p in placeholders]
+        self.pieces_spec = []
+        for s in range(head + 1):
+            ins = placeholders if s == 0 else carry[s - 1]
+            body = [n for n in nodes if seg[n] == s and n.op != "placeholder"]
+            if s < head:
+                outs = list(carry[s])
+                relu_cut = order[s] if s > 0 and _is_relu(gm, order[s]) else None
+                pre = (order[s].args[0] if relu_cut is not None else order[s]) if s > 0 else None
+                self.pieces_spec.append((ins, body, outs + ([pre] if pre is not None else []), relu_cut))
+            else:
+                self.pieces_spec.append((ins, body, [logits, fmap, emb], None))
+        self.mid_spec = ([pool], mid, [emb], None) if cls_node is not None and not self.mid_trivial else None
+        self.cuts = order
+        self.build()
+
+    @staticmethod
+    def _ancestors(node: fx.Node, stop: fx.Node) -> list[fx.Node]:
+        seen, todo = {}, [node]
+        while todo:
+            n = todo.pop()
+            if n is stop or n in seen:
+                continue
+            seen[n] = True
+            todo.extend(n.all_input_nodes)
+        return [n for n in node.graph.nodes if n in seen]
+
+    def _piece(self, ins, body, outs, relu_cut, flatten_emb=False) -> fx.GraphModule:
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for n in ins:
+            env[n] = g.placeholder(n.name)
+
+        def arg(a):
+            if a not in env and a.op == "get_attr":  # parameters used functionally: fetched where used
+                env[a] = g.get_attr(a.target)
+            return env[a]
+
+        for n in body:
+            if n.op == "get_attr":
+                continue
+            if n is relu_cut:  # out of place, so the pre-activation (the ReLU's input) survives for OFD
+                env[n] = g.call_function(torch.relu, (arg(n.args[0]),))
+            else:
+                env[n] = g.node_copy(n, arg)
+        g.output(tuple(arg(n) for n in outs))
+        return fx.GraphModule(self.gm, g, "Piece")
+
+    def build(self) -> None:
+        """(Re)create the pieces from the original modules (after ``.to()`` replaced buffer tensors)."""
+        self.pieces = [self._piece(*spec) for spec in self.pieces_spec]
+        self.mid = self._piece(*self.mid_spec) if self.mid_spec else None
+
+
+def resolve_cut(name: str, qualnames: dict, label: str) -> fx.Node:
+    """The node a cut point names: a traced node's name, or a module path (its last node, as torchvision's
+    ``create_feature_extractor`` does)."""
+    if not isinstance(name, str) or not name:
+        raise LakdError(f"cut points of {label} are module paths or node names (strings), got {name!r}")
+    hit = None
+    for node, q in qualnames.items():
+        if q == name or q.startswith(name + "."):
+            hit = node  # graph order: the last one wins
+    if hit is None:
+        known = set(qualnames.values())
+        for q in list(known):
+            parts = q.split(".")
+            known.update(".".join(parts[:i]) for i in range(1, len(parts)))
+        raise LakdError(f"{label} has no cut point {name!r}{close_matches(name, sorted(known), n=5)}; list them with "
+                        f"`lakd models --blocks {label}`")
+    return hit
+
+
+def _modes_differ(a: dict, b: dict) -> bool:
+    return list(a.values()) != list(b.values())
+
+
+class AdaptedNet(FeatureNet):
+    """A ``FeatureNet`` over any traceable network (see the module doc). Build it with ``adapt``."""
+
+    def __init__(self, model: nn.Module, blocks: list[str] | None = None, stem: str | None = None,
+                 classifier: str | None = None, leaf_modules=(), input_size: int = 224, name: str | None = None):
+        nn.Module.__init__(self)
+        # the network's own children (and top-level tensors) become the adapter's: same state_dict names
+        # (assigned directly: a child may be called like a FeatureNet attribute, e.g. torchvision's `classifier`)
+        self._modules.update(model._modules)
+        self._parameters.update(model._parameters)
+        self._buffers.update(model._buffers)
+        self._non_persistent_buffers_set.update(model._non_persistent_buffers_set)
+        object.__setattr__(self, "_root", model)
+        self.input_size = int(input_size)
+        self.label = name or type(model).__name__
+        was = model.training
+        graphs = {}
+        try:
+            for mode in (True, False):
+                model.train(mode)
+                graphs[mode] = trace(model, leaf_modules, self.label)
+            model.eval()
+            from torch.fx.passes.shape_prop import ShapeProp
+
+            p = next(model.parameters(), None)
+            x = torch.zeros(1, 3, self.input_size, self.input_size,
+                            device=p.device if p is not None else None, dtype=p.dtype if p is not None else None)
+            for gm, _ in graphs.values():
+                with torch.no_grad():
+                    ShapeProp(gm).propagate(x)
+        finally:
+            model.train(was)
+        gm, qn = graphs[False]
+        if blocks is None:
+            dstem, blocks = default_cuts(model, gm, qn)
+            stem = stem if stem is not None else dstem
+        blocks = list(blocks)
+        if not blocks:
+            raise LakdError(f"model.blocks for {self.label} is empty; give at least one cut point")
+        self.cut_names = {"stem": stem, "blocks": blocks, "classifier": classifier}
+        eval_split = _Split(gm, qn, stem, blocks, classifier, self.label)
+        train_split = eval_split
+        if _modes_differ(graphs[True][1], qn):
+            train_split = _Split(*graphs[True], stem, blocks, classifier, self.label)
+        object.__setattr__(self, "_splits", {True: train_split, False: eval_split})
+        self.train(was)
+        # stages end where the resolution changes (next block's map is smaller), and at the last block
+        self.stage_ends = list(range(1, len(blocks) + 1))
+        b = self.feature_info()["blocks"]
+        self.__dict__.pop("_feature_info_cache", None)
+        self.stage_ends = [i + 1 for i in range(len(b))
+                           if i == len(b) - 1 or (b[i].height, b[i].width) != (b[i + 1].height, b[i + 1].width)]
+
+    # ----- plumbing ------------------------------------------------------------------------------
+    @property
+    def _split(self) -> _Split:
+        return self._splits[self.training]
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        root = self._root
+        for n in list(root._buffers):
+            if n in self._buffers:
+                root._buffers[n] = self._buffers[n]
+        for sp in {id(s): s for s in self._splits.values()}.values():
+            sp.build()  # pieces hold references to buffer tensors that _apply replaced
+        return self
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        cls = type(self)
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k != "_splits":
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        splits = {}
+        for mode, sp in self._splits.items():
+            if id(sp) not in memo:
+                c = copy.copy(sp)
+                c.gm = copy.deepcopy(sp.gm, memo)  # shares the copied modules through memo
+                nodes = {o: n for o, n in zip(sp.gm.graph.nodes, c.gm.graph.nodes)}
+                c.pieces_spec = [_remap(s, nodes) for s in sp.pieces_spec]
+                c.mid_spec = _remap(sp.mid_spec, nodes) if sp.mid_spec else None
+                c.cuts = [nodes[n] for n in sp.cuts]
+                c.inputs = [nodes[n] for n in sp.inputs]
+                c.build()
+                memo[id(sp)] = c
+            splits[mode] = memo[id(sp)]
+        new.__dict__["_splits"] = splits
+        return new
+
+    # ----- the feature interface -------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.cut_names["blocks"])
+
+    def stem_forward(self, x):
+        sp = self._split
+        vals = [x] + sp.defaults[1:]
+        return Carry(sp.pieces[0](*vals), sp.mains[0])
+
+    def block_forward(self, i, h, preact=False):
+        sp = self._split
+        out = sp.pieces[i + 1](*h.values)
+        carry = Carry(out[:-1], sp.mains[i + 1])
+        return (carry, out[-1]) if preact else carry
+
+    def head_forward(self, h, return_map=False):
+        logits, fmap, emb = self._split.pieces[-1](*h.values)
+        if emb.dim() > 2:
+            emb = torch.flatten(emb, 1)
+        return (logits, fmap, emb) if return_map else logits
+
+    def stem_modules(self):
+        return [self._split.pieces[0]]
+
+    def block_modules(self, i):
+        return [self._split.pieces[i + 1]]
+
+    def head_modules(self):
+        return [self._split.pieces[-1]]
+
+    @property
+    def classifier(self) -> nn.Linear:  # type: ignore[override]
+        sp = self._split
+        if sp.classifier_path is None:
+            raise LakdError(sp.cam_problem)
+        return self._root.get_submodule(sp.classifier_path)
+
+    def class_maps(self, fmap):
+        sp = self._split
+        if sp.cam_problem:
+            raise LakdError(sp.cam_problem)
+        w = self.classifier.weight
+        if sp.mid is None:
+            return torch.einsum("bchw,kc->bkhw", fmap, w)
+        # the layers between pooling and the classifier applied at every position of the map
+        b, c, hh, ww = fmap.shape
+        x = fmap.permute(0, 2, 3, 1).reshape(b * hh * ww, c)
+        if len(sp.pool_shape) == 4:
+            x = x[:, :, None, None]
+        (e,) = sp.mid(x)
+        return torch.einsum("bhwc,kc->bkhw", e.reshape(b, hh, ww, -1), w)
+
+    def missing(self, need):
+        if need == "class_maps":
+            return self._split.cam_problem
+        return None
+
+    def forward(self, x, features=False, preact=False, blocks=False):
+        return FeatureNet.forward(self, x, features=features, preact=preact, blocks=blocks)
+
+
+def _remap(spec, nodes):
+    ins, body, outs, relu = spec
+    return ([nodes[n] for n in ins], [nodes[n] for n in body], [nodes[n] for n in outs],
+            nodes[relu] if relu is not None else None)
+
+
+# ----- default cut points ---------------------------------------------------------------------------------
+def default_cuts(model: nn.Module, gm: fx.GraphModule, qualnames: dict) -> tuple[str | None, list[str]]:
+    """(stem, blocks) when the user names none: torchvision ResNets' residual blocks; timm's ``feature_info``
+    stages; otherwise the top-level children that run in sequence before global pooling (descending into a lone
+    container such as ``features``), the first of three or more being the stem."""
+    from torchvision.models.resnet import ResNet
+
+    if isinstance(model, ResNet):
+        blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(len(getattr(model, f"layer{i}")))]
+        return "maxpool", blocks
+    fi = getattr(model, "feature_info", None)
+    if isinstance(fi, list) and fi and all(isinstance(d, dict) and "module" in d for d in fi):
+        mods = [d["module"] for d in fi]
+        if len(fi) > 1 and fi[0].get("reduction", 4) <= 2:
+            return mods[0], mods[1:]
+        return None, mods
+    pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+    pool = next((n for n in gm.graph.nodes if n.op != "placeholder" and n.op != "get_attr"
+                 and _is_global_pool(gm, n)), None)
+    limit = pos[pool.args[0]] if pool is not None else len(pos)
+    prefix = ""
+    while True:
+        mod = model.get_submodule(prefix) if prefix else model
+        spans = []
+        for cname, _ in mod.named_children():
+            path = f"{prefix}.{cname}" if prefix else cname
+            ps = [pos[n] for n, q in qualnames.items() if q == path or q.startswith(path + ".")]
+            if ps and max(ps) <= limit:
+                spans.append((min(ps), max(ps), path))
+        spans.sort()
+        seq, last = [], -1
+        for lo, hi, path in spans:  # children that run one after another
+            if hi > last:
+                seq.append(path)
+                last = hi
+        if len(seq) == 1 and len(list(model.get_submodule(seq[0]).children())) >= 2:
+            prefix = seq[0]
+            continue
+        break
+    if not seq:
+        raise LakdError(f"found no module that runs before global pooling in {type(model).__name__}; name the cut "
+                        f"points with model.blocks (see `lakd models --blocks`)")
+    if len(seq) >= 3:
+        return seq[0], seq[1:]
+    return None, seq
+
+
+def cut_candidates(model: nn.Module, input_size: int = 224, leaf_modules=()) -> list[tuple[str, tuple | None]]:
+    """Every module path that can be a cut point, in run order, with its output shape at ``input_size``."""
+    was = model.training
+    model.eval()
+    try:
+        gm, qn = trace(model, leaf_modules)
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        p = next(model.parameters(), None)
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(1, 3, input_size, input_size,
+                                                dtype=p.dtype if p is not None else None))
+    finally:
+        model.train(was)
+    last: dict[str, fx.Node] = {}
+    for node, q in qn.items():
+        parts = q.split(".")
+        for i in range(1, len(parts) + 1):
+            last[".".join(parts[:i])] = node
+    pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+    modules = {n for n, _ in model.named_modules() if n}
+    rows = [(path, _tensor_shape(node)) for path, node in last.items() if path in modules]
+    rows.sort(key=lambda r: (pos[last[r[0]]], -r[0].count(".")))
+    return rows
+
+
+def adapt(model: nn.Module, blocks: list[str] | None = None, stem: str | None = None,
+          classifier: str | None = None, leaf_modules=(), input_size: int = 224,
+          name: str | None = None) -> FeatureNet:
+    """``model`` behind the feature interface. A ``FeatureNet`` is returned as it is.
+
+    ``blocks``: cut points ending each block (module paths or traced node names, in run order; default per
+    family, see ``default_cuts``); ``stem``: the cut ending the stem (default: none, or the family's);
+    ``classifier``: the module path of the classifier used for class activation maps (default: the last
+    ``nn.Linear`` after global pooling); ``leaf_modules``: module types, class names or paths that fx must not
+    trace into; ``input_size``: the square image size used to infer feature shapes.
+    """
+    if isinstance(model, FeatureNet):
+        return model
+    if not isinstance(model, nn.Module):
+        raise LakdError(f"expected an nn.Module to distil, got {type(model).__name__}")
+    return AdaptedNet(model, blocks=blocks, stem=stem, classifier=classifier, leaf_modules=leaf_modules,
+                      input_size=input_size, name=name)
+
+
+__all__ = ["AdaptedNet", "adapt", "cut_candidates", "default_cuts", "trace", "feature"]
