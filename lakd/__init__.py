@@ -7,6 +7,10 @@ The Python API (imported on first use, so ``import lakd`` stays light)::
     parts = lakd.build(cfg)              # data, student, teacher, distiller, optimizer, scaler
     summary = lakd.Trainer(cfg).fit()    # or train: the run folder, metrics, checkpoints
 
+For one's own models and training loop (docs/api.md): ``lakd.distiller(student, teacher, method)`` builds a
+distiller from ``nn.Module`` objects or names; ``lakd.adapt`` puts any ``nn.Module`` behind the feature
+interface; ``lakd.create_model`` builds a model by name (``torchvision:``/``timm:``/``module:`` included).
+
 The library reports through ``logging.getLogger("lakd")``; the ``lakd`` command shows those messages.
 """
 
@@ -19,6 +23,12 @@ _API = {
     "create_model": "lakd.models",
     "build_data": "lakd.data",
     "load_models_and_data": "lakd.engine.loading",
+    "distiller": "lakd.api",
+    "adapt": "lakd.models",
+    "cut_candidates": "lakd.models",
+    "Distiller": "lakd.distillers",
+    "FeatureNet": "lakd.models",
+    "LakdError": "lakd.errors",
 }
 
 

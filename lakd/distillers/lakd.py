@@ -59,6 +59,20 @@ class Connector(nn.Module):
         return x
 
 
+def match_by_resolution(splits, s_info, t_ends, t_info):
+    """Teacher stage ends for student splits whose stage counts differ: for each split the last teacher stage
+    with the same map size; None unless every split finds one and they increase."""
+    out = []
+    for s in splits:
+        b = s_info["blocks"][s - 1]
+        same = [e for e in t_ends if (t_info["blocks"][e - 1].height, t_info["blocks"][e - 1].width)
+                == (b.height, b.width)]
+        if not same or (out and same[-1] <= out[-1]):
+            return None
+        out.append(same[-1])
+    return out
+
+
 @register_distiller("lakd")
 class LAKD(Distiller):
     display_name = "LAKD"
@@ -114,11 +128,18 @@ class LAKD(Distiller):
         s_info, t_info = student.feature_info(), teacher.feature_info()
         points = sdm["teacher_points"]
         if points is None:
-            if len(splits) != len(teacher.stage_ends):
-                raise LakdError(f"sdm.splits={splits} makes {len(splits)} local modules but the teacher "
-                                f"{cfg['teacher']['name']} has {len(teacher.stage_ends)} stages; set "
-                                f"sdm.teacher_points to {len(splits)} teacher block indices (1..{teacher.num_blocks})")
             points = list(teacher.stage_ends)
+            if len(splits) != len(points):
+                points = match_by_resolution(splits, s_info, list(teacher.stage_ends), t_info)
+            if points is None:
+                def sizes(info, ends):
+                    return [f"{info['blocks'][e - 1].height}x{info['blocks'][e - 1].width}" for e in ends]
+
+                raise LakdError(f"sdm.splits={splits} makes {len(splits)} local modules but the teacher "
+                                f"{cfg['teacher']['name']} has {len(teacher.stage_ends)} stages, and their map sizes "
+                                f"({', '.join(sizes(s_info, splits))} vs {', '.join(sizes(t_info, teacher.stage_ends))}) "
+                                f"do not pair up; set sdm.teacher_points to {len(splits)} teacher block indices "
+                                f"(1..{teacher.num_blocks})")
         points = list(points)
         if len(points) != len(splits) or any(not 1 <= p <= teacher.num_blocks for p in points):
             raise LakdError(f"sdm.teacher_points={points} must hold {len(splits)} teacher block indices in "

@@ -36,7 +36,7 @@ import torchvision
 from torchvision.models.feature_extraction import NodePathTracer
 
 from ..errors import LakdError, close_matches
-from .base import Carry, FeatureNet, feature
+from .base import Carry, FeatureNet, FeatureShape, feature
 
 _POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
 _POOL_FUNCTIONS = (F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, torch.mean,
@@ -135,6 +135,14 @@ def _value_nodes(graph: fx.Graph) -> list[fx.Node]:
 def _tensor_shape(node: fx.Node):
     meta = node.meta.get("tensor_meta")
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _fshape(node: fx.Node, label: str) -> FeatureShape:
+    shape = _tensor_shape(node)
+    if shape is None or len(shape) != 4:
+        raise LakdError(f"{label}: the cut {node.name!r} gives {'a non-tensor' if shape is None else shape}, not a "
+                        f"B x C x H x W map; cut where the features are 4-D maps (see `lakd models --blocks`)")
+    return FeatureShape(int(shape[1]), int(shape[2]), int(shape[3]))
 
 
 def _is_relu(gm: fx.GraphModule, n: fx.Node) -> bool:
@@ -341,9 +349,10 @@ class AdaptedNet(FeatureNet):
             p = next(model.parameters(), None)
             x = torch.zeros(1, 3, self.input_size, self.input_size,
                             device=p.device if p is not None else None, dtype=p.dtype if p is not None else None)
-            for gm, _ in graphs.values():
+            differ = _modes_differ(graphs[True][1], graphs[False][1])
+            for mode in (False, True) if differ else (False,):
                 with torch.no_grad():
-                    ShapeProp(gm).propagate(x)
+                    ShapeProp(graphs[mode][0]).propagate(x)
         finally:
             model.train(was)
         gm, qn = graphs[False]
@@ -356,14 +365,13 @@ class AdaptedNet(FeatureNet):
         self.cut_names = {"stem": stem, "blocks": blocks, "classifier": classifier}
         eval_split = _Split(gm, qn, stem, blocks, classifier, self.label)
         train_split = eval_split
-        if _modes_differ(graphs[True][1], qn):
+        if differ:
             train_split = _Split(*graphs[True], stem, blocks, classifier, self.label)
         object.__setattr__(self, "_splits", {True: train_split, False: eval_split})
         self.train(was)
         # stages end where the resolution changes (next block's map is smaller), and at the last block
         self.stage_ends = list(range(1, len(blocks) + 1))
-        b = self.feature_info()["blocks"]
-        self.__dict__.pop("_feature_info_cache", None)
+        b = [_fshape(n, self.label) for n in eval_split.cuts[1:]]
         self.stage_ends = [i + 1 for i in range(len(b))
                            if i == len(b) - 1 or (b[i].height, b[i].width) != (b[i + 1].height, b[i + 1].width)]
 
@@ -406,6 +414,25 @@ class AdaptedNet(FeatureNet):
             splits[mode] = memo[id(sp)]
         new.__dict__["_splits"] = splits
         return new
+
+    def feature_info(self, input_size: int | None = None) -> dict:
+        """As ``FeatureNet.feature_info``; at the adapter's own input size, read from the traced shapes."""
+        size = input_size or self.input_size
+        cache = self.__dict__.setdefault("_feature_info_cache", {})
+        if size != self.input_size or size in cache:
+            return super().feature_info(size)
+        sp = self._splits[False]
+        blocks = [_fshape(n, self.label) for n in sp.cuts[1:]]
+        logits, fmap, emb = sp.pieces_spec[-1][2]
+        cache[size] = {
+            "stem": _fshape(sp.cuts[0], self.label),
+            "blocks": blocks,
+            "stages": [blocks[e - 1] for e in self.stage_ends],
+            "last": _fshape(fmap, self.label),
+            "embedding_dim": math.prod(_tensor_shape(emb)[1:]),
+            "num_classes": int(_tensor_shape(logits)[1]),
+        }
+        return cache[size]
 
     # ----- the feature interface -------------------------------------------------------------------
     @property
