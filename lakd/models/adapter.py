@@ -200,7 +200,13 @@ class _Split:
                 raise LakdError(f"cut points out of order for {label}: {nb!r} runs before (or is) {na!r}; list "
                                 f"model.blocks in the order the network runs them (see `lakd models --blocks`)")
         # the head: global pooling after the last cut; its input is the last feature map
-        pool = next((n for n in nodes if pos[n] > pos[order[-1]] and _is_global_pool(gm, n)), None)
+        # the last one: squeeze-excitation layers pool too, inside the blocks
+        pools = [n for n in nodes if _is_global_pool(gm, n)]
+        pool = pools[-1] if pools and pos[pools[-1]] > pos[order[-1]] else None
+        earlier = pools[-1] if pools and pool is None else None
+        if pool is None and earlier is not None:
+            raise LakdError(f"cut point {names[-1]!r} of {label} lies after the last feature map (the input of global "
+                            f"pooling {qualnames.get(earlier, earlier.name)!r}); end model.blocks at or before it")
         if pool is None:
             raise LakdError(f"{label}: found no global pooling (adaptive/average pooling to 1x1 or a mean over "
                             f"H x W) after the last cut {names[-1]!r}; the adapter needs a convolutional network "
@@ -519,8 +525,8 @@ def default_cuts(model: nn.Module, gm: fx.GraphModule, qualnames: dict) -> tuple
             return mods[0], mods[1:]
         return None, mods
     pos = {n: i for i, n in enumerate(gm.graph.nodes)}
-    pool = next((n for n in gm.graph.nodes if n.op != "placeholder" and n.op != "get_attr"
-                 and _is_global_pool(gm, n)), None)
+    pools = [n for n in _value_nodes(gm.graph) if _is_global_pool(gm, n)]
+    pool = pools[-1] if pools else None
     limit = pos[pool.args[0]] if pool is not None else len(pos)
     prefix = ""
     while True:

@@ -1,0 +1,263 @@
+"""Any nn.Module behind the feature interface: equality with the zoo, exact LAKD gradient isolation on
+torchvision / timm / user networks (a skip across a cut included), every method on an adapted pair, checkpoints,
+names, cut listing and the one-line errors. CPU, 32 px, batches of 4."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import lakd
+from lakd.distillers import DISTILLERS
+from lakd.errors import LakdError
+from lakd.models import adapt, create_model, cut_candidates
+
+SIZE = 32
+
+
+def batch(n=4, classes=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randn(n, 3, SIZE, SIZE, generator=g), "target": torch.randint(0, classes, (n,), generator=g),
+            "index": torch.arange(n)}
+
+
+class SkipNet(nn.Module):
+    """A user network whose stem output skips over block ``a`` into block ``b``'s sum (a skip across a cut)."""
+
+    def __init__(self, num_classes=10, width=8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width))
+        self.c = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        h0 = self.stem(x)
+        h1 = self.a(h0)
+        h2 = F.relu(self.b(h1) + h0)  # h0 crosses the cut after `a`
+        h3 = self.c(h2)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h3, 1), 1))
+
+
+def module_params(d, k):
+    s = d.student
+    start = 0 if k == 0 else d.splits[k - 1]
+    return s.block_parameters(start, d.splits[k], stem=k == 0, head=k == len(d.splits) - 1) + \
+        list(d.connectors[k].parameters())
+
+
+def assert_isolated(d, b):
+    """Each local module's losses reach its own parameters and not one element of an earlier module's."""
+    n = len(d.splits)
+    assert n >= 2
+    for k in range(n):
+        d.zero_grad(set_to_none=True)
+        _, losses = d.forward_train(**b)
+        own = [v for name, v in losses.items() if name == f"feat{k + 1}" or (k == n - 1 and name in ("ce", "att"))]
+        sum(own).backward()
+        for j in range(k + 1):
+            g = [p.grad for p in module_params(d, j)]
+            if j < k:
+                assert all(x is None or torch.count_nonzero(x) == 0 for x in g), (k, j)
+            else:
+                assert any(x is not None and torch.count_nonzero(x) > 0 for x in g), (k, j)
+
+
+# ----- equality with the zoo -------------------------------------------------------------------------------
+def test_adapted_torchvision_resnet18_equals_zoo_resnet18():
+    torch.manual_seed(0)
+    tv_s, tv_t = torchvision.models.resnet18(num_classes=10), torchvision.models.resnet18(num_classes=10)
+    zoo_s, zoo_t = create_model("resnet18", 10), create_model("resnet18", 10)
+    zoo_s.load_state_dict(tv_s.state_dict())
+    zoo_t.load_state_dict(tv_t.state_dict())
+    a_s, a_t = adapt(tv_s, input_size=SIZE), adapt(tv_t, input_size=SIZE)
+    assert a_s.cut_names["stem"] == "maxpool" and a_s.num_blocks == 8 and a_s.stage_ends == zoo_s.stage_ends
+    b = batch()
+    a_s.eval()
+    zoo_s.eval()
+    assert torch.equal(a_s(b["image"]), zoo_s(b["image"]))
+    assert a_s.feature_info() == zoo_s.feature_info(SIZE)
+    opts = {"lakd": {"att_weight": 5.0}}
+    torch.manual_seed(1)
+    d_zoo = lakd.distiller(zoo_s, zoo_t, "lakd", image_size=SIZE, options=opts)
+    torch.manual_seed(1)
+    d_ad = lakd.distiller(a_s, a_t, "lakd", image_size=SIZE, options=opts)
+    assert d_ad.splits == d_zoo.splits and d_ad.teacher_points == d_zoo.teacher_points
+    out = {}
+    for name, d in (("zoo", d_zoo), ("adapted", d_ad)):
+        d.zero_grad(set_to_none=True)
+        logits, losses = d.train_step(b, lambda loss: loss.backward())
+        out[name] = (logits, losses, {n: p.grad.clone() for n, p in d.named_trainable_parameters()})
+    (lz, losz, gz), (la, losa, ga) = out["zoo"], out["adapted"]
+    assert torch.allclose(lz, la, atol=1e-6)
+    assert losz.keys() == losa.keys() and len(losz) == 6
+    for k in losz:
+        assert torch.allclose(losz[k], losa[k], rtol=1e-5, atol=1e-7), k
+    assert gz.keys() == ga.keys()
+    for n in gz:
+        assert torch.allclose(gz[n], ga[n], rtol=1e-4, atol=1e-6), n
+
+
+# ----- exact gradient isolation between LAKD modules ----------------------------------------------------------
+def test_isolation_on_adapted_mobilenet_v3_small():
+    torch.manual_seed(0)
+    s = torchvision.models.mobilenet_v3_small(num_classes=10)
+    t = torchvision.models.mobilenet_v3_small(num_classes=10)
+    d = lakd.distiller(s, t, "lakd", image_size=SIZE)
+    assert d.student.cut_names["stem"] == "features.0" and len(d.splits) == 4
+    assert not d.student._split.mid_trivial  # CAMs go through the hidden Linear + Hardswish per position
+    assert_isolated(d, batch())
+
+
+def test_isolation_on_adapted_timm_model():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    s = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    t = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    d = lakd.distiller(s, t, "lakd", image_size=SIZE)
+    assert d.student.cut_names == {"stem": "act1", "blocks": ["layer1", "layer2", "layer3", "layer4"],
+                                   "classifier": None}
+    assert_isolated(d, batch())
+
+
+def test_isolation_with_a_skip_across_a_cut_and_local_equals_joint():
+    torch.manual_seed(0)
+    d = lakd.distiller(SkipNet(), SkipNet(width=12), "lakd", image_size=SIZE,
+                       student_options={"blocks": ["a", "b", "c"]}, teacher_options={"blocks": ["a", "b", "c"]},
+                       options={"sdm": {"splits": [1, 3], "teacher_points": [1, 3]}})
+    # the stem output is carried past the cut after `a` into `b`
+    carried = d.student._split.pieces_spec[2][0]
+    assert len(carried) == 2
+    b = batch()
+    assert_isolated(d, b)
+    joint = copy.deepcopy(d)
+    joint.local_backward = False
+    for m in (d, joint):
+        m.zero_grad(set_to_none=True)
+        m.train_step(b, lambda loss: loss.backward())
+    ga, gb = dict(d.named_trainable_parameters()), dict(joint.named_trainable_parameters())
+    for n in ga:
+        assert torch.allclose(ga[n].grad, gb[n].grad, atol=1e-6), n
+    # without the detach the last module's loss reaches the stem through the skip
+    nd = lakd.distiller(SkipNet(), SkipNet(width=12), "lakd", image_size=SIZE,
+                        student_options={"blocks": ["a", "b", "c"]}, teacher_options={"blocks": ["a", "b", "c"]},
+                        options={"sdm": {"splits": [1, 3], "teacher_points": [1, 3], "detach": False}})
+    _, losses = nd.forward_train(**b)
+    losses["ce"].backward()
+    assert torch.count_nonzero(nd.student.stem[0].weight.grad) > 0
+
+
+# ----- every method on an adapted pair, checkpoints ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    return torchvision.models.mobilenet_v3_small(num_classes=10), torchvision.models.resnet18(num_classes=10)
+
+
+@pytest.mark.parametrize("method", DISTILLERS.names())
+def test_every_method_two_steps_on_an_adapted_pair(pair, method):
+    s, t = copy.deepcopy(pair[0]), copy.deepcopy(pair[1])
+    d = lakd.distiller(s, t, method, image_size=SIZE, num_data=8,
+                       options={"crd": {"nce_k": 4}} if method == "crd" else None)
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01, momentum=0.9)
+    before = {k: v.clone() for k, v in s.state_dict().items()}
+    for step in range(2):
+        opt.zero_grad(set_to_none=True)
+        logits, losses = d.train_step(batch(seed=step), lambda loss: loss.backward())
+        opt.step()
+        assert logits.shape == (4, 10) and all(torch.isfinite(v) for v in losses.values())
+    # the user's own module was trained in place; its checkpoint loads into a plain torchvision model
+    assert any(not torch.equal(before[k], v) for k, v in s.state_dict().items())
+    assert list(d.student.state_dict()) == list(before)
+    plain = torchvision.models.mobilenet_v3_small(num_classes=10)
+    plain.load_state_dict(d.student.state_dict(), strict=True)
+    x = batch()["image"]
+    d.eval()
+    plain.eval()
+    assert torch.equal(plain(x), d(x))
+
+
+def test_names_and_checkpoint_files(tmp_path):
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet18(num_classes=10)
+    path = tmp_path / "resnet18.pth"
+    torch.save(plain.state_dict(), path)
+    m = create_model("torchvision:resnet18", 10, checkpoint=str(path), input_size=SIZE)
+    m.eval()
+    plain.eval()
+    x = batch()["image"]
+    assert torch.equal(m(x), plain(x))
+    timm = pytest.importorskip("timm")
+    assert timm is not None
+    t = create_model("timm:resnet18", 10, input_size=SIZE, blocks=["layer2", "layer4"])
+    assert t.num_blocks == 2 and t.stage_ends == [1, 2]
+    u = create_model("module:tests.test_adapter:SkipNet", 7, kwargs={"width": 4}, blocks=["a", "c"])
+    assert u.feature_info()["num_classes"] == 7 and u.feature_info()["blocks"][1].channels == 8
+
+
+def test_cut_candidates_list_modules_with_shapes():
+    rows = dict(cut_candidates(torchvision.models.resnet18(num_classes=10), input_size=SIZE))
+    assert rows["layer1.0"] == (1, 64, 8, 8) and rows["layer4"] == (1, 512, 1, 1) and rows["fc"] == (1, 10)
+
+
+# ----- one-line errors ----------------------------------------------------------------------------------------------
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.gate = Gate()
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.gate(self.conv(x)), 1).flatten(1))
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            return x
+        return -x
+
+
+class ConvHead(nn.Module):
+    """No nn.Linear after pooling (a 1x1 conv classifier, as SqueezeNet's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU())
+        self.cls = nn.Conv2d(8, 10, 1)
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(self.cls(self.body(x)), 1).flatten(1)
+
+
+def test_errors_are_one_line_and_name_the_fix():
+    with pytest.raises(LakdError, match=r"cannot trace Branchy .*x.sum\(\) > 0.* module 'gate' \(Gate\).*leaf"):
+        adapt(Branchy(), input_size=SIZE)
+    m = adapt(Branchy(), input_size=SIZE, leaf_modules=["Gate"], blocks=["gate"])  # the suggested fix works
+    assert m.num_blocks == 1
+    with pytest.raises(LakdError, match=r"no cut point 'layer5'.*did you mean.*layer"):
+        adapt(torchvision.models.resnet18(), input_size=SIZE, blocks=["layer1", "layer5"])
+    with pytest.raises(LakdError, match="out of order"):
+        adapt(torchvision.models.resnet18(), input_size=SIZE, blocks=["layer2", "layer1"])
+    with pytest.raises(LakdError, match="after the last feature map"):
+        adapt(torchvision.models.resnet18(), input_size=SIZE, blocks=["layer1", "fc"])
+    with pytest.raises(LakdError, match=r"method catkd needs class activation maps .* no nn.Linear after global "
+                                        r"pooling; name its classifier with model.classifier"):
+        lakd.distiller(ConvHead(), ConvHead(), "catkd", image_size=SIZE, student_options={"blocks": ["body.1", "body.3"]},
+                       teacher_options={"blocks": ["body.1", "body.3"]})
+    d = lakd.distiller(ConvHead(), ConvHead(), "kd", image_size=SIZE, student_options={"blocks": ["body.3"]},
+                       teacher_options={"blocks": ["body.3"]})  # methods without CAMs run
+    assert d.student.num_blocks == 1
+    with pytest.raises(LakdError, match="do not pair up; set sdm.teacher_points"):
+        lakd.distiller(SkipNet(), torchvision.models.resnet18(num_classes=10), "lakd", image_size=SIZE,
+                       student_options={"blocks": ["a", "b"]})
+    for e in ("torchvision:resnet_18", "timm:not_a_model", "module:tests.test_adapter:Nope", "module:nopkg_x:f"):
+        with pytest.raises(LakdError) as info:
+            create_model(e, 10)
+        assert "\n" not in str(info.value)
