@@ -97,12 +97,13 @@ def main(argv=None) -> dict:
     p.add_argument("--teacher-steps", type=int, default=300, help="steps to train the teacher first")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--train-size", type=int, default=2048)
+    p.add_argument("--test-size", type=int, default=512)
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     args = p.parse_args(argv)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     train = DataLoader(Stripes(args.train_size), batch_size=args.batch_size, shuffle=True, drop_last=True)
-    test = DataLoader(Stripes(512, seed=1), batch_size=256)
+    test = DataLoader(Stripes(args.test_size, seed=1), batch_size=256)
 
     # 1. your teacher (normally already trained: load its weights instead)
     teacher = MyNet(width=32).to(device)
