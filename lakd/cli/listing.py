@@ -5,7 +5,8 @@ import argparse
 import os
 
 HELPS = {
-    "models": "list the model zoo (name, family, parameters, stage shapes)",
+    "models": "list the model zoo (name, family, parameters, stage shapes), or with --blocks NAME the cut points "
+              "of any model (torchvision:/timm:/module: names included) with their output shapes",
     "methods": "list the distillation methods and their config sections",
     "configs": "list the shipped experiment configs",
 }
@@ -13,15 +14,54 @@ HELP = HELPS["models"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    pass
+    p.add_argument("--blocks", metavar="NAME", default=None,
+                   help="list the cut points of model NAME (e.g. torchvision:resnet18, timm:convnext_atto, "
+                        "module:mynets:student) with their output shapes, for model.blocks")
+    p.add_argument("--image-size", type=int, default=None, help="input size for the shapes (default 224; 32 for "
+                                                                 "module: names and the CIFAR zoo)")
+    p.add_argument("--num-classes", type=int, default=10)
 
 
 def add_arguments_configs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=None, help="configs folder (default: ./configs, else the package's)")
 
 
+def run_blocks(name: str, size: int | None, num_classes: int) -> int:
+    """Cut candidates of ``name`` in run order with output shapes; the default cut points marked."""
+    from ..models import FAMILY, adapt, create_model, cut_candidates, is_external
+    from ..models.external import build_network, default_input_size
+
+    if not is_external(name):
+        m = create_model(name, num_classes)
+        size = size or m.input_size
+        info = m.feature_info(size)
+        print(f"{name}: {m.num_blocks} blocks (the zoo cuts by index: sdm.splits=[...]); outputs at {size}x{size}, "
+              f"stage ends {m.stage_ends}")
+        for i, b in enumerate(info["blocks"]):
+            print(f"  {i + 1:>3}  {b.channels}x{b.height}x{b.width}{'  (stage end)' if i + 1 in m.stage_ends else ''}")
+        return 0
+    size = size or default_input_size(name)
+    net = build_network(name, num_classes)
+    rows = cut_candidates(net, size)
+    adapted = adapt(net, input_size=size, name=name)
+    stem, blocks = adapted.cut_names["stem"], adapted.cut_names["blocks"]
+    print(f"cut points of {name} at {size}x{size} (module paths in run order, output shape); "
+          f"S = default stem, B = default block ends")
+    for path, shape in rows:
+        mark = "S" if path == stem else "B" if path in blocks else " "
+        depth = path.count(".")
+        shp = "x".join(str(d) for d in shape[1:]) if shape else "-"
+        print(f"{mark} {'  ' * depth}{path:<{max(40 - 2 * depth, 8)}} {shp}")
+    print(f"default: model.stem={stem} model.blocks=[{','.join(blocks)}] (stage ends {adapted.stage_ends}; "
+          f"classifier {adapted._split.classifier_path or 'none'})")
+    return 0
+
+
 def run_models(args) -> int:
     from ..models import FAMILY, create_model, list_models
+
+    if args.blocks:
+        return run_blocks(args.blocks, args.image_size, args.num_classes)
 
     print(f"{'name':<12} {'family':<9} {'params':>9}  blocks  stage outputs (C x H x W)")
     for name in list_models():

@@ -83,6 +83,24 @@ def _module(spec: str, num_classes: int, kwargs: dict) -> nn.Module:
     return model
 
 
+def build_network(name: str, num_classes: int, kwargs: dict | None = None) -> nn.Module:
+    """The plain network a ``torchvision:``/``timm:``/``module:`` name stands for (not adapted)."""
+    kind, _, rest = name.partition(":")
+    kwargs = dict(kwargs or {})
+    if kind == "torchvision":
+        return _torchvision(rest, num_classes, kwargs)
+    if kind == "timm":
+        return _timm(rest, num_classes, kwargs)
+    if kind == "module":
+        return _module(rest, num_classes, kwargs)
+    raise LakdError(f"model name {name!r}: the prefix must be one of {', '.join(p + ':' for p in PREFIXES)}")
+
+
+def default_input_size(name: str) -> int:
+    """The image size shapes are inferred at when the data does not say: 32 for ``module:``, else 224."""
+    return 32 if name.startswith("module:") else 224
+
+
 def build_external(name: str, num_classes: int, checkpoint: str | None = None, *, kwargs: dict | None = None,
                    blocks: list[str] | None = None, stem: str | None = None, classifier: str | None = None,
                    leaf_modules=(), input_size: int | None = None) -> FeatureNet:
@@ -90,18 +108,9 @@ def build_external(name: str, num_classes: int, checkpoint: str | None = None, *
     state dict) and adapt it at the cut points ``blocks`` (default per family)."""
     from .checkpoint import load_weights
 
-    kind, _, rest = name.partition(":")
-    kwargs = dict(kwargs or {})
-    if kind == "torchvision":
-        model = _torchvision(rest, num_classes, kwargs)
-    elif kind == "timm":
-        model = _timm(rest, num_classes, kwargs)
-    elif kind == "module":
-        model = _module(rest, num_classes, kwargs)
-    else:
-        raise LakdError(f"model name {name!r}: the prefix must be one of {', '.join(p + ':' for p in PREFIXES)}")
+    model = build_network(name, num_classes, kwargs)
     if checkpoint:
         load_weights(model, checkpoint, arch=name)
-    size = input_size or (32 if kind == "module" else 224)
+    size = input_size or default_input_size(name)
     return adapt(model, blocks=blocks, stem=stem, classifier=classifier, leaf_modules=tuple(leaf_modules or ()),
                  input_size=size, name=name)
