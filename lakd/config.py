@@ -51,8 +51,12 @@ DEFAULTS: dict[str, Any] = {
         "mean": None,  # None: the dataset's (or the teacher checkpoint's) normalisation
         "std": None,
     },
-    "model": {"name": "resnet20", "num_classes": None, "checkpoint": None},
-    "teacher": {"name": None, "checkpoint": None},
+    # name: a zoo name (`lakd models`), torchvision:<name>, timm:<name> or module:<package.module>:<callable>;
+    # for those, kwargs go to the constructor and blocks/stem/classifier/leaf_modules cut the network (docs/api.md)
+    "model": {"name": "resnet20", "num_classes": None, "checkpoint": None, "kwargs": {}, "blocks": None,
+              "stem": None, "classifier": None, "leaf_modules": []},
+    "teacher": {"name": None, "checkpoint": None, "kwargs": {}, "blocks": None, "stem": None, "classifier": None,
+                "leaf_modules": []},
     "solver": {
         "epochs": 240,
         "batch_size": 64,  # global batch (split across DDP ranks)
@@ -267,6 +271,19 @@ def validate(cfg: dict) -> None:
         v = cfg[sec].get(key)
         if v is not None and not isinstance(v, str):
             raise LakdError(f"{sec}.{key} must be a string, got {v!r}")
+    for sec in ("model", "teacher"):
+        c = cfg[sec]
+        if c.get("blocks") is not None and (not isinstance(c["blocks"], list) or not c["blocks"]
+                                            or not all(isinstance(b, str) for b in c["blocks"])):
+            raise LakdError(f"{sec}.blocks must be a list of cut points (module paths such as layer1.0), got "
+                            f"{c['blocks']!r}; `lakd models --blocks NAME` lists them")
+        for key in ("stem", "classifier"):
+            if c.get(key) is not None and not isinstance(c[key], str):
+                raise LakdError(f"{sec}.{key} must be a module path (a string), got {c[key]!r}")
+        if not isinstance(c.get("kwargs") or {}, dict):
+            raise LakdError(f"{sec}.kwargs must be a mapping of keyword arguments, e.g. {sec}.kwargs={{width: 16}}")
+        if not all(isinstance(x, str) for x in c.get("leaf_modules") or []):
+            raise LakdError(f"{sec}.leaf_modules must be a list of class names or module paths")
     if not all(isinstance(m, int) and not isinstance(m, bool) for m in s["milestones"]):
         raise LakdError(f"solver.milestones must be a list of epochs (integers), got {s['milestones']!r}")
     for key in ("mean", "std"):
