@@ -511,8 +511,9 @@ def _remap(spec, nodes):
 # ----- default cut points ---------------------------------------------------------------------------------
 def default_cuts(model: nn.Module, gm: fx.GraphModule, qualnames: dict) -> tuple[str | None, list[str]]:
     """(stem, blocks) when the user names none: torchvision ResNets' residual blocks; timm's ``feature_info``
-    stages; otherwise the top-level children that run in sequence before global pooling (descending into a lone
-    container such as ``features``), the first of three or more being the stem."""
+    stages; otherwise the top-level children that run in sequence before global pooling (opening the largest
+    container while fewer than three do, e.g. ``features`` or ``trunk_output``), the first of three or more being
+    the stem."""
     from torchvision.models.resnet import ResNet
 
     if isinstance(model, ResNet):
@@ -528,25 +529,37 @@ def default_cuts(model: nn.Module, gm: fx.GraphModule, qualnames: dict) -> tuple
     pools = [n for n in _value_nodes(gm.graph) if _is_global_pool(gm, n)]
     pool = pools[-1] if pools else None
     limit = pos[pool.args[0]] if pool is not None else len(pos)
-    prefix = ""
-    while True:
-        mod = model.get_submodule(prefix) if prefix else model
+
+    def in_sequence(paths: list[str]) -> list[str]:
+        """The paths whose nodes all run before pooling, ordered, each ending after the previous one."""
         spans = []
-        for cname, _ in mod.named_children():
-            path = f"{prefix}.{cname}" if prefix else cname
+        for path in paths:
             ps = [pos[n] for n, q in qualnames.items() if q == path or q.startswith(path + ".")]
             if ps and max(ps) <= limit:
                 spans.append((min(ps), max(ps), path))
-        spans.sort()
-        seq, last = [], -1
-        for lo, hi, path in spans:  # children that run one after another
+        out, last = [], -1
+        for _, hi, path in sorted(spans):
             if hi > last:
-                seq.append(path)
+                out.append(path)
                 last = hi
-        if len(seq) == 1 and len(list(model.get_submodule(seq[0]).children())) >= 2:
-            prefix = seq[0]
-            continue
-        break
+        return out
+
+    def children(path: str) -> list[str]:
+        mod = model.get_submodule(path) if path else model
+        return [f"{path}.{c}" if path else c for c, _ in mod.named_children()]
+
+    def size(path: str) -> int:
+        return sum(p.numel() for p in model.get_submodule(path).parameters())
+
+    seq = in_sequence(children(""))
+    # open the largest container while fewer than three pieces run in sequence (`features`, `trunk_output`)
+    while len(seq) < 3:
+        opened = [p for p in seq if len(in_sequence(children(p))) >= 2]
+        if not opened:
+            break
+        big = max(opened, key=size)
+        k = seq.index(big)
+        seq = seq[:k] + in_sequence(children(big)) + seq[k + 1:]
     if not seq:
         raise LakdError(f"found no module that runs before global pooling in {type(model).__name__}; name the cut "
                         f"points with model.blocks (see `lakd models --blocks`)")
