@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from lakd.distillers import build_distiller
 from lakd.config import load_config
+from lakd.distillers import build_distiller
 from lakd.errors import LakdError
 from lakd.models import adapt
 from lakd.models.external import build_network

@@ -21,7 +21,8 @@ from ..config import load_config
 from ..distillers import DISTILLERS, cost_reference, resolve_method
 from ..engine.build import build
 from ..engine.step import training_step
-from ..models import FAMILY
+from ..models import FAMILY, is_external
+from ..models.external import default_input_size
 
 
 class SavedTensorMeter:
@@ -70,13 +71,15 @@ class _Packed:
 
 
 def _setup(teacher: str, teacher_ckpt: str | None, student: str, method: str, num_classes: int,
-           overrides: list[str], device: torch.device):
+           overrides: list[str], device: torch.device, image_size: int | None = None):
     """The distiller, optimizer and parameters of one method (or a variant such as ``lakd_joint``), through the
     trainer's build path; no data: CRD's memory bank assumes a training set of ``max(20000, 2 * 16384)``."""
     name, extra = resolve_method(method)
     over = [f"method={name}", f"model.name={student}", f"model.num_classes={num_classes}"]
     if DISTILLERS.get(name).needs_teacher:
         over.append(f"teacher.name={teacher}")
+    if image_size:
+        over.append(f"data.image_size={image_size}")  # the size torchvision:/timm: networks infer shapes at
     cfg = load_config(None, over + extra + list(overrides))
     if teacher_ckpt and cfg["teacher"].get("name"):
         cfg["teacher"]["checkpoint"] = teacher_ckpt
@@ -86,7 +89,8 @@ def _setup(teacher: str, teacher_ckpt: str | None, student: str, method: str, nu
 
 
 def _batch(student: str, batch_size: int, num_classes: int, device, size: int | None = None):
-    size = size or (224 if FAMILY.get(student) == "imagenet" else 32)
+    size = size or (default_input_size(student) if is_external(student) else
+                    224 if FAMILY.get(student) == "imagenet" else 32)
     g = torch.Generator().manual_seed(0)
     return {
         "image": torch.randn(batch_size, 3, size, size, generator=g).to(device),
@@ -96,13 +100,14 @@ def _batch(student: str, batch_size: int, num_classes: int, device, size: int | 
 
 
 def measure_memory(teacher: str, student: str, methods: list[str], batch_size: int, teacher_ckpt=None,
-                   num_classes: int = 100, device: str = "cpu", overrides=(), amp_dtype=None) -> dict:
+                   num_classes: int = 100, device: str = "cpu", overrides=(), amp_dtype=None,
+                   image_size: int | None = None) -> dict:
     dev = torch.device(device)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
     results = {}
     for m in methods:
-        d, opt, params = _setup(teacher, teacher_ckpt, student, m, num_classes, list(overrides), dev)
-        batch = _batch(student, batch_size, num_classes, dev)
+        d, opt, params = _setup(teacher, teacher_ckpt, student, m, num_classes, list(overrides), dev, image_size)
+        batch = _batch(student, batch_size, num_classes, dev, image_size)
         training_step(d, opt, scaler, batch, params, amp_dtype)  # warm-up: optimizer state, lazy inits
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -129,15 +134,16 @@ def measure_memory(teacher: str, student: str, methods: list[str], batch_size: i
 
 def measure_speed(teacher: str, student: str, methods: list[str], batch_size: int, steps: int = 10,
                   warmup: int = 2, teacher_ckpt=None, num_classes: int = 100, device: str = "cpu",
-                  overrides=(), amp_dtype=None, channels_last: bool = False, rounds: int = 1) -> dict:
+                  overrides=(), amp_dtype=None, channels_last: bool = False, rounds: int = 1,
+                  image_size: int | None = None) -> dict:
     """Training images/s per method. With ``rounds`` > 1 the methods are timed in interleaved rounds and the
     best round is kept, which evens out a noisy shared machine."""
     dev = torch.device(device)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
     setups = {}
     for m in methods:
-        d, opt, params = _setup(teacher, teacher_ckpt, student, m, num_classes, list(overrides), dev)
-        batch = _batch(student, batch_size, num_classes, dev)
+        d, opt, params = _setup(teacher, teacher_ckpt, student, m, num_classes, list(overrides), dev, image_size)
+        batch = _batch(student, batch_size, num_classes, dev, image_size)
         if channels_last:
             d.to(memory_format=torch.channels_last)
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)

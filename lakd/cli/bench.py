@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--methods", default=",".join(bench_default_methods()),
                        help=f"comma-separated; any of {every}" + (f" ({described})" if described else ""))
         q.add_argument("--batch-size", type=int, default=64)
+        q.add_argument("--image-size", type=int, default=None,
+                       help="input size (default 32; 224 for ImageNet models and torchvision:/timm: names)")
         q.add_argument("--num-classes", type=int, default=100)
         q.add_argument("--device", default="auto")
         q.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
@@ -55,7 +57,7 @@ def run(args) -> int:
     device = str(resolve_device(args.device))
     common = dict(teacher=teacher, student=args.student, methods=methods, batch_size=args.batch_size,
                   teacher_ckpt=ckpt or None, num_classes=args.num_classes, device=device,
-                  overrides=args.overrides, amp_dtype=AMP_DTYPES[args.amp])
+                  overrides=args.overrides, amp_dtype=AMP_DTYPES[args.amp], image_size=args.image_size)
     if args.what == "memory":
         out = measure_memory(**common)
         key, unit = "peak_bytes", "MiB"
@@ -66,7 +68,8 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"{args.what}: {teacher} -> {args.student}, batch {args.batch_size}, {out['device']}"
+    size = f", {args.image_size}px" if args.image_size else ""
+    print(f"{args.what}: {teacher} -> {args.student}, batch {args.batch_size}{size}, {out['device']}"
           + (f" ({out['measure']})" if "measure" in out else ""))
     print(f"{'method':<12} {unit:>12} {'vs scratch':>11}")
     for m, r in out["results"].items():

@@ -28,7 +28,7 @@ def add_arguments_configs(p: argparse.ArgumentParser) -> None:
 
 def run_blocks(name: str, size: int | None, num_classes: int) -> int:
     """Cut candidates of ``name`` in run order with output shapes; the default cut points marked."""
-    from ..models import FAMILY, adapt, create_model, cut_candidates, is_external
+    from ..models import adapt, create_model, cut_candidates, is_external
     from ..models.external import build_network, default_input_size
 
     if not is_external(name):

@@ -17,7 +17,7 @@ import torch
 from ..data import DataBundle, build_data
 from ..distillers import DISTILLERS, Distiller, build_distiller
 from ..errors import LakdError
-from ..models import FeatureNet, checkpoint_meta, create_model, load_weights
+from ..models import FeatureNet, checkpoint_meta, create_model, load_weights, model_options
 from ..runtime import distributed as dist
 from ..runtime.device import AMP_DTYPES, resolve_device
 
@@ -61,10 +61,14 @@ def resolve_num_classes(cfg: dict, data: DataBundle) -> int:
     return num_classes
 
 
-def build_models(cfg: dict, num_classes: int, meta: dict | None = None, warn: bool = True):
+def build_models(cfg: dict, num_classes: int, meta: dict | None = None, warn: bool = True,
+                 image_size: int | None = None):
     """``(student, teacher)`` from ``cfg["model"]`` and ``cfg["teacher"]`` (teacher None without a name), with
-    their checkpoints loaded. ``meta``: the teacher checkpoint's metadata (read when not given)."""
-    student = create_model(cfg["model"]["name"], num_classes)
+    their checkpoints loaded. ``meta``: the teacher checkpoint's metadata (read when not given). ``image_size``
+    (default ``data.image_size``): the input size at which torchvision:/timm:/module: networks infer their
+    feature shapes."""
+    size = image_size or cfg["data"].get("image_size") or None
+    student = create_model(cfg["model"]["name"], num_classes, input_size=size, **model_options(cfg["model"]))
     if cfg["model"].get("checkpoint"):
         load_weights(student, cfg["model"]["checkpoint"], arch=cfg["model"]["name"])
     teacher = None
@@ -74,7 +78,8 @@ def build_models(cfg: dict, num_classes: int, meta: dict | None = None, warn: bo
             raise LakdError(f"teacher checkpoint {cfg['teacher']['checkpoint']!r} has {meta['num_classes']} "
                             f"classes but {cfg['data']['dataset']} has {num_classes}; use a teacher trained on "
                             f"this dataset")
-        teacher = create_model(cfg["teacher"]["name"], num_classes, checkpoint=cfg["teacher"].get("checkpoint"))
+        teacher = create_model(cfg["teacher"]["name"], num_classes, checkpoint=cfg["teacher"].get("checkpoint"),
+                               input_size=size, **model_options(cfg["teacher"]))
         if not cfg["teacher"].get("checkpoint") and warn:
             log.warning("the teacher has no checkpoint (random weights); set teacher.checkpoint=PATH")
     return student, teacher
@@ -116,7 +121,8 @@ def build(cfg: dict, device=None, rank: int = 0, world_size: int = 1, data: Data
         num_classes = cfg["model"].get("num_classes")
         if not num_classes:
             raise LakdError("model.num_classes must be set to build without data (num_data given)")
-    student, teacher = build_models(cfg, int(num_classes), meta, warn=warn)
+    student, teacher = build_models(cfg, int(num_classes), meta, warn=warn,
+                                    image_size=data.image_size if data is not None else None)
     distiller = build_distiller(cfg, student, teacher, num_data=num_data)
     if t.get("sync_bn") and world_size > 1:  # student and the method's parts (connectors), not the teacher
         dist.convert_sync_batchnorm(distiller, device)
