@@ -207,6 +207,10 @@ class _Split:
         if pool is None and earlier is not None:
             raise LakdError(f"cut point {names[-1]!r} of {label} lies after the last feature map (the input of global "
                             f"pooling {qualnames.get(earlier, earlier.name)!r}); end model.blocks at or before it")
+        if not pools:
+            raise LakdError(f"{label} has no global pooling (adaptive/average pooling to 1x1 or a mean over H x W) "
+                            f"before its classifier (it may classify a flattened map, as VGG does, or tokens); the "
+                            f"adapter needs a network that pools its last feature map, then classifies")
         if pool is None:
             raise LakdError(f"{label}: found no global pooling (adaptive/average pooling to 1x1 or a mean over "
                             f"H x W) after the last cut {names[-1]!r}; the adapter needs a convolutional network "
