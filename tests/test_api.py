@@ -87,3 +87,30 @@ def test_api_errors():
         lakd.distiller(ex.MyNet(), ex.MyNet(), "lakdd")
     d = lakd.distiller("resnet8", "resnet14", "kd", num_classes=10)  # names work too
     assert d.student.feature_info()["num_classes"] == 10
+
+
+def _lakd(*args):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "lakd", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    return res.stdout
+
+
+def test_names_in_configs_train_eval_bench_and_models_blocks(tmp_path):
+    """`module:` names with options through `lakd train`, `lakd eval` (rebuilt from the recorded options),
+    `lakd bench memory --image-size` and `lakd models --blocks`."""
+    net = "module:examples.distil_own_loop:MyNet"
+    _lakd("train", "method=lakd", "data.dataset=digits", f"model.name={net}", "model.kwargs={width: 8}",
+          "model.blocks=[stage1,stage2,stage3]", f"teacher.name={net}", "teacher.blocks=[stage1,stage2,stage3]",
+          "solver.epochs=1", "solver.max_steps_per_epoch=1", "data.train_subset=32", "data.test_subset=16",
+          "train.threads=1", "train.progress=false", f"output_dir={tmp_path}", "experiment=ext")
+    out = _lakd("eval", "--checkpoint", str(tmp_path / "ext" / "best.pt"), "data.test_subset=16")
+    assert "top-1" in out and "16 images" in out
+    out = _lakd("bench", "memory", "--teacher", net, "--student", net, "--methods", "scratch,lakd", "--image-size",
+                "24", "--batch-size", "4", "--num-classes", "4", "--device", "cpu", "model.blocks=[stage1,stage3]",
+                "teacher.blocks=[stage1,stage3]")
+    assert "24px" in out and "lakd" in out
+    out = _lakd("models", "--blocks", net, "--image-size", "16")
+    assert "S stem" in out and "B stage3" in out and "64x4x4" in out
