@@ -22,7 +22,9 @@ the usual CAM (bias excluded) when the classifier follows the pooling directly.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import math
 import os
 import sys
@@ -128,6 +130,20 @@ def trace(model: nn.Module, leaf_modules=(), name: str | None = None) -> tuple[f
     return gm, dict(tracer.node_to_qualname)
 
 
+def _propagate(gm: fx.GraphModule, x: torch.Tensor, label: str) -> None:
+    """Record every node's output shape (``ShapeProp``) by running the graph on ``x``, a zero image."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    try:  # ShapeProp prints the traceback of a failing node itself: keep it off the user's console
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(gm).propagate(x)
+    except Exception as e:  # the network's own error on this input (too small, asserted size...)
+        cause = e.__cause__ or e
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:160]
+        raise LakdError(f"{label} fails on a {tuple(x.shape[-2:])} image: {first}; give the image size it takes "
+                        f"(data.image_size, --image-size, input_size=)") from None
+
+
 def _value_nodes(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op in ("placeholder", "call_module", "call_function", "call_method")]
 
@@ -187,9 +203,11 @@ class _Split:
         pos = {n: i for i, n in enumerate(gm.graph.nodes)}
         out_node = next(n for n in gm.graph.nodes if n.op == "output")
         logits = out_node.args[0]
-        if not isinstance(logits, fx.Node):
-            raise LakdError(f"{label} returns {type(logits).__name__} in this mode, not one tensor of logits; wrap it "
-                            f"with module:<package.module>:<callable> returning a module whose forward gives logits")
+        if not isinstance(logits, fx.Node) or (logits.op == "call_function" and isinstance(logits.target, type)):
+            kind = logits.target.__name__ if isinstance(logits, fx.Node) else type(logits).__name__
+            raise LakdError(f"{label} returns {kind} (in training or eval mode), not one tensor of logits; turn its extra outputs off with constructor options (e.g. "
+                            f"model.kwargs={{aux_logits: false}}) or wrap it with module:<package.module>:<callable> "
+                            f"returning a module whose forward gives logits")
         placeholders = [n for n in nodes if n.op == "placeholder"]
         cuts = [resolve_cut(c, qualnames, label) for c in blocks]
         stem_node = resolve_cut(stem, qualnames, label) if stem else placeholders[0]
@@ -353,16 +371,13 @@ class AdaptedNet(FeatureNet):
             for mode in (True, False):
                 model.train(mode)
                 graphs[mode] = trace(model, leaf_modules, self.label)
-            model.eval()
-            from torch.fx.passes.shape_prop import ShapeProp
-
             p = next(model.parameters(), None)
             x = torch.zeros(1, 3, self.input_size, self.input_size,
                             device=p.device if p is not None else None, dtype=p.dtype if p is not None else None)
             differ = _modes_differ(graphs[True][1], graphs[False][1])
+            model.eval()  # the train-mode graph too: shapes without touching BatchNorm statistics
             for mode in (False, True) if differ else (False,):
-                with torch.no_grad():
-                    ShapeProp(graphs[mode][0]).propagate(x)
+                _propagate(graphs[mode][0], x, self.label)
         finally:
             model.train(was)
         gm, qn = graphs[False]
@@ -578,12 +593,9 @@ def cut_candidates(model: nn.Module, input_size: int = 224, leaf_modules=()) -> 
     model.eval()
     try:
         gm, qn = trace(model, leaf_modules)
-        from torch.fx.passes.shape_prop import ShapeProp
-
         p = next(model.parameters(), None)
-        with torch.no_grad():
-            ShapeProp(gm).propagate(torch.zeros(1, 3, input_size, input_size,
-                                                dtype=p.dtype if p is not None else None))
+        _propagate(gm, torch.zeros(1, 3, input_size, input_size, dtype=p.dtype if p is not None else None),
+                   type(model).__name__)
     finally:
         model.train(was)
     last: dict[str, fx.Node] = {}
