@@ -70,7 +70,7 @@ class Distiller(nn.Module):
         self.total_epochs = int(cfg.get("solver", {}).get("epochs", 1))
         for role, model in (("student", student), ("teacher", teacher if self.needs_teacher else None)):
             for need in self.needs if model is not None else ():
-                why = model.missing(need)
+                why = model.missing(need) if hasattr(model, "missing") else None
                 if why:
                     raise LakdError(f"method {self.name} needs {_NEEDS.get(need, need)} from the {role}, but {why}")
         if teacher is not None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..errors import LakdError
 from .base import Distiller, register_distiller
-from .losses import class_attention_loss
+from .losses import class_attention_loss, model_class_maps
 
 
 @register_distiller("catkd")
@@ -40,9 +40,9 @@ class CATKD(Distiller):
     def forward_train(self, image, target, **batch):
         logits, feats = self.student(image, features=True)
         _, t_feats = self.teacher_forward(image, features=True)
-        cam_s = self.student.class_maps(feats["last"])
+        cam_s = model_class_maps(self.student, feats["last"])
         with torch.no_grad():
-            cam_t = self.teacher.class_maps(t_feats["last"])
+            cam_t = model_class_maps(self.teacher, t_feats["last"])
         return logits, {
             "ce": self.ce_weight * F.cross_entropy(logits, target),
             "cat": self.beta * class_attention_loss(cam_s, cam_t, self.resolution, self.normalize),

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..errors import LakdError
 from ..models.base import FeatureShape, detach_state, feature
 from .base import Distiller, register_distiller
-from .losses import class_attention_loss, ndam_map
+from .losses import class_attention_loss, model_class_maps, ndam_map
 
 
 class Connector(nn.Module):
@@ -193,7 +193,7 @@ class LAKD(Distiller):
             if i + 1 in want:
                 feats[i + 1] = feature(h)
         _, fmap, _ = t.head_forward(h, return_map=True)
-        cam = t.class_maps(fmap)
+        cam = model_class_maps(t, fmap)
         return [feats[p] for p in self.teacher_points], cam
 
     def module_forward(self, k: int, h: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -204,7 +204,7 @@ class LAKD(Distiller):
 
     def last_losses(self, out, target, t_cam):
         logits, fmap, _ = self.student.head_forward(out, return_map=True)
-        cam = self.student.class_maps(fmap)
+        cam = model_class_maps(self.student, fmap)
         losses = {
             "ce": self.ce_weight * F.cross_entropy(logits, target),
             "att": self.att_weight * class_attention_loss(cam, t_cam, self.resolution, self.normalize),

@@ -15,6 +15,13 @@ def class_activation_maps(fmap: torch.Tensor, classifier: nn.Linear) -> torch.Te
     return torch.einsum("bchw,kc->bkhw", fmap, classifier.weight)
 
 
+def model_class_maps(model, fmap: torch.Tensor) -> torch.Tensor:
+    """``model``'s class activation maps of ``fmap``: its own ``class_maps`` (``FeatureNet``: adapted networks
+    apply their post-pooling layers), else the classifier's weights as a 1x1 convolution."""
+    own = getattr(model, "class_maps", None)
+    return own(fmap) if own is not None else class_activation_maps(fmap, model.classifier)
+
+
 def class_attention_loss(cam_s: torch.Tensor, cam_t: torch.Tensor, resolution: int = 2,
                          normalize: bool = False) -> torch.Tensor:
     """CAT-KD's loss: both CAM stacks average-pooled to R x R, optionally L2-normalised over space, MSE."""
