@@ -63,6 +63,8 @@ class _Tracer(NodePathTracer):
     def is_leaf_module(self, m, qualname):
         if qualname in self.leaf_names or type(m).__name__ in self.leaf_names:
             return True
+        if isinstance(m, nn.Linear):  # subclasses too (timm's Linear), so the classifier stays one module call
+            return True
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
