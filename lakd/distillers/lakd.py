@@ -130,16 +130,18 @@ class LAKD(Distiller):
         if points is None:
             points = list(teacher.stage_ends)
             if len(splits) != len(points):
-                points = match_by_resolution(splits, s_info, list(teacher.stage_ends), t_info)
+                # default splits (the student's stages) against a teacher with more or fewer stages: pair the
+                # stages of equal map size; splits the user chose need teacher_points chosen as well
+                points = None if sdm["splits"] else match_by_resolution(splits, s_info, points, t_info)
             if points is None:
                 def sizes(info, ends):
                     return [f"{info['blocks'][e - 1].height}x{info['blocks'][e - 1].width}" for e in ends]
 
+                pair = "" if sdm["splits"] else (f", and their map sizes ({', '.join(sizes(s_info, splits))} vs "
+                                                 f"{', '.join(sizes(t_info, teacher.stage_ends))}) do not pair up")
                 raise LakdError(f"sdm.splits={splits} makes {len(splits)} local modules but the teacher "
-                                f"{cfg['teacher']['name']} has {len(teacher.stage_ends)} stages, and their map sizes "
-                                f"({', '.join(sizes(s_info, splits))} vs {', '.join(sizes(t_info, teacher.stage_ends))}) "
-                                f"do not pair up; set sdm.teacher_points to {len(splits)} teacher block indices "
-                                f"(1..{teacher.num_blocks})")
+                                f"{cfg['teacher']['name']} has {len(teacher.stage_ends)} stages{pair}; set "
+                                f"sdm.teacher_points to {len(splits)} teacher block indices (1..{teacher.num_blocks})")
         points = list(points)
         if len(points) != len(splits) or any(not 1 <= p <= teacher.num_blocks for p in points):
             raise LakdError(f"sdm.teacher_points={points} must hold {len(splits)} teacher block indices in "
