@@ -44,15 +44,14 @@ class SkipNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(h3, 1), 1))
 
 
-def module_params(d, k):
-    s = d.student
-    start = 0 if k == 0 else d.splits[k - 1]
-    return s.block_parameters(start, d.splits[k], stem=k == 0, head=k == len(d.splits) - 1) + \
-        list(d.connectors[k].parameters())
-
-
-def assert_isolated(d, b):
+def assert_isolated(d, b, block_parameters):
     """Each local module's losses reach its own parameters and not one element of an earlier module's."""
+
+    def module_params(d, k):
+        start = 0 if k == 0 else d.splits[k - 1]
+        return block_parameters(d.student, start, d.splits[k], stem=k == 0, head=k == len(d.splits) - 1) + \
+            list(d.connectors[k].parameters())
+
     n = len(d.splits)
     assert n >= 2
     for k in range(n):
@@ -104,17 +103,17 @@ def test_adapted_torchvision_resnet18_equals_zoo_resnet18():
 
 
 # ----- exact gradient isolation between LAKD modules ----------------------------------------------------------
-def test_isolation_on_adapted_mobilenet_v3_small():
+def test_isolation_on_adapted_mobilenet_v3_small(block_parameters):
     torch.manual_seed(0)
     s = torchvision.models.mobilenet_v3_small(num_classes=10)
     t = torchvision.models.mobilenet_v3_small(num_classes=10)
     d = lakd.distiller(s, t, "lakd", image_size=SIZE)
     assert d.student.cut_names["stem"] == "features.0" and len(d.splits) == 4
     assert not d.student._split.mid_trivial  # CAMs go through the hidden Linear + Hardswish per position
-    assert_isolated(d, batch())
+    assert_isolated(d, batch(), block_parameters)
 
 
-def test_isolation_on_adapted_timm_model():
+def test_isolation_on_adapted_timm_model(block_parameters):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     s = timm.create_model("resnet18", pretrained=False, num_classes=10)
@@ -122,10 +121,10 @@ def test_isolation_on_adapted_timm_model():
     d = lakd.distiller(s, t, "lakd", image_size=SIZE)
     assert d.student.cut_names == {"stem": "act1", "blocks": ["layer1", "layer2", "layer3", "layer4"],
                                    "classifier": None}
-    assert_isolated(d, batch())
+    assert_isolated(d, batch(), block_parameters)
 
 
-def test_isolation_with_a_skip_across_a_cut_and_local_equals_joint():
+def test_isolation_with_a_skip_across_a_cut_and_local_equals_joint(block_parameters):
     torch.manual_seed(0)
     d = lakd.distiller(SkipNet(), SkipNet(width=12), "lakd", image_size=SIZE,
                        student_options={"blocks": ["a", "b", "c"]}, teacher_options={"blocks": ["a", "b", "c"]},
@@ -134,7 +133,7 @@ def test_isolation_with_a_skip_across_a_cut_and_local_equals_joint():
     carried = d.student._split.pieces_spec[2][0]
     assert len(carried) == 2
     b = batch()
-    assert_isolated(d, b)
+    assert_isolated(d, b, block_parameters)
     joint = copy.deepcopy(d)
     joint.local_backward = False
     for m in (d, joint):

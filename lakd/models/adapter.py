@@ -483,14 +483,8 @@ class AdaptedNet(FeatureNet):
             emb = torch.flatten(emb, 1)
         return (logits, fmap, emb) if return_map else logits
 
-    def stem_modules(self):
-        return [self._split.pieces[0]]
-
     def block_modules(self, i):
         return [self._split.pieces[i + 1]]
-
-    def head_modules(self):
-        return [self._split.pieces[-1]]
 
     @property
     def classifier(self) -> nn.Linear:  # type: ignore[override]
