@@ -440,3 +440,62 @@ def test_config_distillers_run_on_the_real_architectures(teacher, student):
         assert torch.isfinite(total), (method, losses)
         total.backward()
         s.zero_grad()
+
+
+@pytest.mark.parametrize("n, block", [(300, 2**20), (300, 1000), (5000, 2**20), (5000, 3000)])
+def test_crd_bank_scores_equal_the_gathered_form(n, block):
+    """Scores against the bank (one product, blocked, or gathered rows) equal the former implementation's
+    gather-and-bmm, values and gradients, in both regimes (N <= B(K+1): product; N > B(K+1): gather)."""
+    from lakd.distillers.crd import bank_scores
+
+    g = torch.Generator().manual_seed(0)
+    b, k1, d = 8, 65, 16
+    bank = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    cidx = torch.randint(0, n, (b, k1), generator=g)
+    v1 = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=1).requires_grad_(True)
+    v2 = v1.detach().clone().requires_grad_(True)
+    old = torch.bmm(bank[cidx.reshape(-1)].view(b, k1, -1), v1.unsqueeze(2)).squeeze(2)
+    new = bank_scores(v2, bank, cidx, block=block)
+    torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-6)
+    w = torch.randn(b, k1, generator=g)
+    (old * w).sum().backward()
+    (new * w).sum().backward()
+    torch.testing.assert_close(v2.grad, v1.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_crd_loss_equals_the_former_implementation():
+    """The whole CRD loss (NCE of both sides, Z, bank update) with the new scoring equals the gather-and-bmm
+    form of the previous release on the same negatives, and so does its gradient."""
+    from lakd.distillers import crd as crd_mod
+
+    def old_scores(v, bank, cidx, block=None):
+        b, k1 = cidx.shape
+        return torch.bmm(bank[cidx.reshape(-1)].view(b, k1, -1), v.unsqueeze(2)).squeeze(2)
+
+    torch.manual_seed(0)
+    s, t = create_model("resnet8", 10), create_model("resnet8x4", 10)
+    cfg = make_cfg("crd", nce_k=200)
+    runs = []
+    for scores in (crd_mod.bank_scores, old_scores):
+        torch.manual_seed(0)
+        d = build_distiller(cfg, copy.deepcopy(s), copy.deepcopy(t), num_data=1000)
+        orig = crd_mod.bank_scores
+        crd_mod.bank_scores = scores
+        try:
+            x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+            y = torch.arange(6) % 10
+            out = []
+            for step in range(2):
+                d.zero_grad()
+                _, losses = d.forward_train(x, y, index=torch.arange(6) + 6 * step)
+                losses["crd"].backward()
+                out.append((losses["crd"].detach(), d.embed_s.linear.weight.grad.clone()))
+            runs.append((out, d.contrast.memory_s.clone(), d.contrast.z.clone()))
+        finally:
+            crd_mod.bank_scores = orig
+    (new, bank_new, z_new), (old, bank_old, z_old) = runs
+    for (ln, gn), (lo, go) in zip(new, old):
+        torch.testing.assert_close(ln, lo, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gn, go, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(bank_new, bank_old, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z_new, z_old, rtol=1e-5, atol=0)
