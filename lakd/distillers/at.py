@@ -49,10 +49,12 @@ class AT(Distiller):
         if self.p <= 0:
             raise LakdError(f"at.p must be positive (the paper uses 2), got {s['p']!r}")
 
-    def forward_train(self, image, target, **batch):
+    def teacher_pass(self, image, **batch):
+        return self.teacher_forward(image, features=True)[1]["stages"]
+
+    def student_losses(self, image, target, t_stages, **batch):
         logits, feats = self.student(image, features=True)
-        _, t_feats = self.teacher_forward(image, features=True)
         return logits, {
             "ce": self.ce_weight * F.cross_entropy(logits, target),
-            "at": self.feat_weight * at_loss(feats["stages"], t_feats["stages"], self.p),
+            "at": self.feat_weight * at_loss(feats["stages"], t_stages, self.p),
         }

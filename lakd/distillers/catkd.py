@@ -37,12 +37,14 @@ class CATKD(Distiller):
             raise LakdError("CAT-KD needs student and teacher classifiers over the same classes "
                             "(set model.num_classes to the teacher's)")
 
-    def forward_train(self, image, target, **batch):
-        logits, feats = self.student(image, features=True)
+    @torch.no_grad()
+    def teacher_pass(self, image, **batch):
         _, t_feats = self.teacher_forward(image, features=True)
+        return model_class_maps(self.teacher, t_feats["last"])
+
+    def student_losses(self, image, target, cam_t, **batch):
+        logits, feats = self.student(image, features=True)
         cam_s = model_class_maps(self.student, feats["last"])
-        with torch.no_grad():
-            cam_t = model_class_maps(self.teacher, t_feats["last"])
         return logits, {
             "ce": self.ce_weight * F.cross_entropy(logits, target),
             "cat": self.beta * class_attention_loss(cam_s, cam_t, self.resolution, self.normalize),

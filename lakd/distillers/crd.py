@@ -230,14 +230,16 @@ class CRD(Distiller):
             out_s, out_t = self.contrast(v_s, v_t, index, contrast_index, target)
             return nce_loss(out_s, self.num_data) + nce_loss(out_t, self.num_data)
 
-    def forward_train(self, image, target, index=None, **batch):
+    def teacher_pass(self, image, index=None, **batch):
         if index is None:
             raise LakdError("CRD needs the dataset index of every image (batch['index']); "
                             "use lakd's data loaders")
+        return self.teacher_forward(image, features=True)[1]["embedding"]
+
+    def student_losses(self, image, target, t_emb, index=None, **batch):
         logits, feats = self.student(image, features=True)
-        _, t_feats = self.teacher_forward(image, features=True)
         index = index.to(image.device).long()
         return logits, {
             "ce": self.ce_weight * F.cross_entropy(logits, target),
-            "crd": self.feat_weight * self.crd_loss(feats["embedding"], t_feats["embedding"], index, target),
+            "crd": self.feat_weight * self.crd_loss(feats["embedding"], t_emb, index, target),
         }

@@ -56,9 +56,8 @@ class DKD(Distiller):
     def warmup_factor(self) -> float:
         return 1.0 if self.warmup <= 0 else min((self.epoch + 1) / self.warmup, 1.0)
 
-    def forward_train(self, image, target, **batch):
+    def student_losses(self, image, target, t_logits, **batch):
         logits = self.student(image)
-        t_logits = self.teacher_forward(image)
         tckd, nckd = dkd_terms(logits, t_logits, target, self.T)
         w = self.warmup_factor()
         return logits, {

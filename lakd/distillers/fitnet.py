@@ -69,11 +69,13 @@ class FitNet(Distiller):
         shapes_t = [info_t["stem"], *info_t["stages"]]
         self.regressor = ConvRegressor(shapes_s[stage], shapes_t[stage])
 
-    def forward_train(self, image, target, **batch):
+    def teacher_pass(self, image, **batch):
+        return hint_feature(self.teacher_forward(image, features=True)[1], self.hint_stage)
+
+    def student_losses(self, image, target, t_hint, **batch):
         logits, feats = self.student(image, features=True)
-        _, t_feats = self.teacher_forward(image, features=True)
         pred = self.regressor(hint_feature(feats, self.hint_stage))
         return logits, {
             "ce": self.ce_weight * F.cross_entropy(logits, target),
-            "fitnet": self.feat_weight * F.mse_loss(pred, hint_feature(t_feats, self.hint_stage)),
+            "fitnet": self.feat_weight * F.mse_loss(pred, t_hint),
         }

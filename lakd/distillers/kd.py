@@ -27,9 +27,8 @@ class KD(Distiller):
         s = self.section("kd")
         self.T, self.ce_weight, self.kd_weight = float(s["T"]), float(s["ce_weight"]), float(s["kd_weight"])
 
-    def forward_train(self, image, target, **batch):
+    def student_losses(self, image, target, t_logits, **batch):
         logits = self.student(image)
-        t_logits = self.teacher_forward(image)
         return logits, {
             "ce": self.ce_weight * F.cross_entropy(logits, target),
             "kd": self.kd_weight * kd_loss(logits, t_logits, self.T),

@@ -186,17 +186,35 @@ class LAKD(Distiller):
     @torch.no_grad()
     def teacher_targets(self, image):
         """Teacher features at the alignment points, its CAMs, in one no-grad pass."""
+        walk = self.teacher_walk(image)
+        feats = [next(walk) for _ in self.teacher_points]
+        return feats, next(walk)
+
+    def teacher_walk(self, image):
+        """The teacher's pass in pieces, under no_grad: yields the feature at alignment point 1, 2, ... (each
+        computed only when asked for, the teacher's running state kept in between), then its CAMs. Points need
+        not increase: a feature passed on the way to a later one is kept until its module asks for it."""
         t = self.teacher
-        h = t.stem_forward(image)
-        want = set(self.teacher_points)
-        feats = {}
-        for i in range(t.num_blocks):
-            h = t.block_forward(i, h)
-            if i + 1 in want:
-                feats[i + 1] = feature(h)
-        _, fmap, _ = t.head_forward(h, return_map=True)
-        cam = model_class_maps(t, fmap)
-        return [feats[p] for p in self.teacher_points], cam
+        with torch.no_grad():
+            h, done = t.stem_forward(image), 0
+        kept: dict[int, torch.Tensor] = {}
+        for k, p in enumerate(self.teacher_points):
+            later = set(self.teacher_points[k + 1:])
+            with torch.no_grad():
+                while done < p:
+                    h = t.block_forward(done, h)
+                    done += 1
+                    if done in later and done != p:
+                        kept[done] = feature(h)
+            yield kept.pop(p) if p < done else feature(h)
+        with torch.no_grad():
+            while done < t.num_blocks:
+                h = t.block_forward(done, h)
+                done += 1
+            _, fmap, _ = t.head_forward(h, return_map=True)
+            cam = model_class_maps(t, fmap)
+        del h, fmap
+        yield cam  # outside no_grad: a generator suspended inside it would leave grad mode off for the caller
 
     def module_forward(self, k: int, h: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         start = 0 if k == 0 else self.splits[k - 1]
@@ -232,13 +250,36 @@ class LAKD(Distiller):
             h = detach_state(out) if self.detach or backward is not None else out
         return logits, losses
 
-    def forward_train(self, image, target, **batch):
-        t_feats, t_cam = self.teacher_targets(image)
+    def teacher_pass(self, image, **batch):
+        return self.teacher_targets(image)
+
+    def student_losses(self, image, target, teacher_out, **batch):
+        t_feats, t_cam = teacher_out
         return self.module_losses(image, target, t_feats, t_cam)
 
     def train_step(self, batch, backward):
+        """Local backward, interleaved with the teacher: the teacher runs up to alignment point k, then student
+        module k, its loss and its backward; module k's graph and the teacher's feature k are released before
+        the teacher continues to point k+1. The peak is the largest module's activations plus one teacher
+        feature map, instead of every module's teacher target held from the start. The teacher still runs
+        before the student part that uses it, and the numbers are those of ``module_losses``."""
         if not self.local_backward:
             return super().train_step(batch, backward)
-        t_feats, t_cam = self.teacher_targets(batch["image"])
-        logits, losses = self.module_losses(batch["image"], batch["target"], t_feats, t_cam, backward=backward)
+        image, target = batch["image"], batch["target"]
+        walk = self.teacher_walk(image)
+        losses: dict[str, torch.Tensor] = {}
+        h, logits = None, None
+        last = len(self.splits) - 1
+        for k in range(len(self.splits)):
+            t_feat = next(walk)
+            t_cam = next(walk) if k == last else None
+            out = self.module_forward(k, h, image)
+            mod = {f"feat{k + 1}": self.feat_weights[k] * self.feature_loss(k, feature(out), t_feat)}
+            if k == last:
+                logits, extra = self.last_losses(out, target, t_cam)
+                mod.update(extra)
+            backward(sum(mod.values()))
+            losses.update({n: v.detach() for n, v in mod.items()})
+            h = detach_state(out)
+            del out, mod, t_feat, t_cam
         return logits.detach(), losses

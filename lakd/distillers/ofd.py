@@ -142,10 +142,12 @@ class OFD(Distiller):
             total = total + ofd_distance(s, t, m) / 2 ** (n - i - 1)
         return total
 
-    def forward_train(self, image, target, **batch):
+    def teacher_pass(self, image, **batch):
+        return self.teacher_forward(image, features=True, preact=True)[1]["stages_preact"]
+
+    def student_losses(self, image, target, t_preact, **batch):
         logits, feats = self.student(image, features=True, preact=True)
-        _, t_feats = self.teacher_forward(image, features=True, preact=True)
         return logits, {
             "ce": self.ce_weight * F.cross_entropy(logits, target),
-            "ofd": self.feat_weight * self.ofd_loss(feats["stages_preact"], t_feats["stages_preact"]),
+            "ofd": self.feat_weight * self.ofd_loss(feats["stages_preact"], t_preact),
         }

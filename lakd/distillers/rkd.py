@@ -63,10 +63,12 @@ class RKD(Distiller):
         if self.eps <= 0:
             raise LakdError(f"rkd.eps must be a small positive number (default 1e-12), got {s['eps']!r}")
 
-    def forward_train(self, image, target, **batch):
+    def teacher_pass(self, image, **batch):
+        return self.teacher_forward(image, features=True)[1]["embedding"]
+
+    def student_losses(self, image, target, f_t, **batch):
         logits, feats = self.student(image, features=True)
-        _, t_feats = self.teacher_forward(image, features=True)
-        f_s, f_t = feats["embedding"], t_feats["embedding"]
+        f_s = feats["embedding"]
         # float32 even under AMP: distances from |a|^2 + |b|^2 - 2ab cancel badly in half precision
         with torch.autocast(device_type=f_s.device.type, enabled=False):
             dist = rkd_distance_loss(f_s, f_t, self.squared, self.eps)

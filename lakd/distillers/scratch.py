@@ -14,6 +14,6 @@ class Scratch(Distiller):
     cost_reference = True
     needs_teacher = False
 
-    def forward_train(self, image, target, **batch):
+    def student_losses(self, image, target, teacher_out=None, **batch):
         logits = self.student(image)
         return logits, {"ce": F.cross_entropy(logits, target)}
