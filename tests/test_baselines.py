@@ -474,7 +474,7 @@ def test_crd_loss_equals_the_former_implementation():
 
     torch.manual_seed(0)
     s, t = create_model("resnet8", 10), create_model("resnet8x4", 10)
-    cfg = make_cfg("crd", nce_k=200)
+    cfg = method_cfg("crd", nce_k=200)
     runs = []
     for scores in (crd_mod.bank_scores, old_scores):
         torch.manual_seed(0)
