@@ -483,8 +483,11 @@ def test_kill_leftovers_best_pt_fallback_interrupt_command_and_umask(tmp_path, c
 
     # Ctrl-C prints the exact command that continues the run, and that command works
     live = tmp_path / "live"
+    # a background job of a non-interactive shell (CI, nohup) inherits SIGINT ignored, and Python then keeps it
+    # ignored: give the child the default disposition, as a terminal's Ctrl-C would find it
     proc = subprocess.Popen([sys.executable, "-m", "lakd", *args, "solver.epochs=30", "--run-dir", str(live)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not (live / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
