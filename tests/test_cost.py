@@ -1,5 +1,6 @@
-"""What a training step costs: ``lakd bench`` for every method and variant, the saved-tensor memory meter,
-and LAKD's local backward lowering the peak (``lakd/analysis/cost.py``)."""
+"""What a training step costs: ``lakd bench`` for every method and variant, the allocator-level and
+saved-tensor memory meters, teacher-first ordering (KD's peak = scratch's) and LAKD's local backward lowering
+the peak (``lakd/analysis/cost.py``)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +10,7 @@ import json
 import pytest
 import torch
 
-from lakd.analysis.cost import SavedTensorMeter, measure_memory
+from lakd.analysis.cost import AllocatorMeter, SavedTensorMeter, measure_memory
 from lakd.cli.main import main as cli_main
 from lakd.engine.step import training_step
 
@@ -25,6 +26,8 @@ def test_bench_json_for_every_method(what, key):
             "--num-classes", "10", "--device", "cpu", "--methods", ",".join(ALL_METHODS), "--json"]
     if what == "speed":
         args += ["--steps", "1", "--warmup", "1"]
+    else:
+        args += ["--same-process"]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = cli_main(args)
@@ -33,21 +36,45 @@ def test_bench_json_for_every_method(what, key):
     assert out["batch_size"] == 8 and out["device"].startswith("cpu")
     assert list(out["results"]) == ALL_METHODS
     for m, r in out["results"].items():
-        assert set(r) == {key, "ratio_to_scratch"}, m
+        assert {key, "ratio_to_scratch"} <= set(r), m
         assert r[key] > 0
         assert r["ratio_to_scratch"] == pytest.approx(r[key] / out["results"]["scratch"][key])
     assert out["results"]["scratch"]["ratio_to_scratch"] == 1.0
     if what == "memory":
+        assert "allocator" in out["measure"]
         res = out["results"]
-        assert res["lakd"]["peak_bytes"] < res["scratch"]["peak_bytes"] < res["lakd_joint"]["peak_bytes"]
+        assert res["lakd"]["peak_bytes"] < res["lakd_joint"]["peak_bytes"]
+        for m, r in res.items():  # the saved-for-backward count stays, as its own labelled column
+            assert r["saved_bytes"] > 0 and r["resident_bytes"] > 0, m
 
 
-def test_local_backward_lowers_the_saved_tensor_peak():
-    out = measure_memory("resnet56", "resnet20", ["scratch", "lakd", "lakd_joint"], batch_size=16,
-                         num_classes=100, device="cpu")
+def test_teacher_first_kd_peak_equals_scratch_at_the_allocator_and_lakd_is_lower():
+    """Every method runs the teacher before the student, so KD's allocator-level peak is scratch's (within 2%);
+    LAKD's interleaved local backward is far below; one joint backward is above. Each method in a fresh
+    process; the operating system's peak resident set agrees with the allocator count."""
+    out = measure_memory("resnet56", "resnet20", ["scratch", "kd", "lakd", "lakd_joint"], batch_size=16,
+                         num_classes=10, device="cpu", overrides=["sdm.splits=[1,4,9]"])
     r = {m: v["peak_bytes"] for m, v in out["results"].items()}
-    assert r["lakd"] < 0.8 * r["scratch"], r
-    assert r["lakd_joint"] >= 0.95 * r["scratch"], r
+    assert "allocator" in out["measure"] and "fresh process" in out["measure"]
+    assert r["kd"] == pytest.approx(r["scratch"], rel=0.02), r
+    assert r["lakd"] < 0.7 * r["scratch"], r
+    assert r["lakd_joint"] >= 1.0 * r["scratch"], r
+    for m, v in out["results"].items():
+        if "rss_peak_bytes" in v:  # Linux: the independent check within 10% of the allocator figure
+            assert v["rss_peak_bytes"] == pytest.approx(v["peak_bytes"], rel=0.1), (m, v)
+
+
+def test_allocator_meter_by_hand():
+    a = torch.empty(1000, dtype=torch.float32)  # allocated before the block: the profiler does not see its free
+    with AllocatorMeter("cpu") as meter:
+        b = torch.empty(2000, dtype=torch.float32)  # +8,000
+        c = torch.empty(500, dtype=torch.float64)  # +4,000 -> peak 12,000
+        del b  # -8,000
+        d = torch.empty(1000, dtype=torch.float32)  # +4,000
+        del a  # -4,000
+    assert meter.peak == 12_000
+    assert meter.end == 4_000 + 4_000
+    del c, d
 
 
 def test_saved_tensor_meter_by_hand_and_release(make_distiller, image_batch):

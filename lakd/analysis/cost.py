@@ -1,17 +1,31 @@
 """What a training step costs per method: peak memory and images per second, measured in one run.
 
-Memory. On CUDA: ``torch.cuda.max_memory_allocated`` over one training step (after a warm-up step), minus the
-memory allocated before it, i.e. the step's own peak (activations, gradients, temporaries); parameters and
-optimizer state that live across steps are reported separately as ``resident_bytes``. On CPU PyTorch keeps
-no allocator statistics, so we count what dominates a training step's memory and differs between methods: the
-tensors autograd saves for backward (activations). Saved-tensor hooks see every tensor packed into the graph;
-each distinct storage is counted once while any graph still holds it, and released when the graph frees it
-(after its backward), so the peak of the running total is the step's peak activation memory. A method that
-backpropagates per local module (LAKD) frees each module's graph before the next one is built, and the count
-shows it. Gradients (the same for every method with the same trainable parameters) are not included.
+Memory is measured at the allocator, over one whole training step (zero_grad, the teacher's and the student's
+forward passes, every backward, the optimizer step), after a warm-up step, each method in a fresh process
+(``spawn``) so nothing one method allocated or cached can shift another's figure:
+
+- CPU: the peak of the running sum of the CPU allocator's events (every allocation and free of a tensor's
+  memory) recorded by ``torch.profiler`` with ``profile_memory=True`` (``AllocatorMeter``). The step starts with
+  the parameters, buffers and optimizer state resident and no gradients; those are reported apart as
+  ``resident_bytes``.
+- CUDA: ``torch.cuda.max_memory_allocated`` over the step minus what was allocated before it.
+
+Two further columns, labelled as what they are:
+
+- ``saved_bytes``: the peak of the tensors autograd saves for backward (``SavedTensorMeter``; each storage
+  counted once while a graph holds it). It misses the teacher's temporaries, gradients and loss temporaries,
+  so it understates what a step needs; it was this project's published figure before the allocator count.
+- ``rss_peak_bytes`` (Linux CPU): an independent check of the allocator figure from the operating system: the
+  process's peak resident set over the step (``VmHWM`` after resetting it through ``/proc/self/clear_refs``)
+  minus its resident set before it, with glibc told to map every block above 64 KiB separately and unmap it on
+  free (``mallopt``), so that freed memory leaves the resident set at once.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
+import multiprocessing
+import os
 import time
 import weakref
 
@@ -99,37 +113,170 @@ def _batch(student: str, batch_size: int, num_classes: int, device, size: int | 
     }
 
 
+class AllocatorMeter:
+    """Peak of the running sum of a device's allocator events over the block (``torch.profiler``).
+
+    Every allocation (+bytes) and free (-bytes) of tensor memory on ``device_type`` inside the block is an event;
+    sorted by time, their running sum is the memory the block added at each instant, and its maximum the block's
+    peak. The profiler does not report frees of memory allocated before the block, so the block should start
+    from a state with nothing to give back (``_memory_one`` drops the gradients before it).
+    """
+
+    def __init__(self, device_type: str = "cpu"):
+        self.device_type = device_type
+        self.peak = 0
+        self.end = 0
+        self.events = 0
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own warnings (no GPU, ...) are noise here
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._prof.__exit__(*exc)
+        if exc[0] is None:
+            want = torch.device(self.device_type).type.upper()
+            events = [e for e in self._prof.profiler.kineto_results.events()
+                      if e.name() == "[memory]" and str(e.device_type()).rsplit(".", 1)[-1] == want]
+            running = 0
+            for e in sorted(events, key=lambda e: e.start_ns()):
+                running += e.nbytes()
+                self.peak = max(self.peak, running)
+            self.end, self.events = running, len(events)
+        return False
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _map_big_blocks() -> bool:
+    """glibc: serve every block above 64 KiB by its own mmap and give freed memory back at once, so the
+    resident set follows the allocator (only in the measuring process; see ``rss_peak_bytes``)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 64 * 1024)) and bool(libc.mallopt(m_trim_threshold, 64 * 1024))
+    except (OSError, AttributeError):
+        return False
+
+
+def _resident_bytes(d, opt) -> int:
+    seen, total = set(), 0
+    tensors = list(d.parameters()) + list(d.buffers())
+    for st in opt.state.values():
+        tensors += [v for v in st.values() if torch.is_tensor(v)]
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _memory_one(kw: dict) -> dict:
+    """One method's memory figures (run in a fresh process by ``measure_memory``)."""
+    if kw.get("threads"):
+        torch.set_num_threads(kw["threads"])
+    dev = torch.device(kw["device"])
+    rss_ok = dev.type == "cpu" and kw.get("isolated") and _map_big_blocks()
+    amp_dtype = kw["amp_dtype"]
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
+    d, opt, params = _setup(kw["teacher"], kw["teacher_ckpt"], kw["student"], kw["method"], kw["num_classes"],
+                            list(kw["overrides"]), dev, kw.get("image_size"))
+    batch = _batch(kw["student"], kw["batch_size"], kw["num_classes"], dev, kw.get("image_size"))
+    if kw.get("channels_last"):
+        d.to(memory_format=torch.channels_last)
+        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+
+    def step():
+        training_step(d, opt, scaler, batch, params, amp_dtype)
+
+    step()  # warm-up (two steps): optimizer state, lazy inits, the allocator's first-use costs
+    step()
+    out = {}
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        opt.zero_grad(set_to_none=True)
+        resident = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        step()
+        torch.cuda.synchronize()
+        out["peak_bytes"] = int(torch.cuda.max_memory_allocated(dev) - resident)
+        out["resident_bytes"] = int(resident)
+    else:
+        opt.zero_grad(set_to_none=True)
+        out["resident_bytes"] = _resident_bytes(d, opt)
+        if rss_ok:
+            step()
+            opt.zero_grad(set_to_none=True)
+            before = _rss_kib("VmRSS")
+            if before is not None and _reset_peak_rss():
+                step()
+                peak = _rss_kib("VmHWM")
+                opt.zero_grad(set_to_none=True)
+                if peak is not None:
+                    out["rss_peak_bytes"] = int(peak - before) * 1024
+        with AllocatorMeter("cpu") as meter:
+            step()
+        out["peak_bytes"] = int(meter.peak)
+    opt.zero_grad(set_to_none=True)
+    saved = SavedTensorMeter()
+    with saved.hooks():
+        step()
+    out["saved_bytes"] = int(saved.peak)
+    return out
+
+
 def measure_memory(teacher: str, student: str, methods: list[str], batch_size: int, teacher_ckpt=None,
                    num_classes: int = 100, device: str = "cpu", overrides=(), amp_dtype=None,
-                   image_size: int | None = None) -> dict:
+                   image_size: int | None = None, channels_last: bool = False, isolated: bool = True) -> dict:
+    """Peak memory of one training step per method, at the allocator (module docstring). With ``isolated``
+    (default) every method runs in its own fresh ``spawn`` process."""
     dev = torch.device(device)
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
     results = {}
     for m in methods:
-        d, opt, params = _setup(teacher, teacher_ckpt, student, m, num_classes, list(overrides), dev, image_size)
-        batch = _batch(student, batch_size, num_classes, dev, image_size)
-        training_step(d, opt, scaler, batch, params, amp_dtype)  # warm-up: optimizer state, lazy inits
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            opt.zero_grad(set_to_none=True)
-            resident = torch.cuda.memory_allocated(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            training_step(d, opt, scaler, batch, params, amp_dtype)
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated(dev) - resident
-            results[m] = {"peak_bytes": int(peak), "resident_bytes": int(resident)}
+        kw = dict(teacher=teacher, teacher_ckpt=teacher_ckpt, student=student, method=m, num_classes=num_classes,
+                  overrides=list(overrides), device=str(dev), amp_dtype=amp_dtype, batch_size=batch_size,
+                  image_size=image_size, channels_last=channels_last, threads=torch.get_num_threads(),
+                  isolated=isolated)
+        if isolated:
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                results[m] = pool.submit(_memory_one, kw).result()
         else:
-            meter = SavedTensorMeter()
-            with meter.hooks():
-                training_step(d, opt, scaler, batch, params, amp_dtype)
-            results[m] = {"peak_bytes": int(meter.peak)}
-        del d, opt, params
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+            results[m] = _memory_one(kw)
     _ratios(results, "peak_bytes")
+    for key in ("saved_bytes", "rss_peak_bytes"):
+        ref = results.get("scratch", {}).get(key)
+        for r in results.values():
+            if key in r:
+                r[key.replace("_bytes", "_ratio_to_scratch")] = (r[key] / ref) if ref else None
+    measure = ("cuda allocator: torch.cuda.max_memory_allocated over one training step" if dev.type == "cuda"
+               else "cpu allocator: peak of the running sum of allocation events over one training step "
+                    "(torch.profiler profile_memory)")
     return {"batch_size": batch_size, "device": _device_name(dev), "teacher": teacher, "student": student,
-            "measure": "cuda max_memory_allocated per step" if dev.type == "cuda"
-            else "peak live bytes of tensors saved for backward", "results": results}
+            "measure": measure + (", fresh process per method" if isolated else ""), "results": results}
 
 
 def measure_speed(teacher: str, student: str, methods: list[str], batch_size: int, steps: int = 10,

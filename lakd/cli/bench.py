@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "measure peak memory (bench memory) or training images/s (bench speed) per method, in one run"
+HELP = "measure peak memory at the allocator (bench memory) or training images/s (bench speed) per method, in one run"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             q.add_argument("--steps", type=int, default=10, help="timed steps per method and round")
             q.add_argument("--warmup", type=int, default=2)
             q.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds (best kept)")
-            q.add_argument("--channels-last", action="store_true")
+        q.add_argument("--channels-last", action="store_true")
+        if what == "memory":
+            q.add_argument("--same-process", action="store_true",
+                           help="measure every method in this process (quicker smoke test; the published figures "
+                                "use a fresh process per method, the default)")
 
 
 def run(args) -> int:
@@ -59,7 +63,7 @@ def run(args) -> int:
                   teacher_ckpt=ckpt or None, num_classes=args.num_classes, device=device,
                   overrides=args.overrides, amp_dtype=AMP_DTYPES[args.amp], image_size=args.image_size)
     if args.what == "memory":
-        out = measure_memory(**common)
+        out = measure_memory(channels_last=args.channels_last, isolated=not args.same_process, **common)
         key, unit = "peak_bytes", "MiB"
     else:
         out = measure_speed(steps=args.steps, warmup=args.warmup, rounds=args.rounds,
@@ -70,10 +74,24 @@ def run(args) -> int:
         return 0
     size = f", {args.image_size}px" if args.image_size else ""
     print(f"{args.what}: {teacher} -> {args.student}, batch {args.batch_size}{size}, {out['device']}"
-          + (f" ({out['measure']})" if "measure" in out else ""))
+          + (f"\n  measure: {out['measure']}" if "measure" in out else ""))
+    if args.what == "memory":
+        cols = [("peak_bytes", "ratio_to_scratch", "allocator peak")]
+        res = out["results"].values()
+        if any("rss_peak_bytes" in r for r in res):
+            cols.append(("rss_peak_bytes", "rss_peak_ratio_to_scratch", "peak RSS (check)"))
+        cols.append(("saved_bytes", "saved_ratio_to_scratch", "saved-for-backward"))
+        print(f"{'method':<12}" + "".join(f" {title + ' MiB':>22} {'vs scratch':>10}" for _, _, title in cols))
+        for m, r in out["results"].items():
+            cells = []
+            for key, rk, _ in cols:
+                v, ratio = r.get(key), r.get(rk)
+                cells.append(f" {'' if v is None else f'{v / 2**20:.1f}':>22} "
+                             f"{'' if ratio is None else f'{ratio:.3f}':>10}")
+            print(f"{m:<12}" + "".join(cells))
+        return 0
     print(f"{'method':<12} {unit:>12} {'vs scratch':>11}")
     for m, r in out["results"].items():
-        v = r[key] / 2**20 if key == "peak_bytes" else r[key]
         ratio = "" if r["ratio_to_scratch"] is None else f"{r['ratio_to_scratch']:.3f}"
-        print(f"{m:<12} {v:>12.1f} {ratio:>11}")
+        print(f"{m:<12} {r[key]:>12.1f} {ratio:>11}")
     return 0
