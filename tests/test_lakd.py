@@ -181,3 +181,22 @@ def test_tiny_lakd_run_learns(tmp_path):
     assert summary["final_top1"] > 30.0  # chance is 10%
     assert summary["final_ek"] is not None
     assert set(lines[0]["losses"]) == {"feat1", "feat2", "feat3", "ce", "att"}
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_weighted_mse_equals_the_autograd_composition(weighted):
+    """The hand-written feature loss (memory: nothing saved beyond s, t, w) equals mean(w * (s - t)^2) built
+    from autograd ops, value and gradient."""
+    from lakd.distillers.lakd import weighted_mse
+
+    g = torch.Generator().manual_seed(0)
+    s1 = torch.randn(4, 8, 6, 6, generator=g, requires_grad=True)
+    s2 = s1.detach().clone().requires_grad_(True)
+    t = torch.randn(4, 8, 6, 6, generator=g)
+    w = torch.rand(4, 1, 6, 6, generator=g) if weighted else None
+    ref = ((s1 - t).pow(2) * (w if weighted else 1.0)).mean()
+    got = weighted_mse(s2, t, w)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    ref.backward()
+    got.backward()
+    torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-6, atol=1e-8)

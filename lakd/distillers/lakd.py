@@ -31,6 +31,41 @@ from .base import Distiller, register_distiller
 from .losses import class_attention_loss, model_class_maps, ndam_map
 
 
+class _WeightedMSE(torch.autograd.Function):
+    """``mean(w * (s - t)^2)`` in float32, with ``t`` and ``w`` constants.
+
+    Written by hand for memory: autograd's composition saves ``s - t`` (a full feature map) for the square's
+    backward and runs three full-size backward ops (expand, mul, pow) at the start of each local module's
+    backward, which is when the module's activations are all alive, i.e. at LAKD's peak. This saves only
+    ``s``, ``t`` and ``w``, which the step holds anyway, and forms the gradient ``2 w (s - t) / n`` in one
+    buffer. Same value and gradient up to float rounding (tested against the composition).
+    """
+
+    @staticmethod
+    def forward(ctx, s, t, w):
+        sq = s.float() - t.float()
+        sq.square_()
+        if w is not None:
+            sq.mul_(w.float())
+        ctx.save_for_backward(s, t, w)
+        return sq.mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        s, t, w = ctx.saved_tensors
+        grad = s.float() - t.float()
+        grad.mul_(g * (2.0 / grad.numel()))
+        if w is not None:
+            grad.mul_(w.float())
+        return grad.to(s.dtype), None, None
+
+
+def weighted_mse(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean(w * (s - t)^2)`` (``w`` broadcast over channels; plain MSE without it); the gradient reaches
+    ``s`` only."""
+    return _WeightedMSE.apply(s, t.detach(), None if w is None else w.detach())
+
+
 class Connector(nn.Module):
     """phi_k: 1x1 conv + BN when channels differ, then a resize to the teacher's spatial size.
 
@@ -177,11 +212,7 @@ class LAKD(Distiller):
 
     def feature_loss(self, k: int, out: torch.Tensor, t_feat: torch.Tensor) -> torch.Tensor:
         s = self.connectors[k](out, t_feat.shape[-2:])
-        diff = (s.float() - t_feat.float()).pow(2)
-        w = self.attention(s, t_feat)
-        if w is not None:
-            diff = diff * w.float()
-        return diff.mean()
+        return weighted_mse(s, t_feat, self.attention(s, t_feat))
 
     @torch.no_grad()
     def teacher_targets(self, image):
