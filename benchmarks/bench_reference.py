@@ -47,7 +47,6 @@ from lakd.data.cifar import read_pickle  # noqa: E402
 from lakd.distillers.kd import kd_loss  # noqa: E402
 from lakd.distillers.losses import class_activation_maps, class_attention_loss  # noqa: E402
 from lakd.engine.trainer import Trainer  # noqa: E402
-from lakd.models import create_model  # noqa: E402
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)

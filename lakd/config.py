@@ -72,9 +72,10 @@ DEFAULTS: dict[str, Any] = {
         "max_steps_per_epoch": 0,  # 0: full epochs; >0 cuts each epoch short (tests, smoke runs)
     },
     "train": {
-        "amp": "none",  # none | bf16 | fp16
-        "channels_last": False,
+        "amp": "none",  # none | bf16 | fp16 | auto (bf16 where the hardware computes it natively)
+        "channels_last": "auto",  # true | false | auto (per model family, measured: lakd/engine/device.py)
         "compile": False,
+        "malloc": "auto",  # auto (glibc tuned for per-process batches >= 256 on CPU) | true | false
         "sync_bn": False,
         "eval_every": 1,
         "eval_batch_size": 500,
@@ -176,6 +177,8 @@ def check_type(value: Any, default: Any, key: str, where: str) -> Any:
     default is a float. ``where`` says where the value came from, for the error message."""
     if value is None:
         return value
+    if default == "auto" and isinstance(value, bool):  # true | false | auto keys (train.channels_last, ...)
+        return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise LakdError(f"{where}: {key} must be true or false, got {value!r}")
@@ -211,7 +214,8 @@ def parse_value(text: str, default: Any, key: str) -> Any:
         value = yaml_load(text) if text != "" else ""
     except yaml.YAMLError:
         value = text
-    if isinstance(default, str) and not isinstance(value, str) and value is not None:
+    if isinstance(default, str) and not isinstance(value, str) and value is not None and \
+            not (default == "auto" and isinstance(value, bool)):
         value = text  # e.g. experiment=2024 or data.root=123 stay strings
     return check_type(value, default, key, f"override {key}={text!r}")
 
@@ -259,8 +263,11 @@ def validate(cfg: dict) -> None:
         raise LakdError(f"train.dist_timeout_s must be a positive number of seconds, got {cfg['train']['dist_timeout_s']!r}")
     if s["schedule"] not in ("linear", "multistep", "cosine", "constant"):
         raise LakdError(f"solver.schedule {s['schedule']!r} is not one of linear, multistep, cosine, constant")
-    if cfg["train"]["amp"] not in ("none", "bf16", "fp16"):
-        raise LakdError(f"train.amp {cfg['train']['amp']!r} is not one of none, bf16, fp16")
+    if cfg["train"]["amp"] not in ("none", "bf16", "fp16", "auto"):
+        raise LakdError(f"train.amp {cfg['train']['amp']!r} is not one of none, bf16, fp16, auto")
+    for key in ("channels_last", "malloc"):
+        if cfg["train"][key] not in (True, False, "auto"):
+            raise LakdError(f"train.{key} must be true, false or auto, got {cfg['train'][key]!r}")
     nc = cfg["model"].get("num_classes")
     if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int) or nc < 1):
         raise LakdError(f"model.num_classes must be a positive integer or null (the dataset's), got {nc!r}")

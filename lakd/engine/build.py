@@ -19,7 +19,7 @@ from ..distillers import DISTILLERS, Distiller, build_distiller
 from ..errors import LakdError
 from ..models import FeatureNet, checkpoint_meta, create_model, load_weights, model_options
 from ..runtime import distributed as dist
-from ..runtime.device import AMP_DTYPES, resolve_device
+from ..runtime.device import AMP_DTYPES, resolve_amp, resolve_channels_last, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ class Built:
     scaler: torch.amp.GradScaler
     amp_dtype: Any
     device: torch.device
+    #: ``train.amp`` and ``train.channels_last`` as resolved (``auto``: ``lakd.runtime.device``)
+    amp: str = "none"
+    channels_last: bool = False
 
 
 def teacher_metadata(cfg: dict) -> dict:
@@ -95,7 +98,8 @@ def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
 
 def build_scaler(cfg: dict, device: torch.device) -> torch.amp.GradScaler:
     """The AMP loss scaler: enabled for ``train.amp=fp16`` only."""
-    return torch.amp.GradScaler(torch.device(device).type, enabled=cfg["train"]["amp"] == "fp16")
+    amp = resolve_amp(cfg["train"]["amp"], torch.device(device))
+    return torch.amp.GradScaler(torch.device(device).type, enabled=amp == "fp16")
 
 
 def build(cfg: dict, device=None, rank: int = 0, world_size: int = 1, data: DataBundle | None = None,
@@ -127,12 +131,15 @@ def build(cfg: dict, device=None, rank: int = 0, world_size: int = 1, data: Data
     if t.get("sync_bn") and world_size > 1:  # student and the method's parts (connectors), not the teacher
         dist.convert_sync_batchnorm(distiller, device)
     distiller.to(device)
-    if t.get("channels_last"):
+    # train.channels_last / train.amp: auto resolved here, once (lakd/runtime/device.py says what and why)
+    channels_last = resolve_channels_last(t.get("channels_last", False), device, [student, teacher])
+    if channels_last:
         distiller.to(memory_format=torch.channels_last)
+    amp = resolve_amp(t["amp"], device)
     params = distiller.trainable_parameters()
     return Built(data=data, student=distiller.student, teacher=distiller.teacher, distiller=distiller,
                  params=params, optimizer=build_optimizer(cfg, params), scaler=build_scaler(cfg, device),
-                 amp_dtype=AMP_DTYPES[t["amp"]], device=device)
+                 amp_dtype=AMP_DTYPES[amp], device=device, amp=amp, channels_last=channels_last)
 
 
 def needs_teacher(method: str) -> bool:

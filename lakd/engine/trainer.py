@@ -26,7 +26,7 @@ from .. import config as config_mod
 from ..errors import LakdError
 from ..models import read_checkpoint
 from ..runtime import distributed as dist
-from ..runtime.device import device_kind, resolve_device
+from ..runtime.device import device_kind, resolve_device, tune_cpu_allocator
 from ..runtime.seeding import rng_state, seed_everything, set_rng_state
 from . import rundir
 from .build import build
@@ -65,7 +65,9 @@ class Trainer:
             self._compile()
         dist.broadcast_module(self.distiller)
         self.params, self.optimizer, self.scaler = parts.params, parts.optimizer, parts.scaler
-        self.amp_dtype = parts.amp_dtype
+        self.amp_dtype, self.amp, self.channels_last = parts.amp_dtype, parts.amp, parts.channels_last
+        self.malloc_tuned = tune_cpu_allocator(t.get("malloc", "auto"), self.device,
+                                               int(cfg["solver"]["batch_size"]) // max(self.dist.world_size, 1))
         self.start_epoch = 0
         self.best_top1 = -1.0
         self.best_epoch = 0
@@ -262,6 +264,8 @@ class Trainer:
             lr = lr_at(cfg["solver"], epoch, step, steps)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
+            if self.channels_last:
+                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
             logits, losses = training_step(self.distiller, self.optimizer, self.scaler, batch, self.params,
                                            self.amp_dtype)
             bs = batch["target"].shape[0]
@@ -373,7 +377,8 @@ class Trainer:
             t = f", teacher {cfg['teacher']['name']} top-1 {self.teacher_top1:.2f}" if self.teacher_top1 else ""
             log.info(f"run {self.run_dir}: {cfg['method']} -> {cfg['model']['name']} on {cfg['data']['dataset']} "
                      f"({self.data.num_train} train images, {len(self.data.train)} steps/epoch, "
-                     f"device {self.device}, {self.dist.world_size} process(es){t})")
+                     f"device {self.device}, {self.dist.world_size} process(es), amp {self.amp}, "
+                     f"channels_last {self.channels_last}{t})")
         for epoch in range(self.start_epoch, epochs):
             t0 = time.perf_counter()
             record = {"epoch": epoch + 1, **self.train_epoch(epoch)}

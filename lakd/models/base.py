@@ -73,6 +73,9 @@ class FeatureNet(nn.Module):
     #: whether stage outputs have a pre-activation (the tensor before their last ReLU), for methods that distil
     #: it (OFD). A model whose stages end without an activation (MobileNetV2's linear bottlenecks) has none.
     has_preact: bool = True
+    #: is training this family faster in channels_last on a CPU? (``train.channels_last: auto``; each family
+    #: sets it from ``benchmarks/bench_layout.py``'s measurement, see docs/performance.md)
+    CHANNELS_LAST_CPU: bool = False
 
     #: the ordered block modules (a plain list: the modules stay registered under their original names, so
     #: the state-dict layout is the original code base's). The defaults below use it.
