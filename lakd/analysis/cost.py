@@ -85,7 +85,7 @@ class _Packed:
 
 
 def _setup(teacher: str, teacher_ckpt: str | None, student: str, method: str, num_classes: int,
-           overrides: list[str], device: torch.device, image_size: int | None = None):
+           overrides: list[str], device: torch.device, image_size: int | None = None, channels_last: bool = False):
     """The distiller, optimizer and parameters of one method (or a variant such as ``lakd_joint``), through the
     trainer's build path; no data: CRD's memory bank assumes a training set of ``max(20000, 2 * 16384)``."""
     name, extra = resolve_method(method)
@@ -94,12 +94,12 @@ def _setup(teacher: str, teacher_ckpt: str | None, student: str, method: str, nu
         over.append(f"teacher.name={teacher}")
     if image_size:
         over.append(f"data.image_size={image_size}")  # the size torchvision:/timm: networks infer shapes at
-    cfg = load_config(None, over + extra + list(overrides))
+    cfg = load_config(None, over + extra + list(overrides) + (["train.channels_last=true"] if channels_last else []))
     if teacher_ckpt and cfg["teacher"].get("name"):
         cfg["teacher"]["checkpoint"] = teacher_ckpt
     parts = build(cfg, device, num_data=max(20000, 2 * 16384), warn=False)
     parts.distiller.train()
-    return parts.distiller, parts.optimizer, parts.params
+    return parts.distiller, parts.optimizer, parts.params, parts.channels_last
 
 
 def _batch(student: str, batch_size: int, num_classes: int, device, size: int | None = None):
@@ -202,11 +202,11 @@ def _memory_one(kw: dict) -> dict:
     rss_ok = dev.type == "cpu" and kw.get("isolated") and _map_big_blocks()
     amp_dtype = kw["amp_dtype"]
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
-    d, opt, params = _setup(kw["teacher"], kw["teacher_ckpt"], kw["student"], kw["method"], kw["num_classes"],
-                            list(kw["overrides"]), dev, kw.get("image_size"))
+    d, opt, params, channels_last = _setup(kw["teacher"], kw["teacher_ckpt"], kw["student"], kw["method"],
+                                           kw["num_classes"], list(kw["overrides"]), dev, kw.get("image_size"),
+                                           kw.get("channels_last"))
     batch = _batch(kw["student"], kw["batch_size"], kw["num_classes"], dev, kw.get("image_size"))
-    if kw.get("channels_last"):
-        d.to(memory_format=torch.channels_last)
+    if channels_last:  # the memory format training would use (train.channels_last, auto by default)
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
 
     def step():
@@ -289,10 +289,10 @@ def measure_speed(teacher: str, student: str, methods: list[str], batch_size: in
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
     setups = {}
     for m in methods:
-        d, opt, params = _setup(teacher, teacher_ckpt, student, m, num_classes, list(overrides), dev, image_size)
+        d, opt, params, cl = _setup(teacher, teacher_ckpt, student, m, num_classes, list(overrides), dev,
+                                    image_size, channels_last)
         batch = _batch(student, batch_size, num_classes, dev, image_size)
-        if channels_last:
-            d.to(memory_format=torch.channels_last)
+        if cl:  # the memory format training would use (train.channels_last, auto by default)
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
         for _ in range(warmup):
             training_step(d, opt, scaler, batch, params, amp_dtype)

@@ -1,0 +1,97 @@
+"""CPU defaults (issue 14): train.channels_last / amp / malloc resolution, and LAKD's extra ops keeping
+channels_last."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lakd.config import load_config
+from lakd.distillers import build_distiller
+from lakd.distillers.lakd import Connector, weighted_mse
+from lakd.distillers.losses import ndam_map
+from lakd.errors import LakdError
+from lakd.models import create_model
+from lakd.models.base import FeatureShape
+from lakd.runtime import device as devmod
+
+CPU = torch.device("cpu")
+CL = torch.channels_last
+
+
+def test_channels_last_auto_follows_the_model_families(monkeypatch):
+    s, t = create_model("resnet8", 10), create_model("resnet14", 10)
+    assert devmod.resolve_channels_last(True, CPU, [s]) and not devmod.resolve_channels_last(False, CPU, [s])
+    monkeypatch.setattr(type(s), "CHANNELS_LAST_CPU", True)
+    assert devmod.resolve_channels_last("auto", CPU, [s, t, None])
+    assert not devmod.resolve_channels_last("auto", torch.device("cuda", 0), [s, t])  # not measured on GPUs
+    monkeypatch.setattr(type(s), "CHANNELS_LAST_CPU", False)
+    assert not devmod.resolve_channels_last("auto", CPU, [s, t])
+
+
+def test_amp_auto_is_bf16_only_where_native(monkeypatch):
+    monkeypatch.setattr(devmod, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert devmod.resolve_amp("auto", CPU) == "none"
+    monkeypatch.setattr(devmod, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert devmod.resolve_amp("auto", CPU) == "bf16"
+    monkeypatch.setattr(devmod, "cpu_flags", lambda: {"amx_bf16"})
+    assert devmod.resolve_amp("auto", CPU) == "bf16"
+    assert devmod.resolve_amp("fp16", CPU) == "fp16" and devmod.resolve_amp("none", CPU) == "none"
+    assert load_config(None, [])["train"]["amp"] == "none"  # fp32 stays the default (accuracy run pending)
+
+
+def test_train_switch_values():
+    for text, want in (("true", True), ("false", False), ("auto", "auto")):
+        assert load_config(None, [f"train.channels_last={text}"])["train"]["channels_last"] == want
+        assert load_config(None, [f"train.malloc={text}"])["train"]["malloc"] == want
+    assert load_config(None, [])["train"]["channels_last"] == "auto"
+    with pytest.raises(LakdError, match="train.channels_last"):
+        load_config(None, ["train.channels_last=sometimes"])
+    with pytest.raises(LakdError, match="train.amp"):
+        load_config(None, ["train.amp=fp8"])
+
+
+def test_malloc_auto_leaves_small_batches_and_other_devices_alone():
+    assert not devmod.tune_cpu_allocator("auto", CPU, 64)
+    assert not devmod.tune_cpu_allocator(False, CPU, 4096)
+    assert not devmod.tune_cpu_allocator("auto", torch.device("cuda", 0), 4096)
+
+
+def test_lakd_extra_ops_keep_channels_last():
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=CL).requires_grad_(True)
+    t = torch.randn(2, 32, 4, 4).contiguous(memory_format=CL)
+    conn = Connector(FeatureShape(16, 8, 8), FeatureShape(32, 4, 4)).to(memory_format=CL)  # 1x1 conv + BN + pool
+    s = conn(x, t.shape[-2:])
+    assert s.is_contiguous(memory_format=CL)
+    up = Connector(FeatureShape(16, 8, 8), FeatureShape(16, 16, 16))(x, (16, 16))  # bilinear upsampling
+    assert up.is_contiguous(memory_format=CL)
+    w = ndam_map(t)
+    assert w.shape == (2, 1, 4, 4)
+    loss = weighted_mse(s, t, w)
+    g, gx = torch.autograd.grad(loss, [s, x])
+    assert g.is_contiguous(memory_format=CL) and gx.is_contiguous(memory_format=CL)
+
+
+def test_lakd_step_in_channels_last_equals_contiguous():
+    """One LAKD training step (local backward, connectors with 1x1 conv + BN, NDAM) in channels_last gives the
+    contiguous run's losses and gradients."""
+    cfg = load_config(None, ["method=lakd", "model.name=resnet8", "teacher.name=resnet8x4", "model.num_classes=10"])
+    torch.manual_seed(0)
+    d = build_distiller(cfg, create_model("resnet8", 10), create_model("resnet8x4", 10))
+    d_cl = copy.deepcopy(d).to(memory_format=CL)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(4, 3, 32, 32, generator=g), "target": torch.tensor([0, 1, 2, 3])}
+    out = []
+    for model, image in ((d, batch["image"]), (d_cl, batch["image"].contiguous(memory_format=CL))):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        _, losses = model.train_step({**batch, "image": image}, lambda loss: loss.backward())
+        out.append((losses, {n: p.grad for n, p in model.named_trainable_parameters()}))
+    (la, ga), (lb, gb) = out
+    for k in la:
+        torch.testing.assert_close(lb[k], la[k], rtol=1e-4, atol=1e-5)
+    for n in ga:
+        assert (ga[n] is None) == (gb[n] is None), n
+        if ga[n] is not None:
+            torch.testing.assert_close(gb[n], ga[n], rtol=1e-3, atol=1e-4)
