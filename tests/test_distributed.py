@@ -81,6 +81,11 @@ def worker(folder: Path) -> None:
         trainer.fit()
         out[method] = {"state": {k: v.clone() for k, v in trainer.distiller.state_dict().items()},
                        "history": trainer.history, "run_dir": trainer.run_dir}
+        from lakd.engine.step import _REDUCERS
+
+        red = _REDUCERS[trainer.optimizer]
+        out[method]["reducer"] = {"buckets": len(red.buckets), "launch_calls": list(red.launch_calls),
+                                  "calls": red.calls, "fallback": red.fallback}
     # the uninterrupted 3-epoch run the CLI test resumes towards
     trainer = Trainer(load_config(None, [*CLI_ARGS, "solver.epochs=3"]), run_dir=str(folder / "run_uninterrupted"),
                       quiet=True)
@@ -237,6 +242,19 @@ def test_two_processes_vs_one_process_at_the_same_global_batch(ddp):
     assert update > 0 and diff / update < 0.25, diff / update
     h1, h2 = tr.history[0], r0["kd"]["history"][0]
     assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=0.05)
+
+
+def test_gradient_reduction_overlaps_the_backward_passes(ddp):
+    """Steps after the first reduce gradients from hooks, bucket by bucket; LAKD's first modules' buckets are
+    launched before its last module's backward has run (the reduction overlaps the next module's work)."""
+    _, (r0, r1) = ddp
+    for method in METHODS:
+        a, b = r0[method]["reducer"], r1[method]["reducer"]
+        assert a == b, method  # the same buckets, launched at the same points, on both ranks
+        assert not a["fallback"] and a["buckets"] >= 1 and len(a["launch_calls"]) == a["buckets"], (method, a)
+    lk = r0["lakd"]["reducer"]
+    assert lk["calls"] == 3 and lk["buckets"] >= 3, lk  # resnet8: 3 local modules, one backward each
+    assert min(lk["launch_calls"]) <= 1 < lk["calls"], lk  # module 1's gradients went out before module 3 ran
 
 
 # ----- (2) CRD's memory across ranks --------------------------------------------------------------------------------

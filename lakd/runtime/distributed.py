@@ -1,9 +1,11 @@
 """Multi-process training (torchrun) helpers: process group set-up, gradient and metric reduction.
 
-Gradients are averaged with one explicit bucketed all-reduce per step over every trainable parameter,
-after the method's backward passes (however many: LAKD backwards once per local module). This keeps every
-local module's gradients synchronised exactly once per step without one DDP wrapper per module, and works the
-same for methods with extra parts (connectors, embeddings).
+Gradients are averaged by ``GradReducer``: bucketed asynchronous all-reduces started from gradient hooks while
+the backward passes go on (however many: LAKD backwards once per local module, and each module's buckets are
+reduced while the next module computes). This keeps every local module's gradients synchronised exactly once
+per step without one DDP wrapper per module, and works the same for methods with extra parts (connectors,
+embeddings). ``average_gradients`` is the synchronous form (after all backward passes), kept as the reference
+and the fallback.
 
 What is per rank and what is shared (``W`` processes, global batch ``B``, see ``lakd.data.sampling``):
 
@@ -145,6 +147,130 @@ def average_gradients(params, bucket_bytes: int = 25 * 2**20) -> None:
             n = g.numel()
             g.copy_(flat[offset: offset + n].view_as(g))
             offset += n
+
+
+class GradReducer:
+    """Gradient averaging that overlaps the backward passes: bucketed all-reduces started from gradient hooks.
+
+    Every trainable parameter gets a post-accumulate-grad hook. The first step records the order in which the
+    gradients become ready (rank 0's order is broadcast, so every rank issues the same collectives in the same
+    order) and which ``backward`` call produced each, and is reduced after the step like ``average_gradients``.
+    From then on the parameters are bucketed in that order (a bucket never spans two backward calls, and holds
+    at most ``bucket_bytes``); as soon as the gradients of a bucket and of every bucket before it are ready, the
+    bucket is flattened and its all-reduce started asynchronously, while autograd goes on with the rest of the
+    backward (PyTorch DDP's scheme). With LAKD's local backward this reduces module k's gradients while module
+    k+1 computes. ``finish`` waits for the reductions, starts those of buckets never completed (a parameter
+    without a gradient contributes zeros, so every rank takes part in every all-reduce), and writes the averages
+    back. Values are those of ``average_gradients`` (elementwise sums of the same numbers). If a parameter's
+    gradient is accumulated again after its bucket was launched (a method backpropagating into the same
+    parameter twice), the step falls back to the synchronous reduction, so the result stays right.
+
+    Written here rather than wrapping the model in ``torch.nn.parallel.DistributedDataParallel``: DDP hooks one
+    forward per backward and would need ``find_unused_parameters`` and no_sync juggling for methods with several
+    backward passes (LAKD), whose modules must each be reduced once per step.
+    """
+
+    def __init__(self, params, bucket_bytes: int = 2**20):
+        self.params = [p for p in params if p.requires_grad]
+        self.bucket_bytes = bucket_bytes
+        self.index = {id(p): i for i, p in enumerate(self.params)}
+        self.buckets: list[list[int]] | None = None  # parameter indices per bucket (after the first step)
+        self.bucket_of: dict[int, int] = {}
+        self._order: list[tuple[int, int]] = []  # first step: (parameter index, backward call) in ready order
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+        self.active = False
+
+    # ----- per step -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.active = True
+        self.calls = 0
+        self.ready: set[int] = set()
+        self.missing = [len(b) for b in self.buckets] if self.buckets is not None else None
+        self.next_bucket = 0
+        self.works: list[tuple[int, torch.Tensor, object]] = []
+        self.fallback = False
+        self.launch_calls: list[int] = []  # backward calls completed when each bucket was launched (overlap)
+
+    def backward_done(self) -> None:
+        """Called after each ``backward`` of the step (the boundaries between LAKD's modules)."""
+        self.calls += 1
+
+    def _hook(self, p: torch.Tensor) -> None:
+        if not self.active:
+            return
+        i = self.index[id(p)]
+        if i in self.ready:  # accumulated again this step
+            if self.buckets is not None and self.bucket_of[i] < self.next_bucket:
+                self.fallback = True
+            return
+        self.ready.add(i)
+        if self.buckets is None:
+            self._order.append((i, self.calls))
+            return
+        self.missing[self.bucket_of[i]] -= 1
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while self.next_bucket < len(self.buckets) and self.missing[self.next_bucket] == 0 and not self.fallback:
+            self._launch(self.next_bucket)
+            self.next_bucket += 1
+
+    def _launch(self, b: int) -> None:
+        grads = []
+        for i in self.buckets[b]:
+            p = self.params[i]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad.reshape(-1))
+        flat = torch.cat(grads)
+        self.launch_calls.append(self.calls)
+        self.works.append((b, flat, tdist.all_reduce(flat, op=tdist.ReduceOp.SUM, async_op=True)))
+
+    def finish(self) -> None:
+        """Wait for (and complete) the reductions and write the averaged gradients back."""
+        self.active = False
+        if self.buckets is None or self.fallback:
+            for _, _, work in self.works:
+                work.wait()
+            if self.buckets is None:
+                self._build_buckets()
+            average_gradients(self.params)
+            return
+        while self.next_bucket < len(self.buckets):
+            self._launch(self.next_bucket)
+            self.next_bucket += 1
+        world = tdist.get_world_size()
+        for b, flat, work in self.works:
+            work.wait()
+            flat /= world
+            offset = 0
+            for i in self.buckets[b]:
+                g = self.params[i].grad
+                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def _build_buckets(self) -> None:
+        order = broadcast_object(self._order)  # rank 0's order: the same collectives, in the same order
+        seen = {i for i, _ in order}
+        order = order + [(i, -1) for i in range(len(self.params)) if i not in seen]  # never got a gradient
+        buckets, cur, size, call, dtype = [], [], 0, None, None
+        for i, c in order:
+            p = self.params[i]
+            nbytes = p.numel() * p.element_size()
+            if cur and (c != call or p.dtype != dtype or size + nbytes > self.bucket_bytes):
+                buckets.append(cur)
+                cur, size = [], 0
+            cur.append(i)
+            size += nbytes
+            call, dtype = c, p.dtype
+        if cur:
+            buckets.append(cur)
+        self.buckets = buckets
+        self.bucket_of = {i: b for b, idx in enumerate(buckets) for i in idx}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
