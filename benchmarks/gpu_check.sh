@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/performance.md, in one short run (about 5-8 minutes on one H100/H200).
+# The GPU figures of docs/performance.md, in one short run (about 6-9 minutes on one H100/H200).
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (needs a CUDA GPU; the CIFAR-10 copy at ../shared/data or
 # DATA_ROOT for the data-path row). Prints everything and writes JSON files into OUT_DIR.
 set -uo pipefail
@@ -16,10 +16,16 @@ for bs in 64 256; do
     $LAKD bench speed --device cuda --teacher resnet56 --student resnet20 --num-classes 100 --methods $M \
       --batch-size $bs --amp $amp --steps 50 --warmup 10 --rounds 2 --channels-last --json \
       | tee "$OUT/speed_b${bs}_${amp}.json"
+    echo "== speed, batch $bs, amp $amp, contiguous (decides train.channels_last: auto on CUDA)"
+    $LAKD bench speed --device cuda --teacher resnet56 --student resnet20 --num-classes 100 --methods scratch,kd,lakd \
+      --batch-size $bs --amp $amp --steps 50 --warmup 10 --rounds 2 --json train.channels_last=false \
+      | tee "$OUT/speed_b${bs}_${amp}_contiguous.json"
   done
   echo "== memory, batch $bs"
   $LAKD bench memory --device cuda --teacher resnet56 --student resnet20 --num-classes 100 \
     --methods scratch,kd,fitnet,catkd,lakd,lakd_joint --batch-size $bs --json | tee "$OUT/memory_b${bs}.json"
+  $LAKD bench memory --device cuda --teacher resnet56 --student resnet20 --num-classes 100 \
+    --methods scratch,lakd --batch-size $bs --json sdm.splits=[1,4,9] | tee "$OUT/memory_b${bs}_lakd149.json"
 done
 echo "== data path"
 python benchmarks/bench_data.py --device cuda --root "${DATA_ROOT:-../shared/data}" --batch-sizes 64 256 \
