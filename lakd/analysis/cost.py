@@ -268,10 +268,7 @@ def measure_memory(teacher: str, student: str, methods: list[str], batch_size: i
             results[m] = _memory_one(kw)
     _ratios(results, "peak_bytes")
     for key in ("saved_bytes", "rss_peak_bytes"):
-        ref = results.get("scratch", {}).get(key)
-        for r in results.values():
-            if key in r:
-                r[key.replace("_bytes", "_ratio_to_scratch")] = (r[key] / ref) if ref else None
+        _ratios(results, key, key.replace("_bytes", "_ratio_to_scratch"))
     measure = ("cuda allocator: torch.cuda.max_memory_allocated over one training step" if dev.type == "cuda"
                else "cpu allocator: peak of the running sum of allocation events over one training step "
                     "(torch.profiler profile_memory)")
@@ -315,10 +312,11 @@ def measure_speed(teacher: str, student: str, methods: list[str], batch_size: in
             "steps": steps, "results": results}
 
 
-def _ratios(results: dict, key: str) -> None:
+def _ratios(results: dict, key: str, out: str = "ratio_to_scratch") -> None:
     ref = results.get(cost_reference(), {}).get(key)  # training without distillation
     for r in results.values():
-        r["ratio_to_scratch"] = (r[key] / ref) if ref else None
+        if key in r:
+            r[out] = (r[key] / ref) if ref else None
 
 
 def _device_name(dev: torch.device) -> str:
