@@ -121,7 +121,8 @@ def build_data(cfg: dict, device, rank: int = 0, world_size: int = 1) -> DataBun
         raise LakdError(f"train.eval_batch_size must be a positive integer, got {eval_batch!r}")
     max_steps = int(cfg["solver"].get("max_steps_per_epoch") or 0)
     seed = int(cfg.get("seed") or 0)
-    channels_last = bool(cfg["train"].get("channels_last"))
+    # only an explicit true: `auto` is resolved per model family in lakd.engine.build (the trainer converts batches)
+    channels_last = cfg["train"].get("channels_last") is True
     augment = bool(d.get("augment", True))
     fast = _fast_flag(d.get("fast", "auto"), kind)
     size = int(d.get("image_size") or 0) or info["size"]
