@@ -326,7 +326,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 RESUME_FREE = {
     "experiment", "output_dir", "resume", "device", "data.root", "data.download", "data.verify_md5",
     "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor", "train.progress",
-    "train.log_every", "train.threads", "train.save_every", "train.eval_batch_size",
+    "train.log_every", "train.threads", "train.save_every", "train.eval_batch_size", "train.malloc",
+    "train.dist_timeout_s",
 }
 
 
@@ -346,9 +347,26 @@ def config_changes(stored: dict | None, cfg: dict) -> dict[str, tuple[Any, Any]]
     ``stored`` is the config recorded in the checkpoint (None for checkpoints that record none: no check)."""
     if not isinstance(stored, dict):
         return {}
-    a, b = _flatten(stored), _flatten(cfg)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if k not in RESUME_FREE and a.get(k) != b.get(k)}
+    a, b, defaults = _flatten(stored), _flatten(cfg), _flatten(full_defaults())
+    missing = object()
+    out: dict[str, tuple[Any, Any]] = {}
+    for k in sorted(set(a) | set(b)):
+        if k in RESUME_FREE:
+            continue
+        old, new = a.get(k, missing), b.get(k, missing)
+        if old is missing and k in defaults and _same(new, defaults[k]):
+            continue  # a key added by a later lakd, at its default (which keeps what earlier versions computed)
+        if not _same(old, new):
+            out[k] = (None if old is missing else old, None if new is missing else new)
+    return out
+
+
+def _same(x: Any, y: Any) -> bool:
+    """Equal as config values: the strings 'true'/'false' that earlier versions kept for auto|true|false keys
+    equal the booleans that overrides parse to now."""
+    def norm(v: Any) -> Any:
+        return {"true": True, "false": False}.get(v.lower(), v) if isinstance(v, str) else v
+    return norm(x) == norm(y)
 
 
 def dump_config(cfg: dict) -> str:

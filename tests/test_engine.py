@@ -396,6 +396,25 @@ def test_resume_refuses_a_changed_config_unless_asked_and_records_the_change(tmp
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_resume_accepts_a_checkpoint_of_an_earlier_version(tmp_path, capsys):
+    """A run started by an earlier lakd: its checkpoint's config lacks keys added since (they are at their
+    defaults now) and keeps 'true' for auto|true|false keys; that is no change. A real change still is."""
+    args = ["train", *TINY, "method=scratch", "solver.epochs=1", "data.fast=true"]
+    run = tmp_path / "r"
+    assert cli([*args, "--run-dir", run], capsys).returncode == 0
+    ck = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    for sec, key in (("model", "kwargs"), ("model", "leaf_modules"), ("train", "malloc"), ("train", "sync_bn")):
+        del ck["config"][sec][key]
+    ck["config"]["data"]["fast"] = "true"
+    atomic_save(ck, str(run / "last.pt"))
+    line = _one_error_line(cli([*args, "solver.epochs=2", "train.sync_bn=true", f"resume={run}"], capsys))
+    assert "(solver.epochs: 1 -> 2; train.sync_bn: None -> True)" in line, line  # a missing key set off default
+    res = cli([*args, "solver.epochs=2", f"resume={run}", "--allow-config-change"], capsys)
+    assert res.returncode == 0, res.stderr
+    rec = [json.loads(x) for x in (run / "config_changes.jsonl").read_text().splitlines()]
+    assert rec[-1]["changes"] == {"solver.epochs": {"from": 1, "to": 2}}  # nothing else counted as a change
+
+
 def test_non_finite_evaluation_or_weights_are_never_saved(tmp_path, monkeypatch, capsys):
     """The probe's case (resume at lr=1e6, one step per epoch) and the two checks one by one."""
     from lakd.engine import trainer as trainer_mod
