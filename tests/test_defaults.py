@@ -30,6 +30,19 @@ def test_channels_last_auto_follows_the_model_families(monkeypatch):
     assert not devmod.resolve_channels_last("auto", CPU, [s, t])
 
 
+def test_channels_last_defaults_are_the_measured_ones():
+    """bench_layout.py (results/performance/w1/layout.json): faster in channels_last on this CPU for the CIFAR
+    ResNets, WRN, MobileNetV2 and ShuffleNetV1; not for VGG (1.04x, within noise) or ShuffleNetV2 (0.91x); the
+    torchvision ResNets were not measured. A pair is channels_last only when both families are."""
+    on = {n: devmod.resolve_channels_last("auto", CPU, [create_model(n, 10)])
+          for n in ("resnet20", "resnet8x4", "wrn_16_2", "mobilenetv2", "shufflev1", "vgg8", "shufflev2")}
+    assert on == {"resnet20": True, "resnet8x4": True, "wrn_16_2": True, "mobilenetv2": True, "shufflev1": True,
+                  "vgg8": False, "shufflev2": False}
+    assert not devmod.resolve_channels_last("auto", CPU, [create_model("vgg8", 10), create_model("resnet56", 10)])
+    assert devmod.resolve_channels_last("auto", CPU, [create_model("resnet8x4", 10),
+                                                      create_model("resnet32x4", 10)])
+
+
 def test_amp_auto_is_bf16_only_where_native(monkeypatch):
     monkeypatch.setattr(devmod, "cpu_flags", lambda: {"avx2", "avx512f"})
     assert devmod.resolve_amp("auto", CPU) == "none"

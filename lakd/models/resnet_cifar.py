@@ -38,6 +38,10 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(FeatureNet):
+    #: a training step measured 1.25x (resnet20) and 1.28x (resnet8x4) faster in channels_last on CPU (batch 64,
+    #: 2 threads; benchmarks/bench_layout.py -> results/performance/w1/layout.json): channels_last: auto picks it
+    CHANNELS_LAST_CPU = True
+
     def __init__(self, depth: int, num_filters: list[int], num_classes: int = 10):
         super().__init__()
         if (depth - 2) % 6 != 0:

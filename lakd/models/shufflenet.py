@@ -62,6 +62,10 @@ class V1Bottleneck(nn.Module):
 
 
 class ShuffleNetV1(FeatureNet):
+    #: a training step measured 1.17x faster in channels_last on CPU (benchmarks/bench_layout.py, batch 64,
+    #: 2 threads; benchmarks/bench_layout.py -> results/performance/w1/layout.json): channels_last: auto picks it
+    CHANNELS_LAST_CPU = True
+
     def __init__(self, out_planes=(240, 480, 960), num_blocks=(4, 8, 4), groups: int = 3,
                  num_classes: int = 10):
         super().__init__()
