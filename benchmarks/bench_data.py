@@ -24,33 +24,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from pil_cifar import TorchvisionCIFAR  # noqa: E402  (benchmarks/)
 
 from lakd.config import DEFAULTS  # noqa: E402
 from lakd.data import build_data  # noqa: E402
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-
-
-class TorchvisionCIFAR(Dataset):
-    """What torchvision.datasets.CIFAR10 does per sample (HWC uint8 array -> PIL -> transforms)."""
-
-    def __init__(self, images_hwc: np.ndarray, targets: list[int], transform):
-        self.data = images_hwc
-        self.targets = targets
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.data[i])), self.targets[i]
 
 
 def torchvision_loader(bundle, batch: int, workers: int):

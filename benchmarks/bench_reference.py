@@ -37,10 +37,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from pil_cifar import TorchvisionCIFAR  # noqa: E402  (benchmarks/)
 
 from lakd.config import load_config  # noqa: E402
 from lakd.data.cifar import read_pickle  # noqa: E402
@@ -55,7 +57,7 @@ CONFIGS = {"scratch": "configs/cifar10/scratch/resnet20.yaml", "kd": "configs/ci
            "lakd": "configs/cifar10/lakd/resnet56_resnet20_369.yaml"}
 
 
-class PickleCIFAR10(Dataset):
+class PickleCIFAR10(TorchvisionCIFAR):
     """What ``torchvision.datasets.CIFAR10(train=True)`` holds and returns: HWC uint8 images from the pickles,
     one PIL image per ``__getitem__`` through the transform."""
 
@@ -66,17 +68,7 @@ class PickleCIFAR10(Dataset):
             entry = read_pickle(os.path.join(folder, f"data_batch_{i}"))
             data.append(np.asarray(entry["data"], dtype=np.uint8))
             targets.extend(int(t) for t in entry["labels"])
-        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        self.targets = targets
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.data[i])), self.targets[i]
+        super().__init__(np.vstack(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), targets, transform)
 
 
 def reference_loader(root: str, batch: int, workers: int) -> DataLoader:

@@ -5,12 +5,16 @@ uses in its signature and no file redefines them.
 """
 from __future__ import annotations
 
-import pytest
-import torch
+from lakd.runtime.threads import set_openmp_wait_policy
 
-from lakd.config import load_config
-from lakd.distillers import DISTILLERS, build_distiller
-from lakd.models import create_model
+set_openmp_wait_policy()  # before torch loads: a shared CI machine must not make idle threads spin
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lakd.config import load_config  # noqa: E402
+from lakd.distillers import DISTILLERS, build_distiller  # noqa: E402
+from lakd.models import create_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

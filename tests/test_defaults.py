@@ -108,3 +108,21 @@ def test_lakd_step_in_channels_last_equals_contiguous():
         assert (ga[n] is None) == (gb[n] is None), n
         if ga[n] is not None:
             torch.testing.assert_close(gb[n], ga[n], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["unset", "user_set", "torch_first"])
+def test_the_command_sets_openmp_passive_before_torch_loads(case):
+    """lakd/runtime/threads.py: the lakd command makes idle OpenMP threads sleep instead of spin (a spinning
+    thread on a shared machine made steps 30-70x slower); a user's own OMP_WAIT_POLICY, or a process that
+    loaded torch first, is left as it is."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if case == "user_set":
+        env["OMP_WAIT_POLICY"] = "ACTIVE"
+    code = ("import torch; " if case == "torch_first" else "") + \
+        "import os, lakd.cli.main; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [{"unset": "PASSIVE", "user_set": "ACTIVE", "torch_first": "None"}[case]]

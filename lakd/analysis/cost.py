@@ -294,9 +294,9 @@ def measure_speed(teacher: str, student: str, methods: list[str], batch_size: in
         for _ in range(warmup):
             training_step(d, opt, scaler, batch, params, amp_dtype)
         setups[m] = (d, opt, params, batch)
-    best = {m: 0.0 for m in methods}
-    for _ in range(max(rounds, 1)):
-        for m in methods:
+    per_round: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(max(rounds, 1)):
+        for m in (methods if r % 2 == 0 else methods[::-1]):  # alternate the order: no method always runs first
             d, opt, params, batch = setups[m]
             if dev.type == "cuda":
                 torch.cuda.synchronize()
@@ -305,8 +305,11 @@ def measure_speed(teacher: str, student: str, methods: list[str], batch_size: in
                 training_step(d, opt, scaler, batch, params, amp_dtype)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            best[m] = max(best[m], steps * batch_size / (time.perf_counter() - t0))
-    results = {m: {"images_per_s": v} for m, v in best.items()}
+            per_round[m].append(steps * batch_size / (time.perf_counter() - t0))
+    # best round (the headline on a noisy machine), the median, and every round: a ratio of two methods is
+    # best read round by round (per_round[a][i] / per_round[b][i]), as both saw the same moment's load
+    results = {m: {"images_per_s": max(v), "median_images_per_s": sorted(v)[len(v) // 2], "per_round": v}
+               for m, v in per_round.items()}
     _ratios(results, "images_per_s")
     return {"batch_size": batch_size, "device": _device_name(dev), "teacher": teacher, "student": student,
             "steps": steps, "results": results}

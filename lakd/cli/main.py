@@ -13,6 +13,9 @@ import re
 import sys
 
 from ..errors import LakdError
+from ..runtime.threads import set_openmp_wait_policy
+
+set_openmp_wait_policy()  # before anything imports torch (lakd/runtime/threads.py says why)
 
 #: sub-command -> module (in the order `lakd --help` lists them)
 COMMANDS = {
