@@ -220,6 +220,22 @@ def test_sweep_killed_then_resumed_exactly(tmp_path, capsys):
     assert "| row A | 1 |" in md and "| row B − row A | 0 |" in md and "2 finished run(s) of the 2" in md
 
 
+def test_only_runs_a_selection_and_keeps_the_whole_plan(tmp_path):
+    """`--only` (e.g. to run one group first) starts only the runs named; sweep.json still lists every run of the
+    spec, records the selection, and a later full sweep skips what the selection finished."""
+    spec = write_spec(tmp_path / "s.yaml", epochs=1, seeds=[0])
+    runs, res = tmp_path / "runs", tmp_path / "res"
+    log, _ = _sweep(spec, runs, res, "--only", "b-s0").communicate(timeout=300)
+    assert "start  b-s0" in log and "a-s0" not in log, log
+    assert (res / "b-s0" / "summary.json").exists() and not (res / "a-s0").exists()
+    plan = json.loads((res / "sweep.json").read_text())
+    assert [r["name"] for r in plan["runs"]] == ["a-s0", "b-s0"] and plan["invocations"][-1]["only"] == ["b-s0"]
+    log, _ = _sweep(spec, runs, res).communicate(timeout=300)
+    assert "start  a-s0" in log and "b-s0" not in log.split("runs in")[1], log
+    plan = json.loads((res / "sweep.json").read_text())
+    assert len(plan["invocations"]) == 2 and "only" not in plan["invocations"][-1]
+
+
 def test_update_rewrites_only_between_markers(tmp_path, capsys):
     for seed, v in ((0, 70.0), (1, 71.0)):
         _fake_run(tmp_path / "res" / f"x-s{seed}", f"x-s{seed}", seed, v)

@@ -37,6 +37,7 @@ from ..engine.build import build
 from ..engine.step import training_step
 from ..models import FAMILY, is_external
 from ..models.external import default_input_size
+from ..runtime.device import tune_cpu_allocator
 
 
 class SavedTensorMeter:
@@ -284,6 +285,9 @@ def measure_speed(teacher: str, student: str, methods: list[str], batch_size: in
     best round is kept, which evens out a noisy shared machine."""
     dev = torch.device(device)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
+    # train.malloc as training applies it (process-wide, so once, from the shared overrides)
+    malloc = load_config(None, [o for o in overrides if o.startswith("train.malloc=")])["train"]["malloc"]
+    malloc_tuned = tune_cpu_allocator(malloc, dev, batch_size)
     setups = {}
     for m in methods:
         d, opt, params, cl = _setup(teacher, teacher_ckpt, student, m, num_classes, list(overrides), dev,
@@ -312,7 +316,7 @@ def measure_speed(teacher: str, student: str, methods: list[str], batch_size: in
                for m, v in per_round.items()}
     _ratios(results, "images_per_s")
     return {"batch_size": batch_size, "device": _device_name(dev), "teacher": teacher, "student": student,
-            "steps": steps, "results": results}
+            "steps": steps, "malloc_tuned": malloc_tuned, "results": results}
 
 
 def _ratios(results: dict, key: str, out: str = "ratio_to_scratch") -> None:

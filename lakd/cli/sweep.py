@@ -49,7 +49,7 @@ def run(args) -> int:
         if unknown:
             raise LakdError(f"--only names unknown run(s)/group(s) {', '.join(sorted(unknown))}; "
                             f"`lakd sweep {args.spec} --status` lists them")
-        plan.runs = [r for r in plan.runs if r.name in keep or r.group in keep]
+        plan.select(keep)
     if args.dry_run:
         n = 0
         for r in plan.unique():

@@ -87,9 +87,16 @@ class Plan:
     runs_per_gpu: int
     runs: list[PlannedRun]  # in run order, duplicates included (with same_as set)
     groups: list[dict] = field(default_factory=list)  # name, title, reference, compare, rows [{label, variant}]
+    #: every run of the spec when ``runs`` is a selection (``lakd sweep --only``); sweep.json keeps the whole plan
+    all_runs: list[PlannedRun] | None = None
 
     def unique(self) -> list[PlannedRun]:
         return [r for r in self.runs if r.same_as is None]
+
+    def select(self, names: set[str]) -> None:
+        """Keep the runs named (or of the groups named) for this invocation; the whole plan is remembered."""
+        self.all_runs = self.all_runs or list(self.runs)
+        self.runs = [r for r in self.runs if r.name in names or r.group in names]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,7 +318,8 @@ def write_plan(plan: Plan, extra: dict | None = None) -> None:
     data = {"name": plan.name, "spec_path": plan.spec_path, "spec": yaml_load(spec_text),
             "runs_dir": plan.runs_dir, "processes": plan.processes, "threads": plan.threads,
             "groups": plan.groups,
-            "runs": [{**asdict(r), "command": shlex.join(run_command(plan, r, python="python"))} for r in plan.runs],
+            "runs": [{**asdict(r), "command": shlex.join(run_command(plan, r, python="python"))}
+                     for r in (plan.all_runs or plan.runs)],
             "invocations": invocations}
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -453,7 +461,8 @@ class SweepRunner:
         os.makedirs(plan.runs_dir, exist_ok=True)
         write_plan(plan, {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
                           "cwd": os.getcwd(), "argv": sys.argv, **_git_commit(),
-                          "slots": self.slots, "gpus": self.gpus})
+                          "slots": self.slots, "gpus": self.gpus,
+                          **({"only": [r.name for r in plan.runs]} if plan.all_runs is not None else {})})
         pending: list[PlannedRun] = []
         waiting: list[PlannedRun] = []  # run by another live process: checked again later
         for r in plan.unique():
