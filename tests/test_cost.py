@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 
 import pytest
 import torch
@@ -24,8 +25,8 @@ ALL_METHODS = ["scratch", "kd", "fitnet", "at", "rkd", "crd", "ofd", "catkd", "d
 def test_bench_json_for_every_method(what, key):
     args = ["bench", what, "--student", "resnet8", "--teacher", "resnet14", "--batch-size", "8",
             "--num-classes", "10", "--device", "cpu", "--methods", ",".join(ALL_METHODS), "--json"]
-    if what == "speed":
-        args += ["--steps", "1", "--warmup", "1"]
+    if what == "speed":  # train.malloc=true logs a line: it must not reach the JSON on stdout
+        args += ["--steps", "1", "--warmup", "1", "--rounds", "2", "train.malloc=true"]
     else:
         args += ["--same-process"]
     buf = io.StringIO()
@@ -40,6 +41,10 @@ def test_bench_json_for_every_method(what, key):
         assert r[key] > 0
         assert r["ratio_to_scratch"] == pytest.approx(r[key] / out["results"]["scratch"][key])
     assert out["results"]["scratch"]["ratio_to_scratch"] == 1.0
+    if what == "speed":
+        assert out["malloc_tuned"] is (sys.platform == "linux")
+        assert all(len(r["per_round"]) == 2 and r["images_per_s"] == max(r["per_round"])
+                   for r in out["results"].values())
     if what == "memory":
         assert "allocator" in out["measure"]
         res = out["results"]

@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 class ConsoleHandler(logging.Handler):
     """The library's log records as the CLI prints them: info lines on stdout, warnings on stderr prefixed
-    with ``warning:``. The streams are looked up at each record (so redirected or captured streams work)."""
+    with ``warning:``. The streams are looked up at each record (so redirected or captured streams work).
+    Commands whose standard output is for programs (``--json``, ``--dry-run``) send info lines to stderr too."""
+
+    info_to_stderr = False
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -65,7 +68,7 @@ class ConsoleHandler(logging.Handler):
             if record.levelno >= logging.WARNING:
                 print(f"warning: {msg}", file=sys.stderr, flush=True)
             else:
-                print(msg, file=sys.stdout, flush=True)
+                print(msg, file=sys.stderr if self.info_to_stderr else sys.stdout, flush=True)
         except Exception:  # a closed stream: never let logging break a run
             self.handleError(record)
 
@@ -89,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides or []) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    ConsoleHandler.info_to_stderr = bool(getattr(args, "json", False) or getattr(args, "dry_run", False))
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0
