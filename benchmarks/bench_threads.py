@@ -1,10 +1,11 @@
 """OpenMP's wait policy on a CPU: a training step with libgomp's default (idle threads spin at every barrier)
-against ``OMP_WAIT_POLICY=PASSIVE`` (they sleep), on an idle machine and next to busy processes.
+against ``OMP_WAIT_POLICY=PASSIVE`` (they sleep) and a short spin (``GOMP_SPINCOUNT=10000``), on an idle
+machine and next to busy processes.
 
 libgomp reads the policy once, when torch loads, so every (policy, load) cell runs in a fresh process; cells
 are interleaved over rounds and each keeps its best round. ``--load 0,1`` times each policy alone and next to
-one busy process (a pure-Python loop, i.e. any other job on the machine). This is what ``lakd``'s commands set
-before importing torch (``lakd.runtime.threads``).
+one busy process (a pure-Python loop, i.e. any other job on the machine). ``lakd.runtime.threads`` chooses
+the ``lakd`` command's policy from these figures.
 
 Usage::
 
@@ -46,10 +47,13 @@ print({steps} * {batch} / (time.perf_counter() - t))
 """
 
 
+#: the cells: libgomp's default (no variable), PASSIVE (what lakd sets), and a short spin before sleeping
+POLICIES = {"default": {}, "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin10k": {"GOMP_SPINCOUNT": "10000"}}
+
+
 def cell(policy: str, load: int, args) -> float:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if policy != "default":
-        env["OMP_WAIT_POLICY"] = policy
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(POLICIES[policy])
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
     try:
         time.sleep(0.5 if load else 0)
@@ -69,20 +73,27 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--load", default="0,1", help="comma-separated numbers of busy processes beside the run")
+    p.add_argument("--policies", default="default,PASSIVE,spin10k", help=f"any of {', '.join(POLICIES)}; default first")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     loads = [int(x) for x in args.load.split(",")]
-    cells = [(pol, ld) for ld in loads for pol in ("default", "PASSIVE")]
+    policies = args.policies.split(",")
+    cells = [(pol, ld) for ld in loads for pol in policies]
     runs: dict[str, list[float]] = {f"{pol}/load{ld}": [] for pol, ld in cells}
     for r in range(args.rounds):
         for pol, ld in (cells if r % 2 == 0 else cells[::-1]):
             runs[f"{pol}/load{ld}"].append(cell(pol, ld, args))
     res = {}
     for ld in loads:
-        d, q = runs[f"default/load{ld}"], runs[f"PASSIVE/load{ld}"]
-        res[f"load{ld}"] = {"default_images_per_s": max(d), "passive_images_per_s": max(q),
-                            "passive_vs_default": max(q) / max(d),
-                            "per_round": [b / a for a, b in zip(d, q)]}
+        d = runs[f"default/load{ld}"]
+        row = {"default_images_per_s": max(d), "default_per_round": d}
+        for pol in policies[1:]:
+            q = runs[f"{pol}/load{ld}"]
+            ratios = sorted(b / a for a, b in zip(d, q))
+            row[pol] = {"images_per_s": max(q), "per_round": q, "vs_default_best": max(q) / max(d),
+                        "vs_default_per_round": [b / a for a, b in zip(d, q)],
+                        "vs_default_median": ratios[len(ratios) // 2]}
+        res[f"load{ld}"] = row
     info = {"model": args.model, "batch_size": args.batch_size, "cores": os.cpu_count(),
             "load_average": list(os.getloadavg()), "results": res}
     if args.json:
@@ -91,8 +102,9 @@ def main(argv=None) -> int:
     print(f"{args.model}, batch {args.batch_size}, torch's default threads, {os.cpu_count()} cores; best of "
           f"{args.rounds} interleaved rounds, a fresh process per cell")
     for k, r in res.items():
-        print(f"{k}: default {r['default_images_per_s']:.0f} img/s, PASSIVE {r['passive_images_per_s']:.0f} img/s "
-              f"({r['passive_vs_default']:.2f}x; per round {' '.join(f'{x:.2f}' for x in r['per_round'])})")
+        cells = "; ".join(f"{pol} {c['images_per_s']:.0f} img/s = {c['vs_default_best']:.2f}x (median of rounds "
+                          f"{c['vs_default_median']:.2f}x)" for pol, c in r.items() if isinstance(c, dict))
+        print(f"{k}: default {r['default_images_per_s']:.0f} img/s; {cells}")
     return 0
 
 

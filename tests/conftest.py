@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from lakd.runtime.threads import set_openmp_wait_policy
 
-set_openmp_wait_policy()  # before torch loads: a shared CI machine must not make idle threads spin
+set_openmp_wait_policy(always=True)  # before torch loads: on a shared CI machine idle threads must not spin
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

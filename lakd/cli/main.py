@@ -15,7 +15,7 @@ import sys
 from ..errors import LakdError
 from ..runtime.threads import set_openmp_wait_policy
 
-set_openmp_wait_policy()  # before anything imports torch (lakd/runtime/threads.py says why)
+set_openmp_wait_policy()  # PASSIVE on a busy machine, before anything imports torch (runtime/threads.py)
 
 #: sub-command -> module (in the order `lakd --help` lists them)
 COMMANDS = {
