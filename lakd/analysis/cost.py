@@ -274,7 +274,8 @@ def measure_memory(teacher: str, student: str, methods: list[str], batch_size: i
                else "cpu allocator: peak of the running sum of allocation events over one training step "
                     "(torch.profiler profile_memory)")
     return {"batch_size": batch_size, "device": _device_name(dev), "teacher": teacher, "student": student,
-            "measure": measure + (", fresh process per method" if isolated else ""), "results": results}
+            "overrides": list(overrides), "measure": measure + (", fresh process per method" if isolated else ""),
+            "results": results}
 
 
 def measure_speed(teacher: str, student: str, methods: list[str], batch_size: int, steps: int = 10,
@@ -316,7 +317,7 @@ def measure_speed(teacher: str, student: str, methods: list[str], batch_size: in
                for m, v in per_round.items()}
     _ratios(results, "images_per_s")
     return {"batch_size": batch_size, "device": _device_name(dev), "teacher": teacher, "student": student,
-            "steps": steps, "malloc_tuned": malloc_tuned, "results": results}
+            "overrides": list(overrides), "steps": steps, "malloc_tuned": malloc_tuned, "results": results}
 
 
 def _ratios(results: dict, key: str, out: str = "ratio_to_scratch") -> None:

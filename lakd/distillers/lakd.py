@@ -116,7 +116,7 @@ class LAKD(Distiller):
     report_order = 10_000  # the proposed method: the last row
     bench_default = True
     #: the same gradients with one backward over the summed losses (the memory comparison of Table 4)
-    variants = {"lakd_joint": ["sdm.backward=joint"]}
+    variants = {"lakd_joint": ["sdm.backward=joint"], "lakd_recompute": ["sdm.recompute=true"]}
     needs = ("class_maps",)
     DEFAULTS = {
         "sdm": {
@@ -124,6 +124,9 @@ class LAKD(Distiller):
             "teacher_points": None,  # 1-based teacher block indices to align with; None: the teacher's stages
             "detach": True,  # cut the gradient between modules (False: the paper's "no detach" row)
             "backward": "local",  # local: backward per module right after its forward | joint: one backward
+            # recompute each student block's activations in the backward (torch.utils.checkpoint, one per block):
+            # lower peak memory (only block boundaries stay alive) for one extra forward of the student's blocks
+            "recompute": False,
         },
         "ndam": {
             "enabled": True,
@@ -191,6 +194,9 @@ class LAKD(Distiller):
         if sdm["backward"] not in ("local", "joint"):
             raise LakdError(f"sdm.backward={sdm['backward']!r} is not one of local, joint")
         self.local_backward = sdm["backward"] == "local" and self.detach
+        if not isinstance(sdm["recompute"], bool):
+            raise LakdError(f"sdm.recompute must be true or false, got {sdm['recompute']!r}")
+        self.recompute = sdm["recompute"]
         if nd["source"] not in ("teacher", "student"):
             raise LakdError(f"ndam.source={nd['source']!r} is not one of teacher, student")
         self.ndam = nd
@@ -253,7 +259,9 @@ class LAKD(Distiller):
         start = 0 if k == 0 else self.splits[k - 1]
         if k == 0:
             h = self.student.stem_forward(image)
-        return self.student.run_blocks(h, start, self.splits[k])
+        # sdm.recompute: every block under activation checkpointing (FeatureNet.recompute_block): during module k's
+        # backward only the block boundaries and one block's internals are alive, for one extra block forward
+        return self.student.run_blocks(h, start, self.splits[k], recompute=self.recompute)
 
     def last_losses(self, out, target, t_cam):
         logits, fmap, _ = self.student.head_forward(out, return_map=True)

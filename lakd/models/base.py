@@ -21,11 +21,13 @@ block output with ``feature(state)`` and cuts the gradient with ``detach_state(s
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..errors import LakdError
 
@@ -54,6 +56,27 @@ def detach_state(state):
     if isinstance(state, Carry):
         return Carry(tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in state.values), state.main)
     return state.detach()
+
+
+@contextlib.contextmanager
+def _buffers_kept(modules):
+    """Every buffer of ``modules`` (and their submodules) as it was on entry, restored in place on exit (also
+    when the block raises, e.g. checkpoint's early stop of a recomputation): a recomputed forward in training
+    mode must not update BatchNorm running statistics (or ``num_batches_tracked``) a second time."""
+    kept, seen = [], set()
+    for top in modules:
+        for m in top.modules():
+            for name, b in m._buffers.items():
+                if b is not None and (id(m), name) not in seen:
+                    seen.add((id(m), name))
+                    kept.append((m, name, b, b.detach().clone()))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, name, b, saved in kept:
+                m._buffers[name] = b  # a module that rebinds its buffer gets the original tensor back
+                b.copy_(saved)
 
 
 @dataclass(frozen=True)
@@ -117,11 +140,43 @@ class FeatureNet(nn.Module):
         return None
 
     # ----- generic machinery ---------------------------------------------------------------------
-    def run_blocks(self, h: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """Run blocks ``start`` .. ``end - 1`` (0-based, half-open)."""
+    def run_blocks(self, h: torch.Tensor, start: int, end: int, recompute: bool = False) -> torch.Tensor:
+        """Run blocks ``start`` .. ``end - 1`` (0-based, half-open). With ``recompute`` (and grad enabled) each
+        block runs under activation checkpointing (``recompute_block``)."""
         for i in range(start, end):
-            h = self.block_forward(i, h)
+            h = self.recompute_block(i, h) if recompute and torch.is_grad_enabled() else self.block_forward(i, h)
         return h
+
+    def recompute_block(self, i: int, h):
+        """Block ``i`` under ``torch.utils.checkpoint`` (non-reentrant): only the block's input is kept for
+        backward, and its forward runs a second time in the backward to rebuild its internals.
+
+        Saves: the block's internal activations (everything but its input and output) no longer stay alive
+        between the forward and the backward, so a run of such blocks holds only the block-boundary tensors,
+        plus one block's internals while that block is backpropagated. Costs: one extra forward of the block.
+        The recomputation does not touch the block's buffers: they are saved before and restored after it
+        (``_buffers_kept``), so BatchNorm running statistics and ``num_batches_tracked`` are updated once, as
+        without recomputation. The RNG state of the forward is replayed (dropout draws the same masks). A
+        ``Carry`` state (adapted networks) is passed as its values and rebuilt."""
+        mods = self.block_modules(i)
+
+        def context():
+            return contextlib.nullcontext(), _buffers_kept(mods)
+
+        if isinstance(h, Carry):
+            main = h.main
+
+            def run(*values):
+                out = self.block_forward(i, Carry(values, main))
+                return out.values, out.main
+
+            values, out_main = torch.utils.checkpoint.checkpoint(run, *h.values, use_reentrant=False,
+                                                                 context_fn=context)
+            return Carry(values, out_main)
+        if not isinstance(h, torch.Tensor):
+            raise LakdError(f"{type(self).__name__} passes a {type(h).__name__} between blocks, which activation "
+                            f"recomputation cannot checkpoint; set sdm.recompute=false")
+        return torch.utils.checkpoint.checkpoint(self.block_forward, i, h, use_reentrant=False, context_fn=context)
 
     def pool(self, fmap: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1)
