@@ -17,7 +17,9 @@ The last module adds cross-entropy and CAT-KD's class-attention loss:
 With ``sdm.backward: local`` (default) each module's loss is backpropagated right after that module's forward
 and its graph freed, so peak activation memory is the largest module's. ``joint`` does one backward over the
 summed losses (same gradients). ``sdm.detach: false`` lets gradients cross modules (the paper's "no detach"
-row; always a joint backward). See docs/method.md for the reading of the paper behind each choice.
+row; always a joint backward). ``sdm.recompute: true`` runs every student block under activation checkpointing
+(one extra forward of the blocks, a lower peak; the same step, BatchNorm statistics included). See
+docs/method.md for the reading of the paper behind each choice.
 """
 from __future__ import annotations
 
