@@ -328,6 +328,7 @@ RESUME_FREE = {
     "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor", "train.progress",
     "train.log_every", "train.threads", "train.save_every", "train.eval_batch_size", "train.malloc",
     "train.dist_timeout_s",
+    "sdm.recompute",  # LAKD's activation recomputation: the same step (tested bitwise), less memory, more time
 }
 
 

@@ -146,3 +146,17 @@ def test_bad_recompute_value_is_a_one_line_error(value, make_distiller):
     with pytest.raises(LakdError, match="sdm.recompute must be true or false") as e:
         make_distiller("lakd", student="resnet20", teacher="resnet8", extra=[f"sdm.recompute={value}"])
     assert "\n" not in str(e.value)
+
+
+def test_recompute_in_a_tiny_run_and_resume_free(digits_overrides):
+    """Through the trainer (two steps on the bundled digits); switching it on or off does not change what a
+    resumed run computes, so resume accepts it."""
+    from lakd.config import config_changes, load_config
+    from lakd.engine.trainer import Trainer
+
+    over = digits_overrides("lakd", ["sdm.recompute=true", "sdm.splits=[1,3]", "sdm.teacher_points=[1,3]"])
+    summary = Trainer(load_config(None, over), quiet=True).fit()
+    assert summary is not None
+    a = load_config(None, digits_overrides("lakd"))
+    b = load_config(None, digits_overrides("lakd", ["sdm.recompute=true"]))
+    assert config_changes(a, b) == {}

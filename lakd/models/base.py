@@ -154,8 +154,8 @@ class FeatureNet(nn.Module):
         Saves: the block's internal activations (everything but its input and output) no longer stay alive
         between the forward and the backward, so a run of such blocks holds only the block-boundary tensors,
         plus one block's internals while that block is backpropagated. Costs: one extra forward of the block.
-        The recomputation does not touch the block's buffers: they are saved before and restored after it
-        (``_buffers_kept``), so BatchNorm running statistics and ``num_batches_tracked`` are updated once, as
+        The recomputation does not touch the block's buffers (those of ``block_modules(i)``, which must hold
+        every module the block runs): they are saved before and restored after it (``_buffers_kept``), so BatchNorm running statistics and ``num_batches_tracked`` are updated once, as
         without recomputation. The RNG state of the forward is replayed (dropout draws the same masks). A
         ``Carry`` state (adapted networks) is passed as its values and rebuilt."""
         mods = self.block_modules(i)
