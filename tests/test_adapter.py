@@ -26,13 +26,17 @@ def batch(n=4, classes=10, seed=1):
 
 
 class SkipNet(nn.Module):
-    """A user network whose stem output skips over block ``a`` into block ``b``'s sum (a skip across a cut)."""
+    """A user network whose stem output skips over block ``a`` into block ``b``'s sum (a skip across a cut).
+    ``bn_a`` adds a BatchNorm to ``a`` and ``dropout`` a Dropout to ``b`` (tests/test_recompute.py: recomputation
+    must leave BatchNorm statistics alone and draw the same dropout mask)."""
 
-    def __init__(self, num_classes=10, width=8):
+    def __init__(self, num_classes=10, width=8, bn_a=False, dropout=0.0):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.a = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width))
+        self.a = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), *([nn.BatchNorm2d(width)] if bn_a else []),
+                               nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width),
+                               *([nn.Dropout(dropout)] if dropout else []))
         self.c = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU())
         self.fc = nn.Linear(2 * width, num_classes)
 

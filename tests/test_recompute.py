@@ -8,35 +8,21 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 
 import lakd
 from lakd.analysis.cost import measure_memory
 from lakd.errors import LakdError
 from lakd.models import adapt
+from tests.test_adapter import SkipNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class SkipDropNet(nn.Module):
-    """A user network whose stem output skips over block ``a`` into block ``b``'s sum (carried across the cut
-    after ``a``), with dropout in ``b`` (recomputation must draw the same mask)."""
-
-    def __init__(self, num_classes=10, width=8):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.a = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.Dropout(0.3))
-        self.c = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU())
-        self.fc = nn.Linear(2 * width, num_classes)
-
-    def forward(self, x):
-        h0 = self.stem(x)
-        h1 = self.a(h0)
-        h2 = F.relu(self.b(h1) + h0)  # h0 crosses the cut after `a`
-        h3 = self.c(h2)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h3, 1), 1))
+def SkipDropNet(width=8):
+    """tests/test_adapter.py's user network with a BatchNorm in block ``a`` and dropout 0.3 in ``b``: the stem
+    output is carried across the cut after ``a`` (a ``Carry``), and recomputation must draw the same mask."""
+    return SkipNet(width=width, bn_a=True, dropout=0.3)
 
 
 def bn_calls(model):
