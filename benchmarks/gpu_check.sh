@@ -23,7 +23,7 @@ for bs in 64 256; do
   done
   echo "== memory, batch $bs"
   $LAKD bench memory --device cuda --teacher resnet56 --student resnet20 --num-classes 100 \
-    --methods scratch,kd,fitnet,catkd,lakd,lakd_joint --batch-size $bs --json | tee "$OUT/memory_b${bs}.json"
+    --methods scratch,kd,fitnet,catkd,lakd,lakd_joint,lakd_recompute --batch-size $bs --json | tee "$OUT/memory_b${bs}.json"
   $LAKD bench memory --device cuda --teacher resnet56 --student resnet20 --num-classes 100 \
     --methods scratch,lakd --batch-size $bs --json sdm.splits=[1,4,9] | tee "$OUT/memory_b${bs}_lakd149.json"
 done

@@ -138,3 +138,20 @@ def test_the_command_sets_the_policy_before_torch_loads(case):
         "print(os.environ.get('OMP_WAIT_POLICY'))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == [{"busy": "PASSIVE", "user_set": "ACTIVE", "torch_first": "None"}[case]]
+
+
+def test_sweep_runs_that_fill_the_cores_sleep_and_the_header_says_so(monkeypatch):
+    """lakd sweep: N runs x T threads that fill the cores get OMP_WAIT_POLICY=PASSIVE (one thread per run has no
+    barriers to wait at); the run header names a policy in effect and whether lakd chose it."""
+    from lakd.runtime import threads
+
+    assert threads.shared_cores(2, 2, 4) and threads.shared_cores(4, 2, 4)
+    assert not threads.shared_cores(1, 2, 4) and not threads.shared_cores(2, 1, 2)
+    assert not threads.shared_cores(2, 2, None)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert threads.describe() == ""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setattr(threads, "chosen", "PASSIVE")
+    assert threads.describe() == ", OpenMP wait passive (the machine was busy)"
+    monkeypatch.setattr(threads, "chosen", None)
+    assert threads.describe() == ", OpenMP wait passive"

@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..config import load_config, load_yaml, yaml_load
 from ..errors import LakdError
+from ..runtime.threads import shared_cores
 
 log = logging.getLogger(__name__)
 
@@ -411,6 +412,8 @@ class SweepRunner:
             env["CUDA_VISIBLE_DEVICES"] = str(slot_gpu)
         elif plan.threads:
             env.update(OMP_NUM_THREADS=str(plan.threads), MKL_NUM_THREADS=str(plan.threads))
+            if "OMP_WAIT_POLICY" not in os.environ and shared_cores(self.slots, plan.threads, os.cpu_count()):
+                env["OMP_WAIT_POLICY"] = "PASSIVE"  # the runs share the cores (lakd/runtime/threads.py)
         os.makedirs(os.path.join(plan.runs_dir, "_logs"), exist_ok=True)
         logf = open(os.path.join(plan.runs_dir, "_logs", f"{run.name}.log"), "a")
         logf.write(f"$ {shlex.join(cmd)}\n")

@@ -26,6 +26,7 @@ from .. import config as config_mod
 from ..errors import LakdError
 from ..models import read_checkpoint
 from ..runtime import distributed as dist
+from ..runtime import threads
 from ..runtime.device import device_kind, resolve_device, tune_cpu_allocator
 from ..runtime.seeding import rng_state, seed_everything, set_rng_state
 from . import rundir
@@ -378,7 +379,7 @@ class Trainer:
             log.info(f"run {self.run_dir}: {cfg['method']} -> {cfg['model']['name']} on {cfg['data']['dataset']} "
                      f"({self.data.num_train} train images, {len(self.data.train)} steps/epoch, "
                      f"device {self.device}, {self.dist.world_size} process(es), amp {self.amp}, "
-                     f"channels_last {self.channels_last}{t})")
+                     f"channels_last {self.channels_last}{threads.describe()}{t})")
         for epoch in range(self.start_epoch, epochs):
             t0 = time.perf_counter()
             record = {"epoch": epoch + 1, **self.train_epoch(epoch)}

@@ -23,6 +23,8 @@ import sys
 
 #: a 1-minute load average from which other work is taken to share the cores (one busy process is 1.0)
 BUSY_LOAD = 1.0
+#: the policy this process set (None: it set none), for the run header
+chosen: str | None = None
 
 
 def choose_wait_policy(environ, torch_loaded: bool, load: float | None) -> str | None:
@@ -39,7 +41,24 @@ def set_openmp_wait_policy(always: bool = False) -> str | None:
         load = 1e9 if always else os.getloadavg()[0]
     except (OSError, AttributeError):  # no load average on this platform
         load = None
+    global chosen
     policy = choose_wait_policy(os.environ, "torch" in sys.modules, load)
     if policy:
         os.environ["OMP_WAIT_POLICY"] = policy
+        chosen = policy
     return policy
+
+
+def shared_cores(processes: int, threads: int, cores: int | None) -> bool:
+    """Whether ``processes`` runs of ``threads`` threads each fill the machine's cores (``lakd sweep``): then each
+    run's threads wait on cores the others hold, and its children get ``OMP_WAIT_POLICY=PASSIVE``."""
+    return threads > 1 and bool(cores) and processes * threads >= cores
+
+
+def describe() -> str:
+    """The wait policy in effect, for a run's header ('' for libgomp's default)."""
+    value = os.environ.get("OMP_WAIT_POLICY")
+    if not value:
+        return ""
+    why = " (the machine was busy)" if chosen and value == chosen else ""
+    return f", OpenMP wait {value.lower()}{why}"
