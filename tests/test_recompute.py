@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from test_adapter import SkipNet  # tests/ is on sys.path under pytest (rootdir-relative imports)
 
 import lakd
 from lakd.analysis.cost import measure_memory
 from lakd.errors import LakdError
 from lakd.models import adapt
-from tests.test_adapter import SkipNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
