@@ -159,12 +159,18 @@ def test_report_averages_one_run_per_seed_and_names_a_malformed_summary(tmp_path
     _write_run(runs, "kd_s1_again", "kd", "resnet20", "resnet56", 1, [74.0])  # the same seed, run again later
     bad = _write_run(runs, "kd_bad", "kd", "resnet20", "resnet56", 2, [60.0])
     (bad / "summary.json").write_text('{"final_top1": "abc", "seed": [2]')  # cut short
-    assert main(["report", str(runs), "--out", str(tmp_path / "r.md")]) == 0
+    assert main(["report", str(runs), "--out", str(tmp_path / "r.md")]) == 2  # a lost result is an error ...
     err = capsys.readouterr().err
     assert f"warning: {bad}: unreadable summary.json" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: 1 run(s) have an unreadable summary.json")
     md = (tmp_path / "r.md").read_text()
     m, s = _mean_std([70.0, 74.0])  # seeds 0 and 1 (the newest run of seed 1), not three samples
     assert f"{m:.2f} ± {s:.2f}" in md and "‡" in md and "kd_s1 (kd" in md.split("left out:")[1]
     (bad / "summary.json").write_text("[1, 2]")
-    assert main(["report", str(runs), "--out", str(tmp_path / "r.md")]) == 0
+    assert main(["report", str(runs), "--out", str(tmp_path / "r.md")]) == 2
     assert "summary.json holds a list" in capsys.readouterr().err
+    (bad / "summary.json").unlink()  # ... a run still going (no summary yet) is not
+    with open(bad / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "test_to')  # a line being written
+    assert main(["report", str(runs), "--out", str(tmp_path / "r.md")]) == 0
+    assert "1 unreadable line(s) in metrics.jsonl" in capsys.readouterr().err

@@ -254,6 +254,12 @@ def test_update_rewrites_only_between_markers(tmp_path, capsys):
     assert main(["report", str(tmp_path / "res"), "--seeds", "--out", str(tmp_path / "r.md"), "--plot",
                  str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "res" / "x-s1" / "summary.json").write_text('{"final_top1": 7')  # damaged: a lost result
+    assert main(["report", str(tmp_path / "res"), "--seeds", "--out", str(tmp_path / "r.md")]) == 2
+    err = capsys.readouterr().err
+    assert "x-s1: unreadable summary.json" in err and "error: 1 run(s) have an unreadable summary.json" in err
+    # the report is still written from the rest, and says what is missing
+    assert "| x ‡ (1 run(s) with an unreadable summary.json left out) | 1 | 70.00 |" in (tmp_path / "r.md").read_text()
     doc.write_text("no markers\n")
     assert main(["report", str(tmp_path / "res"), "--seeds", "--out", str(tmp_path / "r.md"),
                  "--update", str(doc)]) == 2

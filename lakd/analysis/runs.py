@@ -41,6 +41,7 @@ class Run:
     wall_time_s: float | None = None
     curve: list[tuple[int, float]] = field(default_factory=list)
     problem: str = ""
+    damaged: bool = False  # summary.json exists but cannot be read: the run finished and its result is lost
     settings: dict = field(default_factory=dict)  # the method's own config keys, flattened ("sdm.splits": ...)
 
     @property
@@ -143,6 +144,7 @@ def load_run(path: str) -> Run:
         epochs_done=max((e for e, _ in curve), default=0),
         curve=curve,
         problem=problem,
+        damaged=os.path.exists(sp) and summary is None,
         settings=_method_settings(cfg),
     )
     if summary is not None:

@@ -234,8 +234,11 @@ def _flags(row: Row) -> str:
         vals = {r.final_top1 for r in extra} | {row.runs[seed].final_top1}
         out.append(f"seed {seed} run {len(extra) + 1}× ({'identical' if len(vals) == 1 else 'different results'}; "
                    f"counted once)")
-    if row.incomplete:
-        out.append(f"{len(row.incomplete)} unfinished run(s) left out")
+    damaged = sum(r.damaged for r in row.incomplete)
+    if len(row.incomplete) > damaged:
+        out.append(f"{len(row.incomplete) - damaged} unfinished run(s) left out")
+    if damaged:
+        out.append(f"{damaged} run(s) with an unreadable summary.json left out")
     return "; ".join(out)
 
 

@@ -16,7 +16,8 @@ examples:
 
 Runs are grouped by dataset, method and teacher -> student pair. A cell is the final top-1 mean over seeds,
 "± sample std" with 2+ seeds, and the mean best-epoch top-1 in parentheses; the best cell of a column is bold.
-Runs without summary.json (still running or killed) are listed as incomplete from their metrics.jsonl.
+Runs without summary.json (still running or killed) are listed as incomplete from their metrics.jsonl. A run
+whose summary.json cannot be read is named, the report is written from the rest, and the command exits 2.
 
 Over seeds (a `lakd sweep` results folder, which holds sweep.json, or --seeds): one table per sweep group with,
 per row, n seeds, mean ± sample std, the 95% t-interval of the mean, and the paired difference to a reference
@@ -57,12 +58,29 @@ def run(args) -> int:
     n_inc = sum(not r.complete for r in runs)
     if args.print_report:
         print(res["markdown"])
-    for r in runs:  # a damaged file is named, and the report is still written from everything else
-        if r.problem:
-            print(f"warning: {r.path}: {r.problem}", file=sys.stderr)
+    _name_problems(runs)
     wrote = [p for p in (res.get("out"), res.get("csv"), res.get("plot")) if p]
     print(f"{len(runs)} run(s) ({n_inc} incomplete) -> {', '.join(wrote)}")
+    _fail_on_damage(runs)
     return 0
+
+
+def _name_problems(runs) -> None:
+    """A damaged file is named; the report is still written from everything else (nothing is lost)."""
+    for r in runs:
+        if r.problem:
+            print(f"warning: {r.path}: {r.problem}", file=sys.stderr)
+
+
+def _fail_on_damage(runs) -> None:
+    """A finished run whose summary.json cannot be read is a result missing from the tables: after writing
+    what could be written, say so as an error (exit 2) rather than let the tables pass for complete. A torn
+    last line of a running run's metrics.jsonl stays a warning: it is expected while a sweep runs."""
+    damaged = [r for r in runs if r.damaged]
+    if damaged:
+        raise LakdError(f"{len(damaged)} run(s) have an unreadable summary.json (named above) and are missing "
+                        "from the report, which was written from the rest; restore each from the run's "
+                        "results copy or rerun it, then rerun lakd report")
 
 
 def _run_seeds(args) -> int:
@@ -73,6 +91,8 @@ def _run_seeds(args) -> int:
     if args.print_report:
         print(res["markdown"])
     n_done = sum(r.complete for r in res["runs"])
+    _name_problems(res["runs"])
     wrote = [res[k] for k in ("out", "csv", "plot", "update") if res.get(k)]
     print(f"{n_done} finished run(s) in {len(res['groups'])} group(s) -> {', '.join(wrote)}")
+    _fail_on_damage(res["runs"])
     return 0
