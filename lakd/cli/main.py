@@ -60,7 +60,9 @@ class ConsoleHandler(logging.Handler):
     with ``warning:``. The streams are looked up at each record (so redirected or captured streams work).
     Commands whose standard output is for programs (``--json``, ``--dry-run``) send info lines to stderr too."""
 
-    info_to_stderr = False
+    def __init__(self, info_to_stderr: bool = False):
+        super().__init__()
+        self.info_to_stderr = info_to_stderr
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -73,17 +75,21 @@ class ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_logging() -> None:
-    """Show the library's messages (``logging.getLogger("lakd")``) on the console, once per process."""
+def setup_logging() -> ConsoleHandler:
+    """Show the library's messages (``logging.getLogger("lakd")``) on the console, once per process; returns
+    the console handler (one per process, so that commands run one after another in a process share it)."""
     logger = logging.getLogger("lakd")
-    if not any(isinstance(h, ConsoleHandler) for h in logger.handlers):
-        logger.addHandler(ConsoleHandler())
+    handler = next((h for h in logger.handlers if isinstance(h, ConsoleHandler)), None)
+    if handler is None:
+        handler = ConsoleHandler()
+        logger.addHandler(handler)
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
+    return handler
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+    console = setup_logging()
     parser = build_parser()
     # key=value overrides may come after options (`lakd train CONFIG --quiet solver.epochs=1`)
     args, extra = parser.parse_known_args(argv)
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides or []) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    ConsoleHandler.info_to_stderr = bool(getattr(args, "json", False) or getattr(args, "dry_run", False))
+    console.info_to_stderr = bool(getattr(args, "json", False) or getattr(args, "dry_run", False))
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0
