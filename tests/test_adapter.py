@@ -15,6 +15,7 @@ import lakd
 from lakd.distillers import DISTILLERS
 from lakd.errors import LakdError
 from lakd.models import adapt, create_model, cut_candidates
+from lakd.models.base import FeatureShape as FS
 
 SIZE = 32
 
@@ -208,6 +209,125 @@ def test_names_and_checkpoint_files(tmp_path):
 def test_cut_candidates_list_modules_with_shapes():
     rows = dict(cut_candidates(torchvision.models.resnet18(num_classes=10), input_size=SIZE))
     assert rows["layer1.0"] == (1, 64, 8, 8) and rows["layer4"] == (1, 512, 1, 1) and rows["fc"] == (1, 10)
+
+
+# ----- B x H x W x C networks (Swin-style) --------------------------------------------------------------------------
+class TokenNet(nn.Module):
+    """A Swin-shaped user network: a patch embedding to B x H x W x C, blocks of LayerNorm + MLP on the last dim,
+    a 2x2 patch merge, a final norm, a mean over (H, W) and a Linear head (``hidden``: a hidden Linear between
+    pooling and classifier, pooled with keepdim)."""
+
+    def __init__(self, dim=8, num_classes=10, hidden=False):
+        super().__init__()
+        self.hidden_head = hidden
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.s1 = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.merge = nn.Linear(4 * dim, 2 * dim)
+        self.s2 = nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, 2 * dim))
+        self.norm = nn.LayerNorm(2 * dim)
+        self.hidden = nn.Linear(2 * dim, 12) if hidden else None
+        self.fc = nn.Linear(12 if hidden else 2 * dim, num_classes)
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)  # B x H x W x C from here on
+        x = x + self.s1(x)
+        b, h, w, c = x.shape
+        x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
+        x = self.merge(x)
+        x = x + self.s2(x)
+        x = self.norm(x)
+        if self.hidden_head:
+            return self.fc(F.gelu(self.hidden(x.mean(dim=(1, 2), keepdim=True).flatten(1))))
+        return self.fc(x.mean((1, 2)))
+
+
+def test_nhwc_network_features_are_handed_out_as_nchw_maps():
+    torch.manual_seed(0)
+    net = TokenNet()
+    a = adapt(net, input_size=SIZE, blocks=["s1", "s2"])
+    info = a.feature_info()
+    assert info["stem"] == FS(3, SIZE, SIZE)  # the input image stays B x C x H x W
+    assert info["blocks"] == [FS(8, 8, 8), FS(16, 4, 4)] and info["last"] == FS(16, 4, 4) and a.stage_ends == [1, 2]
+    seen = {}
+    for name in ("s1", "s2", "norm"):
+        getattr(net, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o))
+    x = batch()["image"]
+    a.eval()
+    net.eval()
+    with torch.no_grad():
+        logits, feats = a(x, features=True)
+        ref = net(x)
+    assert torch.equal(logits, ref)
+    (b1, b2), last = feats["stages"], feats["last"]
+    # a cut named by a module path is that module's output (here before the residual sum), permuted
+    assert torch.equal(b1, seen["s1"].permute(0, 3, 1, 2)) and torch.equal(b2, seen["s2"].permute(0, 3, 1, 2))
+    assert torch.equal(last, seen["norm"].permute(0, 3, 1, 2)) and b2.shape == (4, 16, 4, 4)
+    # class activation maps: the classifier at every position of the (permuted) map; their mean is the logits
+    cams = a.class_maps(last)
+    assert cams.shape == (4, 10, 4, 4)
+    assert torch.allclose(cams.mean((2, 3)) + net.fc.bias, ref, atol=1e-5)
+    # with a hidden Linear after a keepdim pooling, the layers after pooling run at each position
+    torch.manual_seed(0)
+    hnet = TokenNet(hidden=True).eval()
+    ha = adapt(hnet, input_size=SIZE, blocks=["s1", "s2"]).eval()
+    with torch.no_grad():
+        _, hf = ha(x, features=True)
+        hc = ha.class_maps(hf["last"])
+        v = hf["last"][:, :, 1, 2]  # one position, by hand
+        assert torch.allclose(hc[:, :, 1, 2], F.gelu(hnet.hidden(v)) @ hnet.fc.weight.T, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lakd", "at", "catkd", "fitnet", "crd"])
+def test_nhwc_pair_trains_and_lakd_isolates(method, block_parameters):
+    torch.manual_seed(0)
+    opts = {"student_options": {"blocks": ["s1", "s2"]}, "teacher_options": {"blocks": ["s1", "s2"]}}
+    if method == "lakd":
+        opts["options"] = {"sdm": {"splits": [1, 2], "teacher_points": [1, 2]}}
+    if method == "crd":
+        opts["options"], opts["num_data"] = {"crd": {"nce_k": 4}}, 8
+    d = lakd.distiller(TokenNet(), TokenNet(dim=12), method, image_size=SIZE, **opts)
+    if method == "lakd":
+        assert_isolated(d, batch(), block_parameters)
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01)
+    before = copy.deepcopy(d.student.state_dict())
+    for step in range(2):
+        opt.zero_grad(set_to_none=True)
+        logits, losses = d.train_step(batch(seed=step), lambda loss: loss.backward())
+        opt.step()
+        assert logits.shape == (4, 10) and all(torch.isfinite(v) for v in losses.values())
+    assert any(not torch.equal(before[k], v) for k, v in d.student.state_dict().items())
+    if method == "lakd":  # per-block recomputation carries the layout through the checkpoint: same gradients
+        grads = []
+        for recompute in (False, True):
+            torch.manual_seed(0)
+            o = copy.deepcopy(opts)
+            o["options"]["sdm"]["recompute"] = recompute
+            r = lakd.distiller(TokenNet(), TokenNet(dim=12), "lakd", image_size=SIZE, **o)
+            r.train_step(batch(), lambda loss: loss.backward())
+            grads.append({n: p.grad for n, p in r.named_trainable_parameters()})
+        assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    if method == "lakd":  # OFD's margin needs a BatchNorm before each teacher stage's output: named refusal
+        with pytest.raises(LakdError, match="OFD needs a BatchNorm .*; TokenNet has none at block 1"):
+            lakd.distiller(TokenNet(), TokenNet(dim=12), "ofd", image_size=SIZE, **opts)
+
+
+def test_timm_swin_is_cut_at_its_stages():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, embed_dim=8,
+                          depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+    a = adapt(m, input_size=224)
+    assert a.cut_names["blocks"] == ["layers.0", "layers.1", "layers.2", "layers.3"]
+    info = a.feature_info()
+    assert info["blocks"] == [FS(8, 56, 56), FS(16, 28, 28), FS(32, 14, 14), FS(64, 7, 7)]
+    assert info["last"] == FS(64, 7, 7)
+    x = torch.randn(1, 3, 224, 224)
+    a.eval()
+    m.eval()
+    with torch.no_grad():
+        logits, feats = a(x, features=True)
+        assert torch.equal(logits, m(x))
+        assert torch.allclose(feats["last"], m.forward_features(x).permute(0, 3, 1, 2), atol=1e-6)
 
 
 # ----- one-line errors ----------------------------------------------------------------------------------------------

@@ -63,7 +63,8 @@ class FitNet(Distiller):
         stage = s["hint_stage"]
         if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= n:
             raise LakdError(f"fitnet.hint_stage={stage!r} is out of range: use an integer from 0 (stem) "
-                            f"to {n} (last stage) for {student.__class__.__name__} / {teacher.__class__.__name__}")
+                            f"to {n} (last stage) for {getattr(student, 'label', type(student).__name__)} / "
+                            f"{getattr(teacher, 'label', type(teacher).__name__)}")
         self.hint_stage = stage
         shapes_s = [info_s["stem"], *info_s["stages"]]
         shapes_t = [info_t["stem"], *info_t["stages"]]

@@ -82,9 +82,9 @@ def bn_before_stage_outputs(model) -> list[nn.BatchNorm2d]:
                 main = [m for m in calls
                         if not any(k in names.get(m, "").lower() for k in ("downsample", "shortcut"))]
                 if not main:
+                    label = getattr(model, "label", type(model).__name__)
                     raise LakdError(f"OFD needs a BatchNorm before the pre-ReLU output of every teacher "
-                                    f"stage; {model.__class__.__name__} has none at block {i + 1}; "
-                                    f"use another teacher")
+                                    f"stage; {label} has none at block {i + 1}; use another teacher")
                 found.append(main[-1])
             else:
                 h = model.block_forward(i, h)

@@ -41,8 +41,9 @@ from ..errors import LakdError, close_matches
 from .base import Carry, FeatureNet, FeatureShape, feature
 
 _POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
-_POOL_FUNCTIONS = (F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, torch.mean,
-                   torch.amax)
+_POOL_2D_FUNCTIONS = (F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d)
+_REDUCE_FUNCTIONS = (torch.mean, torch.amax)  # reductions over named dims, as the methods below
+_POOL_FUNCTIONS = _POOL_2D_FUNCTIONS + _REDUCE_FUNCTIONS
 _POOL_METHODS = ("mean", "amax")
 _RELU = (F.relu, torch.relu, torch.relu_)
 #: ops that only reshape or drop out: a classifier behind only these sees the pooled map itself
@@ -155,11 +156,13 @@ def _tensor_shape(node: fx.Node):
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _fshape(node: fx.Node, label: str) -> FeatureShape:
+def _fshape(node: fx.Node, label: str, nhwc: bool = False) -> FeatureShape:
     shape = _tensor_shape(node)
     if shape is None or len(shape) != 4:
         raise LakdError(f"{label}: the cut {node.name!r} gives {'a non-tensor' if shape is None else shape}, not a "
                         f"B x C x H x W map; cut where the features are 4-D maps (see `lakd models --blocks`)")
+    if nhwc:  # B x H x W x C (Swin-style): the distillers see it permuted to B x C x H x W
+        return FeatureShape(int(shape[3]), int(shape[1]), int(shape[2]))
     return FeatureShape(int(shape[1]), int(shape[2]), int(shape[3]))
 
 
@@ -179,8 +182,20 @@ def _is_trivial(gm: fx.GraphModule, n: fx.Node) -> bool:
     return n.op == "call_method" and n.target in _TRIVIAL_METHODS
 
 
-def _is_global_pool(gm: fx.GraphModule, n: fx.Node) -> bool:
-    """A pooling / mean op whose input is a 4-D map and whose output is one value per channel."""
+def _reduced_dims(n: fx.Node) -> set[int] | None:
+    """The dimensions (0..3) a ``mean``/``amax`` over a 4-D input reduces, when the call names them."""
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", n.kwargs.get("axis"))
+    if isinstance(dims, int):
+        dims = (dims,)
+    if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims):
+        return None
+    return {d % 4 for d in dims}
+
+
+def _pool_layout(gm: fx.GraphModule, n: fx.Node) -> str | None:
+    """``"nchw"`` or ``"nhwc"`` when ``n`` is global pooling -- a pooling / mean op whose input is a 4-D map and
+    whose output is one value per channel -- else None. A mean (or amax) over dims (1, 2) pools a B x H x W x C
+    map, as timm's Swin heads do; pooling modules and functions, and a mean over (2, 3), pool B x C x H x W."""
     if n.op == "call_module":
         kind = isinstance(gm.get_submodule(n.target), _POOL_MODULES)
     elif n.op == "call_function":
@@ -188,11 +203,23 @@ def _is_global_pool(gm: fx.GraphModule, n: fx.Node) -> bool:
     else:
         kind = n.op == "call_method" and n.target in _POOL_METHODS
     if not kind or not n.args or not isinstance(n.args[0], fx.Node):
-        return False
+        return None
     inp, out = _tensor_shape(n.args[0]), _tensor_shape(n)
     if inp is None or out is None or len(inp) != 4:
-        return False
-    return (len(out) == 4 and out[1] == inp[1] and out[2] == out[3] == 1) or (len(out) == 2 and out[1] == inp[1])
+        return None
+    reduction = n.op == "call_method" or (n.op == "call_function" and n.target in _REDUCE_FUNCTIONS)
+    dims = _reduced_dims(n) if reduction else None
+    if dims == {1, 2}:
+        ok = (len(out) == 4 and out[3] == inp[3] and out[1] == out[2] == 1) or (len(out) == 2 and out[1] == inp[3])
+        return "nhwc" if ok else None
+    if dims is not None and dims != {2, 3}:
+        return None
+    ok = (len(out) == 4 and out[1] == inp[1] and out[2] == out[3] == 1) or (len(out) == 2 and out[1] == inp[1])
+    return "nchw" if ok else None
+
+
+def _is_global_pool(gm: fx.GraphModule, n: fx.Node) -> bool:
+    return _pool_layout(gm, n) is not None
 
 
 class _Split:
@@ -240,6 +267,9 @@ class _Split:
             raise LakdError(f"cut point {names[-1]!r} of {label} lies after the last feature map (the input of "
                             f"global pooling {qualnames.get(pool, pool.name)!r}); end model.blocks at or before it")
         self.pool_shape = _tensor_shape(pool)
+        # the layout of the network's maps, read from its final pooling: a B x H x W x C network (Swin) has every
+        # cut in that layout but the input image; its features are handed to the distillers permuted to NCHW
+        self.nhwc = _pool_layout(gm, pool) == "nhwc"
         cls_node = None
         if classifier:
             cls_node = resolve_cut(classifier, qualnames, label)
@@ -274,6 +304,7 @@ class _Split:
                 seg.get(u, head) > s for u in v.users))]
             carry.append(live)
         self.mains = [carry[s].index(order[s]) for s in range(head)]
+        self.nhwc_cuts = [self.nhwc and n.op != "placeholder" for n in order]
         self.inputs = placeholders
         self.defaults = [p.args[0] if p.args else None for p in placeholders]
         self.pieces_spec = []
@@ -290,6 +321,10 @@ class _Split:
         self.mid_spec = ([pool], mid, [emb], None) if cls_node is not None and not self.mid_trivial else None
         self.cuts = order
         self.build()
+
+    def shape(self, node: fx.Node) -> FeatureShape:
+        """A cut's (or the last map's) shape as the distillers see it: channels, height, width."""
+        return _fshape(node, self.label, self.nhwc and node.op != "placeholder")
 
     @staticmethod
     def _ancestors(node: fx.Node, stop: fx.Node) -> list[fx.Node]:
@@ -398,7 +433,7 @@ class AdaptedNet(FeatureNet):
         self.train(was)
         # stages end where the resolution changes (next block's map is smaller), and at the last block
         self.stage_ends = list(range(1, len(blocks) + 1))
-        b = [_fshape(n, self.label) for n in eval_split.cuts[1:]]
+        b = [eval_split.shape(n) for n in eval_split.cuts[1:]]
         self.stage_ends = [i + 1 for i in range(len(b))
                            if i == len(b) - 1 or (b[i].height, b[i].width) != (b[i + 1].height, b[i + 1].width)]
 
@@ -449,13 +484,13 @@ class AdaptedNet(FeatureNet):
         if size != self.input_size or size in cache:
             return super().feature_info(size)
         sp = self._splits[False]
-        blocks = [_fshape(n, self.label) for n in sp.cuts[1:]]
+        blocks = [sp.shape(n) for n in sp.cuts[1:]]
         logits, fmap, emb = sp.pieces_spec[-1][2]
         cache[size] = {
-            "stem": _fshape(sp.cuts[0], self.label),
+            "stem": sp.shape(sp.cuts[0]),
             "blocks": blocks,
             "stages": [blocks[e - 1] for e in self.stage_ends],
-            "last": _fshape(fmap, self.label),
+            "last": sp.shape(fmap),
             "embedding_dim": math.prod(_tensor_shape(emb)[1:]),
             "num_classes": int(_tensor_shape(logits)[1]),
         }
@@ -469,16 +504,22 @@ class AdaptedNet(FeatureNet):
     def stem_forward(self, x):
         sp = self._split
         vals = [x] + sp.defaults[1:]
-        return Carry(sp.pieces[0](*vals), sp.mains[0])
+        return Carry(sp.pieces[0](*vals), sp.mains[0], sp.nhwc_cuts[0])
 
     def block_forward(self, i, h, preact=False):
         sp = self._split
         out = sp.pieces[i + 1](*h.values)
-        carry = Carry(out[:-1], sp.mains[i + 1])
-        return (carry, out[-1]) if preact else carry
+        nhwc = sp.nhwc_cuts[i + 1]
+        carry = Carry(out[:-1], sp.mains[i + 1], nhwc)
+        if not preact:
+            return carry
+        return carry, (out[-1].permute(0, 3, 1, 2) if nhwc else out[-1])
 
     def head_forward(self, h, return_map=False):
-        logits, fmap, emb = self._split.pieces[-1](*h.values)
+        sp = self._split
+        logits, fmap, emb = sp.pieces[-1](*h.values)
+        if sp.nhwc:
+            fmap = fmap.permute(0, 3, 1, 2)
         if emb.dim() > 2:
             emb = torch.flatten(emb, 1)
         return (logits, fmap, emb) if return_map else logits
@@ -503,8 +544,8 @@ class AdaptedNet(FeatureNet):
         # the layers between pooling and the classifier applied at every position of the map
         b, c, hh, ww = fmap.shape
         x = fmap.permute(0, 2, 3, 1).reshape(b * hh * ww, c)
-        if len(sp.pool_shape) == 4:
-            x = x[:, :, None, None]
+        if len(sp.pool_shape) == 4:  # the layers after pooling take the pooled map's own 4-D shape
+            x = x[:, None, None, :] if sp.nhwc else x[:, :, None, None]
         (e,) = sp.mid(x)
         return torch.einsum("bhwc,kc->bkhw", e.reshape(b, hh, ww, -1), w)
 

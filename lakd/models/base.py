@@ -34,16 +34,18 @@ from ..errors import LakdError
 
 class Carry:
     """The state between two blocks of an adapted network: every value that crosses the cut, in a fixed order,
-    and which of them is the block's output (``feature``)."""
+    which of them is the block's output (``feature``), and whether that output is a B x H x W x C map (``nhwc``,
+    Swin-style networks), which ``feature`` hands out permuted to B x C x H x W."""
 
-    __slots__ = ("values", "main")
+    __slots__ = ("values", "main", "nhwc")
 
-    def __init__(self, values: tuple, main: int):
-        self.values, self.main = tuple(values), main
+    def __init__(self, values: tuple, main: int, nhwc: bool = False):
+        self.values, self.main, self.nhwc = tuple(values), main, nhwc
 
     @property
     def feature(self) -> torch.Tensor:
-        return self.values[self.main]
+        v = self.values[self.main]
+        return v.permute(0, 3, 1, 2) if self.nhwc else v
 
 
 def feature(state) -> torch.Tensor:
@@ -54,7 +56,8 @@ def feature(state) -> torch.Tensor:
 def detach_state(state):
     """The state with every carried value detached from the graph (LAKD's cut between local modules)."""
     if isinstance(state, Carry):
-        return Carry(tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in state.values), state.main)
+        return Carry(tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in state.values), state.main,
+                     state.nhwc)
     return state.detach()
 
 
@@ -164,15 +167,15 @@ class FeatureNet(nn.Module):
             return contextlib.nullcontext(), _buffers_kept(mods)
 
         if isinstance(h, Carry):
-            main = h.main
+            main, nhwc = h.main, h.nhwc
 
             def run(*values):
-                out = self.block_forward(i, Carry(values, main))
-                return out.values, out.main
+                out = self.block_forward(i, Carry(values, main, nhwc))
+                return out.values, out.main, out.nhwc
 
-            values, out_main = torch.utils.checkpoint.checkpoint(run, *h.values, use_reentrant=False,
-                                                                 context_fn=context)
-            return Carry(values, out_main)
+            values, out_main, out_nhwc = torch.utils.checkpoint.checkpoint(run, *h.values, use_reentrant=False,
+                                                                           context_fn=context)
+            return Carry(values, out_main, out_nhwc)
         if not isinstance(h, torch.Tensor):
             raise LakdError(f"{type(self).__name__} passes a {type(h).__name__} between blocks, which activation "
                             f"recomputation cannot checkpoint; set sdm.recompute=false")
