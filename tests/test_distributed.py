@@ -1,7 +1,7 @@
 """Multi-process training on the CPU (gloo, loopback only): 2 processes against 1-process references.
 
 One launch of 2 worker processes (this file run as a script with RANK/WORLD_SIZE/MASTER_* set, as torchrun sets
-them) trains scratch, KD, LAKD and CRD for a few steps and saves every rank's full state; the tests compare the
+them) trains scratch, KD, LAKD, CRD and LAKD on an adapted user network in channels_last for a few steps and saves every rank's full state; the tests compare the
 ranks with each other and with references computed here in one process. Two real ``torchrun ... -m lakd train``
 launches check the run folder and resume.
 
@@ -34,11 +34,18 @@ TINY = ["data.dataset=digits", "data.train_subset=192", "data.test_subset=100", 
         "solver.max_steps_per_epoch=3", "solver.lr=0.05", "solver.schedule=constant", "model.name=resnet8",
         "train.progress=false", "train.threads=1", "data.num_workers=0", "device=cpu", "seed=3",
         "solver.epochs=1"]
-METHODS = ["scratch", "kd", "lakd", "crd"]
+METHODS = ["scratch", "kd", "lakd", "crd", "lakd_adapted"]
+#: LAKD on a user network (tests/test_adapter.py's SkipNet: a skip across a cut), adapted by torch.fx, in channels_last
+ADAPTED_TEACHER_CK = "skipnet_teacher.pt"
+ADAPTED = ["method=lakd", "model.name=module:test_adapter:SkipNet", "model.blocks=[a,b,c]",
+           "teacher.name=module:test_adapter:SkipNet", "teacher.kwargs={width: 12}", "teacher.blocks=[a,b,c]",
+           "train.channels_last=true"]
 CLI_ARGS = [*TINY, "method=scratch", "solver.max_steps_per_epoch=2", "train.eval_batch_size=30"]
 
 
 def method_overrides(method: str, folder: Path) -> list[str]:
+    if method == "lakd_adapted":
+        return [*TINY, *ADAPTED, f"teacher.checkpoint={folder / ADAPTED_TEACHER_CK}"]
     out = [*TINY, f"method={method}"]
     if method != "scratch":
         out += ["teacher.name=resnet8", f"teacher.checkpoint={folder / TEACHER_CK}"]
@@ -159,6 +166,9 @@ def ddp(tmp_path_factory):
     teacher = create_model("resnet8", 10)
     torch.save({"model": teacher.state_dict(), "arch": "resnet8", "num_classes": 10, "dataset": "digits"},
                folder / TEACHER_CK)
+    from test_adapter import SkipNet
+
+    torch.save(SkipNet(width=12).state_dict(), folder / ADAPTED_TEACHER_CK)  # a plain user checkpoint
     launch_workers(folder)
     ranks = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return folder, ranks
@@ -218,7 +228,7 @@ def test_ranks_hold_identical_parameters_buffers_and_banks(ddp, method):
 
 
 # ----- (b) 2 processes at global batch B against one process --------------------------------------------------------
-@pytest.mark.parametrize("method", ["scratch", "kd", "lakd"])
+@pytest.mark.parametrize("method", ["scratch", "kd", "lakd", "lakd_adapted"])
 def test_two_processes_equal_one_process_with_the_same_half_batches(ddp, method):
     folder, (r0, _) = ddp
     ref = ghost_batch_reference(method, folder)
