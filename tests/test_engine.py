@@ -518,3 +518,20 @@ def test_kill_leftovers_best_pt_fallback_interrupt_command_and_umask(tmp_path, c
     res = cli([*cmd.split()[1:], "solver.epochs=1", "solver.max_steps_per_epoch=1", "--allow-config-change"],
               capsys)
     assert res.returncode == 0 and "resumed" in res.stdout, res.stderr
+
+
+def test_a_closed_output_pipe_ends_the_command_quietly():
+    """`lakd models | head -1`: the reader leaves early; no traceback, exit 141 (128 + SIGPIPE)."""
+    code = ("import sys\n"
+            "class Closed:\n"
+            "    def write(self, s): raise BrokenPipeError(32, 'Broken pipe')\n"
+            "    def flush(self): raise BrokenPipeError(32, 'Broken pipe')\n"
+            "    def fileno(self): return sys.__stdout__.fileno()\n"
+            "from lakd.cli.main import main\n"
+            "sys.stdout = Closed()\n"
+            "rc = main(['models'])\n"
+            "sys.stdout = sys.__stdout__\n"
+            "sys.stderr.write(f'rc={rc}')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stderr.strip() == "rc=141" and out.stdout == ""

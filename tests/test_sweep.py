@@ -2,6 +2,7 @@
 against hand computations, paired differences, repeated seeds)."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -119,8 +120,9 @@ def test_plan_names_order_grid_and_merged_rows(tmp_path):
     runs:
       - {name: g}
   - name: again
+    paper_note: "the paper's Table 9 (300 epochs)"
     runs:
-      - {name: a_copy}
+      - {name: a_copy, paper: 93.2}
 """)
     plan = load_plan(str(spec), runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"))
     names = [r.name for r in plan.runs]
@@ -129,7 +131,8 @@ def test_plan_names_order_grid_and_merged_rows(tmp_path):
     same = {r.name: r.same_as for r in plan.runs}
     assert same["a_copy-s0"] == "a-s0" and same["a_copy-s1"] == "a-s1" and same["g_lr0.05-s3"] is None
     assert [r.name for r in plan.unique()] == names[:6]
-    assert plan.groups[2]["rows"] == [{"name": "a_copy", "label": "a_copy", "variant": "a"}]
+    assert plan.groups[2]["rows"] == [{"name": "a_copy", "label": "a_copy", "variant": "a", "paper": 93.2}]
+    assert plan.groups[2]["paper_note"] == "the paper's Table 9 (300 epochs)" and "paper_note" not in plan.groups[0]
     cmd = run_command(plan, plan.runs[1], python="python")
     assert cmd[:4] == ["python", "-m", "lakd", "train"] and "solver.lr=0.1" in cmd and "seed=0" in cmd
     assert cmd[-2:] == ["--run-dir", str(tmp_path / "runs" / "b-s0")] and "experiment=b-s0" in cmd
@@ -144,6 +147,7 @@ def test_plan_names_order_grid_and_merged_rows(tmp_path):
     ("groups: [{name: x, runs: [{name: a, overrides: [solver.epoch=3]}]}]", "unknown config key 'solver.epoch'"),
     ("groupz: []", "unknown key(s) groupz"),
     ("groups: [{name: x, order: random, runs: [{name: a}]}]", "order must be seed-major or run-major"),
+    ("groups: [{name: x, runs: [{name: a, paper: high}]}]", "row a: paper must be a number"),
 ])
 def test_bad_specs_are_one_line_errors(tmp_path, capsys, text, message):
     (tmp_path / "s.yaml").write_text(text)
@@ -264,6 +268,33 @@ def test_update_rewrites_only_between_markers(tmp_path, capsys):
     assert main(["report", str(tmp_path / "res"), "--seeds", "--out", str(tmp_path / "r.md"),
                  "--update", str(doc)]) == 2
     assert "must hold the line <!-- lakd report: begin -->" in capsys.readouterr().err
+
+
+def test_published_numbers_sit_beside_the_rows_and_comparisons_use_the_group_labels(tmp_path):
+    spec = write_spec(tmp_path / "s.yaml", extra_groups="""
+  - name: ablation
+    paper_note: "published, 300 epochs"
+    compare: [[b2, a2]]
+    runs:
+      - {name: a2, label: "A again", paper: 93.08}
+      - {name: b2, label: "B again", overrides: [solver.lr=0.1], paper: 93.27}
+""")
+    from lakd.engine.sweep import write_plan
+
+    write_plan(load_plan(str(spec), results_dir=str(tmp_path / "res")))
+    for seed, a, b in ((0, 80.0, 81.0), (1, 80.5, 81.0)):
+        _fake_run(tmp_path / "res" / f"a-s{seed}", f"a-s{seed}", seed, a)
+        _fake_run(tmp_path / "res" / f"b-s{seed}", f"b-s{seed}", seed, b)
+    res = make_seed_report([str(tmp_path / "res")], csv_path=str(tmp_path / "r.csv"))
+    md = res["markdown"]
+    main_part, ablation = md.split("## ablation")
+    assert "paper" not in main_part.split("| A − B")[0]  # no published numbers: no column
+    assert "Paper column: published, 300 epochs" in ablation
+    assert "| A again (= runs of a) | 2 | 80.25 ± 0.35 |" in ablation and "| 93.08 |" in ablation
+    # the merged rows' comparison is labelled as in this group, not as in the group the runs come from
+    assert "| B again − A again | 0, 1 | +0.75 |" in ablation
+    rows = list(csv.DictReader(open(tmp_path / "r.csv")))
+    assert [r["paper"] for r in rows if r["group"] == "ablation"] == ["93.08", "93.27"]
 
 
 def test_a_sweep_with_nothing_finished_reports_empty_rows(tmp_path):

@@ -102,6 +102,7 @@ class Row:
     repeats: dict[int, list[Run]] = field(default_factory=dict)  # seed -> the runs not counted (same seed)
     incomplete: list[Run] = field(default_factory=list)
     same_as: str | None = None  # a merged row: the row whose runs it reads
+    paper: float | None = None  # the published number shown beside the row (the spec's ``paper:``)
 
     def values(self, attr: str = "final_top1") -> dict[int, float]:
         return {s: getattr(r, attr) for s, r in sorted(self.runs.items()) if getattr(r, attr) is not None}
@@ -117,6 +118,7 @@ class Group:
     rows: list[Row]
     reference: str | None
     compare: list[tuple[str, str]]
+    paper_note: str = ""  # whose numbers the rows' ``paper`` values are
 
 
 def _variant(run: Run) -> str:
@@ -162,13 +164,14 @@ def load_study(paths: Sequence[str], reference: str | None = None) -> tuple[list
                 base = by_variant.get(spec_row["variant"]) or Row(spec_row["variant"], spec_row["label"])
                 # the same runs under this group's label (a merged row reads the runs of the row it equals)
                 rows.append(Row(spec_row["name"], spec_row["label"], base.runs, base.repeats, base.incomplete,
-                                same_as=spec_row["variant"] if spec_row["variant"] != spec_row["name"] else None))
+                                same_as=spec_row["variant"] if spec_row["variant"] != spec_row["name"] else None,
+                                paper=spec_row.get("paper")))
                 names[spec_row["name"]] = rows[-1]
             ref = reference or g.get("reference")
             if ref and ref not in names:
                 ref = None if not reference else _unknown_row(reference, names)
             groups.append(Group(g["name"], g.get("title") or g["name"], rows, ref,
-                                [tuple(c) for c in g.get("compare") or []]))
+                                [tuple(c) for c in g.get("compare") or []], g.get("paper_note") or ""))
     else:
         rows = sorted(by_variant.values(), key=lambda r: r.name)
         names = {r.name: r for r in rows}
@@ -198,13 +201,14 @@ def comparisons(group: Group, all_rows: dict[str, Row], attr: str = "final_top1"
     if with_reference and group.reference:
         pairs += [(r.name, group.reference) for r in group.rows
                   if r.name != group.reference and (r.name, group.reference) not in pairs]
+    own = {r.name: r for r in group.rows}  # a row of this group under this group's label
     out = []
     for a, b in pairs:
         if a not in all_rows or b not in all_rows:
             missing = a if a not in all_rows else b
             raise LakdError(f"group {group.name}: compare names {missing!r}, which is not a row; rows: "
                             f"{', '.join(all_rows)}")
-        ra, rb = all_rows[a], all_rows[b]
+        ra, rb = own.get(a) or all_rows[a], own.get(b) or all_rows[b]
         out.append(paired_difference(ra.values(attr), rb.values(attr), ra.label, rb.label))
     return out
 
@@ -262,10 +266,15 @@ def render(groups: Sequence[Group], runs: Sequence[Run], plan: dict, attr: str =
             "t-interval; \"cannot tell\" means the interval contains 0.", ""]
     for g in groups:
         out += [f"{h2} {g.title}", ""]
+        if g.paper_note:
+            out += [f"Paper column: {g.paper_note}", ""]
         ref = all_rows.get(g.reference) if g.reference else None
         header = ["Row", "n", "top-1 mean ± std", "95% CI", "best-epoch top-1", "EK mean ± std", "per seed"]
         if ref:
             header.insert(4, f"Δ vs {ref.label} (paired, 95% CI)")
+        with_paper = any(r.paper is not None for r in g.rows)
+        if with_paper:
+            header.append("paper")
         header.append("min/run")
         out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in g.rows:
@@ -280,6 +289,8 @@ def render(groups: Sequence[Group], runs: Sequence[Run], plan: dict, attr: str =
                     p = paired_difference(row.values(attr), ref.values(attr))
                     cells.insert(4, f"{_signed(p.summary.mean)} {_ci(p.summary)} (n={p.summary.n})"
                                  if p.summary.n else "n/a")
+            if with_paper:
+                cells.append(f"{row.paper:.2f}" if row.paper is not None else "—")
             wall = [r.wall_time_s for r in row.runs.values() if r.wall_time_s]
             cells.append(f"{statistics.fmean(wall) / 60:.1f}" if wall else "n/a")
             flags = _flags(row)
@@ -305,7 +316,7 @@ def render(groups: Sequence[Group], runs: Sequence[Run], plan: dict, attr: str =
 
 
 CSV_FIELDS = ["group", "row", "label", "n", "seeds", "mean", "std", "ci_low", "ci_high", "best_mean", "ek_mean",
-              "ek_std", "repeated_seeds", "values"]
+              "ek_std", "repeated_seeds", "values", "paper"]
 
 
 def write_csv(groups: Sequence[Group], path: str, attr: str = "final_top1") -> str:
@@ -321,7 +332,7 @@ def write_csv(groups: Sequence[Group], path: str, attr: str = "final_top1") -> s
                             "ci_low": s.ci[0] if s.ci else None, "ci_high": s.ci[1] if s.ci else None,
                             "best_mean": row.stats("best_top1").mean, "ek_mean": e.mean, "ek_std": e.std,
                             "repeated_seeds": ";".join(map(str, row.repeats)),
-                            "values": ";".join(repr(v) for v in row.values(attr).values())})
+                            "values": ";".join(repr(v) for v in row.values(attr).values()), "paper": row.paper})
     return path
 
 

@@ -6,6 +6,7 @@ Errors caused by the user's input (``LakdError``) print one line and exit with c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -113,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`lakd sweep --status | head`): stop quietly, as `ls` does
+        with contextlib.suppress(OSError, ValueError):  # and let the interpreter's final flush go nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by a closed pipe
 
 
 if __name__ == "__main__":

@@ -59,8 +59,9 @@ log = logging.getLogger(__name__)
 SMALL_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json")  # copied to the results folder
 SPEC_KEYS = {"name", "runs_dir", "results_dir", "seeds", "processes", "threads", "runs_per_gpu", "overrides",
              "groups", "description"}
-GROUP_KEYS = {"name", "title", "order", "reference", "compare", "overrides", "grid", "runs", "seeds"}
-ROW_KEYS = {"name", "config", "overrides", "label"}
+GROUP_KEYS = {"name", "title", "order", "reference", "compare", "overrides", "grid", "runs", "seeds", "paper_note"}
+#: ``paper``: a published number shown beside the row in ``lakd report`` (the group's ``paper_note`` says whose)
+ROW_KEYS = {"name", "config", "overrides", "label", "paper"}
 #: config keys that do not make two runs different (where the run lives, how many threads it uses)
 NOT_IDENTITY = ("experiment", "output_dir", "resume")
 NOT_IDENTITY_NESTED = (("train", "threads"), ("train", "progress"), ("train", "log_every"))
@@ -173,6 +174,10 @@ def load_plan(spec_path: str, runs_dir: str | None = None, results_dir: str | No
             _check_keys(r, ROW_KEYS, f"row {ri + 1} of group {gname}")
             if not r.get("name"):
                 raise LakdError(f"row {ri + 1} of group {gname} has no name; every row needs `name:`")
+            paper = r.get("paper")
+            if paper is not None and (isinstance(paper, bool) or not isinstance(paper, (int, float))):
+                raise LakdError(f"group {gname}, row {r['name']}: paper must be a number (a published top-1), got "
+                                f"{paper!r}")
             config = r.get("config")
             if config is not None and not os.path.exists(config):
                 raise LakdError(f"group {gname}, row {r['name']}: config {config!r} does not exist (paths are "
@@ -183,7 +188,8 @@ def load_plan(spec_path: str, runs_dir: str | None = None, results_dir: str | No
                 label = str(r.get("label") or variant)
                 overrides = common + [str(x) for x in _as_list(g.get("overrides"), f"group {gname}: overrides")] \
                     + [str(x) for x in _as_list(r.get("overrides"), f"row {r['name']}: overrides")] + grid_over
-                rows.append({"label": label, "variant": variant, "config": config, "overrides": overrides})
+                rows.append({"label": label, "variant": variant, "config": config, "overrides": overrides,
+                             "paper": paper})
         items = [(row, s) for s in seeds for row in rows] if order == "seed-major" else \
             [(row, s) for row in rows for s in seeds]
         for row, seed in items:
@@ -205,8 +211,9 @@ def load_plan(spec_path: str, runs_dir: str | None = None, results_dir: str | No
             "name": gname, "title": str(g.get("title") or gname), "seeds": seeds,
             "reference": g.get("reference"), "compare": _as_list(g.get("compare"), f"group {gname}: compare"),
             # a row that duplicates an earlier group's row reads that row's runs
-            "rows": [{"name": row["variant"], "label": row["label"], "variant": row.get("variant_run", row["variant"])}
-                     for row in rows],
+            "rows": [{"name": row["variant"], "label": row["label"], "variant": row.get("variant_run", row["variant"]),
+                      **({"paper": row["paper"]} if row["paper"] is not None else {})} for row in rows],
+            **({"paper_note": str(g["paper_note"])} if g.get("paper_note") else {}),
         })
     procs = int(processes if processes is not None else spec.get("processes", 1))
     thr = int(threads if threads is not None else spec.get("threads", 0))
