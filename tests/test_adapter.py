@@ -124,8 +124,11 @@ def test_isolation_on_adapted_timm_model(block_parameters):
     s = timm.create_model("resnet18", pretrained=False, num_classes=10)
     t = timm.create_model("resnet18", pretrained=False, num_classes=10)
     d = lakd.distiller(s, t, "lakd", image_size=SIZE)
-    assert d.student.cut_names == {"stem": "act1", "blocks": ["layer1", "layer2", "layer3", "layer4"],
+    # cut after every residual block inside timm's feature stages, as torchvision ResNets are (stem: maxpool);
+    # LAKD's local modules are still the four stages
+    assert d.student.cut_names == {"stem": "maxpool", "blocks": [f"layer{i}.{j}" for i in range(1, 5) for j in (0, 1)],
                                    "classifier": None}
+    assert d.splits == [2, 4, 6, 8] and d.student.stage_ends == [2, 4, 6, 8]
     assert_isolated(d, batch(), block_parameters)
 
 
@@ -317,9 +320,13 @@ def test_timm_swin_is_cut_at_its_stages():
     m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, embed_dim=8,
                           depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
     a = adapt(m, input_size=224)
-    assert a.cut_names["blocks"] == ["layers.0", "layers.1", "layers.2", "layers.3"]
+    # one block per stage here (depths 1): the patch merging of stages 1-3 and the block are cuts of their own
+    assert a.cut_names["blocks"] == ["layers.0", "layers.1.downsample", "layers.1.blocks", "layers.2.downsample",
+                                     "layers.2.blocks", "layers.3.downsample", "layers.3.blocks"]
+    assert a.stage_ends == [1, 3, 5, 7]
     info = a.feature_info()
-    assert info["blocks"] == [FS(8, 56, 56), FS(16, 28, 28), FS(32, 14, 14), FS(64, 7, 7)]
+    assert info["stages"] == [FS(8, 56, 56), FS(16, 28, 28), FS(32, 14, 14), FS(64, 7, 7)]
+    assert info["blocks"][1] == FS(16, 28, 28)  # the patch merging alone: half the size, twice the channels
     assert info["last"] == FS(64, 7, 7)
     x = torch.randn(1, 3, 224, 224)
     a.eval()

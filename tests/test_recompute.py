@@ -84,6 +84,16 @@ def test_recompute_step_equals_plain_step_with_bn_stats(splits, make_distiller, 
     assert_same_step(plain, rec, image_batch(n=6, seed=2))
 
 
+def test_recompute_runs_the_stem_again(make_distiller, image_batch):
+    """The stem is checkpointed too (the largest maps of an ImageNet network): its forward runs twice."""
+    for recompute, runs in ((False, 1), (True, 2)):
+        d = make_distiller("lakd", student="resnet20", teacher="resnet8", extra=[f"sdm.recompute={recompute}"])
+        calls = [0]
+        d.student.conv1.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        d.train_step(image_batch(n=4), lambda loss: loss.backward())
+        assert calls[0] == runs and d.student.conv1.weight.grad is not None
+
+
 def test_recompute_with_joint_backward_equals_plain(make_distiller, image_batch):
     extra = ["sdm.splits=[3,6,9]", "sdm.backward=joint"]
     plain = make_distiller("lakd", student="resnet20", teacher="resnet8", extra=extra)

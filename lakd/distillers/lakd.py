@@ -17,8 +17,8 @@ The last module adds cross-entropy and CAT-KD's class-attention loss:
 With ``sdm.backward: local`` (default) each module's loss is backpropagated right after that module's forward
 and its graph freed, so peak activation memory is the largest module's. ``joint`` does one backward over the
 summed losses (same gradients). ``sdm.detach: false`` lets gradients cross modules (the paper's "no detach"
-row; always a joint backward). ``sdm.recompute: true`` runs every student block under activation checkpointing
-(one extra forward of the blocks, a lower peak; the same step, BatchNorm statistics included). See
+row; always a joint backward). ``sdm.recompute: true`` runs the student's stem and every block under activation
+checkpointing (one extra forward of each, a lower peak; the same step, BatchNorm statistics included). See
 docs/method.md for the reading of the paper behind each choice.
 """
 from __future__ import annotations
@@ -126,8 +126,8 @@ class LAKD(Distiller):
             "teacher_points": None,  # 1-based teacher block indices to align with; None: the teacher's stages
             "detach": True,  # cut the gradient between modules (False: the paper's "no detach" row)
             "backward": "local",  # local: backward per module right after its forward | joint: one backward
-            # recompute each student block's activations in the backward (torch.utils.checkpoint, one per block):
-            # lower peak memory (only block boundaries stay alive) for one extra forward of the student's blocks
+            # recompute the student's stem and blocks in the backward (torch.utils.checkpoint, one per piece):
+            # lower peak memory (only block boundaries stay alive) for one extra forward of each
             "recompute": False,
         },
         "ndam": {
@@ -260,9 +260,10 @@ class LAKD(Distiller):
     def module_forward(self, k: int, h: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         start = 0 if k == 0 else self.splits[k - 1]
         if k == 0:
-            h = self.student.stem_forward(image)
-        # sdm.recompute: every block under activation checkpointing (FeatureNet.recompute_block): during module k's
-        # backward only the block boundaries and one block's internals are alive, for one extra block forward
+            h = self.student.recompute_stem(image) if self.recompute else self.student.stem_forward(image)
+        # sdm.recompute: the stem and every block under activation checkpointing (FeatureNet.recompute_stem /
+        # recompute_block): during module k's backward only the block boundaries and one block's (or the stem's)
+        # internals are alive, for one extra forward of each
         return self.student.run_blocks(h, start, self.splits[k], recompute=self.recompute)
 
     def last_losses(self, out, target, t_cam):

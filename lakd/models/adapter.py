@@ -524,6 +524,9 @@ class AdaptedNet(FeatureNet):
             emb = torch.flatten(emb, 1)
         return (logits, fmap, emb) if return_map else logits
 
+    def stem_modules(self):
+        return [self._split.pieces[0]]
+
     def block_modules(self, i):
         return [self._split.pieces[i + 1]]
 
@@ -567,7 +570,7 @@ def _remap(spec, nodes):
 # ----- default cut points ---------------------------------------------------------------------------------
 def default_cuts(model: nn.Module, gm: fx.GraphModule, qualnames: dict) -> tuple[str | None, list[str]]:
     """(stem, blocks) when the user names none: torchvision ResNets' residual blocks; timm's ``feature_info``
-    stages; otherwise the top-level children that run in sequence before global pooling (opening the largest
+    stages, each cut after every block inside it (``within``); otherwise the top-level children that run in sequence before global pooling (opening the largest
     container while fewer than three do, e.g. ``features`` or ``trunk_output``), the first of three or more being
     the stem."""
     from torchvision.models.resnet import ResNet
@@ -575,16 +578,15 @@ def default_cuts(model: nn.Module, gm: fx.GraphModule, qualnames: dict) -> tuple
     if isinstance(model, ResNet):
         blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(len(getattr(model, f"layer{i}")))]
         return "maxpool", blocks
-    fi = getattr(model, "feature_info", None)
-    if isinstance(fi, list) and fi and all(isinstance(d, dict) and "module" in d for d in fi):
-        mods = [d["module"] for d in fi]
-        if len(fi) > 1 and fi[0].get("reduction", 4) <= 2:
-            return mods[0], mods[1:]
-        return None, mods
     pos = {n: i for i, n in enumerate(gm.graph.nodes)}
     pools = [n for n in _value_nodes(gm.graph) if _is_global_pool(gm, n)]
     pool = pools[-1] if pools else None
     limit = pos[pool.args[0]] if pool is not None else len(pos)
+    last_node = {}
+    for node, q in qualnames.items():
+        parts = q.split(".")
+        for i in range(1, len(parts) + 1):
+            last_node[".".join(parts[:i])] = node
 
     def in_sequence(paths: list[str]) -> list[str]:
         """The paths whose nodes all run before pooling, ordered, each ending after the previous one."""
@@ -606,6 +608,44 @@ def default_cuts(model: nn.Module, gm: fx.GraphModule, qualnames: dict) -> tuple
 
     def size(path: str) -> int:
         return sum(p.numel() for p in model.get_submodule(path).parameters())
+
+    def within(stage: str) -> list[str]:
+        """A timm stage cut after each of its blocks: its children in sequence, opening the largest while it is
+        a plain container (``nn.Sequential``/``nn.ModuleList``: ResNet's ``layer1``, ConvNeXt's and Swin's
+        ``blocks``) -- as torchvision ResNets are cut per residual block. The stage's own end stays a cut."""
+        seq = [c for c in in_sequence(children(stage)) if not isinstance(model.get_submodule(c), nn.Identity)]
+        while seq:
+            big = max(seq, key=size)
+            inner = in_sequence(children(big))
+            if not isinstance(model.get_submodule(big), (nn.Sequential, nn.ModuleList)) or len(inner) < 2:
+                break
+            k = seq.index(big)
+            seq = seq[:k] + inner + seq[k + 1:]
+        if len(seq) < 2:
+            return [stage]
+        if last_node.get(seq[-1]) is not last_node.get(stage):  # the stage runs more after its last child
+            seq[-1] = stage
+        return seq
+
+    fi = getattr(model, "feature_info", None)
+    if isinstance(fi, list) and fi and all(isinstance(d, dict) and "module" in d for d in fi):
+        mods = [d["module"] for d in fi]
+        stem = None
+        if len(fi) > 1 and fi[0].get("reduction", 4) <= 2:
+            stem, mods = mods[0], mods[1:]
+        # the modules that run between two stages (EfficientNet's blocks.3 between feature stages blocks.2
+        # and blocks.4) are cut after each of their blocks too, rather than joined to the next stage's first
+        order, prev = [], last_node.get(stem) if stem else None
+        for m in mods:
+            parent = m.rpartition(".")[0]
+            gap = []
+            if prev is not None and m in children(parent):
+                gap = [c for c in in_sequence(children(parent)) if pos[prev] < pos[last_node[c]] < pos[last_node[m]]]
+            if gap and not order:  # between the stem and the first stage (ResNet's maxpool): the stem's end
+                stem, gap = gap[-1], []
+            order += gap + [m]
+            prev = last_node.get(m)
+        return stem, [b for m in order for b in within(m)]
 
     seq = in_sequence(children(""))
     # open the largest container while fewer than three pieces run in sequence (`features`, `trunk_output`)

@@ -181,6 +181,30 @@ class FeatureNet(nn.Module):
                             f"recomputation cannot checkpoint; set sdm.recompute=false")
         return torch.utils.checkpoint.checkpoint(self.block_forward, i, h, use_reentrant=False, context_fn=context)
 
+    def stem_modules(self) -> list[nn.Module]:
+        """Every module the stem runs (``recompute_stem`` keeps their buffers). Default: the whole network,
+        whose buffers outside the stem the recomputation leaves alone anyway (restoring them is a no-op)."""
+        return [self]
+
+    def recompute_stem(self, x: torch.Tensor):
+        """The stem under ``torch.utils.checkpoint``, as ``recompute_block`` does for a block: the stem of an
+        ImageNet network (a stride-2 convolution at full resolution, BatchNorm, activation, pooling) holds the
+        largest maps of the network, and they would otherwise stay alive through module 1's whole backward."""
+        mods = self.stem_modules()
+
+        def context():
+            return contextlib.nullcontext(), _buffers_kept(mods)
+
+        if not torch.is_grad_enabled():
+            return self.stem_forward(x)
+
+        def run(image):
+            out = self.stem_forward(image)
+            return (out.values, out.main, out.nhwc) if isinstance(out, Carry) else out
+
+        out = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False, context_fn=context)
+        return Carry(*out) if isinstance(out, tuple) else out
+
     def pool(self, fmap: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1)
 
