@@ -54,6 +54,9 @@ def run_blocks(name: str, size: int | None, num_classes: int) -> int:
         print(f"{mark} {'  ' * depth}{path:<{max(40 - 2 * depth, 8)}} {shp}")
     print(f"default: model.stem={stem} model.blocks=[{','.join(blocks)}] (stage ends {adapted.stage_ends}; "
           f"classifier {adapted._split.classifier_path or 'none'})")
+    if adapted._split.nhwc:
+        print("maps are H x W x C here (final pooling over dims 1, 2): the distillers see every cut but the input "
+              "as C x H x W")
     return 0
 
 
