@@ -107,6 +107,16 @@ def test_adapted_torchvision_resnet18_equals_zoo_resnet18():
         assert torch.allclose(gz[n], ga[n], rtol=1e-4, atol=1e-6), n
 
 
+def two_steps(d):
+    """Two SGD steps of a distiller on fixed batches; logits of the right shape and finite losses each time."""
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01, momentum=0.9)
+    for step in range(2):
+        opt.zero_grad(set_to_none=True)
+        logits, losses = d.train_step(batch(seed=step), lambda loss: loss.backward())
+        opt.step()
+        assert logits.shape == (4, 10) and all(torch.isfinite(v) for v in losses.values())
+
+
 # ----- exact gradient isolation between LAKD modules ----------------------------------------------------------
 def test_isolation_on_adapted_mobilenet_v3_small(block_parameters):
     torch.manual_seed(0)
@@ -173,13 +183,8 @@ def test_every_method_two_steps_on_an_adapted_pair(pair, method):
     s, t = copy.deepcopy(pair[0]), copy.deepcopy(pair[1])
     d = lakd.distiller(s, t, method, image_size=SIZE, num_data=8,
                        options={"crd": {"nce_k": 4}} if method == "crd" else None)
-    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01, momentum=0.9)
     before = {k: v.clone() for k, v in s.state_dict().items()}
-    for step in range(2):
-        opt.zero_grad(set_to_none=True)
-        logits, losses = d.train_step(batch(seed=step), lambda loss: loss.backward())
-        opt.step()
-        assert logits.shape == (4, 10) and all(torch.isfinite(v) for v in losses.values())
+    two_steps(d)
     # the network's own modules were trained in place; its checkpoint loads into a plain torchvision model
     assert any(not torch.equal(before[k], v) for k, v in s._root.state_dict().items())
     assert list(d.student.state_dict()) == list(before)
@@ -291,13 +296,8 @@ def test_nhwc_pair_trains_and_lakd_isolates(method, block_parameters):
     d = lakd.distiller(TokenNet(), TokenNet(dim=12), method, image_size=SIZE, **opts)
     if method == "lakd":
         assert_isolated(d, batch(), block_parameters)
-    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01)
     before = copy.deepcopy(d.student.state_dict())
-    for step in range(2):
-        opt.zero_grad(set_to_none=True)
-        logits, losses = d.train_step(batch(seed=step), lambda loss: loss.backward())
-        opt.step()
-        assert logits.shape == (4, 10) and all(torch.isfinite(v) for v in losses.values())
+    two_steps(d)
     assert any(not torch.equal(before[k], v) for k, v in d.student.state_dict().items())
     if method == "lakd":  # per-block recomputation carries the layout through the checkpoint: same gradients
         grads = []

@@ -89,7 +89,7 @@ def test_recompute_runs_the_stem_again(make_distiller, image_batch):
     for recompute, runs in ((False, 1), (True, 2)):
         d = make_distiller("lakd", student="resnet20", teacher="resnet8", extra=[f"sdm.recompute={recompute}"])
         calls = [0]
-        d.student.conv1.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        d.student.conv1.register_forward_hook(lambda *_, calls=calls: calls.__setitem__(0, calls[0] + 1))
         d.train_step(image_batch(n=4), lambda loss: loss.backward())
         assert calls[0] == runs and d.student.conv1.weight.grad is not None
 
