@@ -42,10 +42,9 @@ def test_channels_last_matches_contiguous(tmp_path, digits_overrides):
         assert torch.allclose(p, q, atol=1e-5), n
 
 
-def test_compile_switch_runs_lakd_like_eager(tmp_path, monkeypatch, digits_overrides):
-    """``train.compile`` compiles every block in place; run it through dynamo + AOTAutograd (the
-    ``aot_eager`` backend, seconds) and check the local-backward step gives the eager losses. The inductor
-    (C++ codegen) variant is ``test_compile_inductor`` below."""
+def _compiled_aot_eager(monkeypatch, run):
+    """``run()`` with every ``nn.Module.compile`` going through dynamo + AOTAutograd (the ``aot_eager``
+    backend: seconds, not inductor's minutes of C++); returns (its result, the modules compiled, dynamo graphs)."""
     import torch._dynamo
 
     calls = []
@@ -60,19 +59,50 @@ def test_compile_switch_runs_lakd_like_eager(tmp_path, monkeypatch, digits_overr
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     try:
-        tr, _ = _one_step_run(digits_overrides, "compiled", ["train.compile=true", "solver.max_steps_per_epoch=2"])
+        out = run()
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()
+        monkeypatch.undo()
+    return out, calls, graphs
+
+
+def test_compile_switch_runs_lakd_like_eager(tmp_path, monkeypatch, digits_overrides):
+    """``train.compile`` compiles every block in place; run it through dynamo + AOTAutograd and check the
+    local-backward step gives the eager losses. The inductor (C++ codegen) variant is ``test_compile_inductor``
+    below."""
+    (tr, _), calls, graphs = _compiled_aot_eager(monkeypatch, lambda: _one_step_run(
+        digits_overrides, "compiled", ["train.compile=true", "solver.max_steps_per_epoch=2"]))
     assert graphs >= 3  # the blocks really went through dynamo (not silently eager)
     # resnet8 student and teacher: 3 blocks each
     assert len(calls) == 6
     assert all(getattr(m, "_compiled_call_impl", None) is not None
                for i in range(3) for m in tr.distiller.student.block_modules(i))
-    monkeypatch.undo()
     eager, _ = _one_step_run(digits_overrides, "eager", ["solver.max_steps_per_epoch=2"])
     for k, v in eager.history[0]["losses"].items():
         assert tr.history[0]["losses"][k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+
+
+@pytest.mark.parametrize("net, blocks, kwargs", [
+    ("SkipNet", "[a,b,c]", "{width: 12}"),  # a value carried across a cut
+    ("TokenNet", "[s1,s2]", "{dim: 12}"),  # B x H x W x C maps
+])
+def test_compile_and_channels_last_on_adapted_networks(tmp_path, monkeypatch, digits_overrides, net, blocks, kwargs):
+    """User networks adapted by torch.fx (tests/test_adapter.py's) under ``train.compile`` (through dynamo) and
+    ``train.channels_last``: LAKD's local-backward step gives the eager, contiguous losses."""
+    n = blocks.count(",") + 1
+    points = f"[{','.join(str(i) for i in range(1, n + 1))}]"
+    adapted = [f"model.name=module:test_adapter:{net}", f"model.blocks={blocks}",
+               f"teacher.name=module:test_adapter:{net}", f"teacher.kwargs={kwargs}", f"teacher.blocks={blocks}",
+               f"sdm.splits={points}", f"sdm.teacher_points={points}", "solver.max_steps_per_epoch=2"]
+    (tr, _), calls, graphs = _compiled_aot_eager(monkeypatch, lambda: _one_step_run(
+        digits_overrides, "compiled", [*adapted, "train.compile=true", "train.channels_last=true"]))
+    assert len(calls) == 2 * n and graphs >= n  # every piece of student and teacher went through dynamo
+    eager, _ = _one_step_run(digits_overrides, "eager", [*adapted, "train.channels_last=false"])
+    assert tr.history[0]["losses"].keys() == eager.history[0]["losses"].keys()
+    for k, v in eager.history[0]["losses"].items():
+        assert tr.history[0]["losses"][k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+    assert tr.history[0]["test_loss"] == pytest.approx(eager.history[0]["test_loss"], rel=1e-4)
 
 
 @pytest.mark.slow
