@@ -304,7 +304,7 @@ class _Split:
                 seg.get(u, head) > s for u in v.users))]
             carry.append(live)
         self.mains = [carry[s].index(order[s]) for s in range(head)]
-        self.nhwc_cuts = [self.nhwc and n.op != "placeholder" for n in order]
+        self.nhwc_cuts = [self._nhwc_at(n) for n in order]
         self.inputs = placeholders
         self.defaults = [p.args[0] if p.args else None for p in placeholders]
         self.pieces_spec = []
@@ -322,9 +322,13 @@ class _Split:
         self.cuts = order
         self.build()
 
+    def _nhwc_at(self, node: fx.Node) -> bool:
+        """Is this value B x H x W x C? Every map of an NHWC network is, but the input image."""
+        return self.nhwc and node.op != "placeholder"
+
     def shape(self, node: fx.Node) -> FeatureShape:
         """A cut's (or the last map's) shape as the distillers see it: channels, height, width."""
-        return _fshape(node, self.label, self.nhwc and node.op != "placeholder")
+        return _fshape(node, self.label, self._nhwc_at(node))
 
     @staticmethod
     def _ancestors(node: fx.Node, stop: fx.Node) -> list[fx.Node]:
@@ -362,6 +366,16 @@ class _Split:
         """(Re)create the pieces from the original modules (after ``.to()`` replaced buffer tensors)."""
         self.pieces = [self._piece(*spec) for spec in self.pieces_spec]
         self.mid = self._piece(*self.mid_spec) if self.mid_spec else None
+
+
+def _last_nodes(qualnames: dict) -> dict[str, fx.Node]:
+    """Every module path (and each of its parents) -> the last traced node inside it, in graph order."""
+    last: dict[str, fx.Node] = {}
+    for node, q in qualnames.items():
+        parts = q.split(".")
+        for i in range(1, len(parts) + 1):
+            last[".".join(parts[:i])] = node
+    return last
 
 
 def resolve_cut(name: str, qualnames: dict, label: str) -> fx.Node:
@@ -570,9 +584,9 @@ def _remap(spec, nodes):
 # ----- default cut points ---------------------------------------------------------------------------------
 def default_cuts(model: nn.Module, gm: fx.GraphModule, qualnames: dict) -> tuple[str | None, list[str]]:
     """(stem, blocks) when the user names none: torchvision ResNets' residual blocks; timm's ``feature_info``
-    stages, each cut after every block inside it (``within``); otherwise the top-level children that run in sequence before global pooling (opening the largest
-    container while fewer than three do, e.g. ``features`` or ``trunk_output``), the first of three or more being
-    the stem."""
+    stages, each cut after every block inside it (``within``); otherwise the top-level children that run in
+    sequence before global pooling (opening the largest container while fewer than three do, e.g. ``features`` or
+    ``trunk_output``), the first of three or more being the stem."""
     from torchvision.models.resnet import ResNet
 
     if isinstance(model, ResNet):
@@ -582,11 +596,7 @@ def default_cuts(model: nn.Module, gm: fx.GraphModule, qualnames: dict) -> tuple
     pools = [n for n in _value_nodes(gm.graph) if _is_global_pool(gm, n)]
     pool = pools[-1] if pools else None
     limit = pos[pool.args[0]] if pool is not None else len(pos)
-    last_node = {}
-    for node, q in qualnames.items():
-        parts = q.split(".")
-        for i in range(1, len(parts) + 1):
-            last_node[".".join(parts[:i])] = node
+    last_node = _last_nodes(qualnames)
 
     def in_sequence(paths: list[str]) -> list[str]:
         """The paths whose nodes all run before pooling, ordered, each ending after the previous one."""
@@ -675,11 +685,7 @@ def cut_candidates(model: nn.Module, input_size: int = 224, leaf_modules=()) -> 
                    type(model).__name__)
     finally:
         model.train(was)
-    last: dict[str, fx.Node] = {}
-    for node, q in qn.items():
-        parts = q.split(".")
-        for i in range(1, len(parts) + 1):
-            last[".".join(parts[:i])] = node
+    last = _last_nodes(qn)
     pos = {n: i for i, n in enumerate(gm.graph.nodes)}
     modules = {n for n, _ in model.named_modules() if n}
     rows = [(path, _tensor_shape(node)) for path, node in last.items() if path in modules]

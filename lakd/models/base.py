@@ -82,6 +82,24 @@ def _buffers_kept(modules):
                 b.copy_(saved)
 
 
+def _checkpointed(fn, modules, *inputs):
+    """``fn(*inputs)`` under ``torch.utils.checkpoint`` (non-reentrant), the buffers of ``modules`` kept as they
+    were across the recomputation (``_buffers_kept``). A ``Carry`` result is passed out of the checkpoint as its
+    fields and rebuilt."""
+    carry = {}
+
+    def context():
+        return contextlib.nullcontext(), _buffers_kept(modules)
+
+    def run(*args):
+        out = fn(*args)
+        carry["is"] = isinstance(out, Carry)
+        return (out.values, out.main, out.nhwc) if carry["is"] else out
+
+    out = torch.utils.checkpoint.checkpoint(run, *inputs, use_reentrant=False, context_fn=context)
+    return Carry(*out) if carry["is"] else out
+
+
 @dataclass(frozen=True)
 class FeatureShape:
     channels: int
@@ -162,24 +180,13 @@ class FeatureNet(nn.Module):
         without recomputation. The RNG state of the forward is replayed (dropout draws the same masks). A
         ``Carry`` state (adapted networks) is passed as its values and rebuilt."""
         mods = self.block_modules(i)
-
-        def context():
-            return contextlib.nullcontext(), _buffers_kept(mods)
-
         if isinstance(h, Carry):
             main, nhwc = h.main, h.nhwc
-
-            def run(*values):
-                out = self.block_forward(i, Carry(values, main, nhwc))
-                return out.values, out.main, out.nhwc
-
-            values, out_main, out_nhwc = torch.utils.checkpoint.checkpoint(run, *h.values, use_reentrant=False,
-                                                                           context_fn=context)
-            return Carry(values, out_main, out_nhwc)
+            return _checkpointed(lambda *values: self.block_forward(i, Carry(values, main, nhwc)), mods, *h.values)
         if not isinstance(h, torch.Tensor):
             raise LakdError(f"{type(self).__name__} passes a {type(h).__name__} between blocks, which activation "
                             f"recomputation cannot checkpoint; set sdm.recompute=false")
-        return torch.utils.checkpoint.checkpoint(self.block_forward, i, h, use_reentrant=False, context_fn=context)
+        return _checkpointed(lambda x: self.block_forward(i, x), mods, h)
 
     def stem_modules(self) -> list[nn.Module]:
         """Every module the stem runs (``recompute_stem`` keeps their buffers). Default: the whole network,
@@ -190,20 +197,9 @@ class FeatureNet(nn.Module):
         """The stem under ``torch.utils.checkpoint``, as ``recompute_block`` does for a block: the stem of an
         ImageNet network (a stride-2 convolution at full resolution, BatchNorm, activation, pooling) holds the
         largest maps of the network, and they would otherwise stay alive through module 1's whole backward."""
-        mods = self.stem_modules()
-
-        def context():
-            return contextlib.nullcontext(), _buffers_kept(mods)
-
         if not torch.is_grad_enabled():
             return self.stem_forward(x)
-
-        def run(image):
-            out = self.stem_forward(image)
-            return (out.values, out.main, out.nhwc) if isinstance(out, Carry) else out
-
-        out = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False, context_fn=context)
-        return Carry(*out) if isinstance(out, tuple) else out
+        return _checkpointed(self.stem_forward, self.stem_modules(), x)
 
     def pool(self, fmap: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1)
