@@ -122,6 +122,62 @@ def test_feature_loss_is_ndam_weighted_mse():
     assert torch.allclose(d.feature_loss(0, s, t), F.mse_loss(s, t), atol=1e-6)
 
 
+def _teacher_by_hand(t, image, points):
+    """The teacher's block outputs and pre-activations at ``points`` (1-based), block by block."""
+    with torch.no_grad():
+        h, outs = t.stem_forward(image), {}
+        for i in range(t.num_blocks):
+            h, pre = t.block_forward(i, h, preact=True)
+            outs[i + 1] = (h, pre)
+    return [outs[p] for p in points]
+
+
+@pytest.mark.parametrize("points", [[2, 4, 6], [4, 1, 6]])  # [4, 1, 6]: a point passed on the way is kept
+def test_ndam_teacher_preact_source(points):
+    """ndam.source=teacher_preact: the map comes from the teacher block's signed pre-activation at each point,
+    so abs changes the loss; with the default source (post-ReLU) abs is a no-op, bitwise."""
+    extra = [f"sdm.teacher_points=[{','.join(map(str, points))}]"]
+    d = make((1, 2, 3), extra=extra + ["ndam.source=teacher_preact"])
+    b = batch()
+    targets, _ = d.teacher_targets(b["image"])
+    hand = _teacher_by_hand(d.teacher, b["image"], points)
+    for (feat, pre), (h_feat, h_pre) in zip(targets, hand):
+        assert torch.equal(feat, h_feat) and torch.equal(pre, h_pre)
+        assert (pre < 0).any() and (feat >= 0).all()
+    s = torch.randn(6, 16, 32, 32)  # a module-1 output of resnet8
+    w = ndam_map(hand[0][1], 1.0, 2.0, True)
+    phi = d.connectors[0](s, hand[0][0].shape[-2:])
+    assert torch.allclose(d.feature_loss(0, s, *hand[0]), (w * (phi - hand[0][0]) ** 2).mean(), atol=1e-6)
+
+    def losses(source, use_abs):
+        m = make((1, 2, 3), extra=extra + [f"ndam.source={source}", f"ndam.abs={use_abs}"])
+        _, out = m.forward_train(**b)
+        return out
+
+    post_on, post_off = losses("teacher", "true"), losses("teacher", "false")
+    assert all(torch.equal(post_on[k], post_off[k]) for k in post_on)  # |F| = F after a ReLU
+    pre_on, pre_off = losses("teacher_preact", "true"), losses("teacher_preact", "false")
+    assert not torch.allclose(pre_on["feat1"], pre_off["feat1"])
+    assert not torch.allclose(pre_on["feat1"], post_on["feat1"])
+    # the local backward (teacher interleaved with the modules) gives the joint backward's gradients
+    d_joint = copy.deepcopy(d)
+    d_joint.local_backward = False
+    for model in (d, d_joint):
+        model.zero_grad(set_to_none=True)
+        model.train_step(b, lambda loss: loss.backward())
+    for (name, pa), (_, pb) in zip(d.named_trainable_parameters(), d_joint.named_trainable_parameters()):
+        assert (pa.grad is None) == (pb.grad is None), name
+        if pa.grad is not None:
+            assert torch.allclose(pa.grad, pb.grad, atol=1e-6), name
+
+
+def test_ndam_source_errors():
+    with pytest.raises(LakdError, match="ndam.source='teachr' is not one of teacher, teacher_preact, student"):
+        make((1, 2, 3), extra=["ndam.source=teachr"])
+    with pytest.raises(LakdError, match="mobilenetv2 has none .*use ndam.source=teacher or student"):
+        make((1, 2, 3), teacher="mobilenetv2", extra=["ndam.source=teacher_preact", "sdm.teacher_points=[4,8,17]"])
+
+
 def test_class_attention_loss_hand_computation():
     fmap = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4)  # one channel
     fc = torch.nn.Linear(1, 2)

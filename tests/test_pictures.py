@@ -52,6 +52,11 @@ def test_attention_maps_pick_the_true_class(tiny_model):
     assert out["pred"].tolist() == logits.argmax(1).tolist()
     with pytest.raises(LakdError, match="stage"):
         attention_maps(model, x, y, stage=4)
+    # a stage output follows a ReLU: abs off draws the same map; its pre-activation is signed, so there it differs
+    assert torch.equal(attention_maps(model, x, y, stage=2, use_abs=False)["ndam"], out["ndam"])
+    pre_on = attention_maps(model, x, y, stage=2, preact=True)["ndam"]
+    pre_off = attention_maps(model, x, y, stage=2, preact=True, use_abs=False)["ndam"]
+    assert not torch.allclose(pre_on, out["ndam"]) and not torch.allclose(pre_on, pre_off)
 
 
 def test_pictures_are_written_and_not_blank(tmp_path, not_blank):

@@ -124,16 +124,17 @@ def minmax(maps: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def attention_maps(model, images: torch.Tensor, targets: torch.Tensor, stage: int = -1, ndam_avg: float = 1.0,
-                   ndam_max: float = 2.0, use_abs: bool = True) -> dict:
+                   ndam_max: float = 2.0, use_abs: bool = True, preact: bool = False) -> dict:
     """The maps ``lakd visualize`` draws, upsampled bilinearly to the image size and min-max normalised.
 
     Returns ``cam`` (the class activation map of the TRUE class, B x H x W), ``ndam`` (the NDAM map of the
-    output of stage ``stage``, 1-based or negative from the end, B x H x W), ``pred`` (B) and ``prob`` (B, the
-    softmax probability of the prediction).
+    output of stage ``stage``, 1-based or negative from the end, B x H x W; of its pre-activation with
+    ``preact``, the map ``ndam.source: teacher_preact`` trains with), ``pred`` (B) and ``prob`` (B, the softmax
+    probability of the prediction).
     """
     model.eval()
-    logits, feats = model(images, features=True)
-    stages = feats["stages"]
+    logits, feats = model(images, features=True, preact=preact)
+    stages = feats["stages_preact"] if preact else feats["stages"]
     n = len(stages)
     if stage == 0 or not -n <= stage <= n:
         raise LakdError(f"--stage {stage} does not exist: this model has stages 1..{n} (or -1 for the last)")

@@ -35,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stage whose output gives the NDAM map, 1-based (default -1: the last)")
     parser.add_argument("--ndam-avg", type=float, default=1.0, help="NDAM weight of the channel mean (a)")
     parser.add_argument("--ndam-max", type=float, default=2.0, help="NDAM weight of the channel max (b)")
-    parser.add_argument("--no-abs", action="store_true", help="NDAM on F instead of |F|")
+    parser.add_argument("--no-abs", action="store_true",
+                        help="NDAM on F instead of |F| (the same map on a post-ReLU stage output; see --preact)")
+    parser.add_argument("--preact", action="store_true",
+                        help="NDAM from the stage's pre-activation (signed), as ndam.source=teacher_preact trains")
     parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity over the image (0..1)")
     parser.add_argument("--out", default="attention.png", metavar="FILE.png", help="output picture")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -101,7 +104,8 @@ def run(args) -> int:
     cols = []
     for label, model in zip(labels, models):
         maps = attention_maps(model, images, targets, stage=args.stage, ndam_avg=args.ndam_avg,
-                              ndam_max=args.ndam_max, use_abs=not args.no_abs)
+                              ndam_max=args.ndam_max, use_abs=not args.no_abs,
+                              preact=args.preact)
         pred = maps["pred"].tolist()
         cols.append({"label": label, "stage": maps["stage"], "cam": maps["cam"].numpy(),
                      "ndam": maps["ndam"].numpy(), "pred": [cname(k) for k in pred], "prob": maps["prob"].tolist(),

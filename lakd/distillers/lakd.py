@@ -10,6 +10,10 @@ and a spatial resize) and is aligned to teacher alignment point k by
 
     NDAM: A(F) = a * mean_c(|F|) + b * max_c(|F|),  normalised per sample to mean 1 over H x W
 
+F is the teacher's feature at that point (``ndam.source: teacher``, default), the teacher block's
+pre-activation there (``teacher_preact``: signed, so that ``ndam.abs`` matters on ReLU networks) or the
+student's connector output, detached (``student``).
+
 The last module adds cross-entropy and CAT-KD's class-attention loss:
 
     L_K = ce_weight * CE + att_weight * L_att + feat_weight * L_feat
@@ -112,6 +116,10 @@ def match_by_resolution(splits, s_info, t_ends, t_info):
     return out
 
 
+#: where NDAM's map comes from (``ndam.source``)
+NDAM_SOURCES = ("teacher", "teacher_preact", "student")
+
+
 @register_distiller("lakd")
 class LAKD(Distiller):
     display_name = "LAKD"
@@ -132,7 +140,10 @@ class LAKD(Distiller):
         },
         "ndam": {
             "enabled": True,
-            "source": "teacher",  # teacher | student: whose feature the attention map is computed from
+            # whose feature the attention map is computed from: teacher (its block output at the alignment
+            # point; after a ReLU, so >= 0 and abs changes nothing) | teacher_preact (that block's output before
+            # its last activation: signed) | student (the connector output, detached)
+            "source": "teacher",
             "abs": True,  # |F| (non-directional) or F
             "avg": 1.0,  # a: weight of the channel-average map
             "max": 2.0,  # b: weight of the channel-max map
@@ -199,8 +210,13 @@ class LAKD(Distiller):
         if not isinstance(sdm["recompute"], bool):
             raise LakdError(f"sdm.recompute must be true or false, got {sdm['recompute']!r}")
         self.recompute = sdm["recompute"]
-        if nd["source"] not in ("teacher", "student"):
-            raise LakdError(f"ndam.source={nd['source']!r} is not one of teacher, student")
+        if nd["source"] not in NDAM_SOURCES:
+            raise LakdError(f"ndam.source={nd['source']!r} is not one of {', '.join(NDAM_SOURCES)}")
+        if nd["source"] == "teacher_preact" and nd["enabled"] and not teacher.has_preact:
+            raise LakdError(f"ndam.source=teacher_preact needs the teacher's pre-activations, but "
+                            f"{cfg['teacher']['name']} has none (its blocks end without an activation); "
+                            f"use ndam.source=teacher or student")
+        self.teacher_preact = nd["source"] == "teacher_preact" and bool(nd["enabled"])
         self.ndam = nd
         fw = lk["feat_weights"]
         if fw is not None and (not isinstance(fw, list) or not all(isinstance(x, (int, float)) for x in fw)):
@@ -214,47 +230,60 @@ class LAKD(Distiller):
         self.resolution, self.normalize = int(lk["resolution"]), bool(lk["normalize"])
 
     # ------------------------------------------------------------------------------------------------
-    def attention(self, s_feat: torch.Tensor, t_feat: torch.Tensor) -> torch.Tensor | None:
+    def attention(self, s_feat: torch.Tensor, t_feat: torch.Tensor,
+                  t_pre: torch.Tensor | None = None) -> torch.Tensor | None:
+        """NDAM weights for one alignment point from ``ndam.source``'s feature (``t_pre``: the teacher block's
+        pre-activation, given when the source is ``teacher_preact``)."""
         if not self.ndam["enabled"]:
             return None
-        src = t_feat if self.ndam["source"] == "teacher" else s_feat.detach()
+        src = {"teacher": t_feat, "teacher_preact": t_pre, "student": s_feat.detach()}[self.ndam["source"]]
         return ndam_map(src, float(self.ndam["avg"]), float(self.ndam["max"]), bool(self.ndam["abs"]))
 
-    def feature_loss(self, k: int, out: torch.Tensor, t_feat: torch.Tensor) -> torch.Tensor:
+    def feature_loss(self, k: int, out: torch.Tensor, t_feat: torch.Tensor,
+                     t_pre: torch.Tensor | None = None) -> torch.Tensor:
         s = self.connectors[k](out, t_feat.shape[-2:])
-        return weighted_mse(s, t_feat, self.attention(s, t_feat))
+        return weighted_mse(s, t_feat, self.attention(s, t_feat, t_pre))
 
     @torch.no_grad()
     def teacher_targets(self, image):
-        """Teacher features at the alignment points, its CAMs, in one no-grad pass."""
+        """The teacher's targets at the alignment points (``(feature, pre-activation or None)`` each) and its
+        CAMs, in one no-grad pass."""
         walk = self.teacher_walk(image)
         feats = [next(walk) for _ in self.teacher_points]
         return feats, next(walk)
 
     def teacher_walk(self, image):
-        """The teacher's pass in pieces, under no_grad: yields the feature at alignment point 1, 2, ... (each
-        computed only when asked for, the teacher's running state kept in between), then its CAMs. Points need
-        not increase: a feature passed on the way to a later one is kept until its module asks for it."""
+        """The teacher's pass in pieces, under no_grad: yields ``(feature, pre-activation)`` at alignment point
+        1, 2, ... (the pre-activation only for ``ndam.source: teacher_preact``, else None; each computed only
+        when asked for, the teacher's running state kept in between), then its CAMs. Points need not increase:
+        a target passed on the way to a later one is kept until its module asks for it."""
         t = self.teacher
+        points = set(self.teacher_points)
         with torch.no_grad():
             h, done = t.stem_forward(image), 0
-        kept: dict[int, torch.Tensor] = {}
+        kept: dict[int, tuple] = {}
+        target: tuple = (None, None)  # (feature, pre-activation) of the last block run
+        pre = None
         for k, p in enumerate(self.teacher_points):
             later = set(self.teacher_points[k + 1:])
             with torch.no_grad():
                 while done < p:
-                    h = t.block_forward(done, h)
+                    if self.teacher_preact and done + 1 in points:
+                        h, pre = t.block_forward(done, h, preact=True)
+                    else:
+                        h, pre = t.block_forward(done, h), None
                     done += 1
+                    target = (feature(h), pre)
                     if done in later and done != p:
-                        kept[done] = feature(h)
-            yield kept.pop(p) if p < done else feature(h)
+                        kept[done] = target
+            yield kept.pop(p) if p < done else target  # target: the block output of ``done`` (== p)
         with torch.no_grad():
             while done < t.num_blocks:
                 h = t.block_forward(done, h)
                 done += 1
             _, fmap, _ = t.head_forward(h, return_map=True)
             cam = model_class_maps(t, fmap)
-        del h, fmap
+        del h, fmap, target, pre  # the suspended generator would keep the last point's maps alive
         yield cam  # outside no_grad: a generator suspended inside it would leave grad mode off for the caller
 
     def module_forward(self, k: int, h: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -283,7 +312,7 @@ class LAKD(Distiller):
         last = len(self.splits) - 1
         for k in range(len(self.splits)):
             out = self.module_forward(k, h, image)
-            mod = {f"feat{k + 1}": self.feat_weights[k] * self.feature_loss(k, feature(out), t_feats[k])}
+            mod = {f"feat{k + 1}": self.feat_weights[k] * self.feature_loss(k, feature(out), *t_feats[k])}
             if k == last:
                 logits, extra = self.last_losses(out, target, t_cam)
                 mod.update(extra)
@@ -315,15 +344,15 @@ class LAKD(Distiller):
         h, logits = None, None
         last = len(self.splits) - 1
         for k in range(len(self.splits)):
-            t_feat = next(walk)
+            t_feat, t_pre = next(walk)
             t_cam = next(walk) if k == last else None
             out = self.module_forward(k, h, image)
-            mod = {f"feat{k + 1}": self.feat_weights[k] * self.feature_loss(k, feature(out), t_feat)}
+            mod = {f"feat{k + 1}": self.feat_weights[k] * self.feature_loss(k, feature(out), t_feat, t_pre)}
             if k == last:
                 logits, extra = self.last_losses(out, target, t_cam)
                 mod.update(extra)
             backward(sum(mod.values()))
             losses.update({n: v.detach() for n, v in mod.items()})
             h = detach_state(out)
-            del out, mod, t_feat, t_cam
+            del out, mod, t_feat, t_pre, t_cam
         return logits.detach(), losses
