@@ -49,6 +49,24 @@ class SkipNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(h3, 1), 1))
 
 
+class ModeNet(nn.Module):
+    """A network whose traced graph depends on ``self.training`` (as torchvision's GoogLeNet or a hand-written
+    stochastic depth does): the adapter keeps one split per mode."""
+
+    def __init__(self, num_classes=10, width=8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        h = self.a(self.stem(x))
+        if self.training:
+            h = 0.5 * h + 0.25
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.b(h), 1), 1))
+
+
 def assert_isolated(d, b, block_parameters):
     """Each local module's losses reach its own parameters and not one element of an earlier module's."""
 
@@ -366,6 +384,22 @@ class ConvHead(nn.Module):
 
     def forward(self, x):
         return F.adaptive_avg_pool2d(self.cls(self.body(x)), 1).flatten(1)
+
+
+def test_a_network_whose_graph_depends_on_the_mode():
+    torch.manual_seed(0)
+    net = ModeNet()
+    a = adapt(net, input_size=SIZE, blocks=["a", "b"])
+    x = batch()["image"]
+    for mode in (True, False):
+        a.train(mode)
+        net.train(mode)
+        with torch.no_grad():
+            assert torch.equal(a(x), net(x)), mode
+    assert not torch.equal(a.train()(x), a.eval()(x))
+    # one piece per mode, both handed out (train.compile compiles each); one when the modes' graphs agree
+    assert len(a.block_modules(1)) == 2 and len(a.stem_modules()) == 2
+    assert len(adapt(SkipNet(), input_size=SIZE, blocks=["a", "b", "c"]).block_modules(0)) == 1
 
 
 def test_errors_are_one_line_and_name_the_fix():

@@ -86,6 +86,7 @@ def test_compile_switch_runs_lakd_like_eager(tmp_path, monkeypatch, digits_overr
 @pytest.mark.parametrize("net, blocks, kwargs", [
     ("SkipNet", "[a,b,c]", "{width: 12}"),  # a value carried across a cut
     ("TokenNet", "[s1,s2]", "{dim: 12}"),  # B x H x W x C maps
+    ("ModeNet", "[a,b]", "{width: 12}"),  # train and eval graphs differ: both compiled
 ])
 def test_compile_and_channels_last_on_adapted_networks(tmp_path, monkeypatch, digits_overrides, net, blocks, kwargs):
     """User networks adapted by torch.fx (tests/test_adapter.py's) under ``train.compile`` (through dynamo) and
@@ -97,7 +98,10 @@ def test_compile_and_channels_last_on_adapted_networks(tmp_path, monkeypatch, di
                f"sdm.splits={points}", f"sdm.teacher_points={points}", "solver.max_steps_per_epoch=2"]
     (tr, _), calls, graphs = _compiled_aot_eager(monkeypatch, lambda: _one_step_run(
         digits_overrides, "compiled", [*adapted, "train.compile=true", "train.channels_last=true"]))
-    assert len(calls) == 2 * n and graphs >= n  # every piece of student and teacher went through dynamo
+    modes = 2 if net == "ModeNet" else 1  # one piece per mode and block, student and teacher
+    assert len(calls) == 2 * n * modes and graphs >= n  # every piece of student and teacher went through dynamo
+    assert all(getattr(m, "_compiled_call_impl", None) is not None
+               for i in range(n) for m in tr.distiller.student.block_modules(i))
     eager, _ = _one_step_run(digits_overrides, "eager", [*adapted, "train.channels_last=false"])
     assert tr.history[0]["losses"].keys() == eager.history[0]["losses"].keys()
     for k, v in eager.history[0]["losses"].items():

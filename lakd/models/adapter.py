@@ -538,11 +538,17 @@ class AdaptedNet(FeatureNet):
             emb = torch.flatten(emb, 1)
         return (logits, fmap, emb) if return_map else logits
 
+    def _pieces(self, j: int) -> list[nn.Module]:
+        # both modes' pieces (one module when the train and eval graphs agree): train.compile compiles each,
+        # so a network whose graph depends on self.training also evaluates compiled; recomputation keeps the
+        # buffers of both, which are the same tensors
+        return list({id(sp.pieces[j]): sp.pieces[j] for sp in self._splits.values()}.values())
+
     def stem_modules(self):
-        return [self._split.pieces[0]]
+        return self._pieces(0)
 
     def block_modules(self, i):
-        return [self._split.pieces[i + 1]]
+        return self._pieces(i + 1)
 
     @property
     def classifier(self) -> nn.Linear:  # type: ignore[override]
