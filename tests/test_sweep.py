@@ -240,6 +240,25 @@ def test_only_runs_a_selection_and_keeps_the_whole_plan(tmp_path):
     assert len(plan["invocations"]) == 2 and "only" not in plan["invocations"][-1]
 
 
+def test_only_runs_in_the_order_named(tmp_path, capsys):
+    """`--only` is a priority list: runs in the order named, a group's runs in plan order at its place."""
+    spec = write_spec(tmp_path / "s.yaml", seeds=[0, 1], extra_groups="""
+  - name: other
+    runs:
+      - {name: c, overrides: [solver.lr=0.2]}
+      - {name: a, label: "row A again"}""")
+    where = ["--runs-dir", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
+
+    def order(only):
+        assert main(["sweep", str(spec), *where, "--dry-run", "--only", only]) == 0
+        return [line.split("experiment=")[1].split()[0] for line in capsys.readouterr().out.strip().splitlines()]
+
+    assert order("b-s1,a-s0,b-s0") == ["b-s1", "a-s0", "b-s0"]
+    # a group at its place (its row merged with main's a runs as a's: not twice), a run named again: once
+    assert order("c-s1,main,c-s1") == ["c-s1", "a-s0", "b-s0", "a-s1", "b-s1"]
+    assert order("other") == ["c-s0", "c-s1"]
+
+
 def test_update_rewrites_only_between_markers(tmp_path, capsys):
     for seed, v in ((0, 70.0), (1, 71.0)):
         _fake_run(tmp_path / "res" / f"x-s{seed}", f"x-s{seed}", seed, v)

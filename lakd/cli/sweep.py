@@ -14,6 +14,7 @@ examples:
   lakd sweep SPEC --dry-run > commands.txt        # one `lakd train` command per unfinished run, e.g. for
                                                   # a Slurm job array: sed -n "${SLURM_ARRAY_TASK_ID}p" commands.txt | sh
   lakd sweep SPEC --status                        # what is finished, interrupted, not started
+  lakd sweep SPEC --only catkd-s2,lakd_149,table5  # these first, in this order (a group's runs in plan order)
 
 The same command continues a sweep after a kill, on another day or another machine: runs whose summary.json
 is in the results folder are skipped; runs with a last.pt in their run folder resume from it.
@@ -30,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-per-gpu", type=int, help="CUDA: runs at a time per visible GPU")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: one slot set per visible GPU when there is one, else CPU processes")
-    p.add_argument("--only", default="", help="comma-separated run names (or group names) to consider")
+    p.add_argument("--only", default="",
+                   help="comma-separated run names (or group names) to run, in this order: free slots take them "
+                        "first to last (a group's runs in plan order)")
     p.add_argument("--dry-run", action="store_true",
                    help="print each unfinished run's command, one per line, and exit")
     p.add_argument("--status", action="store_true", help="print each run's state and exit")
@@ -43,9 +46,9 @@ def run(args) -> int:
     plan = load_plan(args.spec, runs_dir=args.runs_dir, results_dir=args.results, processes=args.processes,
                      threads=args.threads, runs_per_gpu=args.runs_per_gpu)
     if args.only:
-        keep = set(args.only.split(","))
+        keep = [n for n in args.only.replace(" ", "").split(",") if n]
         names = {r.name for r in plan.runs} | {r.group for r in plan.runs}
-        unknown = keep - names
+        unknown = set(keep) - names
         if unknown:
             raise LakdError(f"--only names unknown run(s)/group(s) {', '.join(sorted(unknown))}; "
                             f"`lakd sweep {args.spec} --status` lists them")

@@ -95,10 +95,16 @@ class Plan:
     def unique(self) -> list[PlannedRun]:
         return [r for r in self.runs if r.same_as is None]
 
-    def select(self, names: set[str]) -> None:
-        """Keep the runs named (or of the groups named) for this invocation; the whole plan is remembered."""
+    def select(self, names: list[str]) -> None:
+        """Keep the runs named (or of the groups named) for this invocation, in the order named (a group's runs
+        in plan order at its place): the priority in which free slots take them. The whole plan is remembered."""
         self.all_runs = self.all_runs or list(self.runs)
-        self.runs = [r for r in self.runs if r.name in names or r.group in names]
+        chosen: dict[str, PlannedRun] = {}
+        for name in names:
+            for r in self.runs:
+                if name in (r.name, r.group):
+                    chosen.setdefault(r.name, r)
+        self.runs = list(chosen.values())
 
 
 # ----------------------------------------------------------------------------------------------------------------
