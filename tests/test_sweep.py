@@ -259,6 +259,19 @@ def test_only_runs_in_the_order_named(tmp_path, capsys):
     assert order("other") == ["c-s0", "c-s1"]
 
 
+def test_eta_of_a_selection_counts_the_runs_finished_before_it(tmp_path):
+    """A `--only` invocation estimates its time from every finished run of the spec (here one of 60 s), not only
+    from its own (none yet): "ETA 1m00s" for one run left on one slot, where it printed "ETA ?"."""
+    from lakd.engine.sweep import SweepRunner
+
+    spec = write_spec(tmp_path / "s.yaml", seeds=[0])
+    _fake_run(tmp_path / "res" / "b-s0", "b-s0", 0, 70.0)
+    plan = load_plan(str(spec), runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"))
+    plan.select(["a-s0"])
+    runner = SweepRunner(plan, device="cpu", say=lambda s: None)
+    assert runner.progress(list(plan.unique())).endswith("ETA 1m00s")
+
+
 def test_update_rewrites_only_between_markers(tmp_path, capsys):
     for seed, v in ((0, 70.0), (1, 71.0)):
         _fake_run(tmp_path / "res" / f"x-s{seed}", f"x-s{seed}", seed, v)

@@ -383,9 +383,12 @@ class SweepRunner:
             f.write(json.dumps({"time": time.time(), **kw}) + "\n")
 
     def _finished_mean(self) -> float | None:
-        """Mean training wall time of the finished runs (from their summaries), for the ETA."""
+        """Mean training wall time of the plan's finished runs (from their summaries; every run of the spec, not
+        only an ``--only`` selection's), for the ETA; this invocation's own runs once one has finished."""
         times = []
-        for r in self.plan.unique():
+        for r in self.plan.all_runs or self.plan.runs:
+            if r.same_as is not None:
+                continue
             p = os.path.join(self.plan.results_dir, r.name, "summary.json")
             if os.path.exists(p):
                 try:
