@@ -236,7 +236,8 @@ class LAKD(Distiller):
         pre-activation, given when the source is ``teacher_preact``)."""
         if not self.ndam["enabled"]:
             return None
-        src = {"teacher": t_feat, "teacher_preact": t_pre, "student": s_feat.detach()}[self.ndam["source"]]
+        source = self.ndam["source"]
+        src = t_feat if source == "teacher" else t_pre if source == "teacher_preact" else s_feat.detach()
         return ndam_map(src, float(self.ndam["avg"]), float(self.ndam["max"]), bool(self.ndam["abs"]))
 
     def feature_loss(self, k: int, out: torch.Tensor, t_feat: torch.Tensor,
