@@ -264,6 +264,16 @@ def test_ofd_loss_uses_margins_and_stage_weights():
     assert got == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_ofd_refuses_a_model_without_preactivations(role):
+    # MobileNetV2's stages end with a linear projection: the base class's check names the role and the fix
+    models = {"student": create_model("resnet8", 10), "teacher": create_model("resnet8", 10)}
+    models[role] = create_model("mobilenetv2", 10)
+    with pytest.raises(LakdError, match=f"^method ofd needs pre-activation stage outputs from the {role}, but "
+                                        f"MobileNetV2 has no pre-activation .*or another model$"):
+        build_distiller(method_cfg("ofd"), models["student"], models["teacher"])
+
+
 def test_catkd_on_tiny_cams():
     class Tiny(nn.Module):  # just what CAT-KD reads: the last map and the classifier
         def __init__(self, fmap, weight):

@@ -174,7 +174,8 @@ def test_ndam_teacher_preact_source(points):
 def test_ndam_source_errors():
     with pytest.raises(LakdError, match="ndam.source='teachr' is not one of teacher, teacher_preact, student"):
         make((1, 2, 3), extra=["ndam.source=teachr"])
-    with pytest.raises(LakdError, match="mobilenetv2 has none .*use ndam.source=teacher or student"):
+    with pytest.raises(LakdError, match=r"method lakd needs pre-activation stage outputs from the teacher \(for "
+                       r"ndam.source=teacher_preact\), but MobileNetV2 has no pre-activation .*\(or change ndam.source\)$"):
         make((1, 2, 3), teacher="mobilenetv2", extra=["ndam.source=teacher_preact", "sdm.teacher_points=[4,8,17]"])
 
 

@@ -54,7 +54,14 @@ class Distiller(nn.Module):
 
     #: what the method needs from the student and teacher beyond logits and features, checked at construction
     #: (``FeatureNet.missing``): ``"class_maps"`` (a classifier for class activation maps), ``"preact"``
+    #: (pre-activation stage outputs). Needs that depend on the run's settings: ``requirements``.
     needs: tuple[str, ...] = ()
+
+    def requirements(self) -> dict[str, tuple]:
+        """What this run needs from each model, checked at construction (before the method reads its settings):
+        ``{"student": (...), "teacher": (...)}``, each entry a need of ``needs`` or ``(need, setting)`` when a
+        setting asks for it (the error then names the setting). Default: ``needs`` from both models."""
+        return {"student": tuple(self.needs), "teacher": tuple(self.needs)}
 
     @classmethod
     def analysis_points(cls, cfg: dict) -> str:
@@ -69,11 +76,15 @@ class Distiller(nn.Module):
         self.cfg = cfg
         self.epoch = 0
         self.total_epochs = int(cfg.get("solver", {}).get("epochs", 1))
-        for role, model in (("student", student), ("teacher", teacher if self.needs_teacher else None)):
-            for need in self.needs if model is not None else ():
-                why = model.missing(need) if hasattr(model, "missing") else None
+        models = {"student": student, "teacher": teacher if self.needs_teacher else None}
+        for role, needs in self.requirements().items():
+            for need in needs if models[role] is not None else ():
+                need, setting = (need, None) if isinstance(need, str) else need
+                why = models[role].missing(need) if hasattr(models[role], "missing") else None
                 if why:
-                    raise LakdError(f"method {self.name} needs {_NEEDS.get(need, need)} from the {role}, but {why}")
+                    raise LakdError(f"method {self.name} needs {_NEEDS.get(need, need)} from the {role}"
+                                    + (f" (for {setting})" if setting else "") + f", but {why}"
+                                    + (f" (or change {setting.split('=')[0]})" if setting else ""))
         if teacher is not None:
             for p in teacher.parameters():
                 p.requires_grad_(False)

@@ -128,6 +128,7 @@ class LAKD(Distiller):
     #: the same gradients with one backward over the summed losses (the memory comparison of Table 4)
     variants = {"lakd_joint": ["sdm.backward=joint"], "lakd_recompute": ["sdm.recompute=true"]}
     needs = ("class_maps",)
+
     DEFAULTS = {
         "sdm": {
             "splits": None,  # 1-based student block indices ending each local module; None: the stage ends
@@ -163,6 +164,13 @@ class LAKD(Distiller):
         """The ends of the local modules (``sdm.splits`` of the run config); the stages when not set."""
         splits = (cfg.get("sdm") or {}).get("splits")
         return ",".join(str(int(s)) for s in splits) if splits else "stages"
+
+    def requirements(self):
+        req = super().requirements()
+        nd = self.section("ndam")
+        if nd["source"] == "teacher_preact" and nd["enabled"]:
+            req["teacher"] += (("preact", "ndam.source=teacher_preact"),)
+        return req
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
@@ -212,10 +220,6 @@ class LAKD(Distiller):
         self.recompute = sdm["recompute"]
         if nd["source"] not in NDAM_SOURCES:
             raise LakdError(f"ndam.source={nd['source']!r} is not one of {', '.join(NDAM_SOURCES)}")
-        if nd["source"] == "teacher_preact" and nd["enabled"] and not teacher.has_preact:
-            raise LakdError(f"ndam.source=teacher_preact needs the teacher's pre-activations, but "
-                            f"{cfg['teacher']['name']} has none (its blocks end without an activation); "
-                            f"use ndam.source=teacher or student")
         self.teacher_preact = nd["source"] == "teacher_preact" and bool(nd["enabled"])
         self.ndam = nd
         fw = lk["feat_weights"]

@@ -107,14 +107,11 @@ class OFD(Distiller):
     display_name = "OFD"
     report_order = 4
     DEFAULTS = {"ofd": {"ce_weight": 1.0, "feat_weight": 0.001, "connector_kernel": 1}}
+    #: pre-ReLU stage outputs of both models (MobileNetV2's stages end with a linear projection: none)
+    needs = ("preact",)
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
-        for who, model, name in (("student", student, cfg["model"]["name"]),
-                                 ("teacher", teacher, cfg["teacher"]["name"])):
-            if not model.has_preact:  # e.g. MobileNetV2: its stages end with a linear projection
-                raise LakdError(f"OFD distils pre-ReLU stage outputs, but the {who} {name} has none (its stages "
-                                f"end without an activation); use another {who} or another method")
         s = self.section("ofd")
         self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
         k = s["connector_kernel"]

@@ -575,7 +575,7 @@ class AdaptedNet(FeatureNet):
     def missing(self, need):
         if need == "class_maps":
             return self._split.cam_problem
-        return None
+        return super().missing(need)
 
     def forward(self, x, features=False, preact=False, blocks=False):
         return FeatureNet.forward(self, x, features=features, preact=preact, blocks=blocks)

@@ -156,8 +156,10 @@ class FeatureNet(nn.Module):
         return torch.einsum("bchw,kc->bkhw", fmap, self.classifier.weight)
 
     def missing(self, need: str) -> str | None:
-        """Why this model cannot provide ``need`` (``"class_maps"``, ``"preact"``), or None when it can.
-        Methods declare what they need (``Distiller.needs``); the zoo provides everything."""
+        """Why this model cannot provide ``need`` (``"class_maps"``, ``"preact"``) and how to do without, or None
+        when it can. Methods declare what they need (``Distiller.requirements``)."""
+        if need == "preact" and not self.has_preact:
+            return no_preact_message(self)
         return None
 
     # ----- generic machinery ---------------------------------------------------------------------
