@@ -128,7 +128,6 @@ class LAKD(Distiller):
     #: the same gradients with one backward over the summed losses (the memory comparison of Table 4)
     variants = {"lakd_joint": ["sdm.backward=joint"], "lakd_recompute": ["sdm.recompute=true"]}
     needs = ("class_maps",)
-
     DEFAULTS = {
         "sdm": {
             "splits": None,  # 1-based student block indices ending each local module; None: the stage ends

@@ -223,8 +223,8 @@ class FeatureNet(nn.Module):
         ``blocks``), ``last`` (the map fed to global pooling, for class activation maps) and
         ``embedding`` (the pooled vector fed to the classifier).
         """
-        if preact and not self.has_preact:
-            raise LakdError(no_preact_message(self))
+        if preact and (why := self.missing("preact")):
+            raise LakdError(why)
         h = self.stem_forward(x)
         if not features:
             h = self.run_blocks(h, 0, self.num_blocks)
