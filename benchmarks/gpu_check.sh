@@ -1,35 +1,87 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/performance.md, in one short run (about 6-9 minutes on one H100/H200).
-# Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (needs a CUDA GPU; the CIFAR-10 copy at ../shared/data or
-# DATA_ROOT for the data-path row). Prints everything and writes JSON files into OUT_DIR.
+# The GPU figures of docs/performance.md and the GPU exactness check, in one run of at most BUDGET seconds
+# (default 540; about 6-8 minutes on one H200). Sections run in order of importance, each under a time limit cut to
+# what is left of the budget, so a slow section costs the ones after it, never the whole run.
+#
+# Usage: bash benchmarks/gpu_check.sh [OUT_DIR] [BUDGET_S]
+#   needs a CUDA GPU. Optional: DATA_ROOT (a folder holding cifar-10-batches-py) and TEACHER (a resnet56 CIFAR-10
+#   checkpoint, mdistiller's layout or ours) for the real epoch and the data path; skipped without them.
+# Everything printed also goes to OUT_DIR/log.txt; JSON goes to OUT_DIR/*.json, packed into OUT_DIR/gpu_check.tgz.
 set -uo pipefail
 OUT=${1:-gpu_check}
+BUDGET=${2:-540}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+exec > >(tee -a "$OUT/log.txt") 2>&1
 LAKD="python -m lakd"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+SECONDS=0
+
+# section NAME LIMIT_S COMMAND...: runs COMMAND under min(LIMIT_S, what is left of the budget - 20 s) seconds
+section() {
+  local name=$1 limit=$2; shift 2
+  local left=$((BUDGET - SECONDS - 20))
+  (( left < limit )) && limit=$left
+  if (( limit < 15 )); then echo "== SKIPPED (budget): $name"; return; fi
+  echo "== [$SECONDS s] $name (limit ${limit} s)"
+  timeout -k 5 "$limit" "$@"
+  local rc=$?
+  (( rc == 124 || rc == 137 )) && echo "== TIMED OUT: $name"
+  (( rc != 0 && rc != 124 && rc != 137 )) && echo "== FAILED (rc $rc): $name"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python -c "import torch, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', \
+torchvision.__version__, 'bf16', torch.cuda.is_bf16_supported())" | tee -a "$OUT/gpu.txt"
+
+# 1. training-step speed, resnet56 -> resnet20, 100 classes (the bench's convention), fp32 and bf16,
+#    channels_last (all five) and contiguous (three: decides train.channels_last: auto on CUDA)
 M=scratch,kd,catkd,lakd,lakd_joint
-for bs in 64 256; do
+for bs in 256 64; do
   for amp in none bf16; do
-    echo "== speed, batch $bs, amp $amp"
-    $LAKD bench speed --device cuda --teacher resnet56 --student resnet20 --num-classes 100 --methods $M \
-      --batch-size $bs --amp $amp --steps 50 --warmup 10 --rounds 2 --channels-last --json \
-      | tee "$OUT/speed_b${bs}_${amp}.json"
-    echo "== speed, batch $bs, amp $amp, contiguous (decides train.channels_last: auto on CUDA)"
-    $LAKD bench speed --device cuda --teacher resnet56 --student resnet20 --num-classes 100 --methods scratch,kd,lakd \
-      --batch-size $bs --amp $amp --steps 50 --warmup 10 --rounds 2 --json train.channels_last=false \
-      | tee "$OUT/speed_b${bs}_${amp}_contiguous.json"
+    section "speed b$bs $amp channels_last" 60 $LAKD bench speed --device cuda --teacher resnet56 --student resnet20 \
+      --num-classes 100 --methods $M --batch-size $bs --amp $amp --steps 20 --warmup 5 --rounds 2 --channels-last \
+      --json > "$OUT/speed_b${bs}_${amp}.json"
+    cat "$OUT/speed_b${bs}_${amp}.json" 2>/dev/null; echo
+    section "speed b$bs $amp contiguous" 45 $LAKD bench speed --device cuda --teacher resnet56 --student resnet20 \
+      --num-classes 100 --methods scratch,lakd --batch-size $bs --amp $amp --steps 20 --warmup 5 --rounds 2 \
+      --json train.channels_last=false > "$OUT/speed_b${bs}_${amp}_contiguous.json"
+    cat "$OUT/speed_b${bs}_${amp}_contiguous.json" 2>/dev/null; echo
   done
-  echo "== memory, batch $bs"
-  $LAKD bench memory --device cuda --teacher resnet56 --student resnet20 --num-classes 100 \
-    --methods scratch,kd,fitnet,catkd,lakd,lakd_joint,lakd_recompute --batch-size $bs --json | tee "$OUT/memory_b${bs}.json"
-  $LAKD bench memory --device cuda --teacher resnet56 --student resnet20 --num-classes 100 \
-    --methods scratch,lakd --batch-size $bs --json sdm.splits=[1,4,9] | tee "$OUT/memory_b${bs}_lakd149.json"
 done
-echo "== data path"
-python benchmarks/bench_data.py --device cuda --root "${DATA_ROOT:-../shared/data}" --batch-sizes 64 256 \
-  --images 51200 --repeats 3 --workers 8 --json | tee "$OUT/data.json"
-echo "== one real epoch of LAKD resnet56->resnet20 at batch 64 (fast path, bf16, channels_last)"
-$LAKD train configs/cifar10/lakd/resnet56_resnet20_149.yaml solver.epochs=1 train.amp=bf16 \
-  train.channels_last=true device=cuda train.progress=false output_dir="$OUT/runs" 2>&1 | tail -3 | tee "$OUT/epoch.txt"
+
+# 2. every method on CUDA: trains, repeats bitwise with train.deterministic=true, resumes exactly
+section "exactness, every method, fp32" 120 python benchmarks/gpu_exact.py --device cuda --methods all \
+  --amp none --json "$OUT/exact.json"
+section "exactness, LAKD and CAT-KD, bf16 and fp16 (GradScaler)" 45 python benchmarks/gpu_exact.py --device cuda \
+  --methods lakd,catkd --amp bf16,fp16 --json "$OUT/exact_amp.json"
+
+# 3. peak memory of a training step (Table 4), one fresh process per method
+for bs in 64 256; do
+  MM=scratch,kd,fitnet,catkd,lakd,lakd_joint,lakd_recompute; (( bs == 256 )) && MM=scratch,catkd,lakd,lakd_recompute
+  section "memory b$bs" 75 $LAKD bench memory --device cuda --teacher resnet56 --student resnet20 --num-classes 100 \
+    --methods $MM --batch-size $bs --json > "$OUT/memory_b${bs}.json"
+  cat "$OUT/memory_b${bs}.json" 2>/dev/null; echo
+done
+section "memory b64 lakd [1,4,9]" 40 $LAKD bench memory --device cuda --teacher resnet56 --student resnet20 \
+  --num-classes 100 --methods scratch,lakd --batch-size 64 --json sdm.splits=[1,4,9] > "$OUT/memory_b64_lakd149.json"
+cat "$OUT/memory_b64_lakd149.json" 2>/dev/null; echo
+
+# 4. one real CIFAR-10 epoch end to end (data, teacher, LAKD [1,4,9], evaluation), batch 64, bf16 and fp32
+if [[ -n "${DATA_ROOT:-}" && -n "${TEACHER:-}" ]]; then
+  for amp in bf16 none; do
+    section "one epoch, LAKD [1,4,9], batch 64, amp $amp" 90 $LAKD train configs/cifar10/lakd/resnet56_resnet20_149.yaml \
+      solver.epochs=1 train.amp=$amp device=cuda data.root="$DATA_ROOT" train.progress=false teacher.checkpoint="$TEACHER" \
+      output_dir="$OUT/runs_$amp"
+  done
+  # 5. the data path on the GPU: lakd's fast path vs DataLoader pipelines
+  section "data path" 60 python benchmarks/bench_data.py --device cuda --root "$DATA_ROOT" --batch-sizes 64 256 \
+    --images 51200 --repeats 3 --workers 8 --json > "$OUT/data.json"
+  cat "$OUT/data.json" 2>/dev/null; echo
+else
+  echo "== SKIPPED (DATA_ROOT and TEACHER unset): one epoch, data path"
+fi
+
+echo "== [$SECONDS s] done"
+rm -rf "$OUT"/runs_*/*/*.pt "$OUT"/runs_*/*/tb "$OUT"/runs_*/*/.lock
+(cd "$OUT" && tar czf gpu_check.tgz --exclude gpu_check.tgz --exclude log.txt . 2>/dev/null)
+ls "$OUT"
