@@ -16,17 +16,18 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 LAKD="python -m lakd"
 SECONDS=0
 
-# section NAME LIMIT_S COMMAND...: runs COMMAND under min(LIMIT_S, what is left of the budget - 20 s) seconds
+# section NAME LIMIT_S COMMAND...: runs COMMAND under min(LIMIT_S, what is left of the budget - 20 s) seconds;
+# its own lines go to stderr, so that a section whose stdout is redirected to a JSON file leaves the file pure JSON
 section() {
   local name=$1 limit=$2; shift 2
   local left=$((BUDGET - SECONDS - 20))
   (( left < limit )) && limit=$left
-  if (( limit < 15 )); then echo "== SKIPPED (budget): $name"; return; fi
-  echo "== [$SECONDS s] $name (limit ${limit} s)"
+  if (( limit < 15 )); then echo "== SKIPPED (budget): $name" >&2; return; fi
+  echo "== [$SECONDS s] $name (limit ${limit} s)" >&2
   timeout -k 5 "$limit" "$@"
   local rc=$?
-  (( rc == 124 || rc == 137 )) && echo "== TIMED OUT: $name"
-  (( rc != 0 && rc != 124 && rc != 137 )) && echo "== FAILED (rc $rc): $name"
+  (( rc == 124 || rc == 137 )) && echo "== TIMED OUT: $name" >&2
+  (( rc != 0 && rc != 124 && rc != 137 )) && echo "== FAILED (rc $rc): $name" >&2
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
@@ -58,7 +59,7 @@ section "exactness, LAKD and CAT-KD, bf16 and fp16 (GradScaler)" 45 python bench
 # 3. peak memory of a training step (Table 4), one fresh process per method
 for bs in 64 256; do
   MM=scratch,kd,fitnet,catkd,lakd,lakd_joint,lakd_recompute; (( bs == 256 )) && MM=scratch,catkd,lakd,lakd_recompute
-  section "memory b$bs" 75 $LAKD bench memory --device cuda --teacher resnet56 --student resnet20 --num-classes 100 \
+  section "memory b$bs" 130 $LAKD bench memory --device cuda --teacher resnet56 --student resnet20 --num-classes 100 \
     --methods $MM --batch-size $bs --json > "$OUT/memory_b${bs}.json"
   cat "$OUT/memory_b${bs}.json" 2>/dev/null; echo
 done

@@ -196,6 +196,20 @@ def test_class_attention_loss_hand_computation():
     assert torch.allclose(class_attention_loss(cam, zero, resolution=2, normalize=True), torch.tensor(2 / 8))
 
 
+@pytest.mark.parametrize("hw,size", [((8, 8), 2), ((8, 8), 4), ((4, 8), 2), ((7, 7), 2), ((6, 9), 4)])
+def test_area_pool_is_adaptive_average_pooling(hw, size):
+    """CAT-KD's pooling goes through avg_pool2d when the size divides the map (a CUDA backward without
+    atomics): bitwise the adaptive pool's values and gradients on a CPU; other sizes fall back to it."""
+    from lakd.distillers.losses import area_pool
+
+    g = torch.Generator().manual_seed(hash(hw) % 1000)
+    x = torch.randn(4, 10, *hw, generator=g, requires_grad=True)
+    a, b = area_pool(x, size), torch.nn.functional.adaptive_avg_pool2d(x, size)
+    up = torch.randn(a.shape, generator=g)
+    (ga,), (gb,) = torch.autograd.grad(a, x, up), torch.autograd.grad(b, x, up)
+    assert a.shape == (4, 10, size, size) and torch.equal(a, b) and torch.equal(ga, gb)
+
+
 def test_extracurricular_knowledge_on_a_table():
     teacher = [True, True, False, False, False, True, False]
     student = [True, False, True, False, True, True, False]

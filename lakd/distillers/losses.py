@@ -22,11 +22,22 @@ def model_class_maps(model, fmap: torch.Tensor) -> torch.Tensor:
     return own(fmap) if own is not None else class_activation_maps(fmap, model.classifier)
 
 
+def area_pool(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, size)``, through ``F.avg_pool2d`` when ``size`` divides the map: the same
+    windows (bitwise the same result on a CPU for size > 1), but a backward that CUDA computes without atomics.
+    ``train.deterministic=true`` otherwise warns that adaptive pooling's CUDA backward is nondeterministic
+    (PyTorch flags it whether or not the windows overlap; ``benchmarks/gpu_exact.py``)."""
+    h, w = x.shape[-2:]
+    if h % size == 0 and w % size == 0:
+        return F.avg_pool2d(x, (h // size, w // size))
+    return F.adaptive_avg_pool2d(x, size)
+
+
 def class_attention_loss(cam_s: torch.Tensor, cam_t: torch.Tensor, resolution: int = 2,
                          normalize: bool = False) -> torch.Tensor:
     """CAT-KD's loss: both CAM stacks average-pooled to R x R, optionally L2-normalised over space, MSE."""
-    s = F.adaptive_avg_pool2d(cam_s, resolution)
-    t = F.adaptive_avg_pool2d(cam_t, resolution)
+    s = area_pool(cam_s, resolution)
+    t = area_pool(cam_t, resolution)
     if normalize:
         s = F.normalize(s.flatten(2), dim=2)
         t = F.normalize(t.flatten(2), dim=2)
