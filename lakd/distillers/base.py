@@ -59,8 +59,9 @@ class Distiller(nn.Module):
 
     def requirements(self) -> dict[str, tuple]:
         """What this run needs from each model, checked at construction (before the method reads its settings):
-        ``{"student": (...), "teacher": (...)}``, each entry a need of ``needs`` or ``(need, setting)`` when a
-        setting asks for it (the error then names the setting). Default: ``needs`` from both models."""
+        ``{"student": (...), "teacher": (...)}``, each entry a need of ``needs`` or ``(need, key, value)`` when
+        the setting ``key=value`` asks for it (the error then names the setting and the key to change). Default:
+        ``needs`` from both models."""
         return {"student": tuple(self.needs), "teacher": tuple(self.needs)}
 
     @classmethod
@@ -79,12 +80,12 @@ class Distiller(nn.Module):
         models = {"student": student, "teacher": teacher if self.needs_teacher else None}
         for role, needs in self.requirements().items():
             for need in needs if models[role] is not None else ():
-                need, setting = (need, None) if isinstance(need, str) else need
+                need, key, value = (need, None, None) if isinstance(need, str) else need
                 why = models[role].missing(need) if hasattr(models[role], "missing") else None
                 if why:
                     raise LakdError(f"method {self.name} needs {_NEEDS.get(need, need)} from the {role}"
-                                    + (f" (for {setting})" if setting else "") + f", but {why}"
-                                    + (f" (or change {setting.split('=')[0]})" if setting else ""))
+                                    + (f" (for {key}={value})" if key else "") + f", but {why}"
+                                    + (f" (or change {key})" if key else ""))
         if teacher is not None:
             for p in teacher.parameters():
                 p.requires_grad_(False)

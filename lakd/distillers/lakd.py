@@ -168,7 +168,7 @@ class LAKD(Distiller):
         req = super().requirements()
         nd = self.section("ndam")
         if nd["source"] == "teacher_preact" and nd["enabled"]:
-            req["teacher"] += (("preact", "ndam.source=teacher_preact"),)
+            req["teacher"] += (("preact", "ndam.source", "teacher_preact"),)
         return req
 
     def __init__(self, student, teacher, cfg, num_data=0):

@@ -18,7 +18,7 @@ import math
 import torch.nn as nn
 
 from ..errors import LakdError
-from .base import FeatureNet, no_preact_message
+from .base import FeatureNet
 from .registry import register_model
 
 #: (expansion t, channels c, units n, first stride s) of the seven groups, before the width multiplier
@@ -111,7 +111,7 @@ class MobileNetV2(FeatureNet):
 
     def block_forward(self, i, h, preact=False):
         if preact:
-            raise LakdError(no_preact_message(self))
+            raise LakdError(self.missing("preact"))
         return self._blocks[i](h)
 
     def pre_pool(self, h):
