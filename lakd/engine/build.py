@@ -97,9 +97,8 @@ def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
 
 
 def build_scaler(cfg: dict, device: torch.device) -> torch.amp.GradScaler:
-    """The AMP loss scaler: enabled for ``train.amp=fp16`` only."""
-    amp = resolve_amp(cfg["train"]["amp"], torch.device(device))
-    return torch.amp.GradScaler(torch.device(device).type, enabled=amp == "fp16")
+    """The AMP loss scaler: enabled for ``train.amp=fp16`` only (``auto`` never resolves to fp16)."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=cfg["train"]["amp"] == "fp16")
 
 
 def build(cfg: dict, device=None, rank: int = 0, world_size: int = 1, data: DataBundle | None = None,
@@ -135,7 +134,7 @@ def build(cfg: dict, device=None, rank: int = 0, world_size: int = 1, data: Data
     channels_last = resolve_channels_last(t.get("channels_last", False), device, [student, teacher])
     if channels_last:
         distiller.to(memory_format=torch.channels_last)
-    amp = resolve_amp(t["amp"], device)
+    amp = resolve_amp(t["amp"], device, [student, teacher])
     params = distiller.trainable_parameters()
     return Built(data=data, student=distiller.student, teacher=distiller.teacher, distiller=distiller,
                  params=params, optimizer=build_optimizer(cfg, params), scaler=build_scaler(cfg, device),

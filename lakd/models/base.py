@@ -120,6 +120,9 @@ class FeatureNet(nn.Module):
     #: is training this family faster in channels_last on a CPU? (``train.channels_last: auto``; each family
     #: sets it from ``benchmarks/bench_layout.py``'s measurement, see docs/performance.md)
     CHANNELS_LAST_CPU: bool = False
+    #: the device types ("cpu", "cuda") on which a training step of this family was measured faster with bf16
+    #: autocast (``train.amp: auto``; unmeasured families get fp32; docs/performance.md has the figures)
+    BF16_FASTER: frozenset[str] = frozenset()
 
     #: the ordered block modules (a plain list: the modules stay registered under their original names, so
     #: the state-dict layout is the original code base's). The defaults below use it.

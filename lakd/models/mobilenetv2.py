@@ -64,6 +64,7 @@ class MobileNetV2(FeatureNet):
     #: a training step measured 1.63x faster in channels_last on CPU (benchmarks/bench_layout.py, batch 64,
     #: 2 threads; benchmarks/bench_layout.py -> results/performance/w1/layout.json): channels_last: auto picks it
     CHANNELS_LAST_CPU = True
+    #: bf16 autocast is slower on a bf16 CPU (0.60x fp32 in channels_last, layout.json): BF16_FASTER stays empty
 
     def __init__(self, expansion: int = 6, width_mult: float = 0.5, num_classes: int = 10):
         super().__init__()

@@ -41,6 +41,10 @@ class CifarResNet(FeatureNet):
     #: a training step measured 1.25x (resnet20) and 1.28x (resnet8x4) faster in channels_last on CPU (batch 64,
     #: 2 threads; benchmarks/bench_layout.py -> results/performance/w1/layout.json): channels_last: auto picks it
     CHANNELS_LAST_CPU = True
+    #: bf16 autocast: 2.2x (resnet20) and 2.0x (resnet8x4) over fp32 in channels_last on a bf16 CPU (layout.json);
+    #: on an H200 no faster (resnet56 -> resnet20: 0.75-1.1x by batch and method, a LAKD epoch 9% slower;
+    #: results/performance/gpu_h200), so not on CUDA
+    BF16_FASTER = frozenset({"cpu"})
 
     def __init__(self, depth: int, num_filters: list[int], num_classes: int = 10):
         super().__init__()

@@ -65,6 +65,7 @@ class ShuffleNetV1(FeatureNet):
     #: a training step measured 1.17x faster in channels_last on CPU (benchmarks/bench_layout.py, batch 64,
     #: 2 threads; benchmarks/bench_layout.py -> results/performance/w1/layout.json): channels_last: auto picks it
     CHANNELS_LAST_CPU = True
+    #: bf16 autocast is slower on a bf16 CPU (0.91x fp32 in channels_last, layout.json): BF16_FASTER stays empty
 
     def __init__(self, out_planes=(240, 480, 960), num_blocks=(4, 8, 4), groups: int = 3,
                  num_classes: int = 10):
@@ -159,6 +160,7 @@ CONFIGS_V2 = {
 
 
 class ShuffleNetV2(FeatureNet):
+    #: bf16 autocast is slower on a bf16 CPU (0.80x fp32 in channels_last, layout.json): BF16_FASTER stays empty
     def __init__(self, net_size: float = 1, num_classes: int = 10):
         super().__init__()
         out_channels, num_blocks = CONFIGS_V2[net_size]

@@ -58,6 +58,8 @@ class WideResNet(FeatureNet):
     #: a training step measured 1.12x (wrn_16_2) faster in channels_last on CPU (batch 64,
     #: 2 threads; benchmarks/bench_layout.py -> results/performance/w1/layout.json): channels_last: auto picks it
     CHANNELS_LAST_CPU = True
+    #: bf16 autocast: 2.0x (wrn_16_2) over fp32 in channels_last on a bf16 CPU (layout.json); CUDA not measured
+    BF16_FASTER = frozenset({"cpu"})
 
     def __init__(self, depth: int, widen_factor: int, num_classes: int = 10, drop_rate: float = 0.0):
         super().__init__()

@@ -3,12 +3,15 @@
 What ``auto`` picks, and the measurement behind each choice (``docs/performance.md``):
 
 - ``train.amp: auto``: bf16 autocast where the hardware computes bf16 natively (a CPU with the ``avx512_bf16``
-  or ``amx_bf16`` flags; a CUDA device for which ``torch.cuda.is_bf16_supported()``), full precision elsewhere.
-  The *default* stays ``none`` (fp32): bf16 is adopted as the default only once a side-by-side run shows its
-  accuracy within noise of fp32 (that run belongs to the CIFAR-10 study, issue 13).
+  or ``amx_bf16`` flags; a CUDA device for which ``torch.cuda.is_bf16_supported()``) *and* every model of the
+  run belongs to a family measured faster with it on that kind of device (the class attribute ``BF16_FASTER``:
+  on CPUs the CIFAR ResNets, WRN and VGG, not MobileNetV2 or the ShuffleNets; on CUDA none so far, since the
+  CIFAR ResNets were no faster on an H200); full precision elsewhere. The *default* stays ``none`` (fp32): in
+  the seeded CIFAR-10 study bf16 cost KD 0.23 points, consistently (docs/results.md).
 - ``train.channels_last: auto`` (default): on a CPU, channels_last when every convolutional model of the run
   belongs to a family measured faster with it (the class attribute ``CHANNELS_LAST_CPU``, from
-  ``benchmarks/bench_layout.py``); on CUDA off until ``benchmarks/gpu_check.sh`` has measured it.
+  ``benchmarks/bench_layout.py``); on CUDA off (measured on an H200 with ``benchmarks/gpu_check.sh``: no
+  consistent effect on the CIFAR ResNets).
 - ``train.malloc: auto`` (default): on Linux/glibc CPUs, for large per-process batches only, stop glibc from
   serving big blocks by ``mmap`` and trimming the heap after every step (``tune_cpu_allocator``).
 """
@@ -67,10 +70,13 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def resolve_amp(value: str, device: torch.device) -> str:
-    """``train.amp`` as one of none, bf16, fp16 (``auto``: bf16 where native, else none)."""
+def resolve_amp(value: str, device: torch.device, models=()) -> str:
+    """``train.amp`` as one of none, bf16, fp16 (``auto``: bf16 where the device computes it natively and every
+    model in ``models`` is of a family measured faster with it there, ``BF16_FASTER``; else none)."""
     if value == "auto":
-        return "bf16" if native_bf16(device) else "none"
+        models = [m for m in models if m is not None]
+        measured = bool(models) and all(device.type in getattr(m, "BF16_FASTER", ()) for m in models)
+        return "bf16" if measured and native_bf16(device) else "none"
     return value
 
 
