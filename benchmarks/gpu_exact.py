@@ -119,7 +119,7 @@ def main() -> int:
         Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     bad = [r for r in rows if "error" in r or not (r["repeat_bitwise"] and r["resume_bitwise"])]
     print(f"{len(rows) - len(bad)} of {len(rows)} method/amp rows repeat and resume bitwise")
-    return 0
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
