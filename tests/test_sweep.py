@@ -80,6 +80,25 @@ def test_paired_difference_by_hand():
     assert paired_difference({0: 1.0}, {0: 2.0}).verdict.startswith("cannot tell")
 
 
+def test_paired_p_value_and_holm_by_hand():
+    from scipy.stats import ttest_rel
+
+    from lakd.analysis.seeds import holm
+
+    a, b = {0: 80.0, 1: 81.0, 2: 82.5}, {0: 79.0, 1: 80.5, 2: 81.0}
+    p = paired_difference(a, b)
+    assert p.p_value == pytest.approx(ttest_rel(list(a.values()), list(b.values())).pvalue, rel=1e-9)
+    assert p.p_value > 0.05  # the interval holds 0, so the test does not reject (the same t-distribution)
+    q = paired_difference({0: 81.0, 1: 81.1, 2: 80.9}, {0: 80.0, 1: 80.0, 2: 80.0})
+    assert q.p_value < 0.05 and q.verdict == "A > B"
+    assert paired_difference({0: 1.0}, {0: 2.0}).p_value is None
+    assert paired_difference({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0}).p_value == 0.0  # the same gain at every seed
+    # Holm at family-wise 5% over 4 tests (None: not in the family): 0.01 <= 0.05/4 holds; 0.03 > 0.05/3 stops
+    assert holm([0.01, 0.04, 0.03, None, 0.2]) == [True, False, False, None, False]
+    assert holm([0.001, 0.012, 0.02]) == [True, True, True]  # 0.001 <= .0167, 0.012 <= .025, 0.02 <= .05
+    assert holm([]) == [] and holm([None]) == [None]
+
+
 def _fake_run(folder: Path, name: str, seed: int, top1: float, epochs: int = 2) -> None:
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(f"experiment: {name}\nmethod: scratch\nseed: {seed}\n")
@@ -92,9 +111,10 @@ def _fake_run(folder: Path, name: str, seed: int, top1: float, epochs: int = 2) 
 
 
 def test_report_over_seeds_flags_repeated_seeds(tmp_path):
-    for seed, a, b in ((0, 80.0, 79.0), (1, 81.0, 80.5), (2, 82.5, 81.0)):
+    for seed, a, b, c in ((0, 80.0, 79.0, 81.0), (1, 81.0, 80.5, 81.6), (2, 82.5, 81.0, 82.1)):
         _fake_run(tmp_path / "r1" / f"a-s{seed}", f"a-s{seed}", seed, a)
         _fake_run(tmp_path / "r1" / f"b-s{seed}", f"b-s{seed}", seed, b)
+        _fake_run(tmp_path / "r1" / f"c-s{seed}", f"c-s{seed}", seed, c)
     _fake_run(tmp_path / "r2" / "a-s0", "a-s0", 0, 90.0)  # a second copy of seed 0, with another result
     groups, runs, _ = load_study([str(tmp_path / "r1"), str(tmp_path / "r2")], reference="b")
     rows = {r.name: r for r in groups[0].rows}
@@ -106,6 +126,11 @@ def test_report_over_seeds_flags_repeated_seeds(tmp_path):
     assert "seed 0 run 2× (different results; counted once)" in md
     assert "| 3 | 81.17 ± 1.26 | [78.04, 84.29] |" in md  # row a: the hand-computed cell
     assert "+1.00 [-0.24, 2.24] (n=3)" in md  # a vs the reference b, paired
+    # row c is ahead of b at every seed (+2.0, +1.1, +1.1: [0.11, 2.69], p 0.043), but with a and c both compared
+    # with b, Holm asks p <= 0.025 of the smaller p: the difference does not hold for the family of two
+    c = paired_difference({0: 81.0, 1: 81.6, 2: 82.1}, {0: 79.0, 1: 80.5, 2: 81.0})
+    assert c.summary.ci[0] > 0 and 0.025 < c.p_value < 0.05
+    assert "Against b, Holm over the 2 rows with 2 or more matched seeds: c +1.40 (p = 0.043) does not hold." in md
     with pytest.raises(LakdError, match="--reference 'zz' is not a row"):
         load_study([str(tmp_path / "r1")], reference="zz")
 

@@ -12,6 +12,10 @@ Statistics (``final_top1`` unless told otherwise):
 - a paired difference A − B over the seeds both rows have (same seed = same initialisation and data order):
   the mean of the per-seed differences d_s = A_s − B_s with the same t-interval on d. It is the comparison that
   cancels the seed's shared luck; an interval that excludes 0 is what "A beats B" needs here;
+- families of comparisons: each group's comparison table is one family, and so are its paired differences
+  against the reference row. An interval at 95% each lets one of k comparisons exclude 0 by chance far more
+  often than 5% of the time, so each family also gets Holm's step-down adjustment (family-wise error 5%) over the
+  paired t-tests' two-sided p-values; a difference that holds after it is the stronger statement;
 - a seed that appears more than once in one row (a run repeated, or two copies of a results folder) counts once
   (the first run by path) and is flagged: repeats of one seed are not independent samples.
 """
@@ -83,6 +87,48 @@ class Paired:
         if s.ci[1] < 0:
             return f"{self.a} < {self.b}"
         return "cannot tell (interval holds 0)"
+
+
+    @property
+    def p_value(self) -> float | None:
+        """Two-sided p-value of the paired t-test of mean difference 0 (consistent with the interval: p < 0.05
+        exactly when the 95% interval excludes 0); None for fewer than 2 matched seeds."""
+        s = self.summary
+        if s.ci is None:
+            return None
+        if s.std == 0:  # every seed gave the same difference
+            return 1.0 if s.mean == 0 else 0.0
+        from scipy.stats import t
+
+        return float(2 * t.sf(abs(s.mean) / (s.std / math.sqrt(s.n)), s.n - 1))
+
+
+def holm(pvalues: Sequence[float | None], level: float = LEVEL) -> list[bool | None]:
+    """Holm's step-down procedure over one family of tests: which p-values stay significant with family-wise
+    error ``1 - level``. The smallest p is compared with alpha / m, the next with alpha / (m - 1), and so on,
+    stopping at the first that fails. ``None`` entries (too few seeds) are not part of the family."""
+    alpha = 1 - level
+    order = sorted((i for i, p in enumerate(pvalues) if p is not None), key=lambda i: pvalues[i])
+    out: list[bool | None] = [None if p is None else False for p in pvalues]
+    for k, i in enumerate(order):
+        if pvalues[i] > alpha / (len(order) - k):
+            break
+        out[i] = True
+    return out
+
+
+def _holm_cell(p: Paired, held: bool | None, family: int) -> str:
+    """``holds`` / ``does not hold`` for a difference whose interval excludes 0; nothing to adjust otherwise."""
+    if held is None:
+        return "n/a"
+    if p.verdict.startswith("cannot tell"):
+        return "—"
+    return f"{'holds' if held else 'does not hold'} ({family} in the family)"
+
+
+def _p(p: Paired) -> str:
+    v = p.p_value
+    return "n/a" if v is None else "< 0.001" if v < 0.001 else f"{v:.3f}"
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float], name_a: str = "A", name_b: str = "B",
@@ -263,7 +309,10 @@ def render(groups: Sequence[Group], runs: Sequence[Run], plan: dict, attr: str =
     out += ["Top-1 is the final-epoch test accuracy (%). Cells: mean ± sample std over seeds, n seeds, and the "
             "95% confidence interval of the mean (Student's t, n − 1 degrees of freedom; none for n = 1). "
             "Paired differences A − B are taken seed by seed over the seeds both rows have, with the same "
-            "t-interval; \"cannot tell\" means the interval contains 0.", ""]
+            "t-interval; \"cannot tell\" means the interval contains 0. Each comparison table, and each group's "
+            "differences against its reference row, is one family: `Holm` says whether a difference still "
+            "excludes 0 after Holm's adjustment for the family's size (family-wise error 5%), the safer "
+            "reading when a table makes many comparisons.", ""]
     for g in groups:
         out += [f"{h2} {g.title}", ""]
         if g.paper_note:
@@ -300,14 +349,27 @@ def render(groups: Sequence[Group], runs: Sequence[Run], plan: dict, attr: str =
                 cells[0] += f" ‡ ({flags})"
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+        if ref:
+            vs_ref = [paired_difference(r.values(attr), ref.values(attr), r.label, ref.label) for r in g.rows
+                      if r is not ref and r.name != ref.name]
+            held = holm([p.p_value for p in vs_ref])
+            family = sum(h is not None for h in held)
+            excl = [(p, h) for p, h in zip(vs_ref, held) if p.summary.ci and not p.verdict.startswith("cannot")]
+            if excl:
+                out += [f"Against {ref.label}, Holm over the {family} rows with 2 or more matched seeds: "
+                        + "; ".join(f"{p.a} {_signed(p.summary.mean)} (p {'= ' if p.p_value >= 0.001 else ''}"
+                                    f"{_p(p)}) "
+                                    f"{'holds' if h else 'does not hold'}" for p, h in excl) + ".", ""]
         pairs = comparisons(g, all_rows, attr)
         if pairs:
-            out += ["| A − B | matched seeds | mean diff | std | 95% CI | what the interval supports |",
-                    "|---|---|---|---|---|---|"]
-            for p in pairs:
+            held = holm([p.p_value for p in pairs])
+            family = sum(h is not None for h in held)
+            out += ["| A − B | matched seeds | mean diff | std | 95% CI | what the interval supports | p | Holm |",
+                    "|---|---|---|---|---|---|---|---|"]
+            for p, h in zip(pairs, held):
                 s = p.summary
                 out.append(f"| {p.a} − {p.b} | {', '.join(map(str, p.seeds)) or 'none'} | {_signed(s.mean)} | "
-                           f"{_f(s.std)} | {_ci(s)} | {p.verdict} |")
+                           f"{_f(s.std)} | {_ci(s)} | {p.verdict} | {_p(p)} | {_holm_cell(p, h, family)} |")
             out.append("")
     if any(r.repeats for r in all_rows.values()):
         out += ["‡ A seed run more than once counts once (the first run by folder path); the others are listed, "
