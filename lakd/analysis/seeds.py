@@ -88,7 +88,6 @@ class Paired:
             return f"{self.a} < {self.b}"
         return "cannot tell (interval holds 0)"
 
-
     @property
     def p_value(self) -> float | None:
         """Two-sided p-value of the paired t-test of mean difference 0 (consistent with the interval: p < 0.05
