@@ -81,6 +81,11 @@ section "memory b64 lakd [1,4,9]" 40 $LAKD bench memory --device cuda --teacher 
   --num-classes 100 --methods scratch,lakd --batch-size 64 --json sdm.splits=[1,4,9] > "$OUT/memory_b64_lakd149.json"
 cat "$OUT/memory_b64_lakd149.json" 2>/dev/null; echo
 
+# 3b. what is alive at the CUDA peak (the allocator's history over one step): why every method without local
+#     backward peaks at scratch's bytes, and LAKD [3,6,9] 5% above it (docs/performance.md)
+section "memory peak breakdown b64" 90 python benchmarks/gpu_memory_peak.py --methods scratch,fitnet,lakd \
+  --batch-size 64 --json "$OUT/memory_peak_b64.json"
+
 # 4. one real CIFAR-10 epoch end to end (data, teacher, LAKD [1,4,9], evaluation), batch 64, bf16 and fp32
 if [[ -n "${DATA_ROOT:-}" && -n "${TEACHER:-}" ]]; then
   for amp in bf16 none; do

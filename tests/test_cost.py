@@ -115,3 +115,33 @@ def test_bench_refuses_meaningless_sizes(argv, words, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1
     assert all(w in err for w in words)
+
+
+def test_cuda_peak_breakdown_from_a_synthetic_allocator_history(monkeypatch):
+    """benchmarks/gpu_memory_peak.py: the peak of a recorded window and what is alive at it, read from the
+    shape of torch.cuda.memory._snapshot() (checked here without a GPU on a history made by hand)."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gpu_memory_peak import analyze
+
+    fwd = [{"filename": "/x/torch/nn/modules/conv.py", "line": 1, "name": "_conv_forward"},
+           {"filename": "/repo/lakd/models/resnet_cifar.py", "line": 30, "name": "forward"},
+           {"filename": "/repo/lakd/engine/step.py", "line": 50, "name": "training_step"}]
+    loss = [{"filename": "/repo/lakd/distillers/lakd.py", "line": 60, "name": "feature_loss"}]
+    ev = [
+        {"action": "free_completed", "addr": 99, "size": 1000},  # a block from before the window: ignored
+        {"action": "alloc", "addr": 1, "size": 400, "frames": fwd},
+        {"action": "alloc", "addr": 2, "size": 300, "frames": fwd},
+        {"action": "alloc", "addr": 3, "size": 100, "frames": loss},
+        {"action": "free_requested", "addr": 3, "size": 100},
+        {"action": "free_completed", "addr": 3, "size": 100},
+        {"action": "alloc", "addr": 4, "size": 250, "frames": []},  # backward: no Python frame -> peak 950
+        {"action": "free_requested", "addr": 1, "size": 400},  # no free_completed for 1: the request counts
+        {"action": "alloc", "addr": 5, "size": 200, "frames": []},  # 750: below the peak
+    ]
+    r = analyze({"device_traces": [ev]}, top=1)
+    assert r["peak_bytes"] == 950 and r["live_blocks_at_peak"] == 3
+    assert r["peak_reached_by"]["size"] == 250 and r["peak_reached_by"]["site"].startswith("(no Python frame")
+    assert r["sites"] == [{"site": "lakd/models/resnet_cifar.py:30 forward", "bytes": 700, "blocks": 2}]
+    assert r["other_bytes"] == 250
