@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/performance.md and the GPU exactness check, in one run of at most BUDGET seconds
-# (default 540; about 8-9 minutes on one H200). Sections run in order of importance, each under a time limit cut to
+# (default 540; the sections want about 9-10 minutes on one H200, so the last ones, the epoch and the data path,
+# already measured once, are the ones the budget cuts). Sections run in order of importance, each under a time limit cut to
 # what is left of the budget, so a slow section costs the ones after it, never the whole run.
 #
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR] [BUDGET_S]
