@@ -173,6 +173,7 @@ def test_plan_names_order_grid_and_merged_rows(tmp_path):
     ("groupz: []", "unknown key(s) groupz"),
     ("groups: [{name: x, order: random, runs: [{name: a}]}]", "order must be seed-major or run-major"),
     ("groups: [{name: x, runs: [{name: a, paper: high}]}]", "row a: paper must be a number"),
+    ("groups: [{name: x, runs: [{name: a, skip: true}]}]", "row a: skip must be the reason not to run the row"),
 ])
 def test_bad_specs_are_one_line_errors(tmp_path, capsys, text, message):
     (tmp_path / "s.yaml").write_text(text)
@@ -361,3 +362,37 @@ def test_a_sweep_with_nothing_finished_reports_empty_rows(tmp_path):
     write_plan(load_plan(str(spec), results_dir=str(tmp_path / "res")))
     md = make_seed_report([str(tmp_path / "res")])["markdown"]
     assert "0 finished run(s) of the 4 the sweep plans (**partial**" in md and "| row A | 0 | — |" in md
+
+
+def test_a_row_marked_skip_is_listed_and_reported_but_not_run_or_expected(tmp_path, capsys):
+    """``skip: REASON``: the row keeps its place in the plan and the tables (with its reason and any runs that
+    finished before), but nothing runs it, --dry-run prints no command for it, and the report does not call the
+    sweep partial for its missing seeds. A later row with the same config as a skipped one still runs."""
+    spec = write_spec(tmp_path / "s.yaml", extra_groups="""
+  - name: t5
+    runs:
+      - {name: c, overrides: [solver.lr=0.2], skip: "repeats row d bitwise"}
+      - {name: d, overrides: [solver.lr=0.2]}
+""")
+    from lakd.engine.sweep import write_plan
+
+    plan = load_plan(str(spec), runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"))
+    skip = {r.name: r.skip for r in plan.runs}
+    assert skip["c-s0"] == skip["c-s1"] == "repeats row d bitwise" and skip["d-s0"] is None
+    assert {r.name: r.same_as for r in plan.runs}["d-s0"] is None  # d runs: it does not point at skipped c
+    assert [r.name for r in plan.unique()] == ["a-s0", "b-s0", "a-s1", "b-s1", "d-s0", "d-s1"]
+    assert plan.groups[1]["rows"][0]["skip"] == "repeats row d bitwise"
+    assert main(["sweep", str(spec), "--dry-run", "--runs-dir", str(tmp_path / "runs"),
+                 "--results", str(tmp_path / "res")]) == 0
+    out, err = capsys.readouterr()
+    assert "experiment=c-s" not in out and "experiment=d-s0" in out and "6 of 6 runs left" in err
+    assert main(["sweep", str(spec), "--status", "--results", str(tmp_path / "res")]) == 0
+    assert "c-s0" in (status := capsys.readouterr().out) and "skipped (repeats row d bitwise)" in status
+    write_plan(plan)
+    for name, seed, top1 in (("a", 0, 80.0), ("b", 0, 81.0), ("a", 1, 80.5), ("b", 1, 81.2), ("d", 0, 82.0),
+                             ("d", 1, 82.1), ("c", 0, 82.0)):  # c-s0 finished before the row was marked skip
+        _fake_run(tmp_path / "res" / f"{name}-s{seed}", f"{name}-s{seed}", seed, top1)
+    md = make_seed_report([str(tmp_path / "res")])["markdown"]
+    assert ("6 of the 6 runs the sweep plans have finished (2 more, of rows marked skip, are not run; 1 of them "
+            "had finished before).") in md and "partial" not in md
+    assert "| c (not run further: repeats row d bitwise) | 1 | 82.00 |" in md

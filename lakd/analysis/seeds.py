@@ -148,6 +148,7 @@ class Row:
     incomplete: list[Run] = field(default_factory=list)
     same_as: str | None = None  # a merged row: the row whose runs it reads
     paper: float | None = None  # the published number shown beside the row (the spec's ``paper:``)
+    skip: str | None = None  # the spec's reason not to run the row (its earlier runs still count)
 
     def values(self, attr: str = "final_top1") -> dict[int, float]:
         return {s: getattr(r, attr) for s, r in sorted(self.runs.items()) if getattr(r, attr) is not None}
@@ -210,7 +211,7 @@ def load_study(paths: Sequence[str], reference: str | None = None) -> tuple[list
                 # the same runs under this group's label (a merged row reads the runs of the row it equals)
                 rows.append(Row(spec_row["name"], spec_row["label"], base.runs, base.repeats, base.incomplete,
                                 same_as=spec_row["variant"] if spec_row["variant"] != spec_row["name"] else None,
-                                paper=spec_row.get("paper")))
+                                paper=spec_row.get("paper"), skip=spec_row.get("skip")))
                 names[spec_row["name"]] = rows[-1]
             ref = reference or g.get("reference")
             if ref and ref not in names:
@@ -297,12 +298,19 @@ def render(groups: Sequence[Group], runs: Sequence[Run], plan: dict, attr: str =
     all_rows = _row_map(groups)
     h1, h2 = "#" * level, "#" * (level + 1)
     complete = [r for r in runs if r.complete]
-    expected = [r for r in plan.get("runs", []) if not r.get("same_as")]
+    expected = [r for r in plan.get("runs", []) if not r.get("same_as") and not r.get("skip")]
     out = [f"{h1} Results over seeds", ""]
     status = f"{len(complete)} finished run(s)"
     if expected:
-        status += f" of the {len(expected)} the sweep plans"
-        if len(complete) < len(expected):
+        names = {r.experiment for r in complete}
+        done = sum(r["name"] in names for r in expected)
+        status = f"{done} of the {len(expected)} runs the sweep plans have finished"
+        skipped = [r for r in plan.get("runs", []) if r.get("skip") and not r.get("same_as")]
+        if skipped:
+            ran = sum(r["name"] in names for r in skipped)
+            status += (f" ({len(skipped)} more, of rows marked skip, are not run"
+                       + (f"; {ran} of them had finished before" if ran else "") + ")")
+        if done < len(expected):
             status += " (**partial**: the sweep is not finished; cells with fewer seeds are less certain)"
     out += [status + ".", ""]
     out += ["Top-1 is the final-epoch test accuracy (%). Cells: mean ± sample std over seeds, n seeds, and the "
@@ -344,6 +352,8 @@ def render(groups: Sequence[Group], runs: Sequence[Run], plan: dict, attr: str =
             flags = _flags(row)
             if row.same_as:
                 cells[0] += f" (= runs of {row.same_as})"
+            if row.skip:
+                cells[0] += f" (not run further: {row.skip})"
             if flags:
                 cells[0] += f" ‡ ({flags})"
             out.append("| " + " | ".join(cells) + " |")

@@ -63,7 +63,9 @@ def run(args) -> int:
         return 0
     if args.status:
         for r in plan.runs:
-            state = (f"same as {r.same_as}" if r.same_as else "finished" if is_finished(plan, r)
+            state = (f"same as {r.same_as}" if r.same_as
+                     else f"skipped ({r.skip})" + (", finished earlier" if is_finished(plan, r) else "") if r.skip
+                     else "finished" if is_finished(plan, r)
                      else "interrupted (resumes from last.pt)" if has_checkpoint(plan, r) else "not started")
             print(f"{r.group:<10} {r.name:<32} {state}")
         return 0

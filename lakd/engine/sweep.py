@@ -21,7 +21,9 @@ A sweep spec is a YAML file (example: ``configs/sweeps/cifar10_seeds.yaml``)::
 
 A run is named ``<row>[_<key><value>...]-s<seed>``, the same on every machine and every day. Two rows of any
 group that resolve to the same config (apart from their names) are one run: the later row points at the earlier
-one (``same_as`` in the plan) and is not run twice.
+one (``same_as`` in the plan) and is not run twice. A row with ``skip: REASON`` is planned and listed, but not
+run and not expected: for a row kept so that a table keeps its shape although its runs are known to add nothing
+(the reason is shown wherever the row is). Runs of it that finished earlier still count in the report.
 
 Running a sweep skips finished runs (their ``summary.json`` is in the results folder, or in the run folder and
 then is copied), resumes interrupted ones from their run folder's ``last.pt`` (the trainer's ``resume=``), and
@@ -61,7 +63,8 @@ SPEC_KEYS = {"name", "runs_dir", "results_dir", "seeds", "processes", "threads",
              "groups", "description"}
 GROUP_KEYS = {"name", "title", "order", "reference", "compare", "overrides", "grid", "runs", "seeds", "paper_note"}
 #: ``paper``: a published number shown beside the row in ``lakd report`` (the group's ``paper_note`` says whose)
-ROW_KEYS = {"name", "config", "overrides", "label", "paper"}
+#: ``skip``: a reason not to run the row (listed and reported, not run, not expected)
+ROW_KEYS = {"name", "config", "overrides", "label", "paper", "skip"}
 #: config keys that do not make two runs different (where the run lives, how many threads it uses)
 NOT_IDENTITY = ("experiment", "output_dir", "resume")
 NOT_IDENTITY_NESTED = (("train", "threads"), ("train", "progress"), ("train", "log_every"))
@@ -76,6 +79,7 @@ class PlannedRun:
     config: str | None
     overrides: list[str]  # everything but seed/experiment/threads, which the runner adds
     same_as: str | None = None  # an earlier run with the same resolved config: this one is not run
+    skip: str | None = None  # the row's reason not to run it (``skip:`` in the spec)
 
 
 @dataclass
@@ -93,7 +97,8 @@ class Plan:
     all_runs: list[PlannedRun] | None = None
 
     def unique(self) -> list[PlannedRun]:
-        return [r for r in self.runs if r.same_as is None]
+        """The runs to run: neither a duplicate of an earlier run nor of a row marked ``skip``."""
+        return [r for r in self.runs if r.same_as is None and r.skip is None]
 
     def select(self, names: list[str]) -> None:
         """Keep the runs named (or of the groups named) for this invocation, in the order named (a group's runs
@@ -184,6 +189,10 @@ def load_plan(spec_path: str, runs_dir: str | None = None, results_dir: str | No
             if paper is not None and (isinstance(paper, bool) or not isinstance(paper, (int, float))):
                 raise LakdError(f"group {gname}, row {r['name']}: paper must be a number (a published top-1), got "
                                 f"{paper!r}")
+            skip = r.get("skip")
+            if skip is not None and (not isinstance(skip, str) or not skip.strip()):
+                raise LakdError(f"group {gname}, row {r['name']}: skip must be the reason not to run the row (text), "
+                                f"got {skip!r}")
             config = r.get("config")
             if config is not None and not os.path.exists(config):
                 raise LakdError(f"group {gname}, row {r['name']}: config {config!r} does not exist (paths are "
@@ -195,7 +204,7 @@ def load_plan(spec_path: str, runs_dir: str | None = None, results_dir: str | No
                 overrides = common + [str(x) for x in _as_list(g.get("overrides"), f"group {gname}: overrides")] \
                     + [str(x) for x in _as_list(r.get("overrides"), f"row {r['name']}: overrides")] + grid_over
                 rows.append({"label": label, "variant": variant, "config": config, "overrides": overrides,
-                             "paper": paper})
+                             "paper": paper, "skip": skip})
         items = [(row, s) for s in seeds for row in rows] if order == "seed-major" else \
             [(row, s) for row in rows for s in seeds]
         for row, seed in items:
@@ -206,7 +215,9 @@ def load_plan(spec_path: str, runs_dir: str | None = None, results_dir: str | No
             if same is None and run_name in seen_names:
                 raise LakdError(f"two different runs are both named {run_name!r}; give the rows distinct names")
             runs.append(PlannedRun(name=run_name, variant=row["variant"], group=gname, seed=seed,
-                                   config=row["config"], overrides=row["overrides"], same_as=same))
+                                   config=row["config"], overrides=row["overrides"], same_as=same, skip=row["skip"]))
+            if row["skip"] is not None:  # not run: a later row with this config must run it, not point here
+                continue
             if same is None:
                 by_identity[ident] = run_name
                 seen_names.add(run_name)
@@ -218,7 +229,8 @@ def load_plan(spec_path: str, runs_dir: str | None = None, results_dir: str | No
             "reference": g.get("reference"), "compare": _as_list(g.get("compare"), f"group {gname}: compare"),
             # a row that duplicates an earlier group's row reads that row's runs
             "rows": [{"name": row["variant"], "label": row["label"], "variant": row.get("variant_run", row["variant"]),
-                      **({"paper": row["paper"]} if row["paper"] is not None else {})} for row in rows],
+                      **({"paper": row["paper"]} if row["paper"] is not None else {}),
+                      **({"skip": row["skip"]} if row["skip"] is not None else {})} for row in rows],
             **({"paper_note": str(g["paper_note"])} if g.get("paper_note") else {}),
         })
     procs = int(processes if processes is not None else spec.get("processes", 1))
@@ -501,8 +513,11 @@ class SweepRunner:
                     continue
             pending.append(r)
         n_done = sum(is_finished(plan, r) for r in plan.unique())
-        self.say(f"sweep {plan.name}: {len(plan.unique())} runs ({len(plan.runs) - len(plan.unique())} duplicate "
-                 f"rows merged), {n_done} finished, {sum(has_checkpoint(plan, r) for r in pending)} to resume, "
+        n_skip = sum(r.skip is not None and r.same_as is None for r in plan.runs)
+        n_dup = sum(r.same_as is not None for r in plan.runs)
+        self.say(f"sweep {plan.name}: {len(plan.unique())} runs ({n_dup} duplicate rows merged"
+                 + (f", {n_skip} of rows marked skip" if n_skip else "")
+                 + f"), {n_done} finished, {sum(has_checkpoint(plan, r) for r in pending)} to resume, "
                  f"{len(waiting)} running elsewhere; {self.slots} at a time"
                  + (f" on GPUs {self.gpus}" if self.gpus else f", {plan.threads or 'default'} thread(s) each"))
         self.say(f"runs in {plan.runs_dir}, results in {plan.results_dir}")
