@@ -247,7 +247,7 @@ def test_sweep_killed_then_resumed_exactly(tmp_path, capsys):
     # and the report reads the results folder: the plan's groups, rows and comparison
     assert main(["report", str(res), "--out", str(tmp_path / "r.md")]) == 0
     md = (tmp_path / "r.md").read_text()
-    assert "| row A | 1 |" in md and "| row B − row A | 0 |" in md and "2 finished run(s) of the 2" in md
+    assert "| row A | 1 |" in md and "| row B − row A | 0 |" in md and "2 of the 2 runs the sweep plans have finished." in md
 
 
 def test_only_runs_a_selection_and_keeps_the_whole_plan(tmp_path):
@@ -361,7 +361,7 @@ def test_a_sweep_with_nothing_finished_reports_empty_rows(tmp_path):
 
     write_plan(load_plan(str(spec), results_dir=str(tmp_path / "res")))
     md = make_seed_report([str(tmp_path / "res")])["markdown"]
-    assert "0 finished run(s) of the 4 the sweep plans (**partial**" in md and "| row A | 0 | — |" in md
+    assert "0 of the 4 runs the sweep plans have finished (**partial**" in md and "| row A | 0 | — |" in md
 
 
 def test_a_row_marked_skip_is_listed_and_reported_but_not_run_or_expected(tmp_path, capsys):
