@@ -333,16 +333,19 @@ def render(groups: Sequence[Group], runs: Sequence[Run], plan: dict, attr: str =
             header.append("paper")
         header.append("min/run")
         out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        # every row against the reference: the table's Δ column, and one family for Holm below the table
+        vs_ref = {row.name: paired_difference(row.values(attr), ref.values(attr), row.label, ref.label)
+                  for row in g.rows if ref and row is not ref and row.name != ref.name}
         for row in g.rows:
             s = row.stats(attr)
             cells = [row.label, str(s.n), _mean_std(s), _ci(s), _mean_std(row.stats("best_top1")),
                      _mean_std(row.stats("final_ek")),
                      ", ".join(f"s{k}: {v:.2f}" for k, v in row.values(attr).items()) or "—"]
             if ref:
-                if row is ref or row.name == ref.name:
+                p = vs_ref.get(row.name)
+                if p is None:
                     cells.insert(4, "reference")
                 else:
-                    p = paired_difference(row.values(attr), ref.values(attr))
                     cells.insert(4, f"{_signed(p.summary.mean)} {_ci(p.summary)} (n={p.summary.n})"
                                  if p.summary.n else "n/a")
             if with_paper:
@@ -358,16 +361,14 @@ def render(groups: Sequence[Group], runs: Sequence[Run], plan: dict, attr: str =
                 cells[0] += f" ‡ ({flags})"
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
-        if ref:
-            vs_ref = [paired_difference(r.values(attr), ref.values(attr), r.label, ref.label) for r in g.rows
-                      if r is not ref and r.name != ref.name]
-            held = holm([p.p_value for p in vs_ref])
+        if vs_ref:
+            held = holm([p.p_value for p in vs_ref.values()])
             family = sum(h is not None for h in held)
-            excl = [(p, h) for p, h in zip(vs_ref, held) if p.summary.ci and not p.verdict.startswith("cannot")]
+            excl = [(p, h) for p, h in zip(vs_ref.values(), held) if not p.verdict.startswith("cannot")]
             if excl:
                 out += [f"Against {ref.label}, Holm over the {family} rows with 2 or more matched seeds: "
-                        + "; ".join(f"{p.a} {_signed(p.summary.mean)} (p {'= ' if p.p_value >= 0.001 else ''}"
-                                    f"{_p(p)}) "
+                        + "; ".join(f"{p.a} {_signed(p.summary.mean)} "
+                                    f"(p {_p(p) if _p(p).startswith('<') else '= ' + _p(p)}) "
                                     f"{'holds' if h else 'does not hold'}" for p, h in excl) + ".", ""]
         pairs = comparisons(g, all_rows, attr)
         if pairs:

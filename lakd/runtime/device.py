@@ -70,12 +70,17 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def _every_model(models, declares) -> bool:
+    """Does every model of the run (``None``: no teacher) declare it, and is there at least one?"""
+    models = [m for m in models if m is not None]
+    return bool(models) and all(declares(m) for m in models)
+
+
 def resolve_amp(value: str, device: torch.device, models=()) -> str:
     """``train.amp`` as one of none, bf16, fp16 (``auto``: bf16 where the device computes it natively and every
     model in ``models`` is of a family measured faster with it there, ``BF16_FASTER``; else none)."""
     if value == "auto":
-        models = [m for m in models if m is not None]
-        measured = bool(models) and all(device.type in getattr(m, "BF16_FASTER", ()) for m in models)
+        measured = _every_model(models, lambda m: device.type in getattr(m, "BF16_FASTER", ()))
         return "bf16" if measured and native_bf16(device) else "none"
     return value
 
@@ -86,8 +91,7 @@ def resolve_channels_last(value, device: torch.device, models) -> bool:
         return bool(value)
     if device.type != "cpu":
         return False
-    models = [m for m in models if m is not None]
-    return bool(models) and all(getattr(m, "CHANNELS_LAST_CPU", False) for m in models)
+    return _every_model(models, lambda m: getattr(m, "CHANNELS_LAST_CPU", False))
 
 
 def tune_cpu_allocator(value, device: torch.device, batch_size: int) -> bool:
