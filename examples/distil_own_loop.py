@@ -91,14 +91,18 @@ def accuracy(model, loader):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--method", default="lakd")
-    p.add_argument("--steps", type=int, default=300, help="distillation steps")
-    p.add_argument("--teacher-steps", type=int, default=300, help="steps to train the teacher first")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--train-size", type=int, default=2048)
-    p.add_argument("--test-size", type=int, default=512)
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", default="lakd",
+                   help="distillation method, any name `lakd methods` lists (kd, fitnet, catkd, lakd, ...)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps of the student's distillation")
+    p.add_argument("--teacher-steps", type=int, default=300,
+                   help="optimizer steps to train the teacher from scratch first (stands in for loading yours)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step, for the teacher and the student")
+    p.add_argument("--train-size", type=int, default=2048, help="synthetic training images")
+    p.add_argument("--test-size", type=int, default=512, help="synthetic test images for the accuracies printed")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                   help="autocast precision of the distillation steps (fp16 adds a GradScaler)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -23,9 +23,11 @@ Two further columns, labelled as what they are:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import multiprocessing
 import os
+import sys
 import time
 import weakref
 
@@ -114,6 +116,40 @@ def _batch(student: str, batch_size: int, num_classes: int, device, size: int | 
     }
 
 
+@contextlib.contextmanager
+def _quiet_fds():
+    """File descriptors 1 and 2 sent to /dev/null for the block.
+
+    Kineto, torch.profiler's C++ backend, writes lines such as ``USDT:... profiler_start`` straight to the
+    process's stderr when a profile starts and stops; no setting turns them off (``KINETO_LOG_LEVEL`` does not,
+    checked with torch 2.x), so the meter silences the descriptors around those two calls only.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, ValueError, OSError):
+            pass
+    saved = []
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        yield
+        return
+    try:
+        for fd in (1, 2):
+            try:
+                saved.append((fd, os.dup(fd)))
+                os.dup2(devnull, fd)
+            except OSError:
+                pass
+        yield
+    finally:
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
+
+
 class AllocatorMeter:
     """Peak of the running sum of a device's allocator events over the block (``torch.profiler``).
 
@@ -134,11 +170,13 @@ class AllocatorMeter:
 
         os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own warnings (no GPU, ...) are noise here
         self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._prof.__enter__()
+        with _quiet_fds():
+            self._prof.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self._prof.__exit__(*exc)
+        with _quiet_fds():
+            self._prof.__exit__(*exc)
         if exc[0] is None:
             want = torch.device(self.device_type).type.upper()
             events = [e for e in self._prof.profiler.kineto_results.events()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import textwrap
 
 HELPS = {
     "models": "list the model zoo (name, family, parameters, stage shapes), or with --blocks NAME the cut points "
@@ -79,13 +81,34 @@ def run_models(args) -> int:
 def run_methods(args) -> int:
     from ..distillers import DISTILLERS
 
+    indent = " " * 9
     for name in DISTILLERS.names():
         cls = DISTILLERS.get(name)
         doc = (cls.__doc__ or cls.__module__ and __import__(cls.__module__, fromlist=["x"]).__doc__ or "").strip()
-        first = doc.splitlines()[0] if doc else ""
+        text = textwrap.fill(first_sentences(doc), width=110, initial_indent=f"{name:<8} ",
+                             subsequent_indent=indent, break_on_hyphens=False)
         sections = ", ".join(f"{k}: {v}" for k, v in cls.DEFAULTS.items()) or "-"
-        print(f"{name:<8} {first}\n         {sections}")
+        print(text or name)
+        print(textwrap.fill(sections, width=110, initial_indent=indent, subsequent_indent=indent + "  ",
+                            break_on_hyphens=False))
     return 0
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(`\"'])")
+
+
+def first_sentences(doc: str, min_chars: int = 40) -> str:
+    """The first whole sentence of ``doc``'s first paragraph (more while they are shorter than ``min_chars``).
+
+    The paragraph's lines are joined first, so a sentence that wraps in the docstring is printed whole.
+    """
+    paragraph = " ".join(doc.strip().split("\n\n", 1)[0].split())
+    out = ""
+    for sentence in _SENTENCE_END.split(paragraph):
+        out = f"{out} {sentence}".strip()
+        if len(out) >= min_chars:
+            break
+    return out
 
 
 def find_configs_root(root: str | None = None) -> str:
