@@ -29,6 +29,27 @@ def test_readme_names_the_two_commands():
     assert "pip install -e . && lakd demo" in ci and "pip install -e '.[test]' && pytest" in ci
 
 
+def _nav_pages(nav) -> list[str]:
+    """Every page file named in an mkdocs ``nav`` (nested lists of strings and one-key mappings)."""
+    if isinstance(nav, str):
+        return [nav]
+    if isinstance(nav, dict):
+        return [p for v in nav.values() for p in _nav_pages(v)]
+    return [p for item in nav for p in _nav_pages(item)]
+
+
+def test_mkdocs_nav_lists_every_docs_page():
+    """Every Markdown page under docs/ is in mkdocs.yml's nav, and every nav entry exists (no site build)."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    nav = set(_nav_pages(cfg["nav"]))
+    pages = {p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")}
+    assert pages - nav == set(), "pages missing from mkdocs.yml's nav"
+    assert nav - pages == set(), "nav entries without a page"
+    assert cfg.get("strict") is True
+
+
 def test_demo_on_tiny_settings(tmp_path):
     out = lakd("demo", "--out", str(tmp_path), "--epochs", "1", "--teacher-epochs", "1",
                "data.train_subset=192", "data.test_subset=90", "train.threads=1")
