@@ -9,7 +9,8 @@ Each teacher vector picks the student vector of largest absolute cosine, sign-al
 vectors are scaled by the teacher's normalised singular values. Between consecutive stages ``i - 1, i`` the
 relation is the Gaussian RBF ``exp(-(v_i[a] - v_{i-1}[b])^2 / 8)`` of every pair of entries (per singular
 vector), and the loss is ``sum over stage pairs of sum (R_s - R_t)^2 / B`` (non-finite entries dropped, as the
-reference does: SVD gradients can blow up at repeated singular values). Weights: CE 1, KDSVD 1, ``k = 1``
+reference does; non-finite gradient entries of the SVD, which blow up at repeated singular values, are dropped
+too). Weights: CE 1, KDSVD 1, ``k = 1``
 (mdistiller's ``KDSVD.K``). The SVD runs in float32 (``torch.linalg.svd``).
 """
 from __future__ import annotations
@@ -30,6 +31,11 @@ def right_singular(feat: torch.Tensor, n: int, layout: str = "mdistiller") -> tu
     vector unit-norm) of each sample's map as a matrix (``layout``: module docstring)."""
     b, c, h, w = feat.shape
     x = feat.float().reshape(b, c * h, w) if layout == "mdistiller" else feat.float().reshape(b, c, h * w).transpose(1, 2)
+    if x.requires_grad:
+        # SVD's backward divides by differences of singular values: repeated ones (e.g. the zero singular values
+        # of a rank-deficient post-ReLU map) give inf/nan, which would reach and destroy the student's weights.
+        # The reference drops non-finite values in the forward only; here the gradient's are dropped as well.
+        x.register_hook(lambda g: torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0))
     _, s, vh = torch.linalg.svd(x, full_matrices=False)
     v = finite(vh.transpose(1, 2))[:, :, :n]
     s = finite(s)[:, :n]
