@@ -351,9 +351,10 @@ def test_methods_are_listed(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     for method in METHODS:
-        assert method in out
-        first = (DISTILLERS.get(method).__doc__ or "").split(". ")[0]
-        assert first and DISTILLERS.get(method).display_name in first
+        cls = DISTILLERS.get(method)
+        first = cls.__doc__.strip().splitlines()[0]  # a whole sentence on one line, naming the paper
+        assert first.startswith(cls.display_name + " (") and first.endswith(".") and len(first) <= 112
+        assert f"{method:<8} {first}" in out
 
 
 @pytest.fixture(scope="module")

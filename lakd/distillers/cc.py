@@ -42,8 +42,9 @@ def cc_loss(v_s: torch.Tensor, v_t: torch.Tensor, gamma: float = 0.4, order: int
 
 @register_distiller("cc")
 class CC(Distiller):
-    """CC (Peng et al., ICCV 2019) distils the teacher's instance-to-instance correlation matrix of the batch,
-    computed on learnable embeddings of the penultimate features with a Taylor-expanded Gaussian RBF kernel.
+    """CC (Peng et al., ICCV 2019) distils the teacher's instance-to-instance correlations within a batch.
+
+    They are computed on learnable embeddings of the penultimate features, with a Taylor-expanded Gaussian RBF kernel.
 
     Extra parts: ``embed_s`` and ``embed_t``, linear heads to ``cc.feat_dim`` followed by L2 normalisation.
     """

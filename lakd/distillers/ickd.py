@@ -56,8 +56,9 @@ def ickd_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 
 @register_distiller("ickd")
 class ICKD(Distiller):
-    """ICKD (Liu et al., ICCV 2021) distils the teacher's inter-channel correlation matrix of its last feature map,
-    the student's map first mapped to the teacher's channels by a learnable 1x1 connector.
+    """ICKD (Liu et al., ICCV 2021) distils the teacher's inter-channel correlations of its last feature map.
+
+    The student's map is first mapped to the teacher's channels by a learnable 1x1 connector.
 
     Extra part: ``connector`` (1x1 conv + BatchNorm).
     """

@@ -74,8 +74,7 @@ def kdsvd_loss(g_s: list, g_t: list, k: int = 1, layout: str = "mdistiller") -> 
 
 @register_distiller("kdsvd")
 class KDSVD(Distiller):
-    """KDSVD (Lee et al., ECCV 2018) distils the relations between the teacher's dominant singular vectors of
-    consecutive stage outputs, found by singular value decomposition.
+    """KDSVD (Lee et al., ECCV 2018) distils relations between the singular vectors of consecutive stage outputs.
 
     Loss ``ce_weight * CE + feat_weight * KDSVD`` (module docstring); no learnable part. Student and teacher must
     have as many stages, of the same spatial sizes.

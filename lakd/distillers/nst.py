@@ -45,8 +45,7 @@ def nst_loss(g_s: list, g_t: list) -> torch.Tensor:
 
 @register_distiller("nst")
 class NST(Distiller):
-    """NST (Huang & Wang, 2017) distils the distribution of the teacher's channel activation patterns at every
-    stage output, by a polynomial-kernel maximum mean discrepancy.
+    """NST (Huang & Wang, 2017) distils the teacher's channel activation patterns of every stage by a kernel MMD.
 
     Loss ``ce_weight * CE + feat_weight * sum over stages of MMD^2`` (module docstring); no learnable part.
     """

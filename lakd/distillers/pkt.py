@@ -34,8 +34,7 @@ def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-7) -> torch.T
 
 @register_distiller("pkt")
 class PKT(Distiller):
-    """PKT (Passalis & Tefas, ECCV 2018) distils the teacher's cosine-kernel probability distribution over the
-    batch of penultimate embeddings.
+    """PKT (Passalis & Tefas, ECCV 2018) distils the teacher's cosine-kernel distribution over a batch's embeddings.
 
     Loss ``ce_weight * CE + feat_weight * KL(p_t || p_s)`` (module docstring); no learnable part.
     """

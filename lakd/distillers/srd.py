@@ -24,8 +24,9 @@ from .kd import kd_loss
 
 @register_distiller("srd")
 class SRD(Distiller):
-    """SRD (Yang et al., ICLR 2021) distils the teacher's penultimate feature and its softmax regression: the
-    student's mapped feature must match the teacher's and give the teacher's logits through the teacher's own
+    """SRD (Yang et al., ICLR 2021) distils the teacher's penultimate feature and its logits via its classifier.
+
+    The student's mapped feature must match the teacher's and give the teacher's logits through the teacher's own
     frozen classifier.
 
     Extra part: ``connector`` (1x1 conv + BatchNorm + ReLU on the pooled embedding).
