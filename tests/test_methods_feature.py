@@ -20,7 +20,7 @@ import lakd
 from lakd.cli.main import main
 from lakd.config import full_defaults, load_config
 from lakd.distillers import DISTILLERS, build_distiller
-from lakd.distillers.cc import cc_loss, rbf_taylor_correlation
+from lakd.distillers.cc import cc_loss, rbf_taylor_correlation, repdistiller_correlation_loss
 from lakd.distillers.ickd import ickd_loss
 from lakd.distillers.kdsvd import align_vectors, kdsvd_loss, right_singular
 from lakd.distillers.nst import nst_loss
@@ -108,6 +108,18 @@ def test_cc_taylor_kernel_and_loss_by_hand():
     # the expansion converges to the Gaussian RBF exp(-gamma |x - y|^2) of unit vectors
     exact = torch.exp(-gamma * torch.cdist(v_s, v_s) ** 2)
     assert torch.allclose(rbf_taylor_correlation(v_s, gamma, 12), exact, atol=1e-6)
+
+
+def test_cc_repdistiller_form_by_hand():
+    v_s = torch.tensor([[1.0, 2.0], [0.0, 1.0], [3.0, -1.0]])
+    v_t = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    # |v_s - v_t| = [[1, 2], [1, 0], [2, 2]]: consecutive rows' products summed (2 + 0, 2 + 0), mean over 2 pairs
+    assert repdistiller_correlation_loss(v_s, v_t).item() == pytest.approx((1 * 1 + 2 * 0 + 1 * 2 + 0 * 2) / 2)
+    s, t = create_model("resnet8", 10), create_model("resnet14", 10)
+    d = build_distiller(method_cfg("cc", form="repdistiller"), s, t)
+    assert type(d.embed_s).__name__ == "LinearEmbed"
+    x = torch.randn(3, 64)
+    assert not torch.allclose(d.embed_s(x).norm(dim=1), torch.ones(3))  # no normalisation
 
 
 def test_ickd_loss_by_hand():
@@ -254,6 +266,7 @@ def test_steps_lower_loss_and_state_round_trips(method, tmp_path):
     ("cc", {"feat_dim": 0}, "cc.feat_dim"),
     ("cc", {"gamma": -1.0}, "cc.gamma"),
     ("cc", {"order": 1.5}, "cc.order"),
+    ("cc", {"form": "cosine"}, "cc.form"),
     ("ickd", {"T": 0.0}, "ickd.T"),
     ("kdsvd", {"k": 0}, "kdsvd.k"),
     ("kdsvd", {"layout": "rows"}, "kdsvd.layout"),
@@ -283,6 +296,35 @@ def test_ickd_kd_term():
     d = build_distiller(method_cfg("ickd", kd_weight=0.5, T=1.0), s, t)
     _, losses = d.forward_train(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
     assert set(losses) == {"ce", "ickd", "kd"}
+
+
+@pytest.mark.parametrize("method", sorted(PARTS))
+def test_resume_is_exact(method, tmp_path):
+    """A run resumed after its first epoch ends with the same student and parts (connector, BN statistics) as
+    the uninterrupted run."""
+    from lakd.engine.checkpoint import atomic_save
+    from lakd.engine.trainer import Trainer
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "t.pt"
+    torch.save({"model": create_model("resnet8", 10).state_dict(), "arch": "resnet8", "num_classes": 10}, teacher)
+    common = ["data.dataset=digits", "data.train_subset=96", "data.test_subset=32", "solver.batch_size=32",
+              "solver.lr=0.05", "model.name=resnet8", "train.progress=false", "train.threads=1",
+              "data.num_workers=0", f"method={method}", "teacher.name=resnet8", f"teacher.checkpoint={teacher}",
+              "solver.epochs=2", "solver.max_steps_per_epoch=2", f"output_dir={tmp_path}"]
+    full = Trainer(load_config(None, common + ["experiment=full"]), quiet=True)
+    full.fit()
+    tr = Trainer(load_config(None, common + ["experiment=part"]), quiet=True)
+    tr.train_epoch(0)
+    atomic_save(tr._checkpoint(1), str(tmp_path / "part" / "last.pt"))
+    tr.close()
+    resumed = Trainer(load_config(None, common + ["experiment=part", f"resume={tmp_path}/part"]), quiet=True)
+    assert resumed.start_epoch == 1
+    resumed.fit()
+    a, b = full.distiller.state_dict(), resumed.distiller.state_dict()
+    assert a.keys() == b.keys() and any(k.startswith(PARTS[method]) for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 # ----- shipped configs -----------------------------------------------------------------------------------------------

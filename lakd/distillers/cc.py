@@ -10,7 +10,11 @@ heads are trained). The correlation matrix is the paper's Gaussian RBF kernel in
 
 with ``gamma = 0.4`` and ``P = 2`` (the paper's choice; the same form as torchdistill's ``CCKDLoss``), and the loss
 is ``||C_s - C_t||_F^2 / B^2`` (the paper's equation 6). Weights: CE 1, CC 0.02 (RepDistiller's ``-b 0.02`` for
-``correlation``; note that RepDistiller's own correlation term is a different, kernel-free form).
+``correlation``).
+
+``cc.form: repdistiller`` is RepDistiller's own ``Correlation`` instead, which the CIFAR-100 figures of the CRD
+paper's Table 1 were measured with: the embedding heads are linear without normalisation, and the loss is the
+kernel-free ``mean_i sum_d |v_s - v_t|_{i,d} |v_s - v_t|_{i+1,d}`` over consecutive samples of the batch.
 """
 from __future__ import annotations
 
@@ -34,6 +38,23 @@ def rbf_taylor_correlation(x: torch.Tensor, gamma: float, order: int) -> torch.T
     return out
 
 
+def repdistiller_correlation_loss(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
+    """RepDistiller's ``Correlation``: ``mean_i sum_d |d_i| |d_{i+1}|`` of the differences ``d = v_s - v_t``."""
+    delta = (v_s - v_t).abs()
+    return (delta[:-1] * delta[1:]).sum(1).mean()
+
+
+class LinearEmbed(nn.Module):
+    """A linear map of the flattened feature (RepDistiller's ``LinearEmbed``, no normalisation)."""
+
+    def __init__(self, dim_in: int, dim_out: int = 128):
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
 def cc_loss(v_s: torch.Tensor, v_t: torch.Tensor, gamma: float = 0.4, order: int = 2) -> torch.Tensor:
     """``||C(v_s) - C(v_t)||_F^2 / B^2`` on embedded, unit-norm features."""
     diff = rbf_taylor_correlation(v_s, gamma, order) - rbf_taylor_correlation(v_t, gamma, order)
@@ -46,12 +67,14 @@ class CC(Distiller):
 
     They are computed on learnable embeddings of the penultimate features, with a Taylor-expanded Gaussian RBF kernel.
 
-    Extra parts: ``embed_s`` and ``embed_t``, linear heads to ``cc.feat_dim`` followed by L2 normalisation.
+    Extra parts: ``embed_s`` and ``embed_t``, linear heads to ``cc.feat_dim`` followed by L2 normalisation (without
+    it for ``cc.form: repdistiller``).
     """
 
     display_name = "CC"
     report_order = 43
-    DEFAULTS = {"cc": {"ce_weight": 1.0, "feat_weight": 0.02, "feat_dim": 128, "gamma": 0.4, "order": 2}}
+    DEFAULTS = {"cc": {"ce_weight": 1.0, "feat_weight": 0.02, "feat_dim": 128, "gamma": 0.4, "order": 2,
+                       "form": "gaussian"}}
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
@@ -63,10 +86,13 @@ class CC(Distiller):
                 raise LakdError(f"cc.{key} must be an integer >= {low}, got {s[key]!r}")
         if not float(s["gamma"]) > 0:
             raise LakdError(f"cc.gamma (the RBF kernel's width parameter) must be positive, got {s['gamma']!r}")
-        self.gamma, self.order = float(s["gamma"]), int(s["order"])
+        if s["form"] not in ("gaussian", "repdistiller"):
+            raise LakdError(f"cc.form {s['form']!r} is not one of gaussian, repdistiller")
+        self.gamma, self.order, self.form = float(s["gamma"]), int(s["order"]), s["form"]
         dim = int(s["feat_dim"])
-        self.embed_s = Embed(student.feature_info()["embedding_dim"], dim)
-        self.embed_t: nn.Module = Embed(teacher.feature_info()["embedding_dim"], dim)
+        head = Embed if self.form == "gaussian" else LinearEmbed
+        self.embed_s = head(student.feature_info()["embedding_dim"], dim)
+        self.embed_t = head(teacher.feature_info()["embedding_dim"], dim)
 
     def teacher_pass(self, image, **batch):
         return self.teacher_forward(image, features=True)[1]["embedding"]
@@ -76,5 +102,6 @@ class CC(Distiller):
         f_s = feats["embedding"]
         with torch.autocast(device_type=f_s.device.type, enabled=False):
             v_s, v_t = self.embed_s(f_s.float()), self.embed_t(f_t.float())
-            loss = cc_loss(v_s, v_t, self.gamma, self.order)
+            loss = (cc_loss(v_s, v_t, self.gamma, self.order) if self.form == "gaussian"
+                    else repdistiller_correlation_loss(v_s, v_t))
         return logits, {"ce": self.ce_weight * F.cross_entropy(logits, target), "cc": self.feat_weight * loss}
