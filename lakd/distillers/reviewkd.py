@@ -99,7 +99,6 @@ class ReviewKD(Distiller):
         self.num_stages = n
         ch_s = [f.channels for f in info_s["stages"][-n:]] + [info_s["embedding_dim"]]
         ch_t = [f.channels for f in info_t["stages"][-n:]] + [info_t["embedding_dim"]]
-        self.out_sizes = [(f.height, f.width) for f in info_t["stages"][-n:]] + [(1, 1)]
         mid = min(mid_max, ch_s[-1])
         # abfs[i] serves level i (shallowest first); the deepest (pooled) level has nothing to fuse with
         self.abfs = nn.ModuleList(ABF(cs, mid, ct, fuse=i < n) for i, (cs, ct) in enumerate(zip(ch_s, ch_t)))
@@ -107,12 +106,13 @@ class ReviewKD(Distiller):
     def warmup_factor(self) -> float:
         return 1.0 if self.warmup <= 0 else min((self.epoch + 1) / self.warmup, 1.0)
 
-    def fuse(self, levels: list) -> list:
-        """ABF outputs for ``levels`` (shallowest first, the pooled feature last as a 1x1 map)."""
+    def fuse(self, levels: list, out_sizes: list) -> list:
+        """ABF outputs for ``levels`` (shallowest first, the pooled feature last as a 1x1 map), each resized to
+        the teacher's map of its level (``out_sizes``)."""
         outs = [None] * len(levels)
         residual = None
         for i in range(len(levels) - 1, -1, -1):
-            outs[i], residual = self.abfs[i](levels[i], residual, self.out_sizes[i])
+            outs[i], residual = self.abfs[i](levels[i], residual, out_sizes[i])
         return outs
 
     def teacher_pass(self, image, **batch):
@@ -126,5 +126,6 @@ class ReviewKD(Distiller):
         levels = [*stages[-self.num_stages:], f["embedding"][:, :, None, None]]
         return logits, {
             "ce": self.ce_weight * F.cross_entropy(logits, target),
-            "reviewkd": self.weight * self.warmup_factor() * hcl_loss(self.fuse(levels), t_levels),
+            "reviewkd": self.weight * self.warmup_factor() * hcl_loss(self.fuse(levels, [t.shape[-2:] for t in t_levels]),
+                                                                    t_levels),
         }
