@@ -34,8 +34,9 @@ def ab_hinge(s: torch.Tensor, t: torch.Tensor, margin: float) -> torch.Tensor:
 
 @register_distiller("ab")
 class AB(Distiller):
-    """AB (Heo et al., AAAI 2019) distils the activation boundaries of the teacher's hidden neurons (which
-    pre-activations are positive) in an initialisation stage of the student."""
+    """AB (Heo et al., AAAI 2019) distils the teacher neurons' activation boundaries in a first stage.
+
+    Which pre-activations are positive, through connectors and a margin hinge (``prepare``)."""
 
     display_name = "AB"
     report_order = 42

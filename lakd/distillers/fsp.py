@@ -32,8 +32,9 @@ def fsp_points(feats: dict) -> list:
 
 @register_distiller("fsp")
 class FSP(Distiller):
-    """FSP (Yim et al., CVPR 2017) distils the flow between consecutive stages (Gram matrices of their maps)
-    in an initialisation stage of the student."""
+    """FSP (Yim et al., CVPR 2017) distils the flow between stages (FSP matrices) in a first stage.
+
+    The student is initialised by ``prepare`` to match the teacher's matrices, then trained."""
 
     display_name = "FSP"
     report_order = 40

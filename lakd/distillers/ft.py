@@ -61,8 +61,9 @@ def ft_distance(f_s: torch.Tensor, f_t: torch.Tensor, form: str = "paper") -> to
 
 @register_distiller("ft")
 class FT(Distiller):
-    """FT (Kim et al., NeurIPS 2018) distils the factors of the teacher's last feature map, found by a
-    paraphraser pre-trained as an autoencoder, into a student translator."""
+    """FT (Kim et al., NeurIPS 2018) distils a pre-trained paraphraser's factors into a student translator.
+
+    The paraphraser, an autoencoder of the teacher's last feature map, is trained by ``prepare``."""
 
     display_name = "FT"
     report_order = 41

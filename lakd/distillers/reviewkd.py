@@ -68,8 +68,9 @@ class ABF(nn.Module):
 
 @register_distiller("reviewkd")
 class ReviewKD(Distiller):
-    """ReviewKD (Chen et al., CVPR 2021) distils every teacher stage from a fusion of the student's same and
-    deeper stages (attention-based fusion, hierarchical context loss)."""
+    """ReviewKD (Chen et al., CVPR 2021) distils teacher stages from attention-fused deeper student stages.
+
+    Attention-based fusion (ABF) modules and the hierarchical context loss (HCL)."""
 
     display_name = "ReviewKD"
     report_order = 44

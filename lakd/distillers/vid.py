@@ -39,9 +39,10 @@ def regressor(c_in: int, c_out: int) -> nn.Sequential:
 
 @register_distiller("vid")
 class VID(Distiller):
-    """VID (Ahn et al., CVPR 2019) distils every stage's feature map by maximising a variational lower bound
-    of the mutual information between teacher and student features (a regressor and learnt per-channel
-    variances)."""
+    """VID (Ahn et al., CVPR 2019) distils stage features through a variational bound on mutual information.
+
+    A regressor per stage gives the mean and learnt per-channel variances the spread of a Gaussian over the
+    teacher's map."""
 
     display_name = "VID"
     report_order = 43
