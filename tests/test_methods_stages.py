@@ -153,6 +153,15 @@ def test_fsp_matrix_by_hand():
     assert float(fsp_matrix(big, small)) == pytest.approx(float(big.mean()))
 
 
+def test_fsp_matrix_stays_float32_under_autocast():
+    from lakd.distillers.fsp import fsp_matrix
+
+    a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 2, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g = fsp_matrix(a.bfloat16(), b.bfloat16())
+    assert g.dtype == torch.float32
+
+
 def test_fsp_refuses_unequal_widths():
     with pytest.raises(LakdError, match="same channels"):
         lakd.distiller(create_model("wrn_16_1", 10), create_model("wrn_16_2", 10), "fsp", image_size=32)

@@ -21,9 +21,11 @@ from .stage_utils import check_int, check_positive, pool_to_match
 
 
 def fsp_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """B x C1 x C2: the mean over positions of the products of ``a``'s and ``b``'s channels."""
-    a, b = pool_to_match(a.float(), b.float())
-    return torch.einsum("bihw,bjhw->bij", a, b) / (a.shape[-2] * a.shape[-1])
+    """B x C1 x C2: the mean over positions of the products of ``a``'s and ``b``'s channels, in float32 (also
+    under AMP, which would run the product in half precision)."""
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        a, b = pool_to_match(a.float(), b.float())
+        return torch.einsum("bihw,bjhw->bij", a, b) / (a.shape[-2] * a.shape[-1])
 
 
 def fsp_points(feats: dict) -> list:
