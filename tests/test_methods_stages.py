@@ -220,6 +220,7 @@ def test_prepare_trains_only_what_the_stage_trains(method):
         t = create_model("wrn_16_2", 10)
     d = lakd.distiller(s, t, method, image_size=32, options={method: {"pretrain_epochs": 2}})
     before = {k: v.clone() for k, v in d.state_dict().items()}
+    head = d.student.classifier.weight.detach().clone()
     g = torch.Generator().manual_seed(0)
     loader = [(torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 3])) for _ in range(2)]
     d.prepare(loader)
@@ -230,6 +231,8 @@ def test_prepare_trains_only_what_the_stage_trains(method):
     assert all(not p.requires_grad for p in d.teacher.parameters())
     if method == "ft":
         assert not any(p.requires_grad for p in d.paraphraser.parameters())  # fixed again after the stage
+    else:  # the student's classifier is not part of a feature stage (RepDistiller's get_feat_modules)
+        assert torch.equal(d.student.classifier.weight, head)
 
 
 # ----- configs -------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ class AB(Distiller):
     def prepare(self, train_loader, device=None) -> None:
         """RepDistiller's initialisation stage: the student and connectors fit the teacher's boundaries."""
         self.connectors.requires_grad_(True)
-        params = [p for p in self.student.parameters() if p.requires_grad] + list(self.connectors.parameters())
+        params = self.feature_parameters() + list(self.connectors.parameters())
         try:
             def loss(image, target):
                 pre_t = self.teacher_forward(image, features=True, preact=True)[1]["stages_preact"]

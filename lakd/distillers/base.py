@@ -141,6 +141,16 @@ class Distiller(nn.Module):
         learning rate are settings of the method (e.g. ``ft.pretrain_epochs``); it trains with its own SGD
         optimizer (the run's ``solver.momentum`` and ``solver.weight_decay``), in fp32."""
 
+    def feature_parameters(self) -> list[nn.Parameter]:
+        """The student's trainable parameters without its classifier (RepDistiller's ``get_feat_modules``): what
+        an initialisation stage on features trains (under torchrun a parameter without a gradient would still be
+        decayed, so the classifier, which a feature loss never reaches, is left out)."""
+        try:
+            head = {id(p) for p in self.student.classifier.parameters()}
+        except (AttributeError, NotImplementedError):
+            head = set()
+        return [p for p in self.student.parameters() if p.requires_grad and id(p) not in head]
+
     def run_stage(self, train_loader, device, params: list, loss_fn: Callable, epochs: int, lr: float,
                   what: str) -> None:
         """A pre-training stage shared by the methods that have one: ``epochs`` passes over ``train_loader``

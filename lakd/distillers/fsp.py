@@ -71,7 +71,7 @@ class FSP(Distiller):
 
     def prepare(self, train_loader, device=None) -> None:
         """The initialisation stage: the student fits the teacher's FSP matrices (module doc)."""
-        params = [p for p in self.student.parameters() if p.requires_grad]
+        params = self.feature_parameters()
 
         def loss(image, target):
             f_t = fsp_points(self.teacher_forward(image, features=True)[1])
