@@ -52,6 +52,9 @@ def distiller(student, teacher=None, method: str = "lakd", *, options: dict | No
     ``backward(loss)`` function (``loss.backward()``, or ``scaler.scale(loss).backward()`` under AMP); LAKD calls
     it once per local module, freeing each module's graph before the next one runs. Then step your optimizer
     over ``d.trainable_parameters()`` (the student's and the method's own parts; the teacher is frozen).
+    Methods with a stage of their own before distillation (FT's paraphraser, AB's and FSP's initialisation) run it
+    in ``d.prepare(loader)``: call it once before your loop (``loader`` yields ``{"image", "target"}`` dicts or
+    ``(image, target)`` tuples); for the other methods it does nothing.
     """
     if method not in DISTILLERS:
         DISTILLERS.get(method)  # the registry's one-line error, with close names

@@ -10,6 +10,10 @@ memory banks). The trainer only calls:
   so no method deals with it.
 - ``forward(image)``: the student's logits (evaluation; the teacher and extra parts are not used).
 - ``trainable_parameters()``, ``extra_state_dict()`` / ``load_extra_state_dict()``, ``set_epoch()``.
+- ``prepare(train_loader, device)``: a method's own stage before distillation (FT's paraphraser pre-training,
+  AB's and FSP's initialisation of the student), called once before the first epoch of a fresh run; a resumed
+  run skips it (its result is in the checkpoint: the student's weights and ``extra_state_dict``). The default
+  does nothing.
 
 What reports, benchmarks and analyses need to know about a method is declared here, on the method class
 (``display_name``, ``report_order``, ``variants``, ``analysis_points``), so no code outside this package
@@ -17,6 +21,7 @@ names a method or keeps a list of them.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -25,6 +30,9 @@ import torch.nn as nn
 from ..errors import LakdError
 from ..models.base import FeatureNet
 from ..registry import DISTILLERS
+from ..runtime import distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 def register_distiller(name: str):
@@ -123,6 +131,54 @@ class Distiller(nn.Module):
         logits, losses = self.forward_train(**batch)
         backward(sum(losses.values()))
         return logits.detach(), {k: v.detach() for k, v in losses.items()}
+
+    def prepare(self, train_loader, device: torch.device | str | None = None) -> None:
+        """The method's stage before distillation, run once on a fresh run (default: none).
+
+        The trainer calls it before the first epoch (never on resume). Users of ``lakd.distiller`` call
+        ``d.prepare(loader)`` themselves before their own loop; ``loader`` yields ``{"image", "target"}`` dicts
+        or ``(image, target, ...)`` tuples, moved to ``device`` (default: the distiller's). The stage's length and
+        learning rate are settings of the method (e.g. ``ft.pretrain_epochs``); it trains with its own SGD
+        optimizer (the run's ``solver.momentum`` and ``solver.weight_decay``), in fp32."""
+
+    def feature_parameters(self) -> list[nn.Parameter]:
+        """The student's trainable parameters without its classifier (RepDistiller's ``get_feat_modules``): what
+        an initialisation stage on features trains (under torchrun a parameter without a gradient would still be
+        decayed, so the classifier, which a feature loss never reaches, is left out)."""
+        try:
+            head = {id(p) for p in self.student.classifier.parameters()}
+        except (AttributeError, NotImplementedError):
+            head = set()
+        return [p for p in self.student.parameters() if p.requires_grad and id(p) not in head]
+
+    def run_stage(self, train_loader, device, params: list, loss_fn: Callable, epochs: int, lr: float,
+                  what: str) -> None:
+        """A pre-training stage shared by the methods that have one: ``epochs`` passes over ``train_loader``
+        minimising ``loss_fn(image, target)`` over ``params`` with SGD at the constant rate ``lr`` (RepDistiller's
+        ``init``), gradients averaged over processes under torchrun. Logs one line per epoch."""
+        if epochs <= 0 or not params:
+            return
+        device = torch.device(device) if device is not None else next(self.student.parameters()).device
+        sol = self.cfg.get("solver", {}) or {}
+        opt = torch.optim.SGD(params, lr=lr, momentum=float(sol.get("momentum", 0.9)),
+                              weight_decay=float(sol.get("weight_decay", 5e-4)))
+        self.train()
+        for epoch in range(epochs):
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            total, count = 0.0, 0
+            for batch in train_loader:
+                image, target = (batch["image"], batch["target"]) if isinstance(batch, dict) else batch[:2]
+                image, target = image.to(device), target.to(device)
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(image, target)
+                loss.backward()
+                dist.average_gradients(params)
+                opt.step()
+                total, count = total + float(loss.detach()) * image.shape[0], count + image.shape[0]
+            if count == 0:
+                raise LakdError(f"the {what} stage of {self.name} got no batch from the training loader")
+            log.info("%s %s stage: epoch %d/%d loss %.4f", self.name, what, epoch + 1, epochs, total / count)
 
     # ----- shared machinery -----------------------------------------------------------------------------
     def forward(self, image: torch.Tensor) -> torch.Tensor:

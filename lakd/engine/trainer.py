@@ -380,6 +380,8 @@ class Trainer:
                      f"({self.data.num_train} train images, {len(self.data.train)} steps/epoch, "
                      f"device {self.device}, {self.dist.world_size} process(es), amp {self.amp}, "
                      f"channels_last {self.channels_last}{threads.describe()}{t})")
+        if self.start_epoch == 0:  # the method's own stage (Distiller.prepare): fresh runs only; its result is saved
+            self.distiller.prepare(self.data.train, self.device)
         for epoch in range(self.start_epoch, epochs):
             t0 = time.perf_counter()
             record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
