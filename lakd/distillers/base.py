@@ -10,6 +10,8 @@ memory banks). The trainer only calls:
   so no method deals with it.
 - ``forward(image)``: the student's logits (evaluation; the teacher and extra parts are not used).
 - ``trainable_parameters()``, ``extra_state_dict()`` / ``load_extra_state_dict()``, ``set_epoch()``.
+- ``build_optimizer(params, solver_cfg)``: a method that changes the optimizer (DOT) returns it; default ``None``
+  (the engine's SGD).
 
 What reports, benchmarks and analyses need to know about a method is declared here, on the method class
 (``display_name``, ``report_order``, ``variants``, ``analysis_points``), so no code outside this package
@@ -123,6 +125,11 @@ class Distiller(nn.Module):
         logits, losses = self.forward_train(**batch)
         backward(sum(losses.values()))
         return logits.detach(), {k: v.detach() for k, v in losses.items()}
+
+    def build_optimizer(self, params, solver_cfg: dict) -> torch.optim.Optimizer | None:
+        """The optimizer of ``params`` for a method that changes it (DOT's two momenta), given ``cfg["solver"]``
+        (the lr is set per step in its param groups); ``None`` (the default): the engine's SGD."""
+        return None
 
     # ----- shared machinery -----------------------------------------------------------------------------
     def forward(self, image: torch.Tensor) -> torch.Tensor:
