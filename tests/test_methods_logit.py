@@ -391,21 +391,61 @@ def test_two_step_train_runs_through_the_command(digits_overrides, capsys):
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_on_an_adapted_torchvision_network(method):
+def test_on_an_adapted_torchvision_network():
+    """``lakd.distiller`` on torchvision resnet18s (DOT, the method with the most machinery), then every method
+    on the same adapted pair (adapted once: the fx trace is the slow part)."""
     import torchvision
 
     import lakd
+    from lakd.models import adapt
 
     torch.manual_seed(0)
-    s = torchvision.models.resnet18(num_classes=10)
-    te = torchvision.models.resnet18(num_classes=10)
-    d = lakd.distiller(s, None if method == "tfkd" else te, method, image_size=32)
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 4])
+    s, te = torchvision.models.resnet18(num_classes=10), torchvision.models.resnet18(num_classes=10)
+    d = lakd.distiller(s, te, "dot", image_size=32)
+    opt = d.build_optimizer(d.trainable_parameters(), {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0})
+    before = [p.detach().clone() for p in d.student.parameters()]
+    d.train_step({"image": x, "target": y}, lambda loss, **kw: loss.backward(**kw))
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, d.student.parameters()))
+    fs, ft = adapt(s, input_size=32), adapt(te, input_size=32)
+    for method in METHODS:
+        dm = build_distiller(method_cfg(method), fs, None if method == "tfkd" else ft)
+        opt = dm.build_optimizer(dm.trainable_parameters(), {"lr": 0.01, "momentum": 0.9})  # DOT's; else None
+        assert (opt is not None) == (method == "dot")
+        _, losses = dm.train_step({"image": x, "target": y}, lambda loss, **kw: loss.backward(**kw))
+        assert all(torch.isfinite(v) for v in losses.values()), method
+
+
+@pytest.mark.parametrize("method", ["dot", "ctkd"])
+def test_a_resumed_run_continues_bitwise(method, tmp_path):
+    """DOT's two momentum buffers (optimizer state) and CTKD's temperature (extra state) and curriculum: a run
+    stopped after its first epoch and resumed ends bitwise where the uninterrupted run does."""
+    from lakd.engine.checkpoint import atomic_save
+    from lakd.engine.trainer import Trainer
+
+    teacher = tmp_path / "t.pt"
+    torch.save({"model": create_model("resnet8", 10).state_dict(), "arch": "resnet8", "num_classes": 10}, teacher)
+    common = ["data.dataset=digits", "data.train_subset=96", "data.test_subset=32", "solver.batch_size=32",
+              "solver.lr=0.05", "model.name=resnet8", "train.progress=false", "train.threads=1",
+              "data.num_workers=0", f"method={method}", "teacher.name=resnet8", f"teacher.checkpoint={teacher}",
+              "solver.epochs=2", "solver.max_steps_per_epoch=2", f"output_dir={tmp_path}", "ctkd.decay_epochs=2"]
+    full = Trainer(load_config(None, common + ["experiment=full"]), quiet=True)
+    full.fit()
+    tr = Trainer(load_config(None, common + ["experiment=part"]), quiet=True)
+    tr.train_epoch(0)
+    atomic_save(tr._checkpoint(1), str(tmp_path / "part" / "last.pt"))
+    tr.close()
+    resumed = Trainer(load_config(None, common + ["experiment=part", f"resume={tmp_path}/part"]), quiet=True)
+    assert resumed.start_epoch == 1
+    resumed.fit()
+    a, b = full.distiller.state_dict(), resumed.distiller.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
     if method == "dot":
-        opt = d.build_optimizer(d.trainable_parameters(), {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0})
-        d.train_step({"image": x, "target": y}, lambda loss, **kw: loss.backward(**kw))
-        opt.step()
-        return
-    _, losses = d.train_step({"image": x, "target": y}, lambda loss: loss.backward())
-    assert all(torch.isfinite(v) for v in losses.values())
+        sa, sb = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+        assert sa.keys() == sb.keys() and all("momentum_kd_buffer" in v for v in sa.values())
+        for k in sa:
+            for key in sa[k]:
+                assert torch.equal(sa[k][key], sb[k][key]), (k, key)
