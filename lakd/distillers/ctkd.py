@@ -63,7 +63,7 @@ class GlobalTemperature(nn.Module):
 
 @register_distiller("ctkd")
 class CTKD(Distiller):
-    """CTKD (Li et al. AAAI 2023) distils softened probabilities at a learnable, adversarial curriculum temperature.
+    """CTKD (Li et al. AAAI 2023) distils KD at a learned curriculum temperature; ctkd_ls: + logit standardization.
 
     Settings (``ctkd``): ``ce_weight``, ``kd_weight``, ``t_start``, ``t_range``, ``t_init``, ``decay_epochs``,
     ``lambda_max``, ``logit_stand`` (variant ``ctkd_ls``). Extra part: ``temperature`` (one parameter)."""

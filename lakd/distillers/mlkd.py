@@ -77,7 +77,7 @@ def mlkd_terms(logits_s, logits_t, temperatures, percentile: float = 50.0, logit
 
 @register_distiller("mlkd")
 class MLKD(Distiller):
-    """MLKD (Jin et al. CVPR 2023) distils instance, batch and class logit relations over several temperatures.
+    """MLKD (Jin et al. CVPR 2023) distils instance, batch, class logit relations; mlkd_ls: + logit standardization.
 
     Settings (``mlkd``): ``ce_weight``, ``kd_weight``, ``temperatures``, ``mask_percentile``, ``logit_stand``
     (variant ``mlkd_ls``: + logit standardization, Sun et al. CVPR 2024)."""
