@@ -336,6 +336,9 @@ def test_lakd_methods_lists_the_methods_and_the_logit_standardised_variants(caps
     variants = method_variants()
     for v in ("kd_ls", "dkd_ls", "ctkd_ls", "mlkd_ls"):
         assert any("logit_stand=true" in o for o in variants[v][1])
+    from lakd.distillers import bench_default_methods
+
+    assert "kd" in bench_default_methods() and "kd_ls" not in bench_default_methods()  # still the paper's Table 4
     order = [DISTILLERS.get(m).report_order for m in METHODS]
     assert all(8 < o < DISTILLERS.get("lakd").report_order for o in order)
 

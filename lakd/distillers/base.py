@@ -51,6 +51,8 @@ class Distiller(nn.Module):
     variants: dict[str, list[str]] = {}
     #: part of ``lakd bench``'s default method list (the paper's Table 4)
     bench_default = False
+    #: which of ``variants`` join that default list with it (None: all; KD's ``kd_ls`` does not)
+    bench_variants: tuple[str, ...] | None = None
     #: the reference the benchmarks divide by (``ratio_to_scratch``): training without distillation
     cost_reference = False
 

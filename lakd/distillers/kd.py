@@ -52,6 +52,7 @@ class KD(Distiller):
     DEFAULTS = {"kd": {"T": 4.0, "ce_weight": 0.1, "kd_weight": 0.9, "logit_stand": False}}
     #: KD with logit standardization at the reference's settings (Sun et al., 2024)
     variants = {"kd_ls": ["kd.logit_stand=true", "kd.T=2.0", "kd.kd_weight=9.0"]}
+    bench_variants = ()  # lakd bench's default list stays the paper's Table 4 methods
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
