@@ -380,7 +380,7 @@ def test_cifar10_configs_run_on_the_real_architectures():
         _, losses = d.forward_train(x, y)
         sum(losses.values()).backward()
         s.zero_grad()
-    for method in ("dist", "nkd"):  # ImageNet: a config where the authors give ImageNet settings
+    for method in ("dist", "nkd", "ctkd"):  # ImageNet: where the authors give ImageNet settings
         cfg = load_config(os.path.join(ROOT, "configs", "imagenet", method, "resnet34_resnet18.yaml"))
         assert cfg["method"] == method and cfg["model"]["name"] == "resnet18"
 
