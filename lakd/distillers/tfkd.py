@@ -8,8 +8,8 @@ student is pulled to it::
                                                                                 batch mean)
 
 (the ``/ C`` is the authors' ``nn.KLDivLoss()`` element mean over B x C). It is label smoothing with a tuned
-shape. Defaults are the authors' CIFAR-100 setting as we read their code's parameter files (alpha 0.95,
-T 20, multiplier 100, a = 0.99); the self-training variant Tf-KD_self is KD with a pre-trained student as the
+shape. Defaults are the authors' CIFAR-100 setting (their ``experiments/base_experiments/base_resnet18/
+params.json``: alpha 0.1, T 20, multiplier 100; a = 0.99 in their loss); the self-training variant Tf-KD_self is KD with a pre-trained student as the
 teacher (method ``kd`` with ``teacher.name`` = the student's architecture).
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ class TfKD(Distiller):
     display_name = "Tf-KD"
     report_order = 25
     needs_teacher = False
-    DEFAULTS = {"tfkd": {"alpha": 0.95, "T": 20.0, "multiplier": 100.0, "correct_prob": 0.99}}
+    DEFAULTS = {"tfkd": {"alpha": 0.1, "T": 20.0, "multiplier": 100.0, "correct_prob": 0.99}}
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, None, cfg, num_data)
