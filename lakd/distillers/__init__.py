@@ -43,7 +43,12 @@ def resolve_method(name: str) -> tuple[str, list[str]]:
 
 def bench_default_methods() -> list[str]:
     """The methods (and their variants) ``lakd bench`` measures by default: those declaring ``bench_default``."""
-    return [v for v, (m, _) in method_variants().items() if DISTILLERS.get(m).bench_default]
+    out = []
+    for v, (m, _) in method_variants().items():
+        cls = DISTILLERS.get(m)
+        if cls.bench_default and (v == m or cls.bench_variants is None or v in cls.bench_variants):
+            out.append(v)
+    return out
 
 
 def cost_reference() -> str:

@@ -8,6 +8,9 @@ done as in mdistiller by subtracting 1000 from it), each batch-mean times T^2. L
 ``epoch`` 1-based as in mdistiller (``self.epoch + 1`` here, the trainer's epoch being 0-based).
 mdistiller: alpha 1, beta 8 (2 for res56->res20 and res110->res32, 6 for the WRN and VGG pairs), T 4,
 warm-up 20 epochs, CE weight 1.
+
+``dkd.logit_stand: true`` z-scores both sides' logits first (logit standardization, Sun et al., CVPR 2024;
+``lakd.distillers.kd.standardize``); the reference's DKD+LS runs use ``T = 2`` (variant ``dkd_ls``).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import LakdError
 from .base import Distiller, register_distiller
+from .kd import check_logit_stand, standardize
 
 
 def dkd_terms(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor, temperature: float):
@@ -37,9 +41,16 @@ def dkd_terms(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tens
 
 @register_distiller("dkd")
 class DKD(Distiller):
+    """DKD (Zhao et al. CVPR 2022) distils target and non-target class parts; dkd_ls: + logit standardization.
+
+    ``dkd.logit_stand: true`` z-scores both sides' logits first (Sun et al., CVPR 2024); the variant ``dkd_ls``
+    sets it with the reference's ``T = 2``."""
+
     display_name = "DKD"
     report_order = 2
-    DEFAULTS = {"dkd": {"ce_weight": 1.0, "alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup": 20}}
+    DEFAULTS = {"dkd": {"ce_weight": 1.0, "alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup": 20, "logit_stand": False}}
+    #: DKD with logit standardization at the reference's temperature (Sun et al., 2024)
+    variants = {"dkd_ls": ["dkd.logit_stand=true", "dkd.T=2.0"]}
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
@@ -52,13 +63,15 @@ class DKD(Distiller):
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
             raise LakdError(f"dkd.warmup must be a number of epochs >= 0 (mdistiller: 20), got {w!r}")
         self.warmup = float(w)
+        self.logit_stand = check_logit_stand("dkd", s["logit_stand"])
 
     def warmup_factor(self) -> float:
         return 1.0 if self.warmup <= 0 else min((self.epoch + 1) / self.warmup, 1.0)
 
     def student_losses(self, image, target, t_logits, **batch):
         logits = self.student(image)
-        tckd, nckd = dkd_terms(logits, t_logits, target, self.T)
+        zs, zt = (standardize(logits), standardize(t_logits)) if self.logit_stand else (logits, t_logits)
+        tckd, nckd = dkd_terms(zs, zt, target, self.T)
         w = self.warmup_factor()
         return logits, {
             "ce": self.ce_weight * F.cross_entropy(logits, target),

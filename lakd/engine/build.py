@@ -89,7 +89,8 @@ def build_models(cfg: dict, num_classes: int, meta: dict | None = None, warn: bo
 
 
 def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
-    """SGD with ``cfg["solver"]``'s momentum, Nesterov switch and weight decay (the lr is set per step)."""
+    """SGD with ``cfg["solver"]``'s momentum, Nesterov switch and weight decay (the lr is set per step); a method
+    that brings its own optimizer (``Distiller.build_optimizer``, e.g. DOT) replaces it in ``build``."""
     s = cfg["solver"]
     return torch.optim.SGD(params, lr=float(s["lr"]), momentum=float(s["momentum"]),
                            nesterov=bool(s["nesterov"]) and float(s["momentum"]) > 0,
@@ -136,8 +137,10 @@ def build(cfg: dict, device=None, rank: int = 0, world_size: int = 1, data: Data
         distiller.to(memory_format=torch.channels_last)
     amp = resolve_amp(t["amp"], device, [student, teacher])
     params = distiller.trainable_parameters()
+    optimizer = distiller.build_optimizer(params, cfg["solver"])  # a method's own (DOT), else the SGD
     return Built(data=data, student=distiller.student, teacher=distiller.teacher, distiller=distiller,
-                 params=params, optimizer=build_optimizer(cfg, params), scaler=build_scaler(cfg, device),
+                 params=params, optimizer=optimizer if optimizer is not None else build_optimizer(cfg, params),
+                 scaler=build_scaler(cfg, device),
                  amp_dtype=AMP_DTYPES[amp], device=device, amp=amp, channels_last=channels_last)
 
 

@@ -39,9 +39,9 @@ def training_step(distiller, optimizer, scaler, batch: dict, params, amp_dtype=N
     if reducer is not None:
         reducer.start()
 
-    def backward(loss: torch.Tensor) -> None:
+    def backward(loss: torch.Tensor, retain_graph: bool = False) -> None:
         with torch.autocast(device_type=device_type, enabled=False):
-            scaler.scale(loss).backward()
+            scaler.scale(loss).backward(retain_graph=retain_graph)
         if reducer is not None:
             reducer.backward_done()
 

@@ -1,0 +1,105 @@
+"""CTKD, curriculum temperature for knowledge distillation (Li et al., AAAI 2023), global-temperature variant.
+
+KD with a learnable temperature: one parameter ``t`` (initialised to 1) gives
+``T = t_start + t_range * sigmoid(t)`` (the authors' 1 + 20 sigmoid). ``t`` reaches the loss through a gradient
+reversal layer, identity forward and ``-lambda * grad`` backward, so the optimizer step moves the temperature to
+*raise* the KD loss (the adversarial, harder task) while the student lowers it. ``lambda`` follows the authors'
+cosine curriculum from 0 to ``lambda_max`` over ``decay_epochs`` epochs,
+``lambda(e) = lambda_max * (1 - cos(pi * e / decay_epochs)) / 2`` with ``e`` the 1-based epoch, ``lambda_max``
+afterwards (their ``CosineDecay(max 0, min -1, loops 10)`` applied as the layer's factor). Loss
+``ce_weight * CE + kd_weight * KL(p_t^T || p_s^T) * T^2`` (the authors' ``-r 0.1 -a 0.9``, base KD).
+``ctkd.logit_stand: true`` z-scores both sides' logits first (Sun et al., CVPR 2024; variant ``ctkd_ls`` with the
+reference's KD weight 9). The per-instance temperature network of the paper is not implemented.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import LakdError
+from .base import Distiller, register_distiller
+from .kd import check_logit_stand, kd_loss
+
+
+class _ReverseGrad(torch.autograd.Function):
+    """Identity forward, ``-scale * grad`` backward (torch has no built-in gradient reversal layer)."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.scale * grad, None
+
+
+def reverse_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return _ReverseGrad.apply(x, scale)
+
+
+def cosine_lambda(epoch: int, decay_epochs: float, lambda_max: float = 1.0) -> float:
+    """The curriculum: 0 at epoch 0, ``lambda_max`` from ``decay_epochs`` on, a half cosine in between."""
+    if decay_epochs <= 0 or epoch >= decay_epochs:
+        return lambda_max
+    return lambda_max * (1.0 - math.cos(math.pi * epoch / decay_epochs)) / 2.0
+
+
+class GlobalTemperature(nn.Module):
+    """One learnable temperature for the whole batch: ``t_start + t_range * sigmoid(t)``, ``t`` behind a gradient
+    reversal layer of factor ``lam``."""
+
+    def __init__(self, t_start: float, t_range: float, init: float = 1.0):
+        super().__init__()
+        self.t_start, self.t_range = t_start, t_range
+        self.t = nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self, lam: float) -> torch.Tensor:
+        return self.t_start + self.t_range * torch.sigmoid(reverse_grad(self.t, lam))
+
+
+@register_distiller("ctkd")
+class CTKD(Distiller):
+    """CTKD (Li et al. AAAI 2023) distils KD at a learned curriculum temperature; ctkd_ls: + logit standardization.
+
+    Settings (``ctkd``): ``ce_weight``, ``kd_weight``, ``t_start``, ``t_range``, ``t_init``, ``decay_epochs``,
+    ``lambda_max``, ``logit_stand`` (variant ``ctkd_ls``). Extra part: ``temperature`` (one parameter)."""
+
+    display_name = "CTKD"
+    report_order = 21
+    DEFAULTS = {"ctkd": {"ce_weight": 0.1, "kd_weight": 0.9, "t_start": 1.0, "t_range": 20.0, "t_init": 1.0,
+                         "decay_epochs": 10, "lambda_max": 1.0, "logit_stand": False}}
+    variants = {"ctkd_ls": ["ctkd.logit_stand=true", "ctkd.kd_weight=9.0"]}
+
+    def __init__(self, student, teacher, cfg, num_data=0):
+        super().__init__(student, teacher, cfg, num_data)
+        s = self.section("ctkd")
+        self.ce_weight, self.kd_weight = float(s["ce_weight"]), float(s["kd_weight"])
+        t_start, t_range = float(s["t_start"]), float(s["t_range"])
+        if t_start <= 0 or t_range < 0:
+            raise LakdError(f"ctkd.t_start must be > 0 and ctkd.t_range >= 0 (the temperature lies in "
+                            f"[t_start, t_start + t_range]; the authors': 1 and 20), got {t_start} and {t_range}")
+        d = s["decay_epochs"]
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or d < 0:
+            raise LakdError(f"ctkd.decay_epochs must be a number of epochs >= 0 (the authors': 10), got {d!r}")
+        self.decay_epochs, self.lambda_max = float(d), float(s["lambda_max"])
+        self.logit_stand = check_logit_stand("ctkd", s["logit_stand"])
+        self.temperature = GlobalTemperature(t_start, t_range, float(s["t_init"]))
+
+    def grl_lambda(self) -> float:
+        return cosine_lambda(self.epoch + 1, self.decay_epochs, self.lambda_max)
+
+    def current_temperature(self) -> float:
+        with torch.no_grad():
+            return float(self.temperature(0.0))
+
+    def student_losses(self, image, target, t_logits, **batch):
+        logits = self.student(image)
+        temp = self.temperature(self.grl_lambda())
+        return logits, {
+            "ce": self.ce_weight * F.cross_entropy(logits, target),
+            "kd": self.kd_weight * kd_loss(logits, t_logits, temp, self.logit_stand),
+        }
