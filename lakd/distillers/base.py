@@ -1,0 +1,231 @@
+"""The one small interface every distillation method implements (after mdistiller's ``Distiller``).
+
+A distiller owns the student, the frozen teacher and any extra learnable parts (connectors, embeddings,
+memory banks). The trainer only calls:
+
+- ``train_step(batch, backward)``: one training step's forward and backward passes. The default runs
+  ``forward_train`` (``teacher_pass`` first, then ``student_losses``: every method runs the teacher before the
+  student) and calls ``backward(sum of losses)`` once; a method that needs several backward passes
+  (LAKD's local modules) overrides it and calls ``backward`` per loss. ``backward`` applies AMP loss scaling,
+  so no method deals with it.
+- ``forward(image)``: the student's logits (evaluation; the teacher and extra parts are not used).
+- ``trainable_parameters()``, ``extra_state_dict()`` / ``load_extra_state_dict()``, ``set_epoch()``.
+- ``prepare(train_loader, device)``: a method's own stage before distillation (FT's paraphraser pre-training,
+  AB's and FSP's initialisation of the student), called once before the first epoch of a fresh run; a resumed
+  run skips it (its result is in the checkpoint: the student's weights and ``extra_state_dict``). The default
+  does nothing.
+- ``build_optimizer(params, solver_cfg)``: a method that changes the optimizer (DOT) returns it; default ``None``
+  (the engine's SGD).
+
+What reports, benchmarks and analyses need to know about a method is declared here, on the method class
+(``display_name``, ``report_order``, ``variants``, ``analysis_points``), so no code outside this package
+names a method or keeps a list of them.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from ..errors import LakdError
+from ..models.base import FeatureNet
+from ..registry import DISTILLERS
+from ..runtime import distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def register_distiller(name: str):
+    def deco(cls):
+        cls.name = name
+        return DISTILLERS.register(name)(cls)
+
+    return deco
+
+
+class Distiller(nn.Module):
+    name = "base"
+    #: config sections this method owns, with their defaults, e.g. {"kd": {"T": 4.0}}
+    DEFAULTS: dict = {}
+    needs_teacher = True
+    #: how papers and tables write the method (default: its registered name)
+    display_name = ""
+    #: row position in result tables (the paper's Table 1 order); methods without one come last but before
+    #: the proposed method
+    report_order = 9_999
+    #: named variants for benchmarks: name -> config overrides, e.g. {"lakd_joint": ["sdm.backward=joint"]}
+    variants: dict[str, list[str]] = {}
+    #: part of ``lakd bench``'s default method list (the paper's Table 4)
+    bench_default = False
+    #: which of ``variants`` join that default list with it (None: all; KD's ``kd_ls`` does not)
+    bench_variants: tuple[str, ...] | None = None
+    #: the reference the benchmarks divide by (``ratio_to_scratch``): training without distillation
+    cost_reference = False
+
+    #: what the method needs from the student and teacher beyond logits and features, checked at construction
+    #: (``FeatureNet.missing``): ``"class_maps"`` (a classifier for class activation maps), ``"preact"``
+    #: (pre-activation stage outputs). Needs that depend on the run's settings: ``requirements``.
+    needs: tuple[str, ...] = ()
+
+    def requirements(self) -> dict[str, tuple]:
+        """What this run needs from each model, checked at construction (before the method reads its settings):
+        ``{"student": (...), "teacher": (...)}``, each entry a need of ``needs`` or ``(need, key, value)`` when
+        the setting ``key=value`` asks for it (the error then names the setting and the key to change). Default:
+        ``needs`` from both models."""
+        return {"student": tuple(self.needs), "teacher": tuple(self.needs)}
+
+    @classmethod
+    def analysis_points(cls, cfg: dict) -> str:
+        """Which of a trained student's block outputs analyses show by default (a ``parse_points`` spec:
+        ``stages``, ``blocks`` or 1-based block indices such as ``1,4,9``), given its run config."""
+        return "stages"
+
+    def __init__(self, student: FeatureNet, teacher: FeatureNet | None, cfg: dict, num_data: int = 0):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.cfg = cfg
+        self.epoch = 0
+        self.total_epochs = int(cfg.get("solver", {}).get("epochs", 1))
+        models = {"student": student, "teacher": teacher if self.needs_teacher else None}
+        for role, needs in self.requirements().items():
+            for need in needs if models[role] is not None else ():
+                need, key, value = (need, None, None) if isinstance(need, str) else need
+                why = models[role].missing(need) if hasattr(models[role], "missing") else None
+                if why:
+                    raise LakdError(f"method {self.name} needs {_NEEDS.get(need, need)} from the {role}"
+                                    + (f" (for {key}={value})" if key else "") + f", but {why}"
+                                    + (f" (or change {key})" if key else ""))
+        if teacher is not None:
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            teacher.eval()
+
+    # ----- config helpers ----------------------------------------------------------------------
+    def section(self, name: str) -> dict:
+        """This method's config section, defaults filled in."""
+        out = dict(self.DEFAULTS.get(name, {}))
+        out.update(self.cfg.get(name) or {})
+        return out
+
+    # ----- what a method implements -----------------------------------------------------------------
+    def teacher_pass(self, image: torch.Tensor, **batch):
+        """What this method needs from the teacher (no gradient): by default its logits. A method that needs
+        features overrides this and returns only those it uses (a CAM, one hint map), so the teacher's other
+        outputs are freed before the student runs. ``None`` without a teacher."""
+        return None if self.teacher is None else self.teacher_forward(image)
+
+    def student_losses(self, image: torch.Tensor, target: torch.Tensor, teacher_out, **batch):
+        """The student's forward and the losses, given ``teacher_pass``'s result.
+        Returns ``(student_logits, {loss_name: scalar tensor})``."""
+        raise NotImplementedError
+
+    def forward_train(self, image: torch.Tensor, target: torch.Tensor, **batch):
+        """The teacher first, then the student (for every method, here and nowhere else): the teacher's forward
+        temporaries are freed before the student's saved activations exist, so they never add to the step's
+        peak memory (student first costs about +17% peak for KD at the allocator). Returns
+        ``(student_logits, {loss_name: scalar tensor})``."""
+        teacher_out = self.teacher_pass(image, **batch)
+        return self.student_losses(image, target, teacher_out, **batch)
+
+    def train_step(self, batch: dict, backward: Callable[[torch.Tensor], None]):
+        """One step's forward and backward. Returns ``(detached logits, {loss_name: detached tensor})``."""
+        logits, losses = self.forward_train(**batch)
+        backward(sum(losses.values()))
+        return logits.detach(), {k: v.detach() for k, v in losses.items()}
+
+    def prepare(self, train_loader, device: torch.device | str | None = None) -> None:
+        """The method's stage before distillation, run once on a fresh run (default: none).
+
+        The trainer calls it before the first epoch (never on resume). Users of ``lakd.distiller`` call
+        ``d.prepare(loader)`` themselves before their own loop; ``loader`` yields ``{"image", "target"}`` dicts
+        or ``(image, target, ...)`` tuples, moved to ``device`` (default: the distiller's). The stage's length and
+        learning rate are settings of the method (e.g. ``ft.pretrain_epochs``); it trains with its own SGD
+        optimizer (the run's ``solver.momentum`` and ``solver.weight_decay``), in fp32."""
+
+    def feature_parameters(self) -> list[nn.Parameter]:
+        """The student's trainable parameters without its classifier (RepDistiller's ``get_feat_modules``): what
+        an initialisation stage on features trains (under torchrun a parameter without a gradient would still be
+        decayed, so the classifier, which a feature loss never reaches, is left out)."""
+        try:
+            head = {id(p) for p in self.student.classifier.parameters()}
+        except (AttributeError, NotImplementedError):
+            head = set()
+        return [p for p in self.student.parameters() if p.requires_grad and id(p) not in head]
+
+    def run_stage(self, train_loader, device, params: list, loss_fn: Callable, epochs: int, lr: float,
+                  what: str) -> None:
+        """A pre-training stage shared by the methods that have one: ``epochs`` passes over ``train_loader``
+        minimising ``loss_fn(image, target)`` over ``params`` with SGD at the constant rate ``lr`` (RepDistiller's
+        ``init``), gradients averaged over processes under torchrun. Logs one line per epoch."""
+        if epochs <= 0 or not params:
+            return
+        device = torch.device(device) if device is not None else next(self.student.parameters()).device
+        sol = self.cfg.get("solver", {}) or {}
+        opt = torch.optim.SGD(params, lr=lr, momentum=float(sol.get("momentum", 0.9)),
+                              weight_decay=float(sol.get("weight_decay", 5e-4)))
+        self.train()
+        for epoch in range(epochs):
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            total, count = 0.0, 0
+            for batch in train_loader:
+                image, target = (batch["image"], batch["target"]) if isinstance(batch, dict) else batch[:2]
+                image, target = image.to(device), target.to(device)
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(image, target)
+                loss.backward()
+                dist.average_gradients(params)
+                opt.step()
+                total, count = total + float(loss.detach()) * image.shape[0], count + image.shape[0]
+            if count == 0:
+                raise LakdError(f"the {what} stage of {self.name} got no batch from the training loader")
+            log.info("%s %s stage: epoch %d/%d loss %.4f", self.name, what, epoch + 1, epochs, total / count)
+    def build_optimizer(self, params, solver_cfg: dict) -> torch.optim.Optimizer | None:
+        """The optimizer of ``params`` for a method that changes it (DOT's two momenta), given ``cfg["solver"]``
+        (the lr is set per step in its param groups); ``None`` (the default): the engine's SGD."""
+        return None
+
+    # ----- shared machinery -----------------------------------------------------------------------------
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.student(image)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher always runs in eval mode (BN statistics frozen)
+        return self
+
+    @torch.no_grad()
+    def teacher_forward(self, image: torch.Tensor, **kw):
+        return self.teacher(image, **kw)
+
+    def set_epoch(self, epoch: int, total_epochs: int) -> None:
+        self.epoch, self.total_epochs = epoch, total_epochs
+
+    def named_trainable_parameters(self):
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("teacher.") and p.requires_grad]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def extra_state_dict(self) -> dict:
+        """State of the parts that are neither the student nor the teacher (connectors, banks)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("student.", "teacher."))}
+
+    def load_extra_state_dict(self, sd: dict) -> None:
+        own = self.extra_state_dict()
+        missing = [k for k in own if k not in sd]
+        if missing:
+            raise LakdError(f"the checkpoint lacks the {self.name} method's state {missing[:3]}; was it written by a "
+                            f"run of another method or config? resume with that run's own config.yaml")
+        self.load_state_dict({**{f"student.{k}": v for k, v in self.student.state_dict().items()},
+                              **({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+                                 if self.teacher is not None else {}),
+                              **sd}, strict=True)
+
+
+_NEEDS = {"class_maps": "class activation maps (a linear classifier after global pooling)",
+          "preact": "pre-activation stage outputs"}
