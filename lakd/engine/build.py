@@ -135,6 +135,9 @@ def build(cfg: dict, device=None, rank: int = 0, world_size: int = 1, data: Data
     if channels_last:
         distiller.to(memory_format=torch.channels_last)
     amp = resolve_amp(t["amp"], device, [student, teacher])
+    if t.get("check_reachability", True):  # every trainable parameter reached by some loss, or a LakdError
+        distiller.check_reachability(data.image_size if data is not None else cfg["data"].get("image_size") or None,
+                                     int(num_classes))
     params = distiller.trainable_parameters()
     return Built(data=data, student=distiller.student, teacher=distiller.teacher, distiller=distiller,
                  params=params, optimizer=build_optimizer(cfg, params), scaler=build_scaler(cfg, device),
