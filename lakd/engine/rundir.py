@@ -132,6 +132,8 @@ def _restartable(path: str) -> RunDir | None:
     """The folder of a run that was stopped before its first checkpoint (``RunDir.never_saved``), claimed and
     emptied so that a plain rerun starts it again; None for any other folder (or one in use by a live run)."""
     run = RunDir(path, created=False)
+    if not run.never_saved():  # looked at before locking: a folder another claim has just created (no
+        return None  # config.yaml until its lock is held) is never touched
     try:
         run.lock()
     except LakdError:
