@@ -48,6 +48,11 @@ def distiller(student, teacher=None, method: str = "lakd", *, options: dict | No
     - ``student_options`` / ``teacher_options``: ``blocks``, ``stem``, ``classifier``, ``leaf_modules``
       (``lakd.adapt``) and, for names, ``kwargs`` for the constructor.
 
+    Construction runs one dry training step on a batch of 2 (no trace left: weights, gradients, BatchNorm
+    statistics, the method's state and the RNG as they were) and refuses a distiller whose losses leave a
+    trainable parameter without a gradient (``LakdError`` naming them and the fix); ``options={"train":
+    {"check_reachability": False}}`` skips it.
+
     Call ``d.train_step(batch, backward)`` per step with ``batch = {"image": x, "target": y}`` and a
     ``backward(loss)`` function (``loss.backward()``, or ``scaler.scale(loss).backward()`` under AMP); LAKD calls
     it once per local module, freeing each module's graph before the next one runs. Then step your optimizer
@@ -78,7 +83,10 @@ def distiller(student, teacher=None, method: str = "lakd", *, options: dict | No
         _check_values(opts, schema, "options")
         cfg = _merge(cfg, opts)
     cfg["model"]["num_classes"] = s.feature_info()["num_classes"]
-    return build_distiller(cfg, s, t, num_data=num_data).train()
+    d = build_distiller(cfg, s, t, num_data=num_data).train()
+    if cfg["train"].get("check_reachability", True):
+        d.check_reachability(image_size or s.input_size, cfg["model"]["num_classes"])
+    return d
 
 
 __all__ = ["distiller", "adapt", "create_model"]

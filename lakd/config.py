@@ -84,6 +84,9 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 50,
         "deterministic": False,
         "threads": 0,  # torch.set_num_threads on CPU (0: leave PyTorch's default)
+        # refuse, at construction, a distiller whose losses leave a trainable parameter without a gradient (one
+        # dry step on a batch of 2: Distiller.check_reachability)
+        "check_reachability": True,
         "dist_timeout_s": 600.0,  # multi-process: how long ranks wait for each other before naming the missing one
     },
 }

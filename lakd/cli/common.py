@@ -1,4 +1,5 @@
-"""Argument helpers shared by the ``lakd`` sub-commands that take checkpoints (eval, analyze, visualize)."""
+"""Argument helpers shared by the ``lakd`` sub-commands that take checkpoints (eval, analyze, visualize), and the
+translation of a failed write to a user-named output into a one-line error (every command)."""
 from __future__ import annotations
 
 import os
@@ -42,3 +43,30 @@ def archs_for(arg, n: int, flag: str) -> list[str | None]:
         raise LakdError(f"{flag} takes one model name for all checkpoints or one per checkpoint ({n}), "
                         f"got {len(arg)}")
     return list(arg)
+
+
+#: argparse destinations that name files or folders a command writes (``--out``, ``--csv``, ``--plot``)
+OUTPUT_OPTIONS = ("out", "csv", "plot")
+
+
+def output_error(args, err: OSError) -> LakdError | None:
+    """The one-line error for ``err`` when it is a failed write to a path the user named with an output option
+    (the path itself, a folder above it or inside it, else a temporary file next to it); None for any other
+    OSError, which stays a bug to report."""
+    name = getattr(err, "filename", None)
+    if not isinstance(name, (str, bytes, os.PathLike)):
+        return None
+    target = os.path.abspath(os.fsdecode(name))
+    named = []
+    for dest in OUTPUT_OPTIONS:
+        value = getattr(args, dest, None)
+        named += [(dest, p) for p in (value if isinstance(value, (list, tuple)) else [value])
+                  if isinstance(p, str) and p]
+    tests = (lambda full: target == full or target.startswith(full + os.sep) or full.startswith(target + os.sep),
+             lambda full: os.path.dirname(target) == os.path.dirname(full))  # e.g. an atomic write's temporary
+    for hit in tests:
+        for dest, path in named:
+            if hit(os.path.abspath(path)):
+                return LakdError(f"cannot write --{dest.replace('_', '-')} {path!r} ({err.strerror or err}); "
+                                 f"choose a writable path")
+    return None

@@ -118,6 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):  # and let the interpreter's final flush go nowhere
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as a shell reports a command killed by a closed pipe
+    except OSError as e:  # a write to a path the user named (--out, --csv, --plot) failed: one line, exit 2
+        from .common import output_error
+
+        err = output_error(args, e)
+        if err is None:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

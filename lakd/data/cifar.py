@@ -1,9 +1,11 @@
 """CIFAR-10 / CIFAR-100 from the python-pickle release, read by a restricted unpickler (numpy arrays only)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,11 +130,27 @@ def _download(name: str, root: str) -> None:
     spec = SPECS[name]
     cls = CIFAR10 if name == "cifar10" else CIFAR100
     filename = os.path.basename(spec["url"])
+    archive, folder = os.path.join(root, filename), os.path.join(root, spec["folder"])
+    # what this call creates (the root and its missing parents, the archive, the unpacked folder) is removed
+    # again when it fails, so a failed download leaves no empty or partial data folder behind
+    created = []
+    parent = os.path.abspath(root)
+    while not os.path.exists(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    new_archive, new_folder = not os.path.exists(archive), not os.path.exists(folder)
     try:
         os.makedirs(root, exist_ok=True)
         tv_utils.download_url(spec["url"], root, filename=filename, md5=cls.tgz_md5)
-        tv_utils.extract_archive(os.path.join(root, filename), root)
+        tv_utils.extract_archive(archive, root)
     except Exception as e:  # network, disk, checksum, a broken archive
+        if new_folder:
+            shutil.rmtree(folder, ignore_errors=True)
+        if new_archive and os.path.isfile(archive):
+            os.unlink(archive)
+        for path in created:  # deepest first; only folders left empty
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
         raise LakdError(f"downloading {spec['title']} into {root} failed ({type(e).__name__}: {e}); fetch "
                         f"{spec['url']} by hand and unpack it there (or set data.root / $LAKD_DATA to a copy)") from None
 

@@ -23,14 +23,16 @@ names a method or keeps a list of them.
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
+import random
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
 from ..errors import LakdError
-from ..models.base import FeatureNet
+from ..models.base import FeatureNet, _buffers_kept
 from ..registry import DISTILLERS
 from ..runtime import distributed as dist
 
@@ -69,6 +71,11 @@ class Distiller(nn.Module):
     #: (pre-activation stage outputs). Needs that depend on the run's settings: ``requirements``.
     needs: tuple[str, ...] = ()
 
+    #: trainable parameters a training step may legitimately leave without a gradient (``fnmatch`` patterns on
+    #: ``named_trainable_parameters`` names, e.g. ``"t_connector.*"`` for a part trained only in a pre-stage):
+    #: the reachability check (``check_reachability``) does not report them
+    unreached_ok: tuple[str, ...] = ()
+
     def requirements(self) -> dict[str, tuple]:
         """What this run needs from each model, checked at construction (before the method reads its settings):
         ``{"student": (...), "teacher": (...)}``, each entry a need of ``needs`` or ``(need, key, value)`` when
@@ -102,6 +109,66 @@ class Distiller(nn.Module):
             for p in teacher.parameters():
                 p.requires_grad_(False)
             teacher.eval()
+
+    # ----- reachability: every trainable parameter gets a gradient from some loss ----------------------
+    def unreached_parameters(self, image_size: int | None = None, num_classes: int | None = None,
+                             batch_size: int = 2) -> list[str]:
+        """Names of the trainable parameters (``named_trainable_parameters``, less ``unreached_ok``) that no loss
+        of one training step reaches, found by one dry ``train_step`` on a random batch (``batch_size`` images of
+        ``image_size``, default the student's) whose ``backward`` asks autograd which parameters each loss
+        reaches (``torch.autograd.grad``: no ``.grad`` is written, no gradient hook fires). The step runs in
+        training mode and leaves no trace: every buffer (BatchNorm statistics, CRD's memory banks and draw
+        count), the RNG states and the train/eval mode are restored."""
+        named = [(n, p) for n, p in self.named_trainable_parameters()
+                 if not any(fnmatch.fnmatchcase(n, pat) for pat in self.unreached_ok)]
+        if not named:
+            return []
+        params = [p for _, p in named]
+        reached = [False] * len(params)
+
+        def backward(loss: torch.Tensor) -> None:
+            if not loss.requires_grad:
+                return
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for i, g in enumerate(grads):
+                reached[i] = reached[i] or g is not None
+
+        modes = [(m, m.training) for m in self.modules()]
+        rng = (random.getstate(), torch.random.get_rng_state(),
+               torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+        first = params[0]
+        size = int(image_size or getattr(self.student, "input_size", 32))
+        classes = int(num_classes or self.student.feature_info()["num_classes"])
+        try:
+            image = torch.randn(batch_size, 3, size, size, device=first.device)
+            batch = {"image": image, "target": torch.arange(batch_size, device=first.device) % classes,
+                     "index": torch.arange(batch_size, device=first.device)}
+            with _buffers_kept([self]), torch.enable_grad():
+                self.train()
+                self.train_step(batch, backward)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+            random.setstate(rng[0])
+            torch.random.set_rng_state(rng[1])
+            if rng[2] is not None:
+                torch.cuda.set_rng_state_all(rng[2])
+        return [n for (n, _), r in zip(named, reached) if not r]
+
+    def check_reachability(self, image_size: int | None = None, num_classes: int | None = None) -> None:
+        """Refuse (``LakdError``) a distiller that would leave trainable parameters at their initialisation for
+        the whole run: those ``unreached_parameters`` names, a few of them and their count, and the fix."""
+        missed = self.unreached_parameters(image_size, num_classes)
+        if not missed:
+            return
+        shown = ", ".join(n.removeprefix("student.") for n in missed[:4]) + (", ..." if len(missed) > 4 else "")
+        cuts = getattr(self.student, "cut_names", None)
+        fix = (f"cut the student only where every path of the network passes (model.blocks, now "
+               f"{list(cuts['blocks'])}; `lakd models --blocks NAME` lists the candidates), "
+               if cuts and any(n.startswith("student.") for n in missed) else "")
+        raise LakdError(f"method {self.name}: {len(missed)} trainable parameters get no gradient from any loss and "
+                        f"would never train ({shown}); {fix}freeze them (requires_grad=False), or skip this check "
+                        f"with train.check_reachability=false")
 
     # ----- config helpers ----------------------------------------------------------------------
     def section(self, name: str) -> dict:

@@ -1,8 +1,9 @@
 """FitNet (Romero et al., 2015): the student's hint feature, mapped by a learnable regressor, regresses the
 teacher's feature at the same depth (MSE), on top of cross-entropy.
 
-Follows mdistiller's ``FitNet``: the hint is one feature of ``[stem, stage 1, stage 2, ...]`` (``hint_stage``,
-default 2 = mdistiller's ``HINT_LAYER: 2``, the second stage's output for the 3-stage CIFAR nets), the
+Follows mdistiller's ``FitNet``: the hint is one feature of ``[stem, stage 1, stage 2, ...]`` (``hint_stage``;
+default ``null`` (or ``auto``): the middle stage, ``(n + 1) // 2`` of the n stages both models have, which is
+mdistiller's ``HINT_LAYER: 2`` for the 3-stage CIFAR nets and stage 1 for a 2-stage student), the
 regressor is mdistiller's ``ConvReg`` (conv + BN + ReLU; the conv is a 3x3 stride-2 conv when the student map
 is twice the teacher's size, a 4x4 stride-2 transposed conv when it is half, and otherwise a
 ``(1 + Hs - Ht) x (1 + Ws - Wt)`` conv, i.e. 1x1 for equal sizes), loss ``ce_weight * CE + feat_weight * MSE``
@@ -52,7 +53,7 @@ class FitNet(Distiller):
     display_name = "FitNet"
     report_order = 5
     bench_default = True
-    DEFAULTS = {"fitnet": {"ce_weight": 1.0, "feat_weight": 100.0, "hint_stage": 2}}
+    DEFAULTS = {"fitnet": {"ce_weight": 1.0, "feat_weight": 100.0, "hint_stage": None}}  # None/auto: middle stage
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
@@ -61,9 +62,12 @@ class FitNet(Distiller):
         info_s, info_t = student.feature_info(), teacher.feature_info()
         n = min(len(info_s["stages"]), len(info_t["stages"]))
         stage = s["hint_stage"]
+        if stage is None or stage == "auto":  # the middle stage of those both models have (2 of 3 on CIFAR nets)
+            stage = max(1, (n + 1) // 2) if n else 0
         if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= n:
             raise LakdError(f"fitnet.hint_stage={stage!r} is out of range: use an integer from 0 (stem) "
-                            f"to {n} (last stage) for {getattr(student, 'label', type(student).__name__)} / "
+                            f"to {n} (last stage), or auto (the middle stage) for "
+                            f"{getattr(student, 'label', type(student).__name__)} / "
                             f"{getattr(teacher, 'label', type(teacher).__name__)}")
         self.hint_stage = stage
         shapes_s = [info_s["stem"], *info_s["stages"]]

@@ -121,6 +121,10 @@ def build(cfg: dict, device=None, rank: int = 0, world_size: int = 1, data: Data
             data = build_data(cfg, device, rank, world_size)
         num_classes = resolve_num_classes(cfg, data)
         num_data = data.num_train
+        batch = int(cfg["solver"]["batch_size"])
+        if warn and rank == 0 and 0 < num_data < batch:
+            log.warning("solver.batch_size=%d is larger than the training set (%d images): every epoch is one "
+                        "batch of %d images; set solver.batch_size=%d or less", batch, num_data, num_data, num_data)
     else:
         num_classes = cfg["model"].get("num_classes")
         if not num_classes:
@@ -136,6 +140,9 @@ def build(cfg: dict, device=None, rank: int = 0, world_size: int = 1, data: Data
     if channels_last:
         distiller.to(memory_format=torch.channels_last)
     amp = resolve_amp(t["amp"], device, [student, teacher])
+    if t.get("check_reachability", True):  # every trainable parameter reached by some loss, or a LakdError
+        distiller.check_reachability(data.image_size if data is not None else cfg["data"].get("image_size") or None,
+                                     int(num_classes))
     params = distiller.trainable_parameters()
     optimizer = distiller.build_optimizer(params, cfg["solver"])  # a method's own (DOT), else the SGD
     return Built(data=data, student=distiller.student, teacher=distiller.teacher, distiller=distiller,

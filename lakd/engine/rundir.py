@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 
@@ -23,6 +24,8 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
 LOCK_NAME = ".lock"
+
+log = logging.getLogger(__name__)
 
 
 class RunDir:
@@ -72,6 +75,16 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return any(os.path.exists(os.path.join(self.path, n)) for n in ("last.pt", "best.pt"))
 
+    def never_saved(self) -> bool:
+        """A run that started (its ``config.yaml`` written) and stopped before its first checkpoint: nothing in
+        the folder is worth keeping (no weights, no summary), so a rerun or ``resume=`` simply starts it again."""
+        names = self.contents()
+        return "config.yaml" in names and "summary.json" not in names and not self.has_checkpoint()
+
+    def restart(self) -> None:
+        """Empty a ``never_saved`` folder (under the lock) for the run to start from epoch 1."""
+        _clear(self)
+
     def discard(self) -> None:
         """Remove a folder this process created and that holds no checkpoint (a run that failed to start), so
         that it does not show up as an incomplete run; release the lock either way."""
@@ -115,6 +128,24 @@ def _clear(run: RunDir) -> None:
             os.unlink(p)
 
 
+def _restartable(path: str) -> RunDir | None:
+    """The folder of a run that was stopped before its first checkpoint (``RunDir.never_saved``), claimed and
+    emptied so that a plain rerun starts it again; None for any other folder (or one in use by a live run)."""
+    run = RunDir(path, created=False)
+    if not run.never_saved():  # looked at before locking: a folder another claim has just created (no
+        return None  # config.yaml until its lock is held) is never touched
+    try:
+        run.lock()
+    except LakdError:
+        return None
+    if not run.never_saved():
+        run.release()
+        return None
+    log.info("%s holds a run stopped before its first checkpoint; starting it again", path)
+    _clear(run)
+    return run
+
+
 def claim(path: str | None, base: str, *, resume: bool = False, overwrite: bool = False) -> RunDir:
     """Claim the run folder: ``path`` when given (``--run-dir``), else ``base`` or the first free ``base-k``.
 
@@ -138,6 +169,9 @@ def claim(path: str | None, base: str, *, resume: bool = False, overwrite: bool 
                 run = RunDir(candidate, created=True)
                 run.lock()
                 return run
+            run = _restartable(candidate) if os.path.isdir(candidate) else None
+            if run is not None:  # a run stopped before its first checkpoint: started again in its own folder
+                return run
             k += 1
     target = path or base
     _mkdir_parent(target)
@@ -148,6 +182,10 @@ def claim(path: str | None, base: str, *, resume: bool = False, overwrite: bool 
     run.lock()  # from here on no other live run writes in the folder
     remove_stale_temporaries(target)
     if run.contents():
+        if not overwrite and run.never_saved():
+            log.info("%s holds a run stopped before its first checkpoint; starting it again", target)
+            _clear(run)
+            return run
         if not overwrite:
             run.release()
             raise LakdError(f"run folder {target!r} already holds a run ({', '.join(run.contents()[:4])}); "

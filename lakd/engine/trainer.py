@@ -86,6 +86,7 @@ class Trainer:
                 # the file must start a fresh run when re-used, so the resume pointer is left out
                 self._write_file("config.yaml", config_mod.dump_config({**cfg, "resume": None}))
             self.teacher_correct, self.teacher_top1 = self._teacher_eval()
+            self._warn_chance_teacher()
         except BaseException:
             self.close(failed=True)
             raise
@@ -162,6 +163,15 @@ class Trainer:
             ck_path = best  # last.pt lost (deleted, or a kill before its first save): best.pt holds a full state
             if not self.quiet:
                 log.info("%s is missing; resuming from %s", os.path.join(path, "last.pt"), best)
+        if not os.path.exists(ck_path) and not path.endswith(".pt") and os.path.isfile(
+                os.path.join(path, "config.yaml")) and not os.path.exists(os.path.join(path, "summary.json")):
+            # a run stopped before its first checkpoint: nothing to continue, so it starts again from epoch 1
+            if not self.quiet:
+                log.info("%s holds no checkpoint (the run stopped before its first save); starting it from epoch 1",
+                         path)
+            if self.run is not None and os.path.realpath(self.run.path) == os.path.realpath(path):
+                self.run.restart()
+            return
         if not os.path.exists(ck_path):
             raise LakdError(f"cannot resume: {ck_path!r} does not exist; give the run folder of an earlier run")
         ck = read_checkpoint(ck_path)
@@ -216,6 +226,28 @@ class Trainer:
             return None, None
         res = evaluate(teacher, self.data.test, self.device, self.amp_dtype)
         return res["correct"], res["top1"]
+
+    def _chance_teacher(self) -> str:
+        """A phrase naming the teacher checkpoint when its top-1 is within 5 points of chance (100 / classes),
+        else ''."""
+        top1 = self.teacher_top1
+        chance = 100.0 / max(int(self.cfg["model"]["num_classes"] or 1), 1)
+        if top1 is None or top1 > chance + 5.0:
+            return ""
+        where = self.cfg["teacher"].get("checkpoint") or "no checkpoint: random weights"
+        return (f"the teacher ({where}) scores {top1:.2f}% top-1 on the test set, near chance "
+                f"({chance:.2g}%)")
+
+    def _warn_chance_teacher(self) -> None:
+        why = self._chance_teacher()
+        if why and self.cfg["teacher"].get("checkpoint") and self.dist.is_main:
+            log.warning("%s: it has not learnt the task (trained too briefly, or the wrong file or dataset), so "
+                        "distilling from it teaches the student nothing and may diverge; check teacher.checkpoint",
+                        why.upper()[:1] + why[1:])
+
+    def _diverged_hint(self) -> str:
+        why = self._chance_teacher()
+        return f"; {why}, which may be the cause: check teacher.checkpoint" if why else ""
 
     # ------------------------------------------------------------------------------------------------
     def _checkpoint(self, epoch: int) -> dict:
@@ -297,7 +329,7 @@ class Trainer:
         losses_avg = {k: v / n for k, v in zip(keys, vec[2:])}
         if any(not math.isfinite(v) for v in losses_avg.values()):
             raise LakdError(f"training diverged at epoch {epoch + 1} (loss {losses_avg}); lower solver.lr or "
-                            f"check the loss weights")
+                            f"check the loss weights{self._diverged_hint()}")
         return {"lr": lr, "train_loss": sum(losses_avg.values()), "train_top1": 100.0 * vec[1] / n,
                 "losses": losses_avg, "epoch_time_s": dt, "images_per_s": vec[0] / dt}
 
@@ -350,7 +382,8 @@ class Trainer:
             kept = (f"the last good checkpoint {last} is kept" if os.path.exists(last)
                     else "no checkpoint was written")
             raise LakdError(f"training diverged at epoch {epoch + 1}: {bad}; nothing of this epoch was saved and "
-                            f"{kept}; lower solver.lr (now {self.cfg['solver']['lr']}) or check the loss weights")
+                            f"{kept}; lower solver.lr (now {self.cfg['solver']['lr']}) or check the loss weights"
+                            f"{self._diverged_hint()}")
 
     def _rescue(self, epoch: int, err: OSError) -> None:
         """The run folder became unwritable: save the training state elsewhere, then stop with the way back."""

@@ -130,5 +130,15 @@ def load_weights(model: nn.Module, path: str, arch: str = "") -> dict:
                                 f"({k}); use a checkpoint for this dataset or set model.num_classes={v.shape[0]}")
             raise LakdError(f"checkpoint {path!r} does not fit {arch or type(model).__name__}: {k} has shape "
                             f"{tuple(v.shape)}, the model expects {tuple(own[k].shape)}; is it a different architecture?")
+    # weights that are NaN or infinite (a diverged run, a broken file) would evaluate to "loss nan" or blank
+    # figures: refused here, for every command that loads a model; buffers other than BatchNorm's statistics
+    # (masks that may hold -inf by design) are not checked
+    params = {n for n, _ in model.named_parameters()}
+    bad = [k for k, v in sd.items() if (k in params or k.endswith(("running_mean", "running_var")))
+           and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise LakdError(f"checkpoint {path!r} holds non-finite weights (NaN or inf in {len(bad)} tensors, e.g. "
+                        f"{bad[0]}): the run that wrote it diverged or the file is damaged; use an earlier "
+                        f"checkpoint of that run or retrain it")
     model.load_state_dict(sd, strict=True)
     return obj
