@@ -126,10 +126,10 @@ class Distiller(nn.Module):
         params = [p for _, p in named]
         reached = [False] * len(params)
 
-        def backward(loss: torch.Tensor) -> None:
+        def backward(loss: torch.Tensor, retain_graph: bool = False) -> None:
             if not loss.requires_grad:
                 return
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
             for i, g in enumerate(grads):
                 reached[i] = reached[i] or g is not None
 
@@ -145,7 +145,7 @@ class Distiller(nn.Module):
                      "index": torch.arange(batch_size, device=first.device)}
             with _buffers_kept([self]), torch.enable_grad():
                 self.train()
-                self.train_step(batch, backward)
+                self.dry_step(batch, backward)
         finally:
             for m, mode in modes:
                 m.training = mode
@@ -196,6 +196,12 @@ class Distiller(nn.Module):
         ``(student_logits, {loss_name: scalar tensor})``."""
         teacher_out = self.teacher_pass(image, **batch)
         return self.student_losses(image, target, teacher_out, **batch)
+
+    def dry_step(self, batch: dict, backward: Callable[..., None]):
+        """The step the reachability check runs (``unreached_parameters``): ``train_step`` by default. A method
+        whose ``train_step`` needs more than the model (DOT steps the optimizer it built) overrides it with the
+        same forward and backward passes."""
+        return self.train_step(batch, backward)
 
     def train_step(self, batch: dict, backward: Callable[[torch.Tensor], None]):
         """One step's forward and backward. Returns ``(detached logits, {loss_name: detached tensor})``."""

@@ -135,6 +135,13 @@ class DOT(Distiller):
             "kd": self.kd_weight * kd_loss(logits, t_logits, self.T),
         }
 
+    def dry_step(self, batch, backward):
+        # the reachability check runs before the optimizer exists: the same two backward passes, nothing stashed
+        logits, losses = self.forward_train(**batch)
+        backward(losses["kd"], retain_graph=True)
+        backward(losses["ce"])
+        return logits.detach(), {k: v.detach() for k, v in losses.items()}
+
     def train_step(self, batch, backward):
         opt = self._optimizer() if self._optimizer is not None else None
         if opt is None:
