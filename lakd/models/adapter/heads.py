@@ -1,0 +1,98 @@
+"""What the adapter reads off a traced graph's nodes: global pooling (and its NCHW / NHWC layout), ReLUs (for
+pre-activations), ops that only reshape, and the B x C x H x W shape of a cut.
+
+The head is everything after the last cut. Its global pooling (adaptive/average pooling to 1x1 or a mean over
+H x W) gives the last feature map (its input); the classifier is the last ``nn.Linear`` after it (or the module
+named by ``classifier=``; timm models: the module ``get_classifier()`` returns). Class activation maps apply the
+classifier to the map at every position -- through the layers between pooling and the classifier when there are
+any (e.g. MobileNetV3's hidden ``Linear``) -- which is the usual CAM (bias excluded) when the classifier follows
+the pooling directly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...errors import LakdError
+from ..base import FeatureShape
+from .tracing import tensor_shape
+
+_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
+_POOL_2D_FUNCTIONS = (F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d)
+_REDUCE_FUNCTIONS = (torch.mean, torch.amax)  # reductions over named dims, as the methods below
+_POOL_FUNCTIONS = _POOL_2D_FUNCTIONS + _REDUCE_FUNCTIONS
+_POOL_METHODS = ("mean", "amax")
+_RELU = (F.relu, torch.relu, torch.relu_)
+#: ops that only reshape or drop out: a classifier behind only these sees the pooled map itself
+_TRIVIAL_MODULES = (nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+_TRIVIAL_FUNCTIONS = (torch.flatten, F.dropout, torch.squeeze, torch.reshape)
+_TRIVIAL_METHODS = ("flatten", "view", "reshape", "squeeze", "contiguous")
+
+
+def fshape(node: fx.Node, label: str, nhwc: bool = False) -> FeatureShape:
+    shape = tensor_shape(node)
+    if shape is None or len(shape) != 4:
+        raise LakdError(f"{label}: the cut {node.name!r} gives {'a non-tensor' if shape is None else shape}, not a "
+                        f"B x C x H x W map; cut where the features are 4-D maps (see `lakd models --blocks`)")
+    if nhwc:  # B x H x W x C (Swin-style): the distillers see it permuted to B x C x H x W
+        return FeatureShape(int(shape[3]), int(shape[1]), int(shape[2]))
+    return FeatureShape(int(shape[1]), int(shape[2]), int(shape[3]))
+
+
+def is_relu(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), nn.ReLU)
+    if n.op == "call_function":
+        return n.target in _RELU
+    return n.op == "call_method" and n.target in ("relu", "relu_")
+
+
+def is_trivial(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), _TRIVIAL_MODULES)
+    if n.op == "call_function":
+        return n.target in _TRIVIAL_FUNCTIONS
+    return n.op == "call_method" and n.target in _TRIVIAL_METHODS
+
+
+def _reduced_dims(n: fx.Node) -> set[int] | None:
+    """The dimensions (0..3) a ``mean``/``amax`` over a 4-D input reduces, when the call names them."""
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", n.kwargs.get("axis"))
+    if isinstance(dims, int):
+        dims = (dims,)
+    if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims):
+        return None
+    return {d % 4 for d in dims}
+
+
+def pool_layout(gm: fx.GraphModule, n: fx.Node) -> str | None:
+    """``"nchw"`` or ``"nhwc"`` when ``n`` is global pooling -- a pooling / mean op whose input is a 4-D map and
+    whose output is one value per channel -- else None. A mean (or amax) over dims (1, 2) pools a B x H x W x C
+    map, as timm's Swin heads do; pooling modules and functions, and a mean over (2, 3), pool B x C x H x W."""
+    if n.op == "call_module":
+        kind = isinstance(gm.get_submodule(n.target), _POOL_MODULES)
+    elif n.op == "call_function":
+        kind = n.target in _POOL_FUNCTIONS
+    else:
+        kind = n.op == "call_method" and n.target in _POOL_METHODS
+    if not kind or not n.args or not isinstance(n.args[0], fx.Node):
+        return None
+    inp, out = tensor_shape(n.args[0]), tensor_shape(n)
+    if inp is None or out is None or len(inp) != 4:
+        return None
+    reduction = n.op == "call_method" or (n.op == "call_function" and n.target in _REDUCE_FUNCTIONS)
+    dims = _reduced_dims(n) if reduction else None
+    if dims == {1, 2}:
+        ok = (len(out) == 4 and out[3] == inp[3] and out[1] == out[2] == 1) or (len(out) == 2 and out[1] == inp[3])
+        return "nhwc" if ok else None
+    if dims is not None and dims != {2, 3}:
+        return None
+    ok = (len(out) == 4 and out[1] == inp[1] and out[2] == out[3] == 1) or (len(out) == 2 and out[1] == inp[1])
+    return "nchw" if ok else None
+
+
+def is_global_pool(gm: fx.GraphModule, n: fx.Node) -> bool:
+    return pool_layout(gm, n) is not None
+
