@@ -427,3 +427,39 @@ def test_errors_are_one_line_and_name_the_fix():
         with pytest.raises(LakdError) as info:
             create_model(e, 10)
         assert "\n" not in str(info.value)
+
+
+# ----- the private nn.Module dictionaries the adapter shares with the network (lakd/models/adapter/pieces.py) -------
+def test_private_module_dicts_the_adapter_relies_on():
+    """The adapter shares the network's children and top-level tensors through nn.Module's private dictionaries
+    and follows .to() through nn.Module._apply: if torch renames or reshapes them, this fails loudly."""
+    probe = nn.Module()
+    for attr in ("_modules", "_parameters", "_buffers"):
+        assert type(probe.__dict__[attr]) is dict, attr
+    assert isinstance(probe.__dict__["_non_persistent_buffers_set"], set)
+    assert callable(nn.Module._apply)
+
+    class Top(nn.Module):  # a top-level parameter and buffer, and a child named like a FeatureNet attribute
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+            self.register_buffer("shift", torch.zeros(1))
+            self.body = nn.Conv2d(3, 4, 3)
+            self.classifier = nn.Linear(4, 10)
+
+        def forward(self, x):
+            h = self.body(x) * self.scale + self.shift
+            return self.classifier(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+    net = Top()
+    a = adapt(net, input_size=SIZE, blocks=["body"])
+    assert list(a.state_dict()) == list(net.state_dict()) and a.classifier is net.classifier
+    a.to(torch.float64)  # _apply: the converted buffer reaches the network and the pieces
+    assert net.shift.dtype == torch.float64 and net.scale.dtype == torch.float64
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
+    a.eval()
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(a(x), net(x))
+        c = copy.deepcopy(a)
+        assert torch.equal(c(x), net(x)) and c.body is not a.body

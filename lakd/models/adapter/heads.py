@@ -10,6 +10,8 @@ the pooling directly.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -96,3 +98,49 @@ def pool_layout(gm: fx.GraphModule, n: fx.Node) -> str | None:
 def is_global_pool(gm: fx.GraphModule, n: fx.Node) -> bool:
     return pool_layout(gm, n) is not None
 
+
+
+# ----- in-place ops (pieces clone the inputs such ops would rewrite) ------------------------------------------------
+_INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.ipow, operator.iand, operator.ior, operator.ixor, operator.setitem)
+#: ops whose result may share its input's storage: an in-place op on the result rewrites the input too
+_VIEW_METHODS = ("view", "view_as", "reshape", "reshape_as", "permute", "transpose", "t", "flatten", "unflatten",
+                 "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "contiguous", "detach", "to",
+                 "type_as", "float", "chunk", "split", "unbind", "as_strided", "movedim", "__getitem__")
+_VIEW_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
+                   torch.narrow, torch.chunk, torch.split, torch.unbind, torch.movedim, torch.detach, operator.getitem)
+_VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def mutated(gm: fx.GraphModule, n: fx.Node) -> fx.Node | None:
+    """The node whose tensor ``n`` rewrites in place (``nn.ReLU(inplace=True)``, ``x.add_(y)``, ``x += y``,
+    ``F.relu(x, inplace=True)``, ``torch.relu_(x)``, ``x[i] = v``), or None."""
+    first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    if first is None:
+        return None
+    if n.op == "call_module":
+        return first if getattr(gm.get_submodule(n.target), "inplace", False) is True else None
+    if n.op == "call_function":
+        name = getattr(n.target, "__name__", "")
+        hit = (n.kwargs.get("inplace") is True or n.target in _INPLACE_OPERATORS
+               or (name.endswith("_") and not name.startswith("_")))
+        return first if hit else None
+    if n.op == "call_method":
+        t = n.target
+        hit = (t.endswith("_") and not t.startswith("_")) or t in ("__setitem__", "__iadd__", "__imul__", "__isub__")
+        return first if hit else None
+    return None
+
+
+def aliases(gm: fx.GraphModule, n: fx.Node) -> fx.Node | None:
+    """The input whose storage ``n``'s result may share (a view, an in-place op's result), or None."""
+    first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    if first is None:
+        return None
+    if mutated(gm, n) is not None:
+        return first
+    if n.op == "call_module":
+        return first if isinstance(gm.get_submodule(n.target), _VIEW_MODULES) else None
+    if n.op == "call_function":
+        return first if n.target in _VIEW_FUNCTIONS else None
+    return first if n.op == "call_method" and n.target in _VIEW_METHODS else None

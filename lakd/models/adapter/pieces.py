@@ -30,7 +30,7 @@ import torch.nn as nn
 from ...errors import LakdError
 from ..base import Carry, FeatureNet, FeatureShape
 from .cuts import default_cuts
-from .heads import fshape, is_global_pool, is_relu, is_trivial, pool_layout
+from .heads import aliases, fshape, is_global_pool, is_relu, is_trivial, mutated, pool_layout
 from .tracing import modes_differ, propagate, resolve_cut, tensor_shape, trace, value_nodes
 
 
@@ -158,6 +158,17 @@ class _Split:
         env: dict[fx.Node, fx.Node] = {}
         for n in ins:
             env[n] = g.placeholder(n.name)
+        # an input this piece would rewrite in place (through a view or directly) is cloned first: the tensor
+        # belongs to the piece before (a teacher feature, the detached carry of an earlier LAKD module)
+        root = {n: n for n in ins}
+        for n in body:
+            a = aliases(self.gm, n)
+            if a is not None and a in root:
+                root[n] = root[a]
+        rewritten = {root[m] for n in body if (m := mutated(self.gm, n)) is not None and m in root}
+        for n in ins:
+            if n in rewritten:
+                env[n] = g.call_function(_clone, (env[n],))
 
         def arg(a):
             if a not in env and a.op == "get_attr":  # parameters used functionally: fetched where used
@@ -186,8 +197,12 @@ class AdaptedNet(FeatureNet):
     def __init__(self, model: nn.Module, blocks: list[str] | None = None, stem: str | None = None,
                  classifier: str | None = None, leaf_modules=(), input_size: int = 224, name: str | None = None):
         nn.Module.__init__(self)
-        # the network's own children (and top-level tensors) become the adapter's: same state_dict names
-        # (assigned directly: a child may be called like a FeatureNet attribute, e.g. torchvision's `classifier`)
+        # the network's own children (and top-level tensors) become the adapter's: same state_dict names.
+        # Private nn.Module dictionaries, on purpose: the public add_module / register_parameter /
+        # register_buffer refuse a name that is already an attribute, and a network's child is often named like
+        # a FeatureNet attribute (torchvision's `classifier`, timm's `pool`), which the adapter must keep both of.
+        # Checked on torch 2.14; tests/test_adapter.py::test_private_module_dicts_the_adapter_relies_on
+        # fails loudly if torch renames them or stops keeping them as plain dicts.
         self._modules.update(model._modules)
         self._parameters.update(model._parameters)
         self._buffers.update(model._buffers)
@@ -236,6 +251,9 @@ class AdaptedNet(FeatureNet):
         return self._splits[self.training]
 
     def _apply(self, fn, *args, **kwargs):
+        # nn.Module._apply is what .to()/.cuda()/.half() all go through (checked on torch 2.14); there is no public
+        # hook after a conversion. The root's top-level buffers are rebound to the converted tensors and the
+        # pieces rebuilt, since they hold references to the tensors they read (fx get_attr).
         super()._apply(fn, *args, **kwargs)
         root = self._root
         for n in list(root._buffers):
@@ -358,6 +376,11 @@ class AdaptedNet(FeatureNet):
 
     def forward(self, x, features=False, preact=False, blocks=False):
         return FeatureNet.forward(self, x, features=features, preact=preact, blocks=blocks)
+
+
+def _clone(v):
+    """A tensor's copy (other carried values as they are): the input of a piece that rewrites it in place."""
+    return v.clone() if isinstance(v, torch.Tensor) else v
 
 
 def _remap(spec, nodes):
