@@ -10,8 +10,61 @@ from .heads import is_global_pool
 from .tracing import last_nodes, propagate, tensor_shape, trace, value_nodes
 
 
+def dominators(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes every path of the graph passes: after such a node, the only tensor a later node still needs is
+    its own output (no skip path or parallel branch spans it), so cutting there strands nothing -- in LAKD, every
+    value carried across the cut is detached, and a branch spanning it would lose the later losses' gradient.
+    Needs the shapes (``propagate``): values that are not tensors (sizes read off a tensor) carry no gradient and
+    do not count."""
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    out = set()
+    reach = -1  # the furthest use of a tensor made before the current node
+    for n in nodes:
+        if n.op in ("placeholder", "call_module", "call_function", "call_method") and n.users \
+                and reach <= pos[n]:
+            out.add(n)
+        if n.op != "output" and n.meta.get("tensor_meta") is not None and hasattr(n.meta["tensor_meta"], "shape"):
+            reach = max([reach] + [pos[u] for u in n.users])
+    return out
+
+
 def default_cuts(model: nn.Module, gm: fx.GraphModule, qualnames: dict) -> tuple[str | None, list[str]]:
-    """(stem, blocks) when the user names none: torchvision ResNets' residual blocks; timm's ``feature_info``
+    """(stem, blocks) when the user names none: the family's cut points (``family_cuts``), each moved to where
+    every path of the graph passes (``dominators``): a cut inside a branch or on a skip path (a block that a skip
+    connection spans) is replaced by the first point after it that all paths pass (where the branches join), so
+    no parameter is left out of every loss."""
+    stem, blocks = family_cuts(model, gm, qualnames)
+    dom = dominators(gm)
+    pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+    last = last_nodes(qualnames)
+    ordered = sorted(dom, key=pos.__getitem__)
+
+    def moved(path: str | None) -> str | None:
+        node = last.get(path) if path else None
+        if node is None or node in dom:
+            return path
+        after = next((d for d in ordered if pos[d] > pos[node]), None)
+        return None if after is None else qualnames.get(after, after.name)
+
+    out: list[str] = []
+    seen = set()
+    stem = moved(stem)
+    if stem is not None:
+        seen.add(last.get(stem) or stem)
+    for b in blocks:
+        m = moved(b)
+        key = last.get(m, m) if m is not None else None
+        if m is not None and key not in seen:
+            seen.add(key)
+            out.append(m)
+    if not out and stem is not None:
+        return None, [stem]
+    return stem, out
+
+
+def family_cuts(model: nn.Module, gm: fx.GraphModule, qualnames: dict) -> tuple[str | None, list[str]]:
+    """(stem, blocks) by family, before ``default_cuts`` moves them onto ``dominators``: torchvision ResNets' residual blocks; timm's ``feature_info``
     stages, each cut after every block inside it (``within``); otherwise the top-level children that run in
     sequence before global pooling (opening the largest container while fewer than three do, e.g. ``features`` or
     ``trunk_output``), the first of three or more being the stem."""
@@ -102,22 +155,34 @@ def default_cuts(model: nn.Module, gm: fx.GraphModule, qualnames: dict) -> tuple
     return None, seq
 
 
-def cut_candidates(model: nn.Module, input_size: int = 224, leaf_modules=()) -> list[tuple[str, tuple | None]]:
-    """Every module path that can be a cut point, in run order, with its output shape at ``input_size``."""
+def cut_candidates(model: nn.Module, input_size: int = 224, leaf_modules=(),
+                   every: bool = False) -> list[tuple[str, tuple | None]]:
+    """The cut points of ``model`` in run order, with their output shapes at ``input_size``: the module paths
+    whose output every path of the graph passes (``dominators``), and the points where branches join (a sum or
+    concatenation of two paths, named by its traced node); ``every``: every module path, a cut on a branch or a
+    skip path included."""
     was = model.training
     model.eval()
     try:
         gm, qn = trace(model, leaf_modules)
         p = next(model.parameters(), None)
         propagate(gm, torch.zeros(1, 3, input_size, input_size, dtype=p.dtype if p is not None else None),
-                   type(model).__name__)
+                  type(model).__name__)
     finally:
         model.train(was)
     last = last_nodes(qn)
     pos = {n: i for i, n in enumerate(gm.graph.nodes)}
     modules = {n for n, _ in model.named_modules() if n}
-    rows = [(path, tensor_shape(node)) for path, node in last.items() if path in modules]
+    dom = dominators(gm)
+    rows = [(path, tensor_shape(node)) for path, node in last.items()
+            if path in modules and (every or node in dom)]
+    ends = {last[path] for path, _ in rows}
+    if not every:
+        listed = {path for path, _ in rows}
+        joins = [n for n in dom if n not in ends and n.op in ("call_function", "call_method")
+                 and sum(isinstance(a, fx.Node) and a.meta.get("tensor_meta") is not None for a in n.args) >= 2
+                 and not any(qn.get(n, n.name).startswith(path + ".") for path in listed)]  # a block's own sum
+        rows += [(qn.get(n, n.name), tensor_shape(n)) for n in joins]
+        last.update({qn.get(n, n.name): n for n in joins})
     rows.sort(key=lambda r: (pos[last[r[0]]], -r[0].count(".")))
     return rows
-
-

@@ -144,3 +144,18 @@ def aliases(gm: fx.GraphModule, n: fx.Node) -> fx.Node | None:
     if n.op == "call_function":
         return first if n.target in _VIEW_FUNCTIONS else None
     return first if n.op == "call_method" and n.target in _VIEW_METHODS else None
+
+
+def timm_classifier(model: nn.Module) -> str | None:
+    """The module path of a timm model's classifier (``get_classifier()``), when it is an ``nn.Linear`` that the
+    traced graph calls; None otherwise (the last ``nn.Linear`` after global pooling is taken then)."""
+    get = getattr(model, "get_classifier", None)
+    if not callable(get) or not hasattr(model, "default_cfg"):
+        return None
+    try:
+        c = get()
+    except Exception:  # a model whose get_classifier needs more than this: fall back to the graph's last Linear
+        return None
+    if not isinstance(c, nn.Linear):
+        return None
+    return next((path for path, m in model.named_modules() if m is c and path), None)
