@@ -463,3 +463,35 @@ def test_private_module_dicts_the_adapter_relies_on():
         assert torch.equal(a(x), net(x))
         c = copy.deepcopy(a)
         assert torch.equal(c(x), net(x)) and c.body is not a.body
+
+
+# ----- default cuts never strand a branch -------------------------------------------------------------------------
+class LongSkip(nn.Module):
+    """``x3 = block3(block2(block1(x0)) + down(x0))``: the stem's output skips two blocks into a third."""
+
+    def __init__(self, num_classes=10, w=8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.ReLU())
+        self.block1 = nn.Sequential(nn.Conv2d(w, w, 3, padding=1), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.ReLU())
+        self.down = nn.Conv2d(w, 2 * w, 1, stride=2)
+        self.block3 = nn.Sequential(nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x):
+        x0 = self.stem(x)
+        x3 = self.block3(self.block2(self.block1(x0)) + self.down(x0))
+        return self.fc(F.adaptive_avg_pool2d(x3, 1).flatten(1))
+
+
+def test_default_cuts_of_a_long_skip_network_train_every_parameter():
+    torch.manual_seed(0)
+    a = adapt(LongSkip(), input_size=SIZE)
+    # block1, block2 and down lie on the two paths that join at the sum: the first cut is the sum
+    assert a.cut_names["stem"] == "stem" and a.cut_names["blocks"] == ["add", "block3"]
+    d = lakd.distiller(LongSkip(), LongSkip(w=12), "lakd", image_size=SIZE)
+    d.train_step(batch(), lambda loss: loss.backward())
+    assert [n for n, p in d.student.named_parameters() if p.grad is None or not torch.count_nonzero(p.grad)] == []
+    rows = [path for path, _ in cut_candidates(LongSkip(), input_size=SIZE)]
+    assert "add" in rows and not {"block1", "block2", "down"} & set(rows)
+    assert {"block1", "block2", "down"} <= {p for p, _ in cut_candidates(LongSkip(), input_size=SIZE, every=True)}

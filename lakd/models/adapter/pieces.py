@@ -30,7 +30,7 @@ import torch.nn as nn
 from ...errors import LakdError
 from ..base import Carry, FeatureNet, FeatureShape
 from .cuts import default_cuts
-from .heads import aliases, fshape, is_global_pool, is_relu, is_trivial, mutated, pool_layout
+from .heads import aliases, fshape, is_global_pool, is_relu, is_trivial, mutated, pool_layout, timm_classifier
 from .tracing import modes_differ, propagate, resolve_cut, tensor_shape, trace, value_nodes
 
 
@@ -61,15 +61,52 @@ class _Split:
         # the head: global pooling after the last cut; its input is the last feature map
         # the last one: squeeze-excitation layers pool too, inside the blocks
         pools = [n for n in nodes if is_global_pool(gm, n)]
+        #: why this network gives logits but no feature maps (None when it pools a B x C x H x W map)
+        self.map_problem = None
+        if not pools:  # a token model (ViT) or a flattened map (VGG): logits only
+            self.map_problem = (
+                f"{label} has no global pooling of a feature map before its classifier (it classifies tokens, as a "
+                f"ViT does, or a flattened map, as VGG does), so it gives logits but no feature maps; use a method "
+                f"that needs only the logits (e.g. method=kd), or a network that pools a B x C x H x W map")
+            self.setup_logits_only(gm, qualnames, nodes, pos, classifier, label)
+        else:
+            self.setup_head(gm, qualnames, nodes, pos, pools, order, names, classifier, label)
+        # segments: 0 = stem, 1..n = blocks, n+1 = head
+        seg: dict[fx.Node, int] = {}
+        bounds = [pos[n] for n in order]
+        for n in nodes:
+            seg[n] = 0 if n.op == "placeholder" else sum(pos[n] > b for b in bounds)
+        head = len(order)
+        carry: list[list[fx.Node]] = []
+        for s in range(head):
+            live = [v for v in nodes if seg[v] <= s and (v is order[s] or any(
+                seg.get(u, head) > s for u in v.users))]
+            carry.append(live)
+        self.mains = [carry[s].index(order[s]) for s in range(head)]
+        self.nhwc_cuts = [self._nhwc_at(n) for n in order]
+        self.inputs = placeholders
+        self.defaults = [p.args[0] if p.args else None for p in placeholders]
+        self.pieces_spec = []
+        for s in range(head + 1):
+            ins = placeholders if s == 0 else carry[s - 1]
+            body = [n for n in nodes if seg[n] == s and n.op != "placeholder"]
+            if s < head:
+                outs = list(carry[s])
+                relu_cut = order[s] if s > 0 and is_relu(gm, order[s]) else None
+                pre = (order[s].args[0] if relu_cut is not None else order[s]) if s > 0 else None
+                self.pieces_spec.append((ins, body, outs + ([pre] if pre is not None else []), relu_cut))
+            else:
+                self.pieces_spec.append((ins, body, [logits, *self.head_outputs], None))
+        self.cuts = order
+        self.build()
+
+    def setup_head(self, gm, qualnames, nodes, pos, pools, order, names, classifier, label) -> None:
+        """The head of a network that pools its last feature map: pooling, last map, classifier, CAM layers."""
         pool = pools[-1] if pools and pos[pools[-1]] > pos[order[-1]] else None
         earlier = pools[-1] if pools and pool is None else None
         if pool is None and earlier is not None:
             raise LakdError(f"cut point {names[-1]!r} of {label} lies after the last feature map (the input of global "
                             f"pooling {qualnames.get(earlier, earlier.name)!r}); end model.blocks at or before it")
-        if not pools:
-            raise LakdError(f"{label} has no global pooling (adaptive/average pooling to 1x1 or a mean over H x W) "
-                            f"before its classifier (it may classify a flattened map, as VGG does, or tokens); the "
-                            f"adapter needs a network that pools its last feature map, then classifies")
         if pool is None:
             raise LakdError(f"{label}: found no global pooling (adaptive/average pooling to 1x1 or a mean over "
                             f"H x W) after the last cut {names[-1]!r}; the adapter needs a convolutional network "
@@ -104,35 +141,18 @@ class _Split:
                                 f"name another with model.classifier=<module path>")
             mid = []
         self.mid_trivial = all(is_trivial(gm, n) for n in mid if n.op != "get_attr")
-        # segments: 0 = stem, 1..n = blocks, n+1 = head
-        seg: dict[fx.Node, int] = {}
-        bounds = [pos[n] for n in order]
-        for n in nodes:
-            seg[n] = 0 if n.op == "placeholder" else sum(pos[n] > b for b in bounds)
-        head = len(order)
-        carry: list[list[fx.Node]] = []
-        for s in range(head):
-            live = [v for v in nodes if seg[v] <= s and (v is order[s] or any(
-                seg.get(u, head) > s for u in v.users))]
-            carry.append(live)
-        self.mains = [carry[s].index(order[s]) for s in range(head)]
-        self.nhwc_cuts = [self._nhwc_at(n) for n in order]
-        self.inputs = placeholders
-        self.defaults = [p.args[0] if p.args else None for p in placeholders]
-        self.pieces_spec = []
-        for s in range(head + 1):
-            ins = placeholders if s == 0 else carry[s - 1]
-            body = [n for n in nodes if seg[n] == s and n.op != "placeholder"]
-            if s < head:
-                outs = list(carry[s])
-                relu_cut = order[s] if s > 0 and is_relu(gm, order[s]) else None
-                pre = (order[s].args[0] if relu_cut is not None else order[s]) if s > 0 else None
-                self.pieces_spec.append((ins, body, outs + ([pre] if pre is not None else []), relu_cut))
-            else:
-                self.pieces_spec.append((ins, body, [logits, fmap, emb], None))
+        self.head_outputs = [fmap, emb]
         self.mid_spec = ([pool], mid, [emb], None) if cls_node is not None and not self.mid_trivial else None
-        self.cuts = order
-        self.build()
+        self.fmap = fmap
+
+    def setup_logits_only(self, gm, qualnames, nodes, pos, classifier, label) -> None:
+        """The head of a network without a pooled feature map: only its logits come out."""
+        self.nhwc, self.pool_shape, self.mid_trivial, self.mid_spec, self.fmap = False, None, True, None, None
+        linears = [n for n in nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear)]
+        cls_node = resolve_cut(classifier, qualnames, label) if classifier else (linears[-1] if linears else None)
+        self.classifier_path = cls_node.target if cls_node is not None and cls_node.op == "call_module" else None
+        self.cam_problem = self.map_problem
+        self.head_outputs = []
 
     def _nhwc_at(self, node: fx.Node) -> bool:
         """Is this value B x H x W x C? Every map of an NHWC network is, but the input image."""
@@ -233,14 +253,17 @@ class AdaptedNet(FeatureNet):
         if not blocks:
             raise LakdError(f"model.blocks for {self.label} is empty; give at least one cut point")
         self.cut_names = {"stem": stem, "blocks": blocks, "classifier": classifier}
-        eval_split = _Split(gm, qn, stem, blocks, classifier, self.label)
+        cls = classifier or timm_classifier(model)
+        eval_split = _Split(gm, qn, stem, blocks, cls, self.label)
         train_split = eval_split
         if differ:
-            train_split = _Split(*graphs[True], stem, blocks, classifier, self.label)
+            train_split = _Split(*graphs[True], stem, blocks, cls, self.label)
         object.__setattr__(self, "_splits", {True: train_split, False: eval_split})
         self.train(was)
         # stages end where the resolution changes (next block's map is smaller), and at the last block
         self.stage_ends = list(range(1, len(blocks) + 1))
+        if eval_split.map_problem:  # no maps, so no resolutions to read stages from: every block ends one
+            return
         b = [eval_split.shape(n) for n in eval_split.cuts[1:]]
         self.stage_ends = [i + 1 for i in range(len(b))
                            if i == len(b) - 1 or (b[i].height, b[i].width) != (b[i + 1].height, b[i + 1].width)]
@@ -289,12 +312,20 @@ class AdaptedNet(FeatureNet):
         return new
 
     def feature_info(self, input_size: int | None = None) -> dict:
-        """As ``FeatureNet.feature_info``; at the adapter's own input size, read from the traced shapes."""
+        """As ``FeatureNet.feature_info``; at the adapter's own input size, read from the traced shapes. A network
+        without feature maps (a token model) raises a one-line ``LakdError`` naming what works with it."""
+        sp = self._splits[False]
+        if sp.map_problem:  # logits only: their count is known, asking for a map shape is the one-line refusal
+            info = _LogitsOnlyInfo(num_classes=int(tensor_shape(sp.pieces_spec[-1][2][0])[1]))
+            info.problem = sp.map_problem
+            return info
         size = input_size or self.input_size
         cache = self.__dict__.setdefault("_feature_info_cache", {})
         if size != self.input_size or size in cache:
             return super().feature_info(size)
         sp = self._splits[False]
+        if sp.map_problem:
+            raise LakdError(sp.map_problem)
         blocks = [sp.shape(n) for n in sp.cuts[1:]]
         logits, fmap, emb = sp.pieces_spec[-1][2]
         cache[size] = {
@@ -328,6 +359,10 @@ class AdaptedNet(FeatureNet):
 
     def head_forward(self, h, return_map=False):
         sp = self._split
+        if sp.map_problem:
+            if return_map:
+                raise LakdError(sp.map_problem)
+            return sp.pieces[-1](*h.values)[0]
         logits, fmap, emb = sp.pieces[-1](*h.values)
         if sp.nhwc:
             fmap = fmap.permute(0, 3, 1, 2)
@@ -370,12 +405,23 @@ class AdaptedNet(FeatureNet):
         return torch.einsum("bhwc,kc->bkhw", e.reshape(b, hh, ww, -1), w)
 
     def missing(self, need):
+        if self._split.map_problem and need in ("features", "class_maps", "preact"):
+            return self._split.map_problem
         if need == "class_maps":
             return self._split.cam_problem
         return super().missing(need)
 
     def forward(self, x, features=False, preact=False, blocks=False):
         return FeatureNet.forward(self, x, features=features, preact=preact, blocks=blocks)
+
+
+class _LogitsOnlyInfo(dict):
+    """``feature_info`` of a network without feature maps: ``num_classes``; any shape is a ``LakdError``."""
+
+    problem = ""
+
+    def __missing__(self, key):
+        raise LakdError(self.problem)
 
 
 def _clone(v):
