@@ -495,3 +495,23 @@ def test_default_cuts_of_a_long_skip_network_train_every_parameter():
     rows = [path for path, _ in cut_candidates(LongSkip(), input_size=SIZE)]
     assert "add" in rows and not {"block1", "block2", "down"} & set(rows)
     assert {"block1", "block2", "down"} <= {p for p, _ in cut_candidates(LongSkip(), input_size=SIZE, every=True)}
+
+
+# ----- the adapter survey's fast subset (benchmarks/adapter_survey.py runs every torchvision / timm classifier) ------
+def _survey():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "adapter_survey.py"
+    spec = importlib.util.spec_from_file_location("adapter_survey", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name", ["module:test_adapter:LongSkip", "module:test_inplace:InplaceNet",
+                                  "module:test_adapter:SkipNet", "torchvision:mobilenet_v3_small"])
+def test_survey_subset_works(name):
+    row = _survey().survey_one(name, [SIZE], max_params=100)
+    assert row["status"] == "works", row
+    assert row["kd"] == "ok" and row["lakd"] == "ok" and row["state_dict_round_trip"] and row["logits_equal"]
