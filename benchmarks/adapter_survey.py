@@ -1,13 +1,15 @@
 """Which torchvision / timm classifiers the adapter takes, each with random weights at a tiny input.
 
 For every classification constructor of torchvision (``torchvision.models.list_models(module=torchvision.models)``)
-and a list of timm families, in a child process each (a per-model timeout), at the smallest of ``--sizes`` the
+and a list of timm families, at the smallest of ``--sizes`` the
 network accepts, batch 2:
 
 - builds: the network adapted with its default cut points, its logits equal to the plain network's;
 - KD one step and LAKD one step (the same architecture as teacher), finite losses;
 - every parameter reached: after each method's one backward, the student parameters without a gradient;
 - state-dict round trip: the trained student's state dict loads into a fresh plain network, same logits.
+
+Each model runs under a timeout (in this process by default, ``--isolate``: a child process each).
 
 A row is ``works``, ``refuses`` (a one-line ``LakdError``: its message) or ``fails`` (anything else, or a
 parameter that no loss reached). Writes ``OUT/survey.json`` and ``OUT/survey.md``:
@@ -138,6 +140,30 @@ def run_child(name: str, sizes: list[int], max_params: float, timeout: float) ->
     return json.loads(lines[-1])
 
 
+class _Timeout(Exception):
+    pass
+
+
+def run_here(name: str, sizes: list[int], max_params: float, timeout: float) -> dict:
+    """``survey_one`` in this process (no interpreter start per model), stopped by SIGALRM after ``timeout``."""
+    import gc
+    import signal
+
+    def alarm(signum, frame):
+        raise _Timeout
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(int(timeout))
+    try:
+        return survey_one(name, sizes, max_params)
+    except _Timeout:
+        return {"model": name, "status": "not run", "message": f"over the {timeout:.0f} s per-model timeout"}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        gc.collect()
+
+
 def render(rows: list[dict], sizes: list[int]) -> str:
     counts = {s: sum(r["status"] == s for r in rows) for s in (*STATUSES, "not run")}
     lines = [f"{len(rows)} networks: " + ", ".join(f"{v} {k}" for k, v in counts.items()), "",
@@ -161,6 +187,8 @@ def main(argv=None):
     p.add_argument("--max-params", type=float, default=100.0, help="skip networks over this many million "
                                                                     "parameters (reported as not run)")
     p.add_argument("--out", default=None, help="folder for survey.json and survey.md (default: print only)")
+    p.add_argument("--isolate", action="store_true", help="one child process per model (a crash or a leak stays "
+                                                           "there; slower: an interpreter start each)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child process: one model, a JSON line
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -170,7 +198,8 @@ def main(argv=None):
     names = args.models.split(",") if args.models else all_names()
     rows = []
     for n in names:
-        rows.append(run_child(n, sizes, args.max_params, args.timeout))
+        run = run_child if args.isolate else run_here
+        rows.append(run(n, sizes, args.max_params, args.timeout))
         r = rows[-1]
         print(f"{r['model']}: {r['status']} {r.get('message', '')}", flush=True)
         if args.out:  # written after every model: an interrupted survey keeps what it has
