@@ -140,7 +140,7 @@ def run_child(name: str, sizes: list[int], max_params: float, timeout: float) ->
     return json.loads(lines[-1])
 
 
-class _Timeout(Exception):
+class _Timeout(BaseException):  # not an Exception: survey_one's handlers must not catch it
     pass
 
 
