@@ -510,7 +510,8 @@ def _survey():
 
 
 @pytest.mark.parametrize("name", ["module:test_adapter:LongSkip", "module:test_inplace:InplaceNet",
-                                  "module:test_adapter:SkipNet", "torchvision:mobilenet_v3_small"])
+                                  "module:test_adapter:SkipNet", "torchvision:mobilenet_v3_small",
+                                  "torchvision:mnasnet0_5"])  # MNASNet: its state-dict version survives
 def test_survey_subset_works(name):
     row = _survey().survey_one(name, [SIZE], max_params=100)
     assert row["status"] == "works", row

@@ -228,6 +228,8 @@ class AdaptedNet(FeatureNet):
         self._buffers.update(model._buffers)
         self._non_persistent_buffers_set.update(model._non_persistent_buffers_set)
         object.__setattr__(self, "_root", model)
+        # the state dict's version for the top level is the network's (MNASNet reads it to choose its layout)
+        self._version = getattr(model, "_version", nn.Module._version)
         self.input_size = int(input_size)
         self.label = name or type(model).__name__
         was = model.training
