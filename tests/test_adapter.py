@@ -429,3 +429,92 @@ def test_errors_are_one_line_and_name_the_fix():
         with pytest.raises(LakdError) as info:
             create_model(e, 10)
         assert "\n" not in str(info.value)
+
+
+# ----- the private nn.Module dictionaries the adapter shares with the network (lakd/models/adapter/pieces.py) -------
+def test_private_module_dicts_the_adapter_relies_on():
+    """The adapter shares the network's children and top-level tensors through nn.Module's private dictionaries
+    and follows .to() through nn.Module._apply: if torch renames or reshapes them, this fails loudly."""
+    probe = nn.Module()
+    for attr in ("_modules", "_parameters", "_buffers"):
+        assert type(probe.__dict__[attr]) is dict, attr
+    assert isinstance(probe.__dict__["_non_persistent_buffers_set"], set)
+    assert callable(nn.Module._apply)
+
+    class Top(nn.Module):  # a top-level parameter and buffer, and a child named like a FeatureNet attribute
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+            self.register_buffer("shift", torch.zeros(1))
+            self.body = nn.Conv2d(3, 4, 3)
+            self.classifier = nn.Linear(4, 10)
+
+        def forward(self, x):
+            h = self.body(x) * self.scale + self.shift
+            return self.classifier(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+    net = Top()
+    a = adapt(net, input_size=SIZE, blocks=["body"])
+    assert list(a.state_dict()) == list(net.state_dict()) and a.classifier is net.classifier
+    a.to(torch.float64)  # _apply: the converted buffer reaches the network and the pieces
+    assert net.shift.dtype == torch.float64 and net.scale.dtype == torch.float64
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
+    a.eval()
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(a(x), net(x))
+        c = copy.deepcopy(a)
+        assert torch.equal(c(x), net(x)) and c.body is not a.body
+
+
+# ----- default cuts never strand a branch -------------------------------------------------------------------------
+class LongSkip(nn.Module):
+    """``x3 = block3(block2(block1(x0)) + down(x0))``: the stem's output skips two blocks into a third."""
+
+    def __init__(self, num_classes=10, w=8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.ReLU())
+        self.block1 = nn.Sequential(nn.Conv2d(w, w, 3, padding=1), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.ReLU())
+        self.down = nn.Conv2d(w, 2 * w, 1, stride=2)
+        self.block3 = nn.Sequential(nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x):
+        x0 = self.stem(x)
+        x3 = self.block3(self.block2(self.block1(x0)) + self.down(x0))
+        return self.fc(F.adaptive_avg_pool2d(x3, 1).flatten(1))
+
+
+def test_default_cuts_of_a_long_skip_network_train_every_parameter():
+    torch.manual_seed(0)
+    a = adapt(LongSkip(), input_size=SIZE)
+    # block1, block2 and down lie on the two paths that join at the sum: the first cut is the sum
+    assert a.cut_names["stem"] == "stem" and a.cut_names["blocks"] == ["add", "block3"]
+    d = lakd.distiller(LongSkip(), LongSkip(w=12), "lakd", image_size=SIZE)
+    d.train_step(batch(), lambda loss: loss.backward())
+    assert [n for n, p in d.student.named_parameters() if p.grad is None or not torch.count_nonzero(p.grad)] == []
+    rows = [path for path, _ in cut_candidates(LongSkip(), input_size=SIZE)]
+    assert "add" in rows and not {"block1", "block2", "down"} & set(rows)
+    assert {"block1", "block2", "down"} <= {p for p, _ in cut_candidates(LongSkip(), input_size=SIZE, every=True)}
+
+
+# ----- the adapter survey's fast subset (benchmarks/adapter_survey.py runs every torchvision / timm classifier) ------
+def _survey():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "adapter_survey.py"
+    spec = importlib.util.spec_from_file_location("adapter_survey", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name", ["module:test_adapter:LongSkip", "module:test_inplace:InplaceNet",
+                                  "module:test_adapter:SkipNet", "torchvision:mobilenet_v3_small",
+                                  "torchvision:mnasnet0_5"])  # MNASNet: its state-dict version survives
+def test_survey_subset_works(name):
+    row = _survey().survey_one(name, [SIZE], max_params=100)
+    assert row["status"] == "works", row
+    assert row["kd"] == "ok" and row["lakd"] == "ok" and row["state_dict_round_trip"] and row["logits_equal"]

@@ -159,8 +159,10 @@ class FeatureNet(nn.Module):
         return torch.einsum("bchw,kc->bkhw", fmap, self.classifier.weight)
 
     def missing(self, need: str) -> str | None:
-        """Why this model cannot provide ``need`` (``"class_maps"``, ``"preact"``) and how to do without, or None
-        when it can. Methods declare what they need (``Distiller.requirements``)."""
+        """Why this model cannot provide ``need`` (``"features"``: feature maps B x C x H x W; ``"class_maps"``,
+        ``"preact"``) and how to do without, or None when it can. Methods declare what they need
+        (``Distiller.requirements``). Every model of the zoo has all three (but MobileNetV2 pre-activations); an
+        adapted network without a pooled map (a ViT) gives only logits, and refuses the others with one line."""
         if need == "preact" and not self.has_preact:
             return no_preact_message(self)
         return None
