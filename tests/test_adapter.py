@@ -127,10 +127,12 @@ def test_adapted_torchvision_resnet18_equals_zoo_resnet18():
 
 def two_steps(d):
     """Two SGD steps of a distiller on fixed batches; logits of the right shape and finite losses each time."""
-    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01, momentum=0.9)
+    # a method with its own optimizer (DOT) builds it, as docs/api.md tells users of their own loop
+    opt = (d.build_optimizer(d.trainable_parameters(), {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0})
+           or torch.optim.SGD(d.trainable_parameters(), lr=0.01, momentum=0.9))
     for step in range(2):
         opt.zero_grad(set_to_none=True)
-        logits, losses = d.train_step(batch(seed=step), lambda loss: loss.backward())
+        logits, losses = d.train_step(batch(seed=step), lambda loss, **kw: loss.backward(**kw))
         opt.step()
         assert logits.shape == (4, 10) and all(torch.isfinite(v) for v in losses.values())
 

@@ -41,13 +41,18 @@ def test_feature_methods_refuse_a_vit_in_one_line(method):
     assert "\n" not in str(info.value)
 
 
-def test_dkd_trains_a_vit_and_a_feature_method_refuses_it_at_its_first_step():
+def test_dkd_trains_a_vit_and_a_feature_method_refuses_it_at_construction_or_its_first_step():
     torch.manual_seed(0)
     b = {"image": torch.randn(2, 3, SIZE, SIZE), "target": torch.tensor([0, 1]), "index": torch.arange(2)}
     d = lakd.distiller(_vit(), _vit(), "dkd", image_size=SIZE)
     _, losses = d.train_step(b, lambda loss: loss.backward())
     assert all(torch.isfinite(v) for v in losses.values())
-    at = lakd.distiller(_vit(), _vit(), "at", image_size=SIZE)  # declares no need: refused where it asks for maps
+    # AT declares no need: it is refused where it first asks for maps, the construction-time reachability check's
+    # dry step (or, with the check off, its first training step)
+    with pytest.raises(LakdError, match="no global pooling of a feature map") as info:
+        lakd.distiller(_vit(), _vit(), "at", image_size=SIZE)
+    assert "\n" not in str(info.value)
+    at = lakd.distiller(_vit(), _vit(), "at", image_size=SIZE, options={"train": {"check_reachability": False}})
     with pytest.raises(LakdError, match="no global pooling of a feature map") as info:
         at.train_step(b, lambda loss: loss.backward())
     assert "\n" not in str(info.value)
