@@ -10,6 +10,10 @@ memory banks). The trainer only calls:
   so no method deals with it.
 - ``forward(image)``: the student's logits (evaluation; the teacher and extra parts are not used).
 - ``trainable_parameters()``, ``extra_state_dict()`` / ``load_extra_state_dict()``, ``set_epoch()``.
+- ``trainable_groups()``: the parameters each backward pass of a step trains (one group by default; LAKD one
+  per local module). Multi-process runs wrap each group in ``DistributedDataParallel`` (``lakd.engine.step``)
+  and the method runs that pass's forward through ``call_group``, so that DDP sees the forward of the
+  backward it reduces.
 
 What reports, benchmarks and analyses need to know about a method is declared here, on the method class
 (``display_name``, ``report_order``, ``variants``, ``analysis_points``), so no code outside this package
@@ -120,7 +124,7 @@ class Distiller(nn.Module):
 
     def train_step(self, batch: dict, backward: Callable[[torch.Tensor], None]):
         """One step's forward and backward. Returns ``(detached logits, {loss_name: detached tensor})``."""
-        logits, losses = self.forward_train(**batch)
+        logits, losses = self.call_group(0, self.forward_train, **batch)
         backward(sum(losses.values()))
         return logits.detach(), {k: v.detach() for k, v in losses.items()}
 
@@ -147,6 +151,27 @@ class Distiller(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_trainable_parameters()]
 
+    # ----- the units of a step's backward passes (multi-process: one DistributedDataParallel each) -----------
+    def trainable_groups(self) -> list[StepGroup]:
+        """One ``StepGroup`` per backward pass of ``train_step``, in the order the passes run; every trainable
+        parameter that receives a gradient belongs to exactly one. Default: one group, ``forward_train`` over
+        all trainable parameters (student and extra parts). A method with several backward passes overrides
+        this (LAKD: one per local module) and calls ``call_group(i, fn, ...)`` for pass ``i``'s forward."""
+        return [StepGroup(self.forward_train, self.trainable_parameters())]
+
+    def call_group(self, i: int, fn: Callable, *args, **kwargs):
+        """Run ``fn(*args, **kwargs)``, the forward of backward pass ``i``: directly, or through the wrapper of
+        group ``i`` that ``use_group_wrappers`` installed (a DistributedDataParallel, whose forward must run for
+        its gradient reduction to fire in the backward that follows)."""
+        wrappers = self.__dict__.get("_group_wrappers")
+        return fn(*args, **kwargs) if wrappers is None else wrappers[i](*args, **kwargs)
+
+    def use_group_wrappers(self, wrappers: list[nn.Module] | None) -> None:
+        """Route ``call_group(i, ...)`` through ``wrappers[i]`` (whose forward runs group ``i``'s function);
+        None: run the functions directly again. The wrappers are not registered as submodules (state dicts and
+        parameters stay the distiller's own)."""
+        self.__dict__["_group_wrappers"] = None if wrappers is None else list(wrappers)
+
     def extra_state_dict(self) -> dict:
         """State of the parts that are neither the student nor the teacher (connectors, banks)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("student.", "teacher."))}
@@ -161,6 +186,20 @@ class Distiller(nn.Module):
                               **({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
                                  if self.teacher is not None else {}),
                               **sd}, strict=True)
+
+
+class StepGroup(nn.Module):
+    """The parameters one backward pass trains, and the function whose output that pass backpropagates (this
+    module's forward). The parameters are the distiller's own objects (registered here too, not copied), so a
+    ``DistributedDataParallel`` around the group reduces exactly their gradients."""
+
+    def __init__(self, fn: Callable, params):
+        super().__init__()
+        self.params = nn.ParameterList(params)
+        self.__dict__["fn"] = fn  # a bound method of the distiller: kept out of the module tree
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
 
 
 _NEEDS = {"class_maps": "class activation maps (a linear classifier after global pooling)",
