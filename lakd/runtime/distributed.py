@@ -117,7 +117,7 @@ def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Mod
     ``DistributedDataParallel``: its gradients are averaged over the ranks in buckets whose all-reduces start
     from the backward pass itself, as soon as each bucket is ready.
 
-    - ``broadcast_buffers=False``: the buffers are not overwritten by rank 0's at every forward. BatchNorm
+    - ``broadcast_buffers=False`` (``forward_sync_buffers`` in newer PyTorch): the buffers are not overwritten by rank 0's at every forward. BatchNorm
       statistics are averaged over the ranks at the end of each epoch instead (``average_norm_buffers``), and
       CRD's memory banks are kept identical by the method (it gathers every rank's batch), so no bank is sent
       at every step;
@@ -126,11 +126,16 @@ def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Mod
     - ``find_unused_parameters=False``: every parameter of a group gets a gradient in its pass (a group is
       built from the parameters the pass uses).
     """
+    import inspect
+
+    ddp = torch.nn.parallel.DistributedDataParallel
     kw = {"device_ids": [device.index if device.index is not None else torch.cuda.current_device()]} \
         if device.type == "cuda" else {}
-    return torch.nn.parallel.DistributedDataParallel(module, broadcast_buffers=False, init_sync=False,
-                                                     gradient_as_bucket_view=True, find_unused_parameters=False,
-                                                     **kw)
+    # newer PyTorch names the per-forward buffer sync forward_sync_buffers (broadcast_buffers is deprecated)
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+        else "broadcast_buffers"
+    kw[no_sync] = False
+    return ddp(module, init_sync=False, gradient_as_bucket_view=True, find_unused_parameters=False, **kw)
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
