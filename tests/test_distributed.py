@@ -275,6 +275,30 @@ def test_one_distributed_data_parallel_per_backward_pass(ddp):
     assert mid and all(n.startswith(("student.layer2.", "connectors.1.")) for n in mid), mid
 
 
+@pytest.mark.parametrize("splits,extra", [([1, 2, 3], ()), ([2, 3], ("sdm.recompute=true",)),
+                                          ([1, 3], ("sdm.backward=joint",))])
+def test_lakd_groups_are_its_local_modules(splits, extra, make_distiller, block_parameters):
+    """One process, no DDP: LAKD's trainable_groups are exactly its local modules' parameters (blocks and
+    connector; the stem with the first, the head with the last), as the gradient-isolation tests define them;
+    the joint backward has the single default group. Finding them moves no BatchNorm statistic."""
+    d = make_distiller("lakd", teacher="resnet8x4", extra=[f"sdm.splits={splits}", f"sdm.teacher_points={splits}",
+                                                         *extra])
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    groups = d.trainable_groups()
+    assert all(torch.equal(v, before[k]) for k, v in d.state_dict().items()) and d.training
+    if "sdm.backward=joint" in extra:
+        assert len(groups) == 1 and {id(p) for p in groups[0].parameters()} == {id(p) for p in
+                                                                                d.trainable_parameters()}
+        return
+    assert len(groups) == len(splits)
+    for k, g in enumerate(groups):
+        start = 0 if k == 0 else splits[k - 1]
+        want = block_parameters(d.student, start, splits[k], stem=k == 0, head=k == len(splits) - 1)
+        want += list(d.connectors[k].parameters())
+        assert {id(p) for p in g.parameters()} == {id(p) for p in want}, k
+        assert any(True for _ in d.connectors[k].parameters())  # resnet8 -> resnet8x4: 1x1 conv + BN connectors
+
+
 # ----- (2) CRD's memory across ranks --------------------------------------------------------------------------------
 def test_crd_memory_two_ranks_equal_one_process_on_the_global_batch(ddp):
     _, (r0, r1) = ddp
