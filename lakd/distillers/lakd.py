@@ -135,7 +135,9 @@ class LAKD(Distiller):
             "detach": True,  # cut the gradient between modules (False: the paper's "no detach" row)
             "backward": "local",  # local: backward per module right after its forward | joint: one backward
             # recompute the student's stem and blocks in the backward (torch.utils.checkpoint, one per piece):
-            # lower peak memory (only block boundaries stay alive) for one extra forward of each
+            # lower peak memory (only block boundaries stay alive) for one extra forward of each. Off on every
+            # model family: measured per family, it costs 10-34% of the CPU step's speed wherever it lowers the
+            # peak (results/performance/recompute_by_family.json, docs/performance.md)
             "recompute": False,
         },
         "ndam": {
