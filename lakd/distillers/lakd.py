@@ -136,7 +136,7 @@ class LAKD(Distiller):
             "backward": "local",  # local: backward per module right after its forward | joint: one backward
             # recompute the student's stem and blocks in the backward (torch.utils.checkpoint, one per piece):
             # lower peak memory (only block boundaries stay alive) for one extra forward of each. Off on every
-            # model family: measured per family (results/performance/recompute_by_family.json), it costs 13-34%
+            # model family: measured per family (results/performance/recompute_by_family.json), it costs 10-34%
             # of the CPU step's speed on each family but ShuffleV2, whose two rounds did not settle it
             "recompute": False,
         },
