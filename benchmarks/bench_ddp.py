@@ -1,6 +1,7 @@
-"""Step time at world size 2 (gloo, this machine): gradient reduction overlapped with the backward passes
-(``GradReducer``, the default) against one synchronous all-reduce after them (the former behaviour), timed in
-the same two processes in interleaved rounds.
+"""Step time at world size 2 (gloo, this machine): the trainer's reduction (PyTorch's DistributedDataParallel, one
+instance per backward pass: ``lakd.engine.step.prepare_distributed``) against one synchronous all-reduce of all
+gradients after the passes (flatten, all-reduce, divide, copy back: the plain reduction, written here as the
+baseline), timed in the same two processes in interleaved rounds.
 
 Usage: ``python benchmarks/bench_ddp.py [--methods kd,lakd] [--batch-size 64] [--steps 5] [--rounds 3] [--json]``
 (``--batch-size`` is per process; each process uses ``--threads`` threads).
@@ -23,9 +24,29 @@ sys.path.insert(0, str(REPO))
 def worker(args) -> None:
     import torch
     import torch.distributed as tdist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     from lakd.analysis.cost import _batch, _setup
-    from lakd.engine.step import training_step
+    from lakd.engine.step import prepare_distributed, training_step
+
+    def sync_reduce(params):  # the baseline: every gradient at once, after all backward passes
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = _flatten_dense_tensors(grads)
+        tdist.all_reduce(flat)
+        flat /= tdist.get_world_size()
+        for g, r in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(r)
+
+    class SyncOptimizer:  # reduce, then step: what training_step's optimizer.step() runs in the baseline
+        def __init__(self, opt, params):
+            self.opt, self.params = opt, params
+
+        def zero_grad(self, set_to_none=True):
+            self.opt.zero_grad(set_to_none=set_to_none)
+
+        def step(self):
+            sync_reduce(self.params)
+            self.opt.step()
 
     torch.set_num_threads(args.threads)
     tdist.init_process_group("gloo")
@@ -37,20 +58,32 @@ def worker(args) -> None:
         if cl:
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        times = {True: [], False: []}
-        for overlap in (True, False, True):  # warm-up (the reducer's first step records the bucket order)
-            training_step(d, opt, scaler, batch, params, overlap=overlap)
+        wrappers = prepare_distributed(d, torch.device("cpu"))
+        sync_opt = SyncOptimizer(opt, params)
+
+        def step(mode, d=d, opt=opt, sync_opt=sync_opt, scaler=scaler, batch=batch, params=params,
+                 wrappers=wrappers):
+            if mode == "ddp":
+                d.use_group_wrappers(wrappers)
+                training_step(d, opt, scaler, batch, params)
+            else:  # no DDP forward: its hooks stay idle, the baseline reduces in its optimizer step
+                d.use_group_wrappers(None)
+                training_step(d, sync_opt, scaler, batch, params)
+
+        times = {"ddp": [], "sync": []}
+        for mode in ("ddp", "sync", "ddp"):  # warm-up (DDP rebuilds its buckets after its first step)
+            step(mode)
         for _ in range(args.rounds):
-            for overlap in (False, True):
+            for mode in ("sync", "ddp"):
                 tdist.barrier()
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
-                    training_step(d, opt, scaler, batch, params, overlap=overlap)
+                    step(mode)
                 tdist.barrier()
-                times[overlap].append((time.perf_counter() - t0) / args.steps)
-        res[m] = {"sync_step_s": min(times[False]), "overlap_step_s": min(times[True]),
-                  "speedup": min(times[False]) / min(times[True]),
-                  "per_round": [a / b for a, b in zip(times[False], times[True])]}
+                times[mode].append((time.perf_counter() - t0) / args.steps)
+        res[m] = {"sync_step_s": min(times["sync"]), "ddp_step_s": min(times["ddp"]),
+                  "ddp_groups": len(wrappers), "speedup": min(times["sync"]) / min(times["ddp"]),
+                  "per_round": [a / b for a, b in zip(times["sync"], times["ddp"])]}
     if rank == 0:
         print(json.dumps(res))
     tdist.destroy_process_group()
@@ -93,7 +126,7 @@ def main(argv=None) -> int:
     print(f"world size 2 (gloo), batch {args.batch_size} per process, {args.threads} thread(s) each, best of "
           f"{args.rounds} interleaved rounds of {args.steps} steps; load average {info['load_average'][0]:.1f}")
     for m, r in res.items():
-        print(f"{m:<8} sync {r['sync_step_s'] * 1000:.0f} ms/step  overlapped {r['overlap_step_s'] * 1000:.0f} ms/step"
+        print(f"{m:<8} sync {r['sync_step_s'] * 1000:.0f} ms/step  DDP x{r['ddp_groups']} {r['ddp_step_s'] * 1000:.0f} ms/step"
               f"  speed-up {r['speedup']:.2f}x  (per round {' '.join(f'{x:.2f}' for x in r['per_round'])})")
     return 0
 

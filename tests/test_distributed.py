@@ -14,7 +14,8 @@ Numbers (digits, resnet8, global batch 32 = 2 x 16, 3 SGD steps at lr 0.05, mome
   (SyncBatchNorm, which would make it one, runs on CUDA only); after 3 steps |params_2 - params_1| is 8% of the
   3 steps' update |params_1 - init| for KD (20% scratch, 6% LAKD; max elementwise difference ~1e-2), so a loose
   bound (25%) is asserted;
-- CRD memory under 2 processes vs 1 process on the same global batches: scores, banks, Z equal to 1e-6.
+- CRD memory under 2 processes vs 1 process on the same global batches: scores, banks, Z equal to 1e-6;
+- gradients averaged by PyTorch's DistributedDataParallel: one instance per backward pass (LAKD: per local module).
 """
 from __future__ import annotations
 
@@ -88,11 +89,9 @@ def worker(folder: Path) -> None:
         trainer.fit()
         out[method] = {"state": {k: v.clone() for k, v in trainer.distiller.state_dict().items()},
                        "history": trainer.history, "run_dir": trainer.run_dir}
-        from lakd.engine.step import _REDUCERS
-
-        red = _REDUCERS[trainer.optimizer]
-        out[method]["reducer"] = {"buckets": len(red.buckets), "launch_calls": list(red.launch_calls),
-                                  "calls": red.calls, "fallback": red.fallback}
+        names = {id(p): n for n, p in trainer.distiller.named_trainable_parameters()}
+        out[method]["ddp"] = [{"type": type(w).__name__, "params": sorted(names[id(p)] for p in w.parameters())}
+                              for w in trainer.ddp]
     # the uninterrupted 3-epoch run the CLI test resumes towards
     trainer = Trainer(load_config(None, [*CLI_ARGS, "solver.epochs=3"]), run_dir=str(folder / "run_uninterrupted"),
                       quiet=True)
@@ -254,17 +253,50 @@ def test_two_processes_vs_one_process_at_the_same_global_batch(ddp):
     assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=0.05)
 
 
-def test_gradient_reduction_overlaps_the_backward_passes(ddp):
-    """Steps after the first reduce gradients from hooks, bucket by bucket; LAKD's first modules' buckets are
-    launched before its last module's backward has run (the reduction overlaps the next module's work)."""
-    _, (r0, r1) = ddp
+def test_one_distributed_data_parallel_per_backward_pass(ddp):
+    """PyTorch's DDP reduces every gradient: one instance over the student and the method's parts for methods
+    with one backward; for LAKD one per local module (its blocks, its connector, the stem for the first and the
+    head for the last), together holding each trainable parameter exactly once."""
+    folder, (r0, r1) = ddp
     for method in METHODS:
-        a, b = r0[method]["reducer"], r1[method]["reducer"]
-        assert a == b, method  # the same buckets, launched at the same points, on both ranks
-        assert not a["fallback"] and a["buckets"] >= 1 and len(a["launch_calls"]) == a["buckets"], (method, a)
-    lk = r0["lakd"]["reducer"]
-    assert lk["calls"] == 3 and lk["buckets"] >= 3, lk  # resnet8: 3 local modules, one backward each
-    assert min(lk["launch_calls"]) <= 1 < lk["calls"], lk  # module 1's gradients went out before module 3 ran
+        a, b = r0[method]["ddp"], r1[method]["ddp"]
+        assert a == b, method  # the same groups on both ranks
+        assert all(g["type"] == "DistributedDataParallel" for g in a), (method, a)
+        init = single_process_trainer(method, folder, f"groups_{method}").distiller
+        trainable = sorted(n for n, _ in init.named_trainable_parameters())
+        held = sorted(n for g in a for n in g["params"])
+        assert held == trainable, method  # every trainable parameter, none twice
+        if method in ("lakd", "lakd_adapted"):
+            assert len(a) == len(init.splits) >= 2, (method, [len(g["params"]) for g in a])  # one per local module
+        else:
+            assert len(a) == 1, method
+    first, mid, last = (g["params"] for g in r0["lakd"]["ddp"])
+    assert "student.conv1.weight" in first and "student.fc.weight" in last
+    assert mid and all(n.startswith(("student.layer2.", "connectors.1.")) for n in mid), mid
+
+
+@pytest.mark.parametrize("splits,extra", [([1, 2, 3], ()), ([2, 3], ("sdm.recompute=true",)),
+                                          ([1, 3], ("sdm.backward=joint",))])
+def test_lakd_groups_are_its_local_modules(splits, extra, make_distiller, block_parameters):
+    """One process, no DDP: LAKD's trainable_groups are exactly its local modules' parameters (blocks and
+    connector; the stem with the first, the head with the last), as the gradient-isolation tests define them;
+    the joint backward has the single default group. Finding them moves no BatchNorm statistic."""
+    d = make_distiller("lakd", teacher="resnet8x4", extra=[f"sdm.splits={splits}", f"sdm.teacher_points={splits}",
+                                                         *extra])
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    groups = d.trainable_groups()
+    assert all(torch.equal(v, before[k]) for k, v in d.state_dict().items()) and d.training
+    if "sdm.backward=joint" in extra:
+        assert len(groups) == 1 and {id(p) for p in groups[0].parameters()} == {id(p) for p in
+                                                                                d.trainable_parameters()}
+        return
+    assert len(groups) == len(splits)
+    for k, g in enumerate(groups):
+        start = 0 if k == 0 else splits[k - 1]
+        want = block_parameters(d.student, start, splits[k], stem=k == 0, head=k == len(splits) - 1)
+        want += list(d.connectors[k].parameters())
+        assert {id(p) for p in g.parameters()} == {id(p) for p in want}, k
+        assert any(True for _ in d.connectors[k].parameters())  # resnet8 -> resnet8x4: 1x1 conv + BN connectors
 
 
 # ----- (2) CRD's memory across ranks --------------------------------------------------------------------------------

@@ -16,6 +16,10 @@ memory banks). The trainer only calls:
   does nothing.
 - ``build_optimizer(params, solver_cfg)``: a method that changes the optimizer (DOT) returns it; default ``None``
   (the engine's SGD).
+- ``trainable_groups()``: the parameters each backward pass of a step trains (one group by default; LAKD one
+  per local module). Multi-process runs wrap each group in ``DistributedDataParallel`` (``lakd.engine.step``)
+  and the method runs that pass's forward through ``call_group``, so that DDP sees the forward of the
+  backward it reduces.
 
 What reports, benchmarks and analyses need to know about a method is declared here, on the method class
 (``display_name``, ``report_order``, ``variants``, ``analysis_points``), so no code outside this package
@@ -205,7 +209,7 @@ class Distiller(nn.Module):
 
     def train_step(self, batch: dict, backward: Callable[[torch.Tensor], None]):
         """One step's forward and backward. Returns ``(detached logits, {loss_name: detached tensor})``."""
-        logits, losses = self.forward_train(**batch)
+        logits, losses = self.call_group(0, self.forward_train, **batch)
         backward(sum(losses.values()))
         return logits.detach(), {k: v.detach() for k, v in losses.items()}
 
@@ -239,6 +243,10 @@ class Distiller(nn.Module):
         sol = self.cfg.get("solver", {}) or {}
         opt = torch.optim.SGD(params, lr=lr, momentum=float(sol.get("momentum", 0.9)),
                               weight_decay=float(sol.get("weight_decay", 5e-4)))
+        # under torchrun the stage's gradients are averaged by a DistributedDataParallel around its parameters
+        step = StepGroup(loss_fn, params)
+        if dist.is_enabled():
+            step = dist.data_parallel(step, device)
         self.train()
         for epoch in range(epochs):
             if hasattr(train_loader, "set_epoch"):
@@ -248,14 +256,14 @@ class Distiller(nn.Module):
                 image, target = (batch["image"], batch["target"]) if isinstance(batch, dict) else batch[:2]
                 image, target = image.to(device), target.to(device)
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(image, target)
+                loss = step(image, target)
                 loss.backward()
-                dist.average_gradients(params)
                 opt.step()
                 total, count = total + float(loss.detach()) * image.shape[0], count + image.shape[0]
             if count == 0:
                 raise LakdError(f"the {what} stage of {self.name} got no batch from the training loader")
             log.info("%s %s stage: epoch %d/%d loss %.4f", self.name, what, epoch + 1, epochs, total / count)
+
     def build_optimizer(self, params, solver_cfg: dict) -> torch.optim.Optimizer | None:
         """The optimizer of ``params`` for a method that changes it (DOT's two momenta), given ``cfg["solver"]``
         (the lr is set per step in its param groups); ``None`` (the default): the engine's SGD."""
@@ -284,6 +292,27 @@ class Distiller(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_trainable_parameters()]
 
+    # ----- the units of a step's backward passes (multi-process: one DistributedDataParallel each) -----------
+    def trainable_groups(self) -> list[StepGroup]:
+        """One ``StepGroup`` per backward pass of ``train_step``, in the order the passes run; every trainable
+        parameter that receives a gradient belongs to exactly one. Default: one group, ``forward_train`` over
+        all trainable parameters (student and extra parts). A method with several backward passes overrides
+        this (LAKD: one per local module) and calls ``call_group(i, fn, ...)`` for pass ``i``'s forward."""
+        return [StepGroup(self.forward_train, self.trainable_parameters())]
+
+    def call_group(self, i: int, fn: Callable, *args, **kwargs):
+        """Run ``fn(*args, **kwargs)``, the forward of backward pass ``i``: directly, or through the wrapper of
+        group ``i`` that ``use_group_wrappers`` installed (a DistributedDataParallel, whose forward must run for
+        its gradient reduction to fire in the backward that follows)."""
+        wrappers = self.__dict__.get("_group_wrappers")
+        return fn(*args, **kwargs) if wrappers is None else wrappers[i](*args, **kwargs)
+
+    def use_group_wrappers(self, wrappers: list[nn.Module] | None) -> None:
+        """Route ``call_group(i, ...)`` through ``wrappers[i]`` (whose forward runs group ``i``'s function);
+        None: run the functions directly again. The wrappers are not registered as submodules (state dicts and
+        parameters stay the distiller's own)."""
+        self.__dict__["_group_wrappers"] = None if wrappers is None else list(wrappers)
+
     def extra_state_dict(self) -> dict:
         """State of the parts that are neither the student nor the teacher (connectors, banks)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("student.", "teacher."))}
@@ -298,6 +327,20 @@ class Distiller(nn.Module):
                               **({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
                                  if self.teacher is not None else {}),
                               **sd}, strict=True)
+
+
+class StepGroup(nn.Module):
+    """The parameters one backward pass trains, and the function whose output that pass backpropagates (this
+    module's forward). The parameters are the distiller's own objects (registered here too, not copied), so a
+    ``DistributedDataParallel`` around the group reduces exactly their gradients."""
+
+    def __init__(self, fn: Callable, params):
+        super().__init__()
+        self.params = nn.ParameterList(params)
+        self.__dict__["fn"] = fn  # a bound method of the distiller: kept out of the module tree
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
 
 
 _NEEDS = {"class_maps": "class activation maps (a linear classifier after global pooling)",

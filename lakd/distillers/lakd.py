@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..errors import LakdError
 from ..models.base import FeatureShape, detach_state, feature
-from .base import Distiller, register_distiller
+from .base import Distiller, StepGroup, register_distiller
 from .losses import class_attention_loss, model_class_maps, ndam_map
 
 
@@ -135,7 +135,9 @@ class LAKD(Distiller):
             "detach": True,  # cut the gradient between modules (False: the paper's "no detach" row)
             "backward": "local",  # local: backward per module right after its forward | joint: one backward
             # recompute the student's stem and blocks in the backward (torch.utils.checkpoint, one per piece):
-            # lower peak memory (only block boundaries stay alive) for one extra forward of each
+            # lower peak memory (only block boundaries stay alive) for one extra forward of each. Off on every
+            # model family: measured per family (results/performance/recompute_by_family.json), it costs 10-34%
+            # of the CPU step's speed on each family but ShuffleV2, whose two rounds did not settle it
             "recompute": False,
         },
         "ndam": {
@@ -334,6 +336,17 @@ class LAKD(Distiller):
         t_feats, t_cam = teacher_out
         return self.module_losses(image, target, t_feats, t_cam)
 
+    def local_pass(self, k: int, h, image, t_feat, t_pre, target, t_cam):
+        """Local module ``k``'s forward and losses (the forward of its backward pass, ``call_group(k, ...)``):
+        ``(module output, {loss_name: loss}, logits or None)``."""
+        out = self.module_forward(k, h, image)
+        mod = {f"feat{k + 1}": self.feat_weights[k] * self.feature_loss(k, feature(out), t_feat, t_pre)}
+        logits = None
+        if k == len(self.splits) - 1:
+            logits, extra = self.last_losses(out, target, t_cam)
+            mod.update(extra)
+        return out, mod, logits
+
     def train_step(self, batch, backward):
         """Local backward, interleaved with the teacher: the teacher runs up to alignment point k, then student
         module k, its loss and its backward; module k's graph and the teacher's feature k are released before
@@ -350,13 +363,46 @@ class LAKD(Distiller):
         for k in range(len(self.splits)):
             t_feat, t_pre = next(walk)
             t_cam = next(walk) if k == last else None
-            out = self.module_forward(k, h, image)
-            mod = {f"feat{k + 1}": self.feat_weights[k] * self.feature_loss(k, feature(out), t_feat, t_pre)}
-            if k == last:
-                logits, extra = self.last_losses(out, target, t_cam)
-                mod.update(extra)
+            out, mod, lg = self.call_group(k, self.local_pass, k, h, image, t_feat, t_pre, target, t_cam)
+            logits = lg if lg is not None else logits
             backward(sum(mod.values()))
             losses.update({n: v.detach() for n, v in mod.items()})
             h = detach_state(out)
             del out, mod, t_feat, t_pre, t_cam
         return logits.detach(), losses
+
+    def trainable_groups(self):
+        """With the local backward, one group per local module (its blocks, its connector, the stem for the
+        first and the head for the last), each the forward of one ``local_pass``; otherwise the default single
+        group. Which parameters a module trains is found by autograd: one pass of each module on a
+        zero image (eval mode, so no BatchNorm statistic moves), ``torch.autograd.grad`` of its outputs with
+        respect to every trainable parameter. Written so because a model names its blocks' modules but not its
+        stem's and head's apart (``FeatureNet.stem_modules`` may be the whole network). A parameter no module
+        uses (none in the zoo) belongs to no group: it never gets a gradient, so it needs no reduction."""
+        if not self.local_backward:
+            return super().trainable_groups()
+        params = self.trainable_parameters()
+        p0 = next(self.student.parameters())
+        size = self.student.input_size
+        image = torch.zeros(1, 3, size, size, dtype=p0.dtype, device=p0.device)
+        was = self.training
+        self.eval()
+        groups, taken, h = [], set(), None
+        try:
+            with torch.enable_grad():
+                for k in range(len(self.splits)):
+                    out = self.module_forward(k, h, image)
+                    f = feature(out)
+                    outs = [self.connectors[k](f)]
+                    if k == len(self.splits) - 1:
+                        logits, fmap, _ = self.student.head_forward(out, return_map=True)
+                        outs += [logits, model_class_maps(self.student, fmap)]
+                    total = sum(o.float().sum() for o in outs)
+                    grads = torch.autograd.grad(total, params, allow_unused=True)
+                    mine = [p for p, g in zip(params, grads) if g is not None and id(p) not in taken]
+                    taken.update(id(p) for p in mine)
+                    groups.append(StepGroup(self.local_pass, mine))
+                    h = detach_state(out)
+        finally:
+            self.train(was)
+        return groups

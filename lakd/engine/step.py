@@ -1,56 +1,58 @@
-"""One optimisation step, shared by the trainer and the benchmarks."""
+"""One optimisation step, shared by the trainer and the benchmarks, and the multi-process set-up it runs in."""
 from __future__ import annotations
-
-import weakref
 
 import torch
 
+from ..errors import LakdError
 from ..runtime import distributed as dist
 
-#: one gradient reducer per optimizer (multi-process runs only): it owns hooks on the optimizer's parameters
-_REDUCERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+def prepare_distributed(distiller, device: torch.device) -> list[torch.nn.Module]:
+    """Under torchrun: wrap each of the distiller's backward-pass groups (``Distiller.trainable_groups``) in
+    ``DistributedDataParallel`` (``runtime.distributed.data_parallel``) and route the method's passes through
+    them (``Distiller.use_group_wrappers``). Returns the wrappers ([] in one process, where nothing changes).
 
-def _reducer(optimizer, params):
+    A group without a trainable parameter runs unwrapped. A parameter in two groups would be reduced twice
+    per step: a LakdError (the method's ``trainable_groups`` must partition its parameters)."""
     if not dist.is_enabled():
-        return None
-    r = _REDUCERS.get(optimizer)
-    if r is None:
-        r = _REDUCERS[optimizer] = dist.GradReducer(params)
-    return r
+        return []
+    groups = distiller.trainable_groups()
+    seen: dict[int, int] = {}
+    for i, g in enumerate(groups):
+        for p in g.parameters():
+            if id(p) in seen and seen[id(p)] != i:
+                raise LakdError(f"method {distiller.name}: a parameter belongs to backward groups {seen[id(p)]} and "
+                                f"{i} (trainable_groups must give each parameter to one group)")
+            seen[id(p)] = i
+    wrappers = [dist.data_parallel(g, device) if any(p.requires_grad for p in g.parameters()) else g
+                for g in groups]
+    distiller.use_group_wrappers(wrappers)
+    return wrappers
 
 
-def training_step(distiller, optimizer, scaler, batch: dict, params, amp_dtype=None, overlap: bool = True):
-    """zero_grad -> the method's forward/backward passes (under autocast) -> gradient all-reduce -> step.
+def training_step(distiller, optimizer, scaler, batch: dict, params=None, amp_dtype=None):
+    """zero_grad -> the method's forward/backward passes (under autocast) -> step.
 
-    Under torchrun the all-reduce is ``runtime.distributed.GradReducer``'s: started bucket by bucket from
-    gradient hooks during the backward passes, completed before the optimizer step (``overlap=False``: one
-    synchronous all-reduce after all backward passes, the former behaviour, kept for comparison).
+    Under torchrun the gradients are averaged during the backward passes by the DistributedDataParallel
+    wrappers that ``prepare_distributed`` installed (one per backward pass); ``params`` (the optimizer's
+    parameters) is accepted for the callers' convenience and not needed here.
 
     The method receives ``backward(loss)`` which applies the fp16 loss scale, so a method with several
     backward passes (LAKD's local modules) is scaled correctly; all passes share one scale and the gradients
-    are unscaled, checked for inf/NaN and stepped once (an overflow in any pass skips the whole step).
-    ``backward`` leaves autocast for the backward pass itself, as PyTorch's AMP recipe asks (the backward ops
-    still run in the dtypes autocast chose for their forward ops).
+    are unscaled, checked for inf/NaN and stepped once (an overflow in any pass skips the whole step, on every
+    rank alike: the checked gradients are the averaged ones). ``backward`` leaves autocast for the backward
+    pass itself, as PyTorch's AMP recipe asks (the backward ops still run in the dtypes autocast chose for
+    their forward ops).
     """
     device_type = batch["image"].device.type
     optimizer.zero_grad(set_to_none=True)
-    reducer = _reducer(optimizer, params) if overlap else None  # multi-process: reductions overlap the backward
-    if reducer is not None:
-        reducer.start()
 
     def backward(loss: torch.Tensor, retain_graph: bool = False) -> None:
         with torch.autocast(device_type=device_type, enabled=False):
             scaler.scale(loss).backward(retain_graph=retain_graph)
-        if reducer is not None:
-            reducer.backward_done()
 
     with torch.autocast(device_type=device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits, losses = distiller.train_step(batch, backward)
-    if reducer is not None:
-        reducer.finish()
-    else:
-        dist.average_gradients(params)  # the synchronous reference (a no-op in one process)
     scaler.step(optimizer)
     scaler.update()
     return logits, losses

@@ -34,7 +34,7 @@ from .build import build
 from .checkpoint import atomic_save
 from .metrics import evaluate, read_metrics, topk_correct
 from .schedule import lr_at
-from .step import training_step
+from .step import prepare_distributed, training_step
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class Trainer:
         if t.get("compile"):
             self._compile()
         dist.broadcast_module(self.distiller)
+        # multi-process: one DistributedDataParallel per backward pass of the method's step (engine.step)
+        self.ddp = prepare_distributed(self.distiller, self.device)
         self.params, self.optimizer, self.scaler = parts.params, parts.optimizer, parts.scaler
         self.amp_dtype, self.amp, self.channels_last = parts.amp_dtype, parts.amp, parts.channels_last
         self.malloc_tuned = tune_cpu_allocator(t.get("malloc", "auto"), self.device,

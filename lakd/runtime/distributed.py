@@ -1,11 +1,10 @@
 """Multi-process training (torchrun) helpers: process group set-up, gradient and metric reduction.
 
-Gradients are averaged by ``GradReducer``: bucketed asynchronous all-reduces started from gradient hooks while
-the backward passes go on (however many: LAKD backwards once per local module, and each module's buckets are
-reduced while the next module computes). This keeps every local module's gradients synchronised exactly once
-per step without one DDP wrapper per module, and works the same for methods with extra parts (connectors,
-embeddings). ``average_gradients`` is the synchronous form (after all backward passes), kept as the reference
-and the fallback.
+Gradients are averaged by PyTorch's ``DistributedDataParallel`` (``data_parallel``), one instance per backward
+pass of a step (``Distiller.trainable_groups``, wrapped by ``lakd.engine.step.prepare_distributed``): methods
+with one backward get one over the student and the method's extra parts; LAKD one per local module, so each
+module's backward starts its own bucketed, overlapped reduction and every module's gradients are averaged
+exactly once per step.
 
 What is per rank and what is shared (``W`` processes, global batch ``B``, see ``lakd.data.sampling``):
 
@@ -113,164 +112,30 @@ def barrier() -> None:
         tdist.barrier()
 
 
-def average_gradients(params, bucket_bytes: int = 25 * 2**20) -> None:
-    """Average ``.grad`` of ``params`` over all ranks, in flat buckets (one all-reduce per bucket).
+def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` (one backward pass's parameters, see ``Distiller.trainable_groups``) in PyTorch's
+    ``DistributedDataParallel``: its gradients are averaged over the ranks in buckets whose all-reduces start
+    from the backward pass itself, as soon as each bucket is ready.
 
-    A parameter without a gradient on this rank contributes zeros, so every rank takes part in every
-    all-reduce (no hang when a rank's step skipped a part of the model).
+    - ``broadcast_buffers=False`` (``forward_sync_buffers`` in newer PyTorch): the buffers are not overwritten by rank 0's at every forward. BatchNorm
+      statistics are averaged over the ranks at the end of each epoch instead (``average_norm_buffers``), and
+      CRD's memory banks are kept identical by the method (it gathers every rank's batch), so no bank is sent
+      at every step;
+    - ``init_sync=False``: the trainer has already broadcast rank 0's whole distiller (``broadcast_module``);
+    - ``gradient_as_bucket_view=True``: the gradients are views of the reduction buckets (no copy back);
+    - ``find_unused_parameters=False``: every parameter of a group gets a gradient in its pass (a group is
+      built from the parameters the pass uses).
     """
-    if not is_enabled():
-        return
-    world = tdist.get_world_size()
-    params = [p for p in params if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    buckets: list[list[torch.Tensor]] = []
-    size, cur, cur_dtype = 0, [], None
-    for p in params:
-        nbytes = p.grad.numel() * p.grad.element_size()
-        if cur and (size + nbytes > bucket_bytes or p.grad.dtype != cur_dtype):
-            buckets.append(cur)
-            cur, size = [], 0
-        cur.append(p.grad)
-        cur_dtype = p.grad.dtype
-        size += nbytes
-    if cur:
-        buckets.append(cur)
-    for grads in buckets:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
-        flat /= world
-        offset = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[offset: offset + n].view_as(g))
-            offset += n
+    import inspect
 
-
-class GradReducer:
-    """Gradient averaging that overlaps the backward passes: bucketed all-reduces started from gradient hooks.
-
-    Every trainable parameter gets a post-accumulate-grad hook. The first step records the order in which the
-    gradients become ready (rank 0's order is broadcast, so every rank issues the same collectives in the same
-    order) and which ``backward`` call produced each, and is reduced after the step like ``average_gradients``.
-    From then on the parameters are bucketed in that order (a bucket never spans two backward calls, and holds
-    at most ``bucket_bytes``); as soon as the gradients of a bucket and of every bucket before it are ready, the
-    bucket is flattened and its all-reduce started asynchronously, while autograd goes on with the rest of the
-    backward (PyTorch DDP's scheme). With LAKD's local backward this reduces module k's gradients while module
-    k+1 computes. ``finish`` waits for the reductions, starts those of buckets never completed (a parameter
-    without a gradient contributes zeros, so every rank takes part in every all-reduce), and writes the averages
-    back. Values are those of ``average_gradients`` (elementwise sums of the same numbers). If a parameter's
-    gradient is accumulated again after its bucket was launched (a method backpropagating into the same
-    parameter twice), the step falls back to the synchronous reduction, so the result stays right.
-
-    Written here rather than wrapping the model in ``torch.nn.parallel.DistributedDataParallel``: DDP hooks one
-    forward per backward and would need ``find_unused_parameters`` and no_sync juggling for methods with several
-    backward passes (LAKD), whose modules must each be reduced once per step.
-    """
-
-    def __init__(self, params, bucket_bytes: int = 2**20):
-        self.params = [p for p in params if p.requires_grad]
-        self.bucket_bytes = bucket_bytes
-        self.index = {id(p): i for i, p in enumerate(self.params)}
-        self.buckets: list[list[int]] | None = None  # parameter indices per bucket (after the first step)
-        self.bucket_of: dict[int, int] = {}
-        self._order: list[tuple[int, int]] = []  # first step: (parameter index, backward call) in ready order
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
-        self.active = False
-
-    # ----- per step -------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        self.active = True
-        self.calls = 0
-        self.ready: set[int] = set()
-        self.missing = [len(b) for b in self.buckets] if self.buckets is not None else None
-        self.next_bucket = 0
-        self.works: list[tuple[int, torch.Tensor, object]] = []
-        self.fallback = False
-        self.launch_calls: list[int] = []  # backward calls completed when each bucket was launched (overlap)
-
-    def backward_done(self) -> None:
-        """Called after each ``backward`` of the step (the boundaries between LAKD's modules)."""
-        self.calls += 1
-
-    def _hook(self, p: torch.Tensor) -> None:
-        if not self.active:
-            return
-        i = self.index[id(p)]
-        if i in self.ready:  # accumulated again this step
-            if self.buckets is not None and self.bucket_of[i] < self.next_bucket:
-                self.fallback = True
-            return
-        self.ready.add(i)
-        if self.buckets is None:
-            self._order.append((i, self.calls))
-            return
-        self.missing[self.bucket_of[i]] -= 1
-        self._launch_ready()
-
-    def _launch_ready(self) -> None:
-        while self.next_bucket < len(self.buckets) and self.missing[self.next_bucket] == 0 and not self.fallback:
-            self._launch(self.next_bucket)
-            self.next_bucket += 1
-
-    def _launch(self, b: int) -> None:
-        grads = []
-        for i in self.buckets[b]:
-            p = self.params[i]
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad.reshape(-1))
-        flat = torch.cat(grads)
-        self.launch_calls.append(self.calls)
-        self.works.append((b, flat, tdist.all_reduce(flat, op=tdist.ReduceOp.SUM, async_op=True)))
-
-    def finish(self) -> None:
-        """Wait for (and complete) the reductions and write the averaged gradients back."""
-        self.active = False
-        if self.buckets is None or self.fallback:
-            for _, _, work in self.works:
-                work.wait()
-            if self.buckets is None:
-                self._build_buckets()
-            average_gradients(self.params)
-            return
-        while self.next_bucket < len(self.buckets):
-            self._launch(self.next_bucket)
-            self.next_bucket += 1
-        world = tdist.get_world_size()
-        for b, flat, work in self.works:
-            work.wait()
-            flat /= world
-            offset = 0
-            for i in self.buckets[b]:
-                g = self.params[i].grad
-                g.copy_(flat[offset: offset + g.numel()].view_as(g))
-                offset += g.numel()
-
-    def _build_buckets(self) -> None:
-        order = broadcast_object(self._order)  # rank 0's order: the same collectives, in the same order
-        seen = {i for i, _ in order}
-        order = order + [(i, -1) for i in range(len(self.params)) if i not in seen]  # never got a gradient
-        buckets, cur, size, call, dtype = [], [], 0, None, None
-        for i, c in order:
-            p = self.params[i]
-            nbytes = p.numel() * p.element_size()
-            if cur and (c != call or p.dtype != dtype or size + nbytes > self.bucket_bytes):
-                buckets.append(cur)
-                cur, size = [], 0
-            cur.append(i)
-            size += nbytes
-            call, dtype = c, p.dtype
-        if cur:
-            buckets.append(cur)
-        self.buckets = buckets
-        self.bucket_of = {i: b for b, idx in enumerate(buckets) for i in idx}
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
+    ddp = torch.nn.parallel.DistributedDataParallel
+    kw = {"device_ids": [device.index if device.index is not None else torch.cuda.current_device()]} \
+        if device.type == "cuda" else {}
+    # newer PyTorch names the per-forward buffer sync forward_sync_buffers (broadcast_buffers is deprecated)
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+        else "broadcast_buffers"
+    kw[no_sync] = False
+    return ddp(module, init_sync=False, gradient_as_bucket_view=True, find_unused_parameters=False, **kw)
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
