@@ -17,8 +17,8 @@ import torch
 
 from lakd.analysis.seeds import load_study, make_seed_report, paired_difference, summarize, t_quantile
 from lakd.cli.main import main
-from lakd.engine.sweep import load_plan, run_command
 from lakd.errors import LakdError
+from lakd.sweep import load_plan, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.dataset=digits", "data.train_subset=192", "data.test_subset=64", "solver.batch_size=32",
@@ -156,8 +156,10 @@ def test_plan_names_order_grid_and_merged_rows(tmp_path):
     same = {r.name: r.same_as for r in plan.runs}
     assert same["a_copy-s0"] == "a-s0" and same["a_copy-s1"] == "a-s1" and same["g_lr0.05-s3"] is None
     assert [r.name for r in plan.unique()] == names[:6]
-    assert plan.groups[2]["rows"] == [{"name": "a_copy", "label": "a_copy", "variant": "a", "paper": 93.2}]
-    assert plan.groups[2]["paper_note"] == "the paper's Table 9 (300 epochs)" and "paper_note" not in plan.groups[0]
+    assert [r.to_json() for r in plan.groups[2].rows] == [{"name": "a_copy", "label": "a_copy", "variant": "a",
+                                                           "paper": 93.2}]
+    assert plan.groups[2].paper_note == "the paper's Table 9 (300 epochs)" and not plan.groups[0].paper_note
+    assert "paper_note" not in plan.groups[0].to_json()
     cmd = run_command(plan, plan.runs[1], python="python")
     assert cmd[:4] == ["python", "-m", "lakd", "train"] and "solver.lr=0.1" in cmd and "seed=0" in cmd
     assert cmd[-2:] == ["--run-dir", str(tmp_path / "runs" / "b-s0")] and "experiment=b-s0" in cmd
@@ -288,7 +290,7 @@ def test_only_runs_in_the_order_named(tmp_path, capsys):
 def test_eta_of_a_selection_counts_the_runs_finished_before_it(tmp_path):
     """A `--only` invocation estimates its time from every finished run of the spec (here one of 60 s), not only
     from its own (none yet): "ETA 1m00s" for one run left on one slot, where it printed "ETA ?"."""
-    from lakd.engine.sweep import SweepRunner
+    from lakd.sweep import SweepRunner
 
     spec = write_spec(tmp_path / "s.yaml", seeds=[0])
     _fake_run(tmp_path / "res" / "b-s0", "b-s0", 0, 70.0)
@@ -337,7 +339,7 @@ def test_published_numbers_sit_beside_the_rows_and_comparisons_use_the_group_lab
       - {name: a2, label: "A again", paper: 93.08}
       - {name: b2, label: "B again", overrides: [solver.lr=0.1], paper: 93.27}
 """)
-    from lakd.engine.sweep import write_plan
+    from lakd.sweep import write_plan
 
     write_plan(load_plan(str(spec), results_dir=str(tmp_path / "res")))
     for seed, a, b in ((0, 80.0, 81.0), (1, 80.5, 81.0)):
@@ -357,7 +359,7 @@ def test_published_numbers_sit_beside_the_rows_and_comparisons_use_the_group_lab
 
 def test_a_sweep_with_nothing_finished_reports_empty_rows(tmp_path):
     spec = write_spec(tmp_path / "s.yaml")
-    from lakd.engine.sweep import write_plan
+    from lakd.sweep import write_plan
 
     write_plan(load_plan(str(spec), results_dir=str(tmp_path / "res")))
     md = make_seed_report([str(tmp_path / "res")])["markdown"]
@@ -374,14 +376,14 @@ def test_a_row_marked_skip_is_listed_and_reported_but_not_run_or_expected(tmp_pa
       - {name: c, overrides: [solver.lr=0.2], skip: "repeats row d bitwise"}
       - {name: d, overrides: [solver.lr=0.2]}
 """)
-    from lakd.engine.sweep import write_plan
+    from lakd.sweep import write_plan
 
     plan = load_plan(str(spec), runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"))
     skip = {r.name: r.skip for r in plan.runs}
     assert skip["c-s0"] == skip["c-s1"] == "repeats row d bitwise" and skip["d-s0"] is None
     assert {r.name: r.same_as for r in plan.runs}["d-s0"] is None  # d runs: it does not point at skipped c
     assert [r.name for r in plan.unique()] == ["a-s0", "b-s0", "a-s1", "b-s1", "d-s0", "d-s1"]
-    assert plan.groups[1]["rows"][0]["skip"] == "repeats row d bitwise"
+    assert plan.groups[1].rows[0].skip == "repeats row d bitwise"
     assert main(["sweep", str(spec), "--dry-run", "--runs-dir", str(tmp_path / "runs"),
                  "--results", str(tmp_path / "res")]) == 0
     out, err = capsys.readouterr()
