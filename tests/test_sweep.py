@@ -398,3 +398,59 @@ def test_a_row_marked_skip_is_listed_and_reported_but_not_run_or_expected(tmp_pa
     assert ("6 of the 6 runs the sweep plans have finished (2 more, of rows marked skip, are not run; 1 of them "
             "had finished before).") in md and "partial" not in md
     assert "| c (not run further: repeats row d bitwise) | 1 | 82.00 |" in md
+
+
+# ----- packed sweeps (--per-device) --------------------------------------------------------------------------------
+FAKE_RUN = r"""
+import json, os, sys, time
+args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+run_dir = sys.argv[sys.argv.index("--run-dir") + 1]
+start = time.time()
+time.sleep(1.0)
+os.makedirs(run_dir, exist_ok=True)
+with open(os.path.join(run_dir, "trace.json"), "w") as f:
+    json.dump({"start": start, "end": time.time(), "threads": args.get("train.threads"),
+               "omp": os.environ.get("OMP_NUM_THREADS")}, f)
+with open(os.path.join(run_dir, "summary.json"), "w") as f:
+    json.dump({"final_top1": 50.0, "wall_time_s": 1.0}, f)
+"""
+
+
+def test_per_device_2_runs_two_at_once_with_the_cores_split(tmp_path, monkeypatch):
+    """`--per-device 2` on a CPU: two runs at a time, each with train.threads = cores // 2 (here 4 cores -> 2).
+    The runs are a stand-in program (sleep 1 s, write summary.json): what is checked is the scheduling."""
+    import lakd.sweep.runner as runner_mod
+    from lakd.sweep import SweepRunner
+
+    spec = write_spec(tmp_path / "s.yaml", seeds=[0, 1])  # 4 runs
+    plan = load_plan(str(spec), runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"))
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_RUN)
+    real = runner_mod.run_command
+    monkeypatch.setattr(runner_mod, "run_command", lambda p, r, resume=False: [sys.executable, str(fake)]
+                        + real(p, r, resume=resume)[4:])  # `python -m lakd train` -> the stand-in
+    monkeypatch.setattr(runner_mod, "cpu_cores", lambda: 4)
+    runner = SweepRunner(plan, device="cpu", say=lambda s: None, poll_s=0.05, per_device=2)
+    assert runner.slots == 2 and plan.processes == 2 and plan.threads == 2
+    assert runner.run() == 0
+    traces = [json.loads((tmp_path / "runs" / r.name / "trace.json").read_text()) for r in plan.unique()]
+    assert len(traces) == 4 and all(t["threads"] == "2" and t["omp"] == "2" for t in traces)
+    events = sorted((t["start"], +1) for t in traces) + sorted((t["end"], -1) for t in traces)
+    live, most = 0, 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):
+        live += step
+        most = max(most, live)
+    assert most == 2  # two at once, never more
+    assert all((tmp_path / "res" / r.name / "summary.json").exists() for r in plan.unique())
+
+
+def test_per_device_on_cuda_shares_each_gpu_and_rejects_nonsense():
+    from lakd.sweep import Plan, pack
+
+    plan = Plan("p", "s.yaml", "runs", "res", processes=1, threads=0, runs_per_gpu=1, runs=[])
+    pack(plan, 3, gpu=True)
+    assert plan.runs_per_gpu == 3 and plan.processes == 1 and plan.threads == 0
+    pack(plan, 3, gpu=False, cores=2)
+    assert plan.processes == 3 and plan.threads == 1  # never 0 threads (0 would mean PyTorch's default)
+    with pytest.raises(LakdError, match="--per-device must be a positive number"):
+        pack(plan, 0, gpu=False)
