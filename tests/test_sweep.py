@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lakd.analysis.seeds import load_study, make_seed_report, paired_difference, summarize, t_quantile
+from lakd.analysis.report import make_seed_report
+from lakd.analysis.runs import load_study
+from lakd.analysis.stats import paired_difference, summarize, t_quantile
 from lakd.cli.main import main
 from lakd.errors import LakdError
 from lakd.sweep import load_plan, run_command
@@ -83,7 +85,7 @@ def test_paired_difference_by_hand():
 def test_paired_p_value_and_holm_by_hand():
     from scipy.stats import ttest_rel
 
-    from lakd.analysis.seeds import holm
+    from lakd.analysis.stats import holm
 
     a, b = {0: 80.0, 1: 81.0, 2: 82.5}, {0: 79.0, 1: 80.5, 2: 81.0}
     p = paired_difference(a, b)
@@ -311,7 +313,7 @@ def test_update_rewrites_only_between_markers(tmp_path, capsys):
     assert text.startswith("# Doc\n\ntext before\n<!-- lakd report: begin -->\n### Results over seeds")
     assert "old table" not in text and text.endswith("<!-- lakd report: end -->\nafter\n")
     assert "| x | 2 | 70.50 ± 0.71 |" in text  # std of (70, 71) = sqrt(0.5) = 0.7071
-    from lakd.analysis.seeds import curve_panels
+    from lakd.analysis.runs import curve_panels
 
     groups, _, _ = load_study([str(tmp_path / "res")])
     assert curve_panels(groups) == [("Runs by setting", [("x", [{1: 69.0, 2: 70.0}, {1: 70.0, 2: 71.0}])])]
@@ -430,9 +432,12 @@ def test_per_device_2_runs_two_at_once_with_the_cores_split(tmp_path, monkeypatc
     monkeypatch.setattr(runner_mod, "run_command", lambda p, r, resume=False: [sys.executable, str(fake)]
                         + real(p, r, resume=resume)[4:])  # `python -m lakd train` -> the stand-in
     monkeypatch.setattr(runner_mod, "cpu_cores", lambda: 4)
-    runner = SweepRunner(plan, device="cpu", say=lambda s: None, poll_s=0.05, per_device=2)
+    said: list[str] = []
+    runner = SweepRunner(plan, device="cpu", say=said.append, poll_s=0.05, per_device=2)
     assert runner.slots == 2 and plan.processes == 2 and plan.threads == 2
     assert runner.run() == 0
+    assert "2 at a time, 2 thread(s) each" in said[0]
+    assert said[-1].startswith("throughput: 4 run(s) in ") and "runs/h, 2 at a time" in said[-1]
     traces = [json.loads((tmp_path / "runs" / r.name / "trace.json").read_text()) for r in plan.unique()]
     assert len(traces) == 4 and all(t["threads"] == "2" and t["omp"] == "2" for t in traces)
     events = sorted((t["start"], +1) for t in traces) + sorted((t["end"], -1) for t in traces)

@@ -310,6 +310,7 @@ class SweepRunner:
                  + (f" on GPUs {self.gpus}" if self.gpus else f", {plan.threads or 'default'} thread(s) each"))
         self.say(f"runs in {plan.runs_dir}, results in {plan.results_dir}")
         old = {s: signal.signal(s, self.stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        began = time.time()
         last_beat = time.time()
         try:
             while (pending or self.active or waiting) and not self._stop:
@@ -346,6 +347,11 @@ class SweepRunner:
                 self.say(f"stopped; {len(self.active)} run(s) ended, to be resumed by the same command")
                 self.active.clear()
                 self.say(self.progress(pending))
+        if self.durations:  # the throughput of this invocation, to compare packings (--per-device) by
+            wall = time.time() - began
+            self.say(f"throughput: {len(self.durations)} run(s) in {_fmt_time(wall)} of wall time, "
+                     f"{len(self.durations) * 3600 / max(wall, 1e-9):.1f} runs/h, {self.slots} at a time "
+                     f"(mean run {_fmt_time(sum(self.durations) / len(self.durations))})")
         if self._stop:
             return 130
         if self.failed:
