@@ -193,6 +193,7 @@ def _sweep(spec, runs, res, *extra, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
+@pytest.mark.slow
 def test_sweep_killed_then_resumed_exactly(tmp_path, capsys):
     spec = write_spec(tmp_path / "s.yaml", epochs=4, seeds=[0])
     runs, res = tmp_path / "runs", tmp_path / "res"
@@ -254,6 +255,7 @@ def test_sweep_killed_then_resumed_exactly(tmp_path, capsys):
     assert "| row A | 1 |" in md and "| row B − row A | 0 |" in md and "2 of the 2 runs the sweep plans have finished." in md
 
 
+@pytest.mark.slow
 def test_only_runs_a_selection_and_keeps_the_whole_plan(tmp_path):
     """`--only` (e.g. to run one group first) starts only the runs named; sweep.json still lists every run of the
     spec, records the selection, and a later full sweep skips what the selection finished."""
