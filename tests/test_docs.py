@@ -29,6 +29,7 @@ def test_readme_names_the_two_commands():
     assert "pip install -e . && lakd demo" in ci and "pip install -e '.[test]' && pytest" in ci
 
 
+@pytest.mark.slow
 def test_demo_on_tiny_settings(tmp_path):
     out = lakd("demo", "--out", str(tmp_path), "--epochs", "1", "--teacher-epochs", "1",
                "data.train_subset=192", "data.test_subset=90", "train.threads=1")
