@@ -143,6 +143,29 @@ def _check_keys(cfg: dict, schema: dict, where: str, prefix: str = "") -> None:
             _check_keys(v, schema[k], where, prefix=f"{path}.")
 
 
+def shipped_configs_dir() -> str:
+    """The configs folder shipped beside the package (the clone's ``configs/``), which ``lakd configs`` lists."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def resolve_base(base: str, path: str) -> str:
+    """Where a ``_base_`` line points: the YAML file's own folder first; when no such file exists and ``base``
+    names a shipped config as ``lakd configs`` lists it (``configs/cifar10/_base_distill.yaml``, also without
+    ``.yaml`` or without the ``configs/`` prefix), that shipped file, so the line works from any folder."""
+    own = os.path.join(os.path.dirname(path), base)
+    if os.path.exists(own):
+        return own
+    name = base.replace("\\", "/")
+    if name.startswith("configs/"):
+        name = name[len("configs/"):]
+    root = shipped_configs_dir()
+    for candidate in (name, name + ".yaml", name + ".yml"):
+        shipped = os.path.join(root, candidate)
+        if not os.path.isabs(name) and os.path.isfile(shipped):
+            return shipped
+    return own  # missing: load_yaml's error names it
+
+
 def load_yaml(path: str, _chain: tuple[str, ...] = ()) -> dict:
     if not os.path.exists(path):
         raise LakdError(f"config file {path!r} does not exist; `lakd configs` lists the shipped ones")
@@ -170,7 +193,7 @@ def load_yaml(path: str, _chain: tuple[str, ...] = ()) -> dict:
     if base:
         if not isinstance(base, str):
             raise LakdError(f"config file {path!r}: _base_ must be a path to another YAML file, got {base!r}")
-        parent = load_yaml(os.path.join(os.path.dirname(path), base), (*_chain, real))
+        parent = load_yaml(resolve_base(base, path), (*_chain, real))
         data = _merge(parent, data)
     return data
 

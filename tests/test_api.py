@@ -98,6 +98,7 @@ def _lakd(*args):
     return res.stdout
 
 
+@pytest.mark.slow
 def test_names_in_configs_train_eval_bench_and_models_blocks(tmp_path):
     """`module:` names with options through `lakd train`, `lakd eval` (rebuilt from the recorded options),
     `lakd bench memory --image-size` and `lakd models --blocks`."""

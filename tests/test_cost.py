@@ -53,6 +53,7 @@ def test_bench_json_for_every_method(what, key):
             assert r["saved_bytes"] > 0 and r["resident_bytes"] > 0, m
 
 
+@pytest.mark.slow
 def test_teacher_first_kd_peak_equals_scratch_at_the_allocator_and_lakd_is_lower():
     """Every method runs the teacher before the student, so KD's allocator-level peak is scratch's (within 2%);
     LAKD's interleaved local backward is far below; one joint backward is above. Each method in a fresh

@@ -29,6 +29,9 @@ from pathlib import Path
 import pytest
 import torch
 
+#: every test here starts worker processes (the two-process training, torchrun): out of the fast inner loop
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_CK = "teacher.pt"
 TINY = ["data.dataset=digits", "data.train_subset=192", "data.test_subset=100", "solver.batch_size=32",

@@ -50,6 +50,7 @@ def test_mkdocs_nav_lists_every_docs_page():
     assert cfg.get("strict") is True
 
 
+@pytest.mark.slow
 def test_demo_on_tiny_settings(tmp_path):
     out = lakd("demo", "--out", str(tmp_path), "--epochs", "1", "--teacher-epochs", "1",
                "data.train_subset=192", "data.test_subset=90", "train.threads=1")

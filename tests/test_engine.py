@@ -33,6 +33,7 @@ def run_cli(args, timeout=300, env_extra=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     args = ["train", *TINY, "method=scratch", "solver.epochs=4", "data.train_subset=640"]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -66,6 +67,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_run_folder_contents(tmp_path):
     from lakd.engine.trainer import Trainer
 
@@ -321,6 +323,7 @@ def cli(argv, capsys):
     return subprocess.CompletedProcess(argv, code, out.out, out.err)
 
 
+@pytest.mark.slow
 def test_a_run_owns_its_folder(tmp_path, capsys):
     """--run-dir onto a finished run is refused (nothing of it changes) until --overwrite; a second live run on
     one folder stops at once with exit 2 while the first finishes; default names never collide."""
@@ -482,6 +485,7 @@ def test_unwritable_run_folder_mid_run_saves_the_state_elsewhere(tmp_path, monke
     assert f"resume={tmp_path / 'w'}" in msg
 
 
+@pytest.mark.slow
 def test_kill_leftovers_best_pt_fallback_interrupt_command_and_umask(tmp_path, capsys):
     args = ["train", *TINY, "method=scratch", "solver.epochs=1"]
     run = tmp_path / "r"

@@ -3,10 +3,11 @@
 Every ``import`` statement of every file under ``lakd/`` (module level and inside functions alike) is read with
 ``ast`` and resolved to the file it loads. Layers, bottom to top:
 
-    runtime/, errors.py, registry.py  <  config.py  <  models/, data/, distillers/  <  engine/  <  analysis/, cli/
+    runtime/, errors.py, registry.py  <  config.py  <  models/, data/, distillers/  <  engine/  <  sweep/
+    <  analysis/, cli/
 
-models, data and distillers import nothing from engine, analysis or cli; engine nothing from analysis or cli;
-runtime nothing but ``lakd.errors``.
+models, data and distillers import nothing from engine, sweep, analysis or cli; engine nothing from sweep,
+analysis or cli; sweep nothing from analysis or cli; runtime nothing but ``lakd.errors``.
 """
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ PKG = Path(__file__).resolve().parent.parent / "lakd"
 
 #: top-level part of the package -> the parts it must not import
 FORBIDDEN = {
-    "runtime": {"config", "registry", "models", "data", "distillers", "engine", "analysis", "cli"},
-    "errors": {"runtime", "config", "registry", "models", "data", "distillers", "engine", "analysis", "cli"},
-    "registry": {"runtime", "config", "models", "data", "distillers", "engine", "analysis", "cli"},
-    "config": {"models", "data", "distillers", "engine", "analysis", "cli"},
-    "models": {"config", "data", "distillers", "engine", "analysis", "cli"},
-    "data": {"config", "models", "distillers", "engine", "analysis", "cli"},
-    "distillers": {"config", "data", "engine", "analysis", "cli"},
-    "engine": {"analysis", "cli"},
+    "runtime": {"config", "registry", "models", "data", "distillers", "engine", "sweep", "analysis", "cli"},
+    "errors": {"runtime", "config", "registry", "models", "data", "distillers", "engine", "sweep", "analysis", "cli"},
+    "registry": {"runtime", "config", "models", "data", "distillers", "engine", "sweep", "analysis", "cli"},
+    "config": {"models", "data", "distillers", "engine", "sweep", "analysis", "cli"},
+    "models": {"config", "data", "distillers", "engine", "sweep", "analysis", "cli"},
+    "data": {"config", "models", "distillers", "engine", "sweep", "analysis", "cli"},
+    "distillers": {"config", "data", "engine", "sweep", "analysis", "cli"},
+    "engine": {"sweep", "analysis", "cli"},
+    "sweep": {"analysis", "cli"},
     "analysis": {"cli"},
 }
 
@@ -77,6 +79,7 @@ def test_the_graph_is_read():
     assert "lakd.engine.build" in g["lakd.engine.trainer"]
     assert "lakd.runtime.distributed" in g["lakd.distillers.crd"]  # a relative `from ..runtime import distributed`
     assert "lakd.data.cifar" in g["lakd.data"]  # `from . import cifar` in a package __init__
+    assert "lakd.engine.metrics" in g["lakd.sweep.runner"]  # the sweep reads metrics.jsonl with the engine's reader
 
 
 def test_layers_point_one_way():

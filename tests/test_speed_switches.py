@@ -67,6 +67,7 @@ def _compiled_aot_eager(monkeypatch, run):
     return out, calls, graphs
 
 
+@pytest.mark.slow
 def test_compile_switch_runs_lakd_like_eager(tmp_path, monkeypatch, digits_overrides):
     """``train.compile`` compiles every block in place; run it through dynamo + AOTAutograd and check the
     local-backward step gives the eager losses. The inductor (C++ codegen) variant is ``test_compile_inductor``

@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lakd.analysis.seeds import load_study, make_seed_report, paired_difference, summarize, t_quantile
+from lakd.analysis.report import make_seed_report
+from lakd.analysis.runs import load_study
+from lakd.analysis.stats import paired_difference, summarize, t_quantile
 from lakd.cli.main import main
-from lakd.engine.sweep import load_plan, run_command
 from lakd.errors import LakdError
+from lakd.sweep import load_plan, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.dataset=digits", "data.train_subset=192", "data.test_subset=64", "solver.batch_size=32",
@@ -83,7 +85,7 @@ def test_paired_difference_by_hand():
 def test_paired_p_value_and_holm_by_hand():
     from scipy.stats import ttest_rel
 
-    from lakd.analysis.seeds import holm
+    from lakd.analysis.stats import holm
 
     a, b = {0: 80.0, 1: 81.0, 2: 82.5}, {0: 79.0, 1: 80.5, 2: 81.0}
     p = paired_difference(a, b)
@@ -156,8 +158,10 @@ def test_plan_names_order_grid_and_merged_rows(tmp_path):
     same = {r.name: r.same_as for r in plan.runs}
     assert same["a_copy-s0"] == "a-s0" and same["a_copy-s1"] == "a-s1" and same["g_lr0.05-s3"] is None
     assert [r.name for r in plan.unique()] == names[:6]
-    assert plan.groups[2]["rows"] == [{"name": "a_copy", "label": "a_copy", "variant": "a", "paper": 93.2}]
-    assert plan.groups[2]["paper_note"] == "the paper's Table 9 (300 epochs)" and "paper_note" not in plan.groups[0]
+    assert [r.to_json() for r in plan.groups[2].rows] == [{"name": "a_copy", "label": "a_copy", "variant": "a",
+                                                           "paper": 93.2}]
+    assert plan.groups[2].paper_note == "the paper's Table 9 (300 epochs)" and not plan.groups[0].paper_note
+    assert "paper_note" not in plan.groups[0].to_json()
     cmd = run_command(plan, plan.runs[1], python="python")
     assert cmd[:4] == ["python", "-m", "lakd", "train"] and "solver.lr=0.1" in cmd and "seed=0" in cmd
     assert cmd[-2:] == ["--run-dir", str(tmp_path / "runs" / "b-s0")] and "experiment=b-s0" in cmd
@@ -189,6 +193,7 @@ def _sweep(spec, runs, res, *extra, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
+@pytest.mark.slow
 def test_sweep_killed_then_resumed_exactly(tmp_path, capsys):
     spec = write_spec(tmp_path / "s.yaml", epochs=4, seeds=[0])
     runs, res = tmp_path / "runs", tmp_path / "res"
@@ -250,6 +255,7 @@ def test_sweep_killed_then_resumed_exactly(tmp_path, capsys):
     assert "| row A | 1 |" in md and "| row B − row A | 0 |" in md and "2 of the 2 runs the sweep plans have finished." in md
 
 
+@pytest.mark.slow
 def test_only_runs_a_selection_and_keeps_the_whole_plan(tmp_path):
     """`--only` (e.g. to run one group first) starts only the runs named; sweep.json still lists every run of the
     spec, records the selection, and a later full sweep skips what the selection finished."""
@@ -288,7 +294,7 @@ def test_only_runs_in_the_order_named(tmp_path, capsys):
 def test_eta_of_a_selection_counts_the_runs_finished_before_it(tmp_path):
     """A `--only` invocation estimates its time from every finished run of the spec (here one of 60 s), not only
     from its own (none yet): "ETA 1m00s" for one run left on one slot, where it printed "ETA ?"."""
-    from lakd.engine.sweep import SweepRunner
+    from lakd.sweep import SweepRunner
 
     spec = write_spec(tmp_path / "s.yaml", seeds=[0])
     _fake_run(tmp_path / "res" / "b-s0", "b-s0", 0, 70.0)
@@ -309,7 +315,7 @@ def test_update_rewrites_only_between_markers(tmp_path, capsys):
     assert text.startswith("# Doc\n\ntext before\n<!-- lakd report: begin -->\n### Results over seeds")
     assert "old table" not in text and text.endswith("<!-- lakd report: end -->\nafter\n")
     assert "| x | 2 | 70.50 ± 0.71 |" in text  # std of (70, 71) = sqrt(0.5) = 0.7071
-    from lakd.analysis.seeds import curve_panels
+    from lakd.analysis.runs import curve_panels
 
     groups, _, _ = load_study([str(tmp_path / "res")])
     assert curve_panels(groups) == [("Runs by setting", [("x", [{1: 69.0, 2: 70.0}, {1: 70.0, 2: 71.0}])])]
@@ -337,7 +343,7 @@ def test_published_numbers_sit_beside_the_rows_and_comparisons_use_the_group_lab
       - {name: a2, label: "A again", paper: 93.08}
       - {name: b2, label: "B again", overrides: [solver.lr=0.1], paper: 93.27}
 """)
-    from lakd.engine.sweep import write_plan
+    from lakd.sweep import write_plan
 
     write_plan(load_plan(str(spec), results_dir=str(tmp_path / "res")))
     for seed, a, b in ((0, 80.0, 81.0), (1, 80.5, 81.0)):
@@ -357,7 +363,7 @@ def test_published_numbers_sit_beside_the_rows_and_comparisons_use_the_group_lab
 
 def test_a_sweep_with_nothing_finished_reports_empty_rows(tmp_path):
     spec = write_spec(tmp_path / "s.yaml")
-    from lakd.engine.sweep import write_plan
+    from lakd.sweep import write_plan
 
     write_plan(load_plan(str(spec), results_dir=str(tmp_path / "res")))
     md = make_seed_report([str(tmp_path / "res")])["markdown"]
@@ -374,14 +380,14 @@ def test_a_row_marked_skip_is_listed_and_reported_but_not_run_or_expected(tmp_pa
       - {name: c, overrides: [solver.lr=0.2], skip: "repeats row d bitwise"}
       - {name: d, overrides: [solver.lr=0.2]}
 """)
-    from lakd.engine.sweep import write_plan
+    from lakd.sweep import write_plan
 
     plan = load_plan(str(spec), runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"))
     skip = {r.name: r.skip for r in plan.runs}
     assert skip["c-s0"] == skip["c-s1"] == "repeats row d bitwise" and skip["d-s0"] is None
     assert {r.name: r.same_as for r in plan.runs}["d-s0"] is None  # d runs: it does not point at skipped c
     assert [r.name for r in plan.unique()] == ["a-s0", "b-s0", "a-s1", "b-s1", "d-s0", "d-s1"]
-    assert plan.groups[1]["rows"][0]["skip"] == "repeats row d bitwise"
+    assert plan.groups[1].rows[0].skip == "repeats row d bitwise"
     assert main(["sweep", str(spec), "--dry-run", "--runs-dir", str(tmp_path / "runs"),
                  "--results", str(tmp_path / "res")]) == 0
     out, err = capsys.readouterr()
@@ -396,3 +402,62 @@ def test_a_row_marked_skip_is_listed_and_reported_but_not_run_or_expected(tmp_pa
     assert ("6 of the 6 runs the sweep plans have finished (2 more, of rows marked skip, are not run; 1 of them "
             "had finished before).") in md and "partial" not in md
     assert "| c (not run further: repeats row d bitwise) | 1 | 82.00 |" in md
+
+
+# ----- packed sweeps (--per-device) --------------------------------------------------------------------------------
+FAKE_RUN = r"""
+import json, os, sys, time
+args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+run_dir = sys.argv[sys.argv.index("--run-dir") + 1]
+start = time.time()
+time.sleep(1.0)
+os.makedirs(run_dir, exist_ok=True)
+with open(os.path.join(run_dir, "trace.json"), "w") as f:
+    json.dump({"start": start, "end": time.time(), "threads": args.get("train.threads"),
+               "omp": os.environ.get("OMP_NUM_THREADS")}, f)
+with open(os.path.join(run_dir, "summary.json"), "w") as f:
+    json.dump({"final_top1": 50.0, "wall_time_s": 1.0}, f)
+"""
+
+
+def test_per_device_2_runs_two_at_once_with_the_cores_split(tmp_path, monkeypatch):
+    """`--per-device 2` on a CPU: two runs at a time, each with train.threads = cores // 2 (here 4 cores -> 2).
+    The runs are a stand-in program (sleep 1 s, write summary.json): what is checked is the scheduling."""
+    import lakd.sweep.runner as runner_mod
+    from lakd.sweep import SweepRunner
+
+    spec = write_spec(tmp_path / "s.yaml", seeds=[0, 1])  # 4 runs
+    plan = load_plan(str(spec), runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"))
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_RUN)
+    real = runner_mod.run_command
+    monkeypatch.setattr(runner_mod, "run_command", lambda p, r, resume=False: [sys.executable, str(fake)]
+                        + real(p, r, resume=resume)[4:])  # `python -m lakd train` -> the stand-in
+    monkeypatch.setattr(runner_mod, "cpu_cores", lambda: 4)
+    said: list[str] = []
+    runner = SweepRunner(plan, device="cpu", say=said.append, poll_s=0.05, per_device=2)
+    assert runner.slots == 2 and plan.processes == 2 and plan.threads == 2
+    assert runner.run() == 0
+    assert "2 at a time, 2 thread(s) each" in said[0]
+    assert said[-1].startswith("throughput: 4 run(s) in ") and "runs/h, 2 at a time" in said[-1]
+    traces = [json.loads((tmp_path / "runs" / r.name / "trace.json").read_text()) for r in plan.unique()]
+    assert len(traces) == 4 and all(t["threads"] == "2" and t["omp"] == "2" for t in traces)
+    events = sorted((t["start"], +1) for t in traces) + sorted((t["end"], -1) for t in traces)
+    live, most = 0, 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):
+        live += step
+        most = max(most, live)
+    assert most == 2  # two at once, never more
+    assert all((tmp_path / "res" / r.name / "summary.json").exists() for r in plan.unique())
+
+
+def test_per_device_on_cuda_shares_each_gpu_and_rejects_nonsense():
+    from lakd.sweep import Plan, pack
+
+    plan = Plan("p", "s.yaml", "runs", "res", processes=1, threads=0, runs_per_gpu=1, runs=[])
+    pack(plan, 3, gpu=True)
+    assert plan.runs_per_gpu == 3 and plan.processes == 1 and plan.threads == 0
+    pack(plan, 3, gpu=False, cores=2)
+    assert plan.processes == 3 and plan.threads == 1  # never 0 threads (0 would mean PyTorch's default)
+    with pytest.raises(LakdError, match="--per-device must be a positive number"):
+        pack(plan, 0, gpu=False)

@@ -1,5 +1,9 @@
-"""The results report from run folders: reads them (``runs.py``), builds the tables (``tables.py``) and renders
-Markdown and CSV here; the accuracy curves are drawn by ``visualize.plot_curves``.
+"""The one renderer of ``lakd report``: Markdown and CSV of both reports, from the one loader (``runs.py``).
+
+- the plain report (``make_report``): tables shaped like the paper's Table 1 (``tables.py``), accuracy curves
+  drawn by ``visualize.plot_curves``;
+- the report over seeds (``make_seed_report``): one table per sweep group with the statistics of ``stats.py``
+  (mean, std, t-intervals, paired differences, Holm), curves drawn by ``visualize.plot_seed_curves``.
 
 A run folder (``runs/<experiment>/``, written by the trainer) holds ``config.yaml``, ``metrics.jsonl`` (one
 JSON line per evaluated epoch) and, once training finished, ``summary.json``. Runs are grouped by dataset, method
@@ -12,9 +16,24 @@ from __future__ import annotations
 
 import csv
 import os
+import statistics
 from collections.abc import Sequence
 
-from .runs import Run, find_runs, is_run_dir, load_run, write_text
+from ..sweep.spec import Plan
+from .runs import (
+    Group,
+    Row,
+    Run,
+    comparisons,
+    curve_panels,
+    find_runs,
+    is_run_dir,
+    load_run,
+    load_study,
+    row_map,
+    write_text,
+)
+from .stats import Paired, Summary, holm, paired_difference
 from .tables import (
     CSV_FIELDS,
     DAGGER,
@@ -31,7 +50,8 @@ from .tables import (
 )
 
 __all__ = ["Run", "Cell", "Table", "find_runs", "is_run_dir", "load_run", "label_variants", "build_tables",
-           "format_cell", "csv_rows", "render_markdown", "write_csv", "make_report"]
+           "format_cell", "csv_rows", "render_markdown", "render_seeds", "write_csv", "make_report",
+           "make_seed_report"]
 
 
 def _markdown_table(t: Table, attr: str, best_attr: str | None, with_teacher: bool) -> list[str]:
@@ -124,13 +144,14 @@ def render_markdown(runs: Sequence[Run], tables: Sequence[Table]) -> str:
     return "\n".join(out)
 
 
-def write_csv(tables: Sequence[Table], path: str) -> str:
-    """Same data as the Markdown tables, full precision (Python's shortest round-trip float repr)."""
+def write_csv(path: str, fields: Sequence[str], rows: Sequence[dict]) -> str:
+    """The one CSV writer of both reports: the rows' data at full precision (Python's shortest round-trip float
+    repr), None as an empty cell."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w = csv.DictWriter(f, fieldnames=list(fields))
         w.writeheader()
-        for row in csv_rows(tables):
+        for row in rows:
             w.writerow({k: ("" if v is None else repr(v) if isinstance(v, float) else v)
                         for k, v in row.items()})
     return path
@@ -147,9 +168,190 @@ def make_report(paths: Sequence[str], out: str | None = "report.md", csv_path: s
     if out:
         written["out"] = write_text(out, text)
     if csv_path:
-        written["csv"] = write_csv(tables, csv_path)
+        written["csv"] = write_csv(csv_path, CSV_FIELDS, csv_rows(tables))
     if plot_path:
         from .visualize import plot_curves  # matplotlib: imported on use
 
         written["plot"] = plot_curves(runs, plot_path, tables)
     return written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Over seeds
+def _holm_cell(p: Paired, held: bool | None, family: int) -> str:
+    """``holds`` / ``does not hold`` for a difference whose interval excludes 0; nothing to adjust otherwise."""
+    if held is None:
+        return "n/a"
+    if p.verdict.startswith("cannot tell"):
+        return "—"
+    return f"{'holds' if held else 'does not hold'} ({family} in the family)"
+
+
+def _p(p: Paired) -> str:
+    v = p.p_value
+    return "n/a" if v is None else "< 0.001" if v < 0.001 else f"{v:.3f}"
+
+
+def _f(v: float | None, nd: int = 2) -> str:
+    return "n/a" if v is None else f"{v:.{nd}f}"
+
+
+def _mean_std(s: Summary) -> str:
+    if s.mean is None:
+        return "—"
+    return _f(s.mean) + (f" ± {s.std:.2f}" if s.std is not None else "")
+
+
+def _ci(s: Summary) -> str:
+    return "n/a" if s.ci is None else f"[{s.ci[0]:.2f}, {s.ci[1]:.2f}]"
+
+
+def _signed(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.2f}"
+
+
+def _flags(row: Row) -> str:
+    out = []
+    for seed, extra in sorted(row.repeats.items()):
+        vals = {r.final_top1 for r in extra} | {row.runs[seed].final_top1}
+        out.append(f"seed {seed} run {len(extra) + 1}× ({'identical' if len(vals) == 1 else 'different results'}; "
+                   f"counted once)")
+    damaged = sum(r.damaged for r in row.incomplete)
+    if len(row.incomplete) > damaged:
+        out.append(f"{len(row.incomplete) - damaged} unfinished run(s) left out")
+    if damaged:
+        out.append(f"{damaged} run(s) with an unreadable summary.json left out")
+    return "; ".join(out)
+
+
+def render_seeds(groups: Sequence[Group], runs: Sequence[Run], plan: Plan | None, attr: str = "final_top1",
+                 level: int = 1) -> str:
+    """The report over seeds in Markdown: a title at heading ``level``, one section per group below it."""
+    all_rows = row_map(groups)
+    h1, h2 = "#" * level, "#" * (level + 1)
+    complete = [r for r in runs if r.complete]
+    planned = plan.runs if plan else []
+    expected = [r for r in planned if not r.same_as and not r.skip]
+    out = [f"{h1} Results over seeds", ""]
+    status = f"{len(complete)} finished run(s)"
+    if expected:
+        names = {r.experiment for r in complete}
+        done = sum(r.name in names for r in expected)
+        status = f"{done} of the {len(expected)} runs the sweep plans have finished"
+        skipped = [r for r in planned if r.skip and not r.same_as]
+        if skipped:
+            ran = sum(r.name in names for r in skipped)
+            status += (f" ({len(skipped)} more, of rows marked skip, are not run"
+                       + (f"; {ran} of them had finished before" if ran else "") + ")")
+        if done < len(expected):
+            status += " (**partial**: the sweep is not finished; cells with fewer seeds are less certain)"
+    out += [status + ".", ""]
+    out += ["Top-1 is the final-epoch test accuracy (%). Cells: mean ± sample std over seeds, n seeds, and the "
+            "95% confidence interval of the mean (Student's t, n − 1 degrees of freedom; none for n = 1). "
+            "Paired differences A − B are taken seed by seed over the seeds both rows have, with the same "
+            "t-interval; \"cannot tell\" means the interval contains 0. Each comparison table, and each group's "
+            "differences against its reference row, is one family: `Holm` says whether a difference still "
+            "excludes 0 after Holm's adjustment for the family's size (family-wise error 5%), the safer "
+            "reading when a table makes many comparisons.", ""]
+    for g in groups:
+        out += [f"{h2} {g.title}", ""]
+        if g.paper_note:
+            out += [f"Paper column: {g.paper_note}", ""]
+        ref = all_rows.get(g.reference) if g.reference else None
+        header = ["Row", "n", "top-1 mean ± std", "95% CI", "best-epoch top-1", "EK mean ± std", "per seed"]
+        if ref:
+            header.insert(4, f"Δ vs {ref.label} (paired, 95% CI)")
+        with_paper = any(r.paper is not None for r in g.rows)
+        if with_paper:
+            header.append("paper")
+        header.append("min/run")
+        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        # every row against the reference: the table's Δ column, and one family for Holm below the table
+        vs_ref = {row.name: paired_difference(row.values(attr), ref.values(attr), row.label, ref.label)
+                  for row in g.rows if ref and row is not ref and row.name != ref.name}
+        for row in g.rows:
+            s = row.stats(attr)
+            cells = [row.label, str(s.n), _mean_std(s), _ci(s), _mean_std(row.stats("best_top1")),
+                     _mean_std(row.stats("final_ek")),
+                     ", ".join(f"s{k}: {v:.2f}" for k, v in row.values(attr).items()) or "—"]
+            if ref:
+                p = vs_ref.get(row.name)
+                if p is None:
+                    cells.insert(4, "reference")
+                else:
+                    cells.insert(4, f"{_signed(p.summary.mean)} {_ci(p.summary)} (n={p.summary.n})"
+                                 if p.summary.n else "n/a")
+            if with_paper:
+                cells.append(f"{row.paper:.2f}" if row.paper is not None else "—")
+            wall = [r.wall_time_s for r in row.runs.values() if r.wall_time_s]
+            cells.append(f"{statistics.fmean(wall) / 60:.1f}" if wall else "n/a")
+            flags = _flags(row)
+            if row.same_as:
+                cells[0] += f" (= runs of {row.same_as})"
+            if row.skip:
+                cells[0] += f" (not run further: {row.skip})"
+            if flags:
+                cells[0] += f" ‡ ({flags})"
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+        if vs_ref:
+            held = holm([p.p_value for p in vs_ref.values()])
+            family = sum(h is not None for h in held)
+            excl = [(p, h) for p, h in zip(vs_ref.values(), held) if not p.verdict.startswith("cannot")]
+            if excl:
+                out += [f"Against {ref.label}, Holm over the {family} rows with 2 or more matched seeds: "
+                        + "; ".join(f"{p.a} {_signed(p.summary.mean)} "
+                                    f"(p {_p(p) if _p(p).startswith('<') else '= ' + _p(p)}) "
+                                    f"{'holds' if h else 'does not hold'}" for p, h in excl) + ".", ""]
+        pairs = comparisons(g, all_rows, attr)
+        if pairs:
+            held = holm([p.p_value for p in pairs])
+            family = sum(h is not None for h in held)
+            out += ["| A − B | matched seeds | mean diff | std | 95% CI | what the interval supports | p | Holm |",
+                    "|---|---|---|---|---|---|---|---|"]
+            for p, h in zip(pairs, held):
+                s = p.summary
+                out.append(f"| {p.a} − {p.b} | {', '.join(map(str, p.seeds)) or 'none'} | {_signed(s.mean)} | "
+                           f"{_f(s.std)} | {_ci(s)} | {p.verdict} | {_p(p)} | {_holm_cell(p, h, family)} |")
+            out.append("")
+    if any(r.repeats for r in all_rows.values()):
+        out += ["‡ A seed run more than once counts once (the first run by folder path); the others are listed, "
+                "not averaged, since repeats of one seed are not independent.", ""]
+    return "\n".join(out)
+
+
+SEED_CSV_FIELDS = ["group", "row", "label", "n", "seeds", "mean", "std", "ci_low", "ci_high", "best_mean", "ek_mean",
+              "ek_std", "repeated_seeds", "values", "paper"]
+
+
+def seed_csv_rows(groups: Sequence[Group], attr: str = "final_top1") -> list[dict]:
+    rows = []
+    for g in groups:
+        for row in g.rows:
+            s, e = row.stats(attr), row.stats("final_ek")
+            rows.append({"group": g.name, "row": row.name, "label": row.label, "n": s.n,
+                         "seeds": ";".join(map(str, row.values(attr))), "mean": s.mean, "std": s.std,
+                         "ci_low": s.ci[0] if s.ci else None, "ci_high": s.ci[1] if s.ci else None,
+                         "best_mean": row.stats("best_top1").mean, "ek_mean": e.mean, "ek_std": e.std,
+                         "repeated_seeds": ";".join(map(str, row.repeats)),
+                         "values": ";".join(repr(v) for v in row.values(attr).values()), "paper": row.paper})
+    return rows
+
+
+def make_seed_report(paths: Sequence[str], out: str | None = None, csv_path: str | None = None,
+                     plot_path: str | None = None, reference: str | None = None) -> dict:
+    """The report over seeds: Markdown (and CSV, curves when asked); ``section`` holds the same tables one
+    heading level down, for a page that embeds them (``lakd report --update PAGE.md``)."""
+    groups, runs, plan = load_study(paths, reference)
+    text = render_seeds(groups, runs, plan)
+    res: dict = {"markdown": text, "groups": groups, "runs": runs,
+                 "section": render_seeds(groups, runs, plan, level=3)}
+    if out:
+        res["out"] = write_text(out, text)
+    if csv_path:
+        res["csv"] = write_csv(csv_path, SEED_CSV_FIELDS, seed_csv_rows(groups))
+    if plot_path:
+        from .visualize import plot_seed_curves  # matplotlib: imported on use
+
+        res["plot"] = plot_seed_curves(curve_panels(groups), plot_path)
+    return res

@@ -1,5 +1,6 @@
-"""Reading run folders: ``find_runs`` (run folders under the given paths) and ``load_run`` (one folder ->
-``Run``: its summary when complete, else its metrics so far).
+"""The one loader of results: ``find_runs`` (run folders under the given paths), ``load_run`` (one folder ->
+``Run``: its summary when complete, else its metrics so far) and ``load_study`` (runs over seeds as rows and
+groups, laid out by the sweep's typed plan, ``lakd.sweep.spec.Plan``, read from ``sweep.json``).
 
 A run folder (``runs/<experiment>/``, written by the trainer) holds ``config.yaml``, ``metrics.jsonl`` (one JSON
 line per evaluated epoch, read by ``lakd.engine.metrics.read_metrics``) and, once training finished,
@@ -10,14 +11,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import yaml
 
 from ..distillers import DISTILLERS
+from ..engine import rundir
 from ..engine.metrics import read_metrics
 from ..errors import LakdError
+from ..sweep.spec import Plan, read_plan
+from .stats import Paired, Summary, paired_difference, summarize
+
+SEED_SUFFIX = re.compile(r"-s(\d+)(?:-\d+)?$")
 
 
 @dataclass
@@ -55,8 +62,7 @@ def _read_json(path: str):
 
 
 def is_run_dir(path: str) -> bool:
-    names = ("summary.json", "metrics.jsonl", "config.yaml")
-    return any(os.path.exists(os.path.join(path, f)) for f in names)
+    return any(os.path.exists(os.path.join(path, f)) for f in rundir.SMALL_OUTPUTS)
 
 
 def find_runs(paths: Sequence[str]) -> list[str]:
@@ -101,7 +107,7 @@ def _seed(v):
 def load_run(path: str) -> Run:
     """One run folder: ``summary.json`` when present (complete), else the last line of ``metrics.jsonl``."""
     cfg: dict = {}
-    cfg_path = os.path.join(path, "config.yaml")
+    cfg_path = os.path.join(path, rundir.CONFIG)
     if os.path.exists(cfg_path):
         try:
             with open(cfg_path) as f:
@@ -112,7 +118,7 @@ def load_run(path: str) -> Run:
             cfg = {}
     summary = None
     problem = ""
-    sp = os.path.join(path, "summary.json")
+    sp = os.path.join(path, rundir.SUMMARY)
     if os.path.exists(sp):
         try:
             summary = _read_json(sp)
@@ -120,7 +126,7 @@ def load_run(path: str) -> Run:
             problem = f"unreadable summary.json ({e})"
         if summary is not None and not isinstance(summary, dict):
             problem, summary = f"summary.json holds a {type(summary).__name__}, not a mapping", None
-    metrics, bad = read_metrics(os.path.join(path, "metrics.jsonl"))
+    metrics, bad = read_metrics(os.path.join(path, rundir.METRICS))
     if bad:
         problem = (problem + "; " if problem else "") + f"{bad} unreadable line(s) in metrics.jsonl"
     s = summary or {}
@@ -187,3 +193,130 @@ def write_text(path: str, text: str) -> str:
     with open(path, "w") as f:
         f.write(text)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Over seeds: rows of one setting, several seeds each, laid out as the sweep's plan says
+@dataclass
+class Row:
+    name: str  # the variant (run name without -s<seed>)
+    label: str
+    runs: dict[int, Run] = field(default_factory=dict)  # seed -> the run counted
+    repeats: dict[int, list[Run]] = field(default_factory=dict)  # seed -> the runs not counted (same seed)
+    incomplete: list[Run] = field(default_factory=list)
+    same_as: str | None = None  # a merged row: the row whose runs it reads
+    paper: float | None = None  # the published number shown beside the row (the spec's ``paper:``)
+    skip: str | None = None  # the spec's reason not to run the row (its earlier runs still count)
+
+    def values(self, attr: str = "final_top1") -> dict[int, float]:
+        return {s: getattr(r, attr) for s, r in sorted(self.runs.items()) if getattr(r, attr) is not None}
+
+    def stats(self, attr: str = "final_top1") -> Summary:
+        return summarize(list(self.values(attr).values()))
+
+
+@dataclass
+class Group:
+    name: str
+    title: str
+    rows: list[Row]
+    reference: str | None
+    compare: list[tuple[str, str]]
+    paper_note: str = ""  # whose numbers the rows' ``paper`` values are
+
+
+def _variant(run: Run) -> str:
+    return SEED_SUFFIX.sub("", run.experiment)
+
+
+def load_study(paths: Sequence[str], reference: str | None = None) -> tuple[list[Group], list[Run], Plan | None]:
+    """Rows and groups from run folders; the first sweep plan (``sweep.json``) found among ``paths`` gives the
+    layout (``lakd.sweep.spec.Plan``, the format the sweep writes)."""
+    plan: Plan | None = None
+    for p in paths:
+        plan = read_plan(p)
+        if plan is not None:
+            break
+    run_paths: list[str] = []
+    for p in paths:
+        try:
+            run_paths += find_runs([p])
+        except LakdError:
+            if not os.path.exists(os.path.join(p, rundir.SWEEP_PLAN)):
+                raise  # a sweep's results folder with no finished run yet is an empty table, not an error
+    runs = [load_run(p) for p in run_paths]
+    by_variant: dict[str, Row] = {}
+    alias = {r.name: r.variant for r in plan.runs} if plan else {}  # run name -> variant (merged rows too)
+    for r in sorted(runs, key=lambda r: r.path):
+        v = alias.get(r.experiment) or _variant(r)
+        row = by_variant.setdefault(v, Row(v, v))
+        if not r.complete or r.final_top1 is None:
+            row.incomplete.append(r)
+            continue
+        seed = int(r.seed) if r.seed is not None else -1
+        if seed in row.runs:
+            row.repeats.setdefault(seed, []).append(r)
+        else:
+            row.runs[seed] = r
+    groups: list[Group] = []
+    if plan and plan.groups:
+        for g in plan.groups:
+            rows = []
+            names = {}
+            for spec_row in g.rows:
+                base = by_variant.get(spec_row.variant) or Row(spec_row.variant, spec_row.label)
+                # the same runs under this group's label (a merged row reads the runs of the row it equals)
+                rows.append(Row(spec_row.name, spec_row.label, base.runs, base.repeats, base.incomplete,
+                                same_as=spec_row.variant if spec_row.variant != spec_row.name else None,
+                                paper=spec_row.paper, skip=spec_row.skip))
+                names[spec_row.name] = rows[-1]
+            ref = reference or g.reference
+            if ref and ref not in names:
+                ref = None if not reference else _unknown_row(reference, names)
+            groups.append(Group(g.name, g.title or g.name, rows, ref, [tuple(c) for c in g.compare],
+                                g.paper_note))
+    else:
+        rows = sorted(by_variant.values(), key=lambda r: r.name)
+        names = {r.name: r for r in rows}
+        if reference and reference not in names:
+            _unknown_row(reference, names)
+        groups.append(Group("runs", "Runs by setting", rows, reference, []))
+    return groups, runs, plan
+
+
+def _unknown_row(name: str, names) -> None:
+    raise LakdError(f"--reference {name!r} is not a row of the report; rows: {', '.join(names)}")
+
+
+def row_map(groups: Sequence[Group]) -> dict[str, Row]:
+    out: dict[str, Row] = {}
+    for g in groups:
+        for r in g.rows:
+            out.setdefault(r.name, r)
+    return out
+
+
+def comparisons(group: Group, all_rows: dict[str, Row], attr: str = "final_top1",
+                with_reference: bool = False) -> list[Paired]:
+    """The group's declared pairs (rows of any group); with ``with_reference`` also every row against the
+    group's reference row."""
+    pairs = list(group.compare)
+    if with_reference and group.reference:
+        pairs += [(r.name, group.reference) for r in group.rows
+                  if r.name != group.reference and (r.name, group.reference) not in pairs]
+    own = {r.name: r for r in group.rows}  # a row of this group under this group's label
+    out = []
+    for a, b in pairs:
+        if a not in all_rows or b not in all_rows:
+            missing = a if a not in all_rows else b
+            raise LakdError(f"group {group.name}: compare names {missing!r}, which is not a row; rows: "
+                            f"{', '.join(all_rows)}")
+        ra, rb = own.get(a) or all_rows[a], own.get(b) or all_rows[b]
+        out.append(paired_difference(ra.values(attr), rb.values(attr), ra.label, rb.label))
+    return out
+
+
+def curve_panels(groups: Sequence[Group]) -> list[tuple[str, list[tuple[str, list[dict[int, float]]]]]]:
+    """What ``visualize.plot_seed_curves`` draws: per group, per row, one {epoch: top-1} per counted seed."""
+    return [(g.title, [(row.label, [dict(r.curve) for r in row.runs.values() if r.curve]) for row in g.rows])
+            for g in groups]

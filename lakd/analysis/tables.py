@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..distillers import display_name, report_order
+from ..engine import rundir
 from .runs import Run
+from .stats import summarize
 
 DAGGER = "†"
 REPEAT = "‡"
@@ -27,10 +29,8 @@ class Cell:
 
     def stats(self, attr: str) -> tuple[float | None, float | None, int]:
         """(mean, sample std or None for one value, count) of a run attribute."""
-        v = self.values(attr)
-        if not v:
-            return None, None, 0
-        return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else None), len(v)
+        s = summarize(self.values(attr), level=None)
+        return s.mean, s.std, s.n
 
 
 @dataclass
@@ -73,7 +73,7 @@ def display_label(method: str) -> str:
 
 
 def _mtime(r: Run) -> float:
-    for name in ("summary.json", "metrics.jsonl", "config.yaml"):
+    for name in (rundir.SUMMARY, rundir.METRICS, rundir.CONFIG):
         try:
             return os.path.getmtime(os.path.join(r.path, name))
         except OSError:

@@ -53,6 +53,7 @@ def _memory_ratios(args, device: str) -> dict:
 def run(args) -> int:
     from ..config import load_config
     from ..distillers import DISTILLERS
+    from ..engine import rundir
     from ..engine.trainer import Trainer
     from ..errors import LakdError
     from ..runtime.device import resolve_device
@@ -83,7 +84,7 @@ def run(args) -> int:
         trainer = Trainer(cfg, run_dir=run_dir, overwrite=True)  # replaces the demo's own earlier run
         summary = trainer.fit()
         if who == "teacher":
-            teacher_ckpt = os.path.join(run_dir, "best.pt")
+            teacher_ckpt = os.path.join(run_dir, rundir.BEST)
         row = {"run": name, "method": method, "model": cfg["model"]["name"], "labelled": trainer.data.num_train,
                "epochs": cfg["solver"]["epochs"], "top1": summary["final_top1"], "best_top1": summary["best_top1"],
                "ek": summary["final_ek"], "wall_time_s": summary["wall_time_s"]}

@@ -47,11 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..analysis.report import make_report
+    from ..engine import rundir
 
     if args.plot and not args.plot.lower().endswith(".png"):
         raise LakdError(f"--plot {args.plot!r} must name a .png file")
     if args.seeds or args.reference or args.update or any(
-            os.path.exists(os.path.join(p, "sweep.json")) for p in args.runs):
+            os.path.exists(os.path.join(p, rundir.SWEEP_PLAN)) for p in args.runs):
         return _run_seeds(args)
     res = make_report(args.runs, out=args.out, csv_path=args.csv, plot_path=args.plot)
     runs = res["runs"]
@@ -83,11 +84,39 @@ def _fail_on_damage(runs) -> None:
                         "results copy or rerun it, then rerun lakd report")
 
 
-def _run_seeds(args) -> int:
-    from ..analysis.seeds import make_seed_report
+BEGIN, END = "<!-- lakd report: begin -->", "<!-- lakd report: end -->"
 
-    res = make_seed_report(args.runs, out=args.out, csv_path=args.csv, plot_path=args.plot, update=args.update,
+
+def _check_markers(path: str) -> str:
+    if not os.path.exists(path):
+        raise LakdError(f"--update {path!r} does not exist; create it with the lines {BEGIN} and {END}")
+    with open(path) as f:
+        doc = f.read()
+    if doc.count(BEGIN) != 1 or doc.count(END) != 1 or doc.index(BEGIN) > doc.index(END):
+        raise LakdError(f"--update {path!r} must hold the line {BEGIN} once, followed by {END} once")
+    return doc
+
+
+def update_between_markers(path: str, text: str) -> str:
+    """Replace what lies between the BEGIN and END lines of the Markdown file the user names (``--update``);
+    the rest of the file is kept as it is. The CLI's job, not the library's: the library renders, the command
+    writes the files it is told to."""
+    head, rest = _check_markers(path).split(BEGIN)
+    _, tail = rest.split(END)
+    with open(path, "w") as f:
+        f.write(f"{head}{BEGIN}\n{text.strip()}\n{END}{tail}")
+    return path
+
+
+def _run_seeds(args) -> int:
+    from ..analysis.report import make_seed_report
+
+    if args.update:
+        _check_markers(args.update)  # before any work: a page without its markers is the user's to fix
+    res = make_seed_report(args.runs, out=args.out, csv_path=args.csv, plot_path=args.plot,
                            reference=args.reference)
+    if args.update:  # the same tables, as subsections of the page's section between the markers
+        res["update"] = update_between_markers(args.update, res["section"])
     if args.print_report:
         print(res["markdown"])
     n_done = sum(r.complete for r in res["runs"])

@@ -1,4 +1,4 @@
-"""``lakd sweep SPEC.yaml``: a grid of configs x overrides x seeds, resumable (see ``lakd/engine/sweep.py``)."""
+"""``lakd sweep SPEC.yaml``: a grid of configs x overrides x seeds, resumable (see ``lakd/sweep/``)."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ EPILOG = """\
 examples:
   lakd sweep sweeps/cifar10_seeds.yaml                              # run (or continue) the whole sweep
   lakd sweep SPEC --processes 2 --threads 1 --runs-dir /scratch/runs --results results/my_sweep
+  lakd sweep SPEC --per-device 2                  # two runs at a time per device (CPU: half the cores each)
   lakd sweep SPEC --dry-run > commands.txt        # one `lakd train` command per unfinished run, e.g. for
                                                   # a Slurm job array: sed -n "${SLURM_ARRAY_TASK_ID}p" commands.txt | sh
   lakd sweep SPEC --status                        # what is finished, interrupted, not started
@@ -29,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", type=int, help="CPU: runs at a time (default: the spec's processes)")
     p.add_argument("--threads", type=int, help="CPU: threads per run (default: the spec's threads)")
     p.add_argument("--runs-per-gpu", type=int, help="CUDA: runs at a time per visible GPU")
+    p.add_argument("--per-device", type=int, metavar="N",
+                   help="N runs at a time per device: on a CPU with the cores divided among them (train.threads = "
+                        "cores // N; replaces --processes/--threads), on CUDA sharing each GPU (= --runs-per-gpu N)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: one slot set per visible GPU when there is one, else CPU processes")
     p.add_argument("--only", default="",
@@ -40,8 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..engine.sweep import SweepRunner, has_checkpoint, is_finished, load_plan, run_command
     from ..errors import LakdError
+    from ..sweep import SweepRunner, has_checkpoint, is_finished, load_plan, pack, run_command
 
     plan = load_plan(args.spec, runs_dir=args.runs_dir, results_dir=args.results, processes=args.processes,
                      threads=args.threads, runs_per_gpu=args.runs_per_gpu)
@@ -53,6 +57,8 @@ def run(args) -> int:
             raise LakdError(f"--only names unknown run(s)/group(s) {', '.join(sorted(unknown))}; "
                             f"`lakd sweep {args.spec} --status` lists them")
         plan.select(keep)
+    if args.per_device is not None:
+        pack(plan, args.per_device, gpu=SweepRunner.gpus_for(args.device) != [])
     if args.dry_run:
         n = 0
         for r in plan.unique():

@@ -310,23 +310,19 @@ class LAKD(Distiller):
         }
         return logits, losses
 
-    def module_losses(self, image, target, t_feats, t_cam, backward=None):
-        """Run the local modules in order. With ``backward`` given, backpropagate each module's loss
-        right after its forward (true local backward); otherwise return the losses for one joint backward."""
+    def module_losses(self, image, target, t_feats, t_cam):
+        """Run the local modules in order and return the losses for one joint backward (the local backward is
+        ``train_step``)."""
         losses: dict[str, torch.Tensor] = {}
         h, logits = None, None
         last = len(self.splits) - 1
         for k in range(len(self.splits)):
             out = self.module_forward(k, h, image)
-            mod = {f"feat{k + 1}": self.feat_weights[k] * self.feature_loss(k, feature(out), *t_feats[k])}
+            losses[f"feat{k + 1}"] = self.feat_weights[k] * self.feature_loss(k, feature(out), *t_feats[k])
             if k == last:
                 logits, extra = self.last_losses(out, target, t_cam)
-                mod.update(extra)
-            if backward is not None:
-                backward(sum(mod.values()))
-                mod = {n: v.detach() for n, v in mod.items()}
-            losses.update(mod)
-            h = detach_state(out) if self.detach or backward is not None else out
+                losses.update(extra)
+            h = detach_state(out) if self.detach else out
         return logits, losses
 
     def teacher_pass(self, image, **batch):

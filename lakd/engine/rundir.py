@@ -24,6 +24,18 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
 LOCK_NAME = ".lock"
+#: the files of a run folder (the one place their names are written; every reader and writer uses these)
+CONFIG = "config.yaml"  # the resolved config, written when the run starts
+METRICS = "metrics.jsonl"  # one JSON record per epoch (``lakd.engine.metrics.read_metrics``)
+SUMMARY = "summary.json"  # written when the run has finished: its presence means finished
+LAST = "last.pt"  # the checkpoint a run resumes from
+BEST = "best.pt"  # the checkpoint of the best test top-1
+SWEEP_PID = ".sweep_pid"  # the pid of the run process a sweep started (hidden: not a run output)
+#: the small outputs a sweep copies to its results folder (what ``lakd report`` reads)
+SMALL_OUTPUTS = (CONFIG, METRICS, SUMMARY)
+#: a sweep's results folder: its plan (``lakd.sweep.spec.Plan``) and the run processes' events
+SWEEP_PLAN = "sweep.json"
+SWEEP_EVENTS = "events.jsonl"
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +85,7 @@ class RunDir:
             return []
 
     def has_checkpoint(self) -> bool:
-        return any(os.path.exists(os.path.join(self.path, n)) for n in ("last.pt", "best.pt"))
+        return any(os.path.exists(os.path.join(self.path, n)) for n in (LAST, BEST))
 
     def never_saved(self) -> bool:
         """A run that started (its ``config.yaml`` written) and stopped before its first checkpoint: nothing in
@@ -193,3 +205,18 @@ def claim(path: str | None, base: str, *, resume: bool = False, overwrite: bool 
                             f"replace it with --overwrite")
         _clear(run)
     return run
+
+
+def read_pid(run_dir: str) -> int | None:
+    """The pid a sweep wrote into ``run_dir`` (``SWEEP_PID``), or None (no file, unreadable, not a number)."""
+    try:
+        with open(os.path.join(run_dir, SWEEP_PID)) as f:
+            return int(f.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def write_pid(run_dir: str, pid: int) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, SWEEP_PID), "w") as f:
+        f.write(str(pid))

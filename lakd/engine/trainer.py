@@ -86,7 +86,7 @@ class Trainer:
                 self._resume(cfg["resume"], allow_config_change)
             if self.dist.is_main:
                 # the file must start a fresh run when re-used, so the resume pointer is left out
-                self._write_file("config.yaml", config_mod.dump_config({**cfg, "resume": None}))
+                self._write_file(rundir.CONFIG, config_mod.dump_config({**cfg, "resume": None}))
             self.teacher_correct, self.teacher_top1 = self._teacher_eval()
             self._warn_chance_teacher()
         except BaseException:
@@ -142,7 +142,7 @@ class Trainer:
             self.run = None
 
     def resume_command(self) -> str:
-        return f"lakd train {os.path.join(self.run_dir, 'config.yaml')} resume={self.run_dir}"
+        return f"lakd train {os.path.join(self.run_dir, rundir.CONFIG)} resume={self.run_dir}"
 
     def _compile(self) -> None:
         """``torch.compile`` every block module in place (works with LAKD's local backward too)."""
@@ -159,14 +159,14 @@ class Trainer:
                     m.compile()
 
     def _resume(self, path: str, allow_config_change: bool = False) -> None:
-        ck_path = path if path.endswith(".pt") else os.path.join(path, "last.pt")
-        best = os.path.join(os.path.dirname(ck_path), "best.pt")
+        ck_path = path if path.endswith(".pt") else os.path.join(path, rundir.LAST)
+        best = os.path.join(os.path.dirname(ck_path), rundir.BEST)
         if not os.path.exists(ck_path) and not path.endswith(".pt") and os.path.exists(best):
             ck_path = best  # last.pt lost (deleted, or a kill before its first save): best.pt holds a full state
             if not self.quiet:
-                log.info("%s is missing; resuming from %s", os.path.join(path, "last.pt"), best)
+                log.info("%s is missing; resuming from %s", os.path.join(path, rundir.LAST), best)
         if not os.path.exists(ck_path) and not path.endswith(".pt") and os.path.isfile(
-                os.path.join(path, "config.yaml")) and not os.path.exists(os.path.join(path, "summary.json")):
+                os.path.join(path, rundir.CONFIG)) and not os.path.exists(os.path.join(path, rundir.SUMMARY)):
             # a run stopped before its first checkpoint: nothing to continue, so it starts again from epoch 1
             if not self.quiet:
                 log.info("%s holds no checkpoint (the run stopped before its first save); starting it from epoch 1",
@@ -196,7 +196,7 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError) as e:
             raise LakdError(f"cannot resume from {ck_path!r}: it does not fit this config "
                             f"({str(e).strip().splitlines()[0][:160]}); resume with the run's own config.yaml "
-                            f"(lakd train {os.path.join(self.run_dir, 'config.yaml')} resume={self.run_dir})") from None
+                            f"(lakd train {os.path.join(self.run_dir, rundir.CONFIG)} resume={self.run_dir})") from None
         if ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
         set_rng_state(ck["rng"])
@@ -211,7 +211,7 @@ class Trainer:
             if not self.quiet:
                 log.info("config changed on resume (%s); recorded in %s", ", ".join(changes),
                          os.path.join(self.run_dir, "config_changes.jsonl"))
-        metrics = os.path.join(self.run_dir, "metrics.jsonl")
+        metrics = os.path.join(self.run_dir, rundir.METRICS)
         if os.path.exists(metrics) and self.dist.is_main:
             # drop lines written after the checkpoint (a kill between the log and the save; a torn line is skipped)
             lines, _ = read_metrics(metrics)
@@ -380,7 +380,7 @@ class Trainer:
                     bad = f"{name} holds non-finite values"
                     break
         if bad:
-            last = os.path.join(self.run_dir, "last.pt")
+            last = os.path.join(self.run_dir, rundir.LAST)
             kept = (f"the last good checkpoint {last} is kept" if os.path.exists(last)
                     else "no checkpoint was written")
             raise LakdError(f"training diverged at epoch {epoch + 1}: {bad}; nothing of this epoch was saved and "
@@ -394,7 +394,7 @@ class Trainer:
         where = ""
         try:
             folder = tempfile.mkdtemp(prefix=f"lakd-rescue-{self.cfg['experiment']}-")
-            atomic_save(self._checkpoint(epoch + 1), os.path.join(folder, "last.pt"))
+            atomic_save(self._checkpoint(epoch + 1), os.path.join(folder, rundir.LAST))
             where = (f"; the training state of epoch {epoch + 1} was saved to {folder}/last.pt: when the folder is "
                      f"writable again, copy it to {self.run_dir}/last.pt and continue with {self.resume_command()}")
         except OSError:
@@ -430,23 +430,23 @@ class Trainer:
                 if ev is not None and ev["top1"] > self.best_top1:
                     self.best_top1, self.best_epoch = ev["top1"], epoch + 1
                     if self.dist.is_main:
-                        atomic_save(self._checkpoint(epoch + 1), os.path.join(self.run_dir, "best.pt"))
+                        atomic_save(self._checkpoint(epoch + 1), os.path.join(self.run_dir, rundir.BEST))
                 self.wall_time += time.perf_counter() - t0
                 self.history.append(record)
                 if self.dist.is_main:
                     self._log(record)
                     if (epoch + 1) % max(int(cfg["train"]["save_every"]), 1) == 0 or epoch + 1 == epochs:
-                        atomic_save(self._checkpoint(epoch + 1), os.path.join(self.run_dir, "last.pt"))
+                        atomic_save(self._checkpoint(epoch + 1), os.path.join(self.run_dir, rundir.LAST))
             except OSError as e:
                 self._rescue(epoch, e)
             dist.barrier()
         summary = self._summary()
         if self.dist.is_main:
-            self._write_file("summary.json", json.dumps(summary, indent=2))
+            self._write_file(rundir.SUMMARY, json.dumps(summary, indent=2))
         return summary
 
     def _log(self, record: dict) -> None:
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+        with open(os.path.join(self.run_dir, rundir.METRICS), "a") as f:
             f.write(json.dumps(record) + "\n")
         e = record["epoch"]
         w = self.writer

@@ -103,7 +103,7 @@ def tune_cpu_allocator(value, device: torch.device, batch_size: int) -> bool:
     steps reuse warm pages. Process-wide and in-process (``mallopt`` through ctypes); the resident set then
     stays at the step's peak. Returns whether it was applied (``auto``: CPU, glibc, per-process batch >=
     ``MALLOC_MIN_BATCH``)."""
-    if value is False or value == "off" or device.type != "cpu":
+    if value is False or device.type != "cpu":
         return False
     if value == "auto" and batch_size < MALLOC_MIN_BATCH:
         return False
