@@ -39,7 +39,7 @@ class AB(Distiller):
     Which pre-activations are positive, through connectors and a margin hinge (``prepare``)."""
 
     display_name = "AB"
-    report_order = 42
+    report_order = 52
     needs = ("preact",)
     DEFAULTS = {"ab": {"ce_weight": 1.0, "feat_weight": 0.0, "margin": 1.0, "pretrain_epochs": 30,
                        "pretrain_lr": 0.05}}

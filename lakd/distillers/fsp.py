@@ -39,7 +39,7 @@ class FSP(Distiller):
     The student is initialised by ``prepare`` to match the teacher's matrices, then trained."""
 
     display_name = "FSP"
-    report_order = 40
+    report_order = 50
     DEFAULTS = {"fsp": {"ce_weight": 1.0, "feat_weight": 0.0, "pretrain_epochs": 30, "pretrain_lr": 0.05}}
 
     def __init__(self, student, teacher, cfg, num_data=0):

@@ -66,7 +66,7 @@ class FT(Distiller):
     The paraphraser, an autoencoder of the teacher's last feature map, is trained by ``prepare``."""
 
     display_name = "FT"
-    report_order = 41
+    report_order = 51
     DEFAULTS = {"ft": {"ce_weight": 1.0, "feat_weight": 200.0, "rate": 0.5, "factor": "repdistiller",
                        "pretrain_epochs": 30, "pretrain_lr": 0.01}}
 

@@ -73,7 +73,7 @@ class ReviewKD(Distiller):
     Attention-based fusion (ABF) modules and the hierarchical context loss (HCL)."""
 
     display_name = "ReviewKD"
-    report_order = 44
+    report_order = 54
     DEFAULTS = {"reviewkd": {"ce_weight": 1.0, "weight": 1.0, "warmup": 20, "max_mid_channel": 512,
                              "stu_preact": False, "teacher_preact": True}}
 

@@ -45,7 +45,7 @@ class VID(Distiller):
     teacher's map."""
 
     display_name = "VID"
-    report_order = 43
+    report_order = 53
     DEFAULTS = {"vid": {"ce_weight": 1.0, "feat_weight": 1.0, "init_pred_var": 5.0, "eps": 1e-5}}
 
     def __init__(self, student, teacher, cfg, num_data=0):
