@@ -65,10 +65,10 @@ def worker(args) -> None:
                  wrappers=wrappers):
             if mode == "ddp":
                 d.use_group_wrappers(wrappers)
-                training_step(d, opt, scaler, batch, params)
+                training_step(d, opt, scaler, batch)
             else:  # no DDP forward: its hooks stay idle, the baseline reduces in its optimizer step
                 d.use_group_wrappers(None)
-                training_step(d, sync_opt, scaler, batch, params)
+                training_step(d, sync_opt, scaler, batch)
 
         times = {"ddp": [], "sync": []}
         for mode in ("ddp", "sync", "ddp"):  # warm-up (DDP rebuilds its buckets after its first step)

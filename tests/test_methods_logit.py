@@ -237,11 +237,11 @@ def test_dot_trains_through_the_engine_step_and_its_state_resumes_bitwise():
     assert isinstance(opt, DOTSGD) and opt.param_groups[0]["momentum"] == pytest.approx(0.825)
     d.train()
     for b in batches[:2]:
-        training_step(d, opt, scaler, b, d.trainable_parameters())
+        training_step(d, opt, scaler, b)
     st = opt.state[next(iter(d.student.parameters()))]
     assert {"momentum_buffer", "momentum_kd_buffer"} <= set(st)
     saved_model, saved_opt = copy.deepcopy(d.state_dict()), copy.deepcopy(opt.state_dict())
-    training_step(d, opt, scaler, batches[2], d.trainable_parameters())
+    training_step(d, opt, scaler, batches[2])
     d2, opt2 = make()
     d2.load_state_dict(saved_model)
     opt2.load_state_dict(saved_opt)

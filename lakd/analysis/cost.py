@@ -249,7 +249,7 @@ def _memory_one(kw: dict) -> dict:
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
 
     def step():
-        training_step(d, opt, scaler, batch, params, amp_dtype)
+        training_step(d, opt, scaler, batch, amp_dtype)
 
     step()  # warm-up (two steps): optimizer state, lazy inits, the allocator's first-use costs
     step()
@@ -335,7 +335,7 @@ def measure_speed(teacher: str, student: str, methods: list[str], batch_size: in
         if cl:  # the memory format training would use (train.channels_last, auto by default)
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
         for _ in range(warmup):
-            training_step(d, opt, scaler, batch, params, amp_dtype)
+            training_step(d, opt, scaler, batch, amp_dtype)
         setups[m] = (d, opt, params, batch)
     per_round: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(max(rounds, 1)):
@@ -345,7 +345,7 @@ def measure_speed(teacher: str, student: str, methods: list[str], batch_size: in
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(steps):
-                training_step(d, opt, scaler, batch, params, amp_dtype)
+                training_step(d, opt, scaler, batch, amp_dtype)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             per_round[m].append(steps * batch_size / (time.perf_counter() - t0))

@@ -30,12 +30,11 @@ def prepare_distributed(distiller, device: torch.device) -> list[torch.nn.Module
     return wrappers
 
 
-def training_step(distiller, optimizer, scaler, batch: dict, params=None, amp_dtype=None):
+def training_step(distiller, optimizer, scaler, batch: dict, amp_dtype=None):
     """zero_grad -> the method's forward/backward passes (under autocast) -> step.
 
     Under torchrun the gradients are averaged during the backward passes by the DistributedDataParallel
-    wrappers that ``prepare_distributed`` installed (one per backward pass); ``params`` (the optimizer's
-    parameters) is accepted for the callers' convenience and not needed here.
+    wrappers that ``prepare_distributed`` installed (one per backward pass).
 
     The method receives ``backward(loss)`` which applies the fp16 loss scale, so a method with several
     backward passes (LAKD's local modules) is scaled correctly; all passes share one scale and the gradients

@@ -301,8 +301,7 @@ class Trainer:
                 g["lr"] = lr
             if self.channels_last:
                 batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-            logits, losses = training_step(self.distiller, self.optimizer, self.scaler, batch, self.params,
-                                           self.amp_dtype)
+            logits, losses = training_step(self.distiller, self.optimizer, self.scaler, batch, self.amp_dtype)
             bs = batch["target"].shape[0]
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.float() * bs
