@@ -41,7 +41,7 @@ def test_amp_steps_run_in_low_precision_and_update(method, amp, make_distiller, 
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0, enabled=amp == "fp16")
     for step in range(2):
-        logits, losses = training_step(d, opt, scaler, image_batch(seed=step), params, dtype)
+        logits, losses = training_step(d, opt, scaler, image_batch(seed=step), dtype)
         assert logits.dtype == dtype  # autocast was on: the classifier ran in the low precision
         assert not logits.requires_grad and all(not v.requires_grad for v in losses.values())
         assert all(torch.isfinite(v).all() for v in losses.values()), losses
@@ -74,7 +74,7 @@ def test_fp16_loss_scale_is_applied_once_to_every_local_module(make_distiller, i
     firsts = {0: d16.student.conv1.weight, 2: d16.student.classifier.weight}  # stem conv, classifier
     for k, p in firsts.items():
         p.register_post_accumulate_grad_hook(lambda q, k=k: raw.__setitem__(k, q.grad.clone()))
-    _, losses = training_step(d16, opt, scaler, batch, params, torch.float16)
+    _, losses = training_step(d16, opt, scaler, batch, torch.float16)
     assert set(losses) == {"feat1", "feat2", "feat3", "ce", "att"}
     assert len(opt.seen) == 1 and scaler.get_scale() == scale
     g16 = opt.seen[0]
@@ -98,7 +98,7 @@ def test_fp16_overflow_in_one_module_skips_the_whole_step(make_distiller, image_
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=10**6)
     stem = d.student.conv1.weight  # the stem conv: module 1 only; modules 2 and 3 get finite gradients
     handle = stem.register_hook(lambda g: g * float("inf"))
-    _, losses = training_step(d, opt, scaler, image_batch(), params, torch.float16)
+    _, losses = training_step(d, opt, scaler, image_batch(), torch.float16)
     assert all(torch.isfinite(v) for v in losses.values())
     last = d.student.classifier.weight
     assert torch.isfinite(last.grad).all() and last.grad.abs().sum() > 0
@@ -106,7 +106,7 @@ def test_fp16_overflow_in_one_module_skips_the_whole_step(make_distiller, image_
     assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
     assert scaler.get_scale() == 512.0 and opt.state_dict()["state"] == {}
     handle.remove()
-    training_step(d, opt, scaler, image_batch(), params, torch.float16)  # the next clean step goes through
+    training_step(d, opt, scaler, image_batch(), torch.float16)  # the next clean step goes through
     assert len(opt.seen) == 1 and scaler.get_scale() == 512.0
     assert any(not torch.equal(p.detach(), b) for p, b in zip(params, before))
 

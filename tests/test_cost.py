@@ -102,7 +102,7 @@ def test_saved_tensor_meter_by_hand_and_release(make_distiller, image_batch):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     meter = SavedTensorMeter()
     with meter.hooks():
-        training_step(d, opt, scaler, image_batch(), params)
+        training_step(d, opt, scaler, image_batch())
     assert meter.peak > 0 and meter.current == 0 and meter.live == {}
 
 
