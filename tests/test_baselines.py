@@ -40,6 +40,24 @@ def method_cfg(method: str, **section) -> dict:
     return cfg
 
 
+def run_stopped_and_resumed(overrides: list[str], tmp_path):
+    """The same tiny run twice: uninterrupted (``full``), and stopped after its first epoch's checkpoint, then
+    resumed from it (``resumed``). Returns both trainers, fitted."""
+    from lakd.engine.checkpoint import atomic_save
+    from lakd.engine.trainer import Trainer
+
+    full = Trainer(load_config(None, overrides + ["experiment=full"]), quiet=True)
+    full.fit()
+    tr = Trainer(load_config(None, overrides + ["experiment=part"]), quiet=True)
+    tr.train_epoch(0)
+    atomic_save(tr._checkpoint(1), str(tmp_path / "part" / "last.pt"))
+    tr.close()
+    resumed = Trainer(load_config(None, overrides + ["experiment=part", f"resume={tmp_path}/part"]), quiet=True)
+    assert resumed.start_epoch == 1
+    resumed.fit()
+    return full, resumed
+
+
 def calibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """Set every BN's running statistics to those of ``x`` (a random-init teacher then has sane outputs)."""
     for m in model.modules():

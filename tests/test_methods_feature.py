@@ -15,10 +15,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from test_baselines import method_cfg, run_stopped_and_resumed  # tests/ is on sys.path under pytest
 
 import lakd
 from lakd.cli.main import main
-from lakd.config import full_defaults, load_config
+from lakd.config import load_config
 from lakd.distillers import DISTILLERS, build_distiller
 from lakd.distillers.cc import cc_loss, rbf_taylor_correlation, repdistiller_correlation_loss
 from lakd.distillers.ickd import ickd_loss
@@ -37,14 +38,6 @@ PAIRS = [("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "re
          ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8")]
 #: the extra learnable parts of each method (state-dict prefixes)
 PARTS = {"cc": ("embed_s.", "embed_t."), "ickd": ("connector.",), "srd": ("connector.",)}
-
-
-def method_cfg(method: str, **section) -> dict:
-    cfg = copy.deepcopy(full_defaults())
-    cfg["method"] = method
-    if section:
-        cfg[method] = {**cfg.get(method, {}), **section}
-    return cfg
 
 
 # ----- each loss against a naive computation of its equation -----------------------------------------------------
@@ -302,8 +295,6 @@ def test_ickd_kd_term():
 def test_resume_is_exact(method, tmp_path):
     """A run resumed after its first epoch ends with the same student and parts (connector, BN statistics) as
     the uninterrupted run."""
-    from lakd.engine.checkpoint import atomic_save
-    from lakd.engine.trainer import Trainer
 
     torch.manual_seed(0)
     teacher = tmp_path / "t.pt"
@@ -312,15 +303,7 @@ def test_resume_is_exact(method, tmp_path):
               "solver.lr=0.05", "model.name=resnet8", "train.progress=false", "train.threads=1",
               "data.num_workers=0", f"method={method}", "teacher.name=resnet8", f"teacher.checkpoint={teacher}",
               "solver.epochs=2", "solver.max_steps_per_epoch=2", f"output_dir={tmp_path}"]
-    full = Trainer(load_config(None, common + ["experiment=full"]), quiet=True)
-    full.fit()
-    tr = Trainer(load_config(None, common + ["experiment=part"]), quiet=True)
-    tr.train_epoch(0)
-    atomic_save(tr._checkpoint(1), str(tmp_path / "part" / "last.pt"))
-    tr.close()
-    resumed = Trainer(load_config(None, common + ["experiment=part", f"resume={tmp_path}/part"]), quiet=True)
-    assert resumed.start_epoch == 1
-    resumed.fit()
+    full, resumed = run_stopped_and_resumed(common, tmp_path)
     a, b = full.distiller.state_dict(), resumed.distiller.state_dict()
     assert a.keys() == b.keys() and any(k.startswith(PARTS[method]) for k in a)
     for k in a:

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from test_baselines import method_cfg, run_stopped_and_resumed  # tests/ is on sys.path under pytest
 
-from lakd.config import full_defaults, load_config
+from lakd.config import load_config
 from lakd.distillers import DISTILLERS, build_distiller, method_variants
 from lakd.distillers.ctkd import cosine_lambda
 from lakd.distillers.dist import dist_terms
@@ -53,14 +54,6 @@ def softmax(z, axis=-1):
 def kl_rows(p, q):
     """KL(p || q) per row."""
     return (p * np.log(p / q)).sum(-1)
-
-
-def method_cfg(method: str, **section) -> dict:
-    cfg = copy.deepcopy(full_defaults())
-    cfg["method"] = method
-    if section:
-        cfg[method] = {**cfg.get(method, {}), **section}
-    return cfg
 
 
 def pair(seed=0, classes=10):
@@ -424,8 +417,6 @@ def test_on_an_adapted_torchvision_network():
 def test_a_resumed_run_continues_bitwise(method, tmp_path):
     """DOT's two momentum buffers (optimizer state) and CTKD's temperature (extra state) and curriculum: a run
     stopped after its first epoch and resumed ends bitwise where the uninterrupted run does."""
-    from lakd.engine.checkpoint import atomic_save
-    from lakd.engine.trainer import Trainer
 
     teacher = tmp_path / "t.pt"
     torch.save({"model": create_model("resnet8", 10).state_dict(), "arch": "resnet8", "num_classes": 10}, teacher)
@@ -433,15 +424,7 @@ def test_a_resumed_run_continues_bitwise(method, tmp_path):
               "solver.lr=0.05", "model.name=resnet8", "train.progress=false", "train.threads=1",
               "data.num_workers=0", f"method={method}", "teacher.name=resnet8", f"teacher.checkpoint={teacher}",
               "solver.epochs=2", "solver.max_steps_per_epoch=2", f"output_dir={tmp_path}", "ctkd.decay_epochs=2"]
-    full = Trainer(load_config(None, common + ["experiment=full"]), quiet=True)
-    full.fit()
-    tr = Trainer(load_config(None, common + ["experiment=part"]), quiet=True)
-    tr.train_epoch(0)
-    atomic_save(tr._checkpoint(1), str(tmp_path / "part" / "last.pt"))
-    tr.close()
-    resumed = Trainer(load_config(None, common + ["experiment=part", f"resume={tmp_path}/part"]), quiet=True)
-    assert resumed.start_epoch == 1
-    resumed.fit()
+    full, resumed = run_stopped_and_resumed(common, tmp_path)
     a, b = full.distiller.state_dict(), resumed.distiller.state_dict()
     assert a.keys() == b.keys()
     for k in a:
