@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
-from lakd.analysis.cost import AllocatorMeter, SavedTensorMeter, measure_memory
+from lakd.analysis.cost import SavedTensorMeter, measure_memory
 from lakd.cli.main import main as cli_main
 from lakd.engine.step import training_step
 
@@ -70,17 +72,29 @@ def test_teacher_first_kd_peak_equals_scratch_at_the_allocator_and_lakd_is_lower
             assert v["rss_peak_bytes"] == pytest.approx(v["peak_bytes"], rel=0.1), (m, v)
 
 
+_METER_BY_HAND = """
+import json, torch
+from lakd.analysis.cost import AllocatorMeter
+a = torch.empty(1000, dtype=torch.float32)  # allocated before the block: the profiler does not see its free
+with AllocatorMeter("cpu") as meter:
+    b = torch.empty(2000, dtype=torch.float32)  # +8,000
+    c = torch.empty(500, dtype=torch.float64)  # +4,000 -> peak 12,000
+    del b  # -8,000
+    d = torch.empty(1000, dtype=torch.float32)  # +4,000
+    del a  # -4,000
+print(json.dumps({"peak": meter.peak, "end": meter.end}))
+"""
+
+
 def test_allocator_meter_by_hand():
-    a = torch.empty(1000, dtype=torch.float32)  # allocated before the block: the profiler does not see its free
-    with AllocatorMeter("cpu") as meter:
-        b = torch.empty(2000, dtype=torch.float32)  # +8,000
-        c = torch.empty(500, dtype=torch.float64)  # +4,000 -> peak 12,000
-        del b  # -8,000
-        d = torch.empty(1000, dtype=torch.float32)  # +4,000
-        del a  # -4,000
-    assert meter.peak == 12_000
-    assert meter.end == 4_000 + 4_000
-    del c, d
+    # in a fresh process: the meter counts every allocator event of the process, and threads that earlier tests
+    # left running in this one (data loaders, writers) can allocate or free during the block
+    out = subprocess.run([sys.executable, "-c", _METER_BY_HAND], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    meter = json.loads(out.stdout.strip().splitlines()[-1])
+    assert meter["peak"] == 12_000
+    assert meter["end"] == 4_000 + 4_000
 
 
 def test_saved_tensor_meter_by_hand_and_release(make_distiller, image_batch):
