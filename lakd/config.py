@@ -75,6 +75,9 @@ DEFAULTS: dict[str, Any] = {
         "amp": "none",  # none | bf16 | fp16 | auto (bf16 where the hardware computes it natively)
         "channels_last": "auto",  # true | false | auto (per model family, measured: lakd/engine/device.py)
         "compile": False,
+        # fold the frozen teacher's eval-mode BatchNorms into the convolutions before them (lakd/models/fold.py):
+        # the same teacher function up to float rounding, one BatchNorm pass fewer per teacher layer
+        "fold_teacher_bn": True,
         "malloc": "auto",  # auto (glibc tuned for per-process batches >= 256 on CPU) | true | false
         "sync_bn": False,
         "eval_every": 1,

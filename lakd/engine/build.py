@@ -18,6 +18,7 @@ from ..data import DataBundle, build_data
 from ..distillers import DISTILLERS, Distiller, build_distiller
 from ..errors import LakdError
 from ..models import FeatureNet, checkpoint_meta, create_model, load_weights, model_options
+from ..models.fold import fold_batchnorm
 from ..runtime import distributed as dist
 from ..runtime.device import AMP_DTYPES, resolve_amp, resolve_channels_last, resolve_device
 
@@ -134,6 +135,11 @@ def build(cfg: dict, device=None, rank: int = 0, world_size: int = 1, data: Data
     distiller = build_distiller(cfg, student, teacher, num_data=num_data)
     if t.get("sync_bn") and world_size > 1:  # student and the method's parts (connectors), not the teacher
         dist.convert_sync_batchnorm(distiller, device)
+    if teacher is not None and t.get("fold_teacher_bn", True):  # after the distiller read its teacher (OFD's margin)
+        size = data.image_size if data is not None else cfg["data"].get("image_size") or None
+        size = int(size or getattr(teacher, "input_size", 32))
+        n = fold_batchnorm(teacher, torch.zeros(2, 3, size, size))
+        log.debug("folded %d BatchNorm layers of the teacher into its convolutions", n)
     distiller.to(device)
     # train.channels_last / train.amp: auto resolved here, once (lakd/runtime/device.py says what and why)
     channels_last = resolve_channels_last(t.get("channels_last", False), device, [student, teacher])

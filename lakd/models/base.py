@@ -100,6 +100,14 @@ def _checkpointed(fn, modules, *inputs):
     return Carry(*out) if carry["is"] else out
 
 
+def replace_children(root: nn.Module, mapping: dict) -> None:
+    """Point every child slot under ``root`` that holds a key of ``mapping`` (by identity) at its value."""
+    for m in list(root.modules()):
+        for name, child in list(m.named_children()):
+            if any(child is k for k in mapping):
+                setattr(m, name, next(v for k, v in mapping.items() if k is child))
+
+
 @dataclass(frozen=True)
 class FeatureShape:
     channels: int
@@ -157,6 +165,11 @@ class FeatureNet(nn.Module):
         """Class activation maps (B x K x H x W) of the last feature map: the classifier's weights applied as a
         1x1 convolution (bias excluded)."""
         return torch.einsum("bchw,kc->bkhw", fmap, self.classifier.weight)
+
+    def replace_modules(self, mapping: dict) -> None:
+        """Replace each submodule that is a key of ``mapping`` (by identity) with its value, wherever it is held
+        (``lakd.models.fold`` swaps a frozen teacher's convolutions and BatchNorms this way)."""
+        replace_children(self, mapping)
 
     def missing(self, need: str) -> str | None:
         """Why this model cannot provide ``need`` (``"features"``: feature maps B x C x H x W; ``"class_maps"``,

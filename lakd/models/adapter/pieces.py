@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ...errors import LakdError
-from ..base import Carry, FeatureNet, FeatureShape
+from ..base import Carry, FeatureNet, FeatureShape, replace_children
 from .cuts import default_cuts
 from .heads import aliases, fshape, is_global_pool, is_relu, is_trivial, mutated, pool_layout, timm_classifier
 from .tracing import modes_differ, propagate, resolve_cut, tensor_shape, trace, value_nodes
@@ -274,6 +274,14 @@ class AdaptedNet(FeatureNet):
     @property
     def _split(self) -> _Split:
         return self._splits[self.training]
+
+    def replace_modules(self, mapping: dict) -> None:
+        """As ``FeatureNet.replace_modules``; also in each traced graph (which holds its own references to the
+        network's modules), whose pieces are then rebuilt."""
+        super().replace_modules(mapping)
+        for sp in {id(s): s for s in self._splits.values()}.values():
+            replace_children(sp.gm, mapping)
+            sp.build()
 
     def _apply(self, fn, *args, **kwargs):
         # nn.Module._apply is what .to()/.cuda()/.half() all go through (checked on torch 2.14); there is no public
