@@ -100,7 +100,7 @@ def instance_kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature
 
 @register_distiller("ctkd")
 class CTKD(Distiller):
-    """CTKD (Li et al. AAAI 2023) distils KD at a learned curriculum temperature; ctkd_ls: + logit standardization.
+    """CTKD (Li et al. AAAI 2023) distils KD at a learned curriculum temperature (ctkd_instance: one per sample); ctkd_ls: + logit standardization.
 
     Settings (``ctkd``): ``ce_weight``, ``kd_weight``, ``t_start``, ``t_range``, ``t_init``, ``decay_epochs``,
     ``lambda_max``, ``logit_stand`` (variant ``ctkd_ls``), ``temperature`` (``global`` or ``instance``, variant
