@@ -64,11 +64,12 @@ def distiller(student, teacher=None, method: str = "lakd", *, options: dict | No
     if method not in DISTILLERS:
         DISTILLERS.get(method)  # the registry's one-line error, with close names
     cls = DISTILLERS.get(method)
-    if cls.needs_teacher and teacher is None:
+    wants_teacher = cls.uses_teacher(options if isinstance(options, dict) else {})
+    if wants_teacher and teacher is None:
         raise LakdError(f"method {method!r} needs a teacher: pass teacher=")
     s = _model(student, "student", num_classes, image_size, dict(student_options or {}))
     t = _model(teacher, "teacher", num_classes, image_size, dict(teacher_options or {})) \
-        if teacher is not None and cls.needs_teacher else None
+        if teacher is not None and wants_teacher else None
     label = student if isinstance(student, str) else getattr(s, "label", type(student).__name__)
     over = [f"method={method}", f"model.name={label}"]
     if t is not None:

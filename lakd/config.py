@@ -328,7 +328,7 @@ def validate(cfg: dict) -> None:
                               or not all(isinstance(x, (int, float)) for x in v)):
             raise LakdError(f"data.{key} must be a list of 3 numbers or null, got {v!r}")
     DISTILLERS.get(cfg["method"])  # unknown method -> clear error
-    if DISTILLERS.get(cfg["method"]).needs_teacher and not cfg["teacher"].get("name"):
+    if DISTILLERS.get(cfg["method"]).uses_teacher(cfg) and not cfg["teacher"].get("name"):
         raise LakdError(f"method {cfg['method']!r} needs a teacher: set teacher.name (and teacher.checkpoint)")
 
 

@@ -33,7 +33,7 @@ import weakref
 
 import torch
 
-from ..config import load_config
+from ..config import apply_overrides, full_defaults, load_config
 from ..distillers import DISTILLERS, cost_reference, resolve_method
 from ..engine.build import build
 from ..engine.step import training_step
@@ -93,7 +93,8 @@ def _setup(teacher: str, teacher_ckpt: str | None, student: str, method: str, nu
     trainer's build path; no data: CRD's memory bank assumes a training set of ``max(20000, 2 * 16384)``."""
     name, extra = resolve_method(method)
     over = [f"method={name}", f"model.name={student}", f"model.num_classes={num_classes}"]
-    if DISTILLERS.get(name).needs_teacher:
+    settings = apply_overrides(full_defaults(), over + extra + list(overrides), full_defaults())
+    if DISTILLERS.get(name).uses_teacher(settings):  # tfkd_self's teacher comes from a setting
         over.append(f"teacher.name={teacher}")
     if image_size:
         over.append(f"data.image_size={image_size}")  # the size torchvision:/timm: networks infer shapes at

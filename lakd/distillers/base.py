@@ -80,6 +80,13 @@ class Distiller(nn.Module):
     #: the reachability check (``check_reachability``) does not report them
     unreached_ok: tuple[str, ...] = ()
 
+    @classmethod
+    def uses_teacher(cls, cfg: dict) -> bool:
+        """Whether a run of this method with config ``cfg`` (a run config, or a dict of some of its sections)
+        distils from a teacher: ``needs_teacher``, unless one of the method's settings decides it (Tf-KD's
+        ``tfkd.mode: self``)."""
+        return cls.needs_teacher
+
     def requirements(self) -> dict[str, tuple]:
         """What this run needs from each model, checked at construction (before the method reads its settings):
         ``{"student": (...), "teacher": (...)}``, each entry a need of ``needs`` or ``(need, key, value)`` when
