@@ -15,7 +15,12 @@ allocator settings, teacher-first passes and metric bookkeeping are all included
 Both run in this process, in interleaved rounds (lakd, reference, lakd, reference ...); each side's best round
 is kept and the spread over rounds is reported. Losses per method (the same definitions on both sides):
 scratch CE; KD 0.1 CE + 0.9 KL(T=4); CAT-KD CE + 0.7 CAM loss; LAKD [3,6,9] with NDAM and the CAM loss
-(the reference runs LAKD as a plain loop would: every teacher target first, one joint backward).
+(the reference runs LAKD as a plain loop would: every teacher target first, one joint backward). The reference's
+models are built with ``train.fold_teacher_bn=false`` (its teacher keeps its BatchNorms, as the peers' do).
+
+A third timing per round runs the reference loop on one prefetched batch: the same loop without its data loading.
+Its rate over the reference's (``data_ceiling``) is what removing the data cost alone gives; beyond it a loop must
+run the models' own kernels faster (the lakd side's folded teacher BatchNorms).
 
 Usage::
 
@@ -130,10 +135,13 @@ class ReferenceLoop:
                     + c["beta"] * class_attention_loss(cam_s, cam_t, c["resolution"], c["normalize"]))
         raise ValueError(f"no reference loop for {m}")
 
-    def run(self, steps: int) -> None:
+    def run(self, steps: int, fixed: bool = False) -> None:
+        """``steps`` training steps; ``fixed``: all on one batch fetched before (the loop without its data
+        loading: the same kernels, so what any loop on these models could reach)."""
         self.student.train()
+        batch = self.next_batch() if fixed else None
         for _ in range(steps):
-            image, target = self.next_batch()
+            image, target = batch if fixed else self.next_batch()
             image, target = image.to(self.device), target.to(self.device)
             loss = self.loss(image, target)
             self.opt.zero_grad()
@@ -169,10 +177,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as out:
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
             tr = lakd_trainer(method, root, ckpt, args.batch_size, args.steps, out, args.overrides)
-            ref = ReferenceLoop(method, tr, reference_loader(root, args.batch_size, args.workers))
+            # the reference's models as the peers have them: the teacher with its BatchNorms (not folded)
+            plain = lakd_trainer(method, root, ckpt, args.batch_size, args.steps, out,
+                                 [*args.overrides, "train.fold_teacher_bn=false"])
+            ref = ReferenceLoop(method, plain, reference_loader(root, args.batch_size, args.workers))
+            del plain
             tr.train_epoch(0)  # warm-up both sides (the reference's workers start here)
             ref.run(3)
-            lakd_rates, ref_rates = [], []
+            lakd_rates, ref_rates, compute_rates = [], [], []
             for r in range(max(args.rounds, 1)):
                 t0 = time.perf_counter()
                 tr.train_epoch(r + 1)
@@ -180,10 +192,16 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 ref.run(args.steps)
                 ref_rates.append(args.steps * args.batch_size / (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                ref.run(args.steps, fixed=True)
+                compute_rates.append(args.steps * args.batch_size / (time.perf_counter() - t0))
             ratios = [a / b for a, b in zip(lakd_rates, ref_rates)]
             results[method] = {"lakd_images_per_s": max(lakd_rates), "reference_images_per_s": max(ref_rates),
                                "ratio": max(lakd_rates) / max(ref_rates),
-                               "ratio_per_round": ratios, "ratio_spread": max(ratios) - min(ratios)}
+                               "ratio_per_round": ratios, "ratio_spread": max(ratios) - min(ratios),
+                               # the reference on one prefetched batch: its loop without the data loading
+                               "reference_compute_images_per_s": max(compute_rates),
+                               "data_ceiling": max(compute_rates) / max(ref_rates)}
             del ref, tr
     info = {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "workers": args.workers,
             "threads": torch.get_num_threads(), "cores": os.cpu_count(),
@@ -194,11 +212,12 @@ def main(argv=None) -> int:
     print(f"lakd train vs the reference loop (DataLoader, {args.workers} workers), resnet56 -> resnet20, CIFAR-10, "
           f"batch {args.batch_size}, {torch.get_num_threads()} threads, best of {args.rounds} interleaved rounds of "
           f"{args.steps} steps; load average {info['load_average'][0]:.1f}")
-    print(f"{'method':<9} {'lakd img/s':>11} {'reference img/s':>16} {'ratio':>7} {'per round':>22}")
+    print(f"{'method':<9} {'lakd img/s':>11} {'reference img/s':>16} {'ratio':>7} {'per round':>22} "
+          f"{'reference, no data loading':>27}")
     for m, r in results.items():
         rounds = " ".join(f"{x:.2f}" for x in r["ratio_per_round"])
         print(f"{m:<9} {r['lakd_images_per_s']:>11.0f} {r['reference_images_per_s']:>16.0f} {r['ratio']:>6.2f}x "
-              f"{rounds:>22}")
+              f"{rounds:>22} {r['reference_compute_images_per_s']:>13.0f} ({r['data_ceiling']:.2f}x)")
     print(f"(median ratio over methods {statistics.median(r['ratio'] for r in results.values()):.2f}x)")
     return 0
 
