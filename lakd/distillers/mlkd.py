@@ -42,8 +42,10 @@ which the authors' configs leave unchanged.
 
 Scale: at the authors' weights the distillation part is ``0.9 * 1.5 = 1.35`` times a five-temperature KD, whose
 logit gradients are each about KD's, against a CE of 0.2: about 7x the gradient of a CE 0.1 / KD 0.9 KD. The
-authors train at lr 0.025 (half mdistiller's 0.05) for 240 epochs (480 when the paper came out); at a short budget
-and a larger lr it learns slowly (docs/methods.md gives the measurements).
+authors train at lr 0.025 (half mdistiller's 0.05) for 240 epochs (480 in their first release, March 2023).
+The class level is divided by C but not by the batch size: ``P^T P`` sums over the batch, so with few classes it
+is large (at a student's start, batch 64: about 14 with 10 classes, 0.01 with 100). At a short budget and a
+larger lr, and above all with 10 classes, it learns slowly (docs/methods.md gives the measurements).
 """
 from __future__ import annotations
 
