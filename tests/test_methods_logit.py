@@ -121,29 +121,108 @@ def test_nkd_by_hand():
     assert got_n.item() == pytest.approx(T**2 * non / 3, rel=1e-5)
 
 
-def test_mlkd_by_hand_with_its_confidence_masks():
+def authors_mlkd(zs_weak, zs_strong, zt_weak, zt_strong, y, ce_w=0.1, kd_w=0.9, temps=(4.0, 3.0, 5.0, 2.0, 6.0)):
+    """The authors' ``KD_ours.forward_train`` (Jin-Ying/Multi-Level-Logit-Distillation,
+    mdistiller/distillers/KD_ours.py) in numpy, from logits of both views: every ``kd_loss``, ``cc_loss`` and
+    ``bc_loss`` reduced to a scalar, then ``(scalar * mask).mean()`` for the masked ones."""
+    p1 = softmax(zt_weak)
+    mask = (p1.max(1) <= np.percentile(p1.max(1), 50)).astype(float)
+    cmask = (p1.sum(0) <= np.percentile(p1.sum(0), 50)).astype(float)
+    B, C = zt_weak.shape
+
+    def kd(zs, zt, T):
+        return kl_rows(softmax(zt / T), softmax(zs / T)).mean() * T**2
+
+    def cc(zs, zt, T):
+        ps, pt = softmax(zs / T), softmax(zt / T)
+        return (((pt.T @ pt) - (ps.T @ ps)) ** 2).sum() / C
+
+    def bc(zs, zt, T):
+        ps, pt = softmax(zs / T), softmax(zt / T)
+        return (((pt @ pt.T) - (ps @ ps.T)) ** 2).sum() / B
+
+    ce = -np.log(softmax(zs_weak)[np.arange(B), y]).mean() - np.log(softmax(zs_strong)[np.arange(B), y]).mean()
+    kd_weak = sum(kd_w * (kd(zs_weak, zt_weak, T) * mask).mean() for T in temps)
+    kd_strong = sum(kd_w * kd(zs_strong, zt_strong, T) for T in temps[:3]) + sum(
+        kd_w * kd(zs_weak, zt_weak, T) for T in temps[3:])  # the last two on the weak view, as coded
+    return {"ce": ce_w * ce, "instance": kd_weak + kd_strong,
+            "class": sum(kd_w * (cc(zs_weak, zt_weak, T) * cmask).mean() for T in temps),
+            "batch": sum(kd_w * (bc(zs_weak, zt_weak, T) * mask).mean() for T in temps)}, mask, cmask
+
+
+def test_mlkd_equals_the_authors_forward_with_one_view_as_both():
+    s, te = pair()
+    x, y = torch.randn(5, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4])
+    d = build_distiller(method_cfg("mlkd"), s, te)
+    d.train()
+    logits, losses = d.forward_train(x, y)
+    with torch.no_grad():
+        zs, zt = d.student(x).double().numpy(), te(x).double().numpy()
+    ref, mask, cmask = authors_mlkd(zs, zs, zt, zt, y.numpy())
+    assert 0 < mask.sum() < 5 and 0 < cmask.sum() < 10  # the masks really drop something
+    assert set(losses) == set(ref)
+    for k in ref:
+        assert losses[k].item() == pytest.approx(ref[k], rel=1e-4), k
+    # and the reference reading is the per-view term scaled by the kept fraction, not a selection
+    T = 4.0
+    kl = kl_rows(softmax(zt / T), softmax(zs / T)) * T**2
+    assert (kl.mean() * mask).mean() == pytest.approx(kl.mean() * mask.mean())
+    assert (kl * mask).mean() != pytest.approx(kl.mean() * mask.mean(), rel=1e-3)
+
+
+def test_mlkd_terms_by_hand_in_both_mask_modes():
     T = 3.0
     p1 = softmax(ZT)
-    conf = p1.max(1)
-    mask = (conf <= np.percentile(conf, 50)).astype(float)
-    cconf = p1.sum(0)
-    cmask = (cconf <= np.percentile(cconf, 50)).astype(float)
-    assert 0 < mask.sum() < 3 and 0 < cmask.sum() < 4  # the example really masks something
+    mask = (p1.max(1) <= np.percentile(p1.max(1), 50)).astype(float)
+    cmask = (p1.sum(0) <= np.percentile(p1.sum(0), 50)).astype(float)
+    assert mask.sum() == 2 and cmask.sum() == 2  # 2 of 3 samples, 2 of 4 classes kept
     kl = kl_rows(softmax(ZT / T), softmax(ZS / T)) * T**2
     ps, pt = softmax(ZS / T), softmax(ZT / T)
-    inst = (kl * mask).mean() + kl.mean()
-    bat = ((((pt @ pt.T) - (ps @ ps.T)) ** 2).sum(1) * mask).mean()
-    cls = ((((pt.T @ pt) - (ps.T @ ps)) ** 2).sum(0) * cmask).mean()
-    # the unmasked batch and class terms equal the authors' sum / B and sum / C
-    assert ((((pt @ pt.T) - (ps @ ps.T)) ** 2).sum(1)).mean() == pytest.approx(
-        (((pt @ pt.T) - (ps @ ps.T)) ** 2).sum() / 3)
-    got = mlkd_terms(t(ZS), t(ZT), [T])
-    for g, e in zip(got, (inst, bat, cls)):
-        assert g.item() == pytest.approx(e, rel=1e-4)
-    two = mlkd_terms(t(ZS), t(ZT), [T, 5.0])
-    five = mlkd_terms(t(ZS), t(ZT), [5.0])
-    for a, b, c in zip(two, got, five):  # temperatures add
-        assert a.item() == pytest.approx(b.item() + c.item(), rel=1e-5)
+    b_err = (((pt @ pt.T) - (ps @ ps.T)) ** 2).sum(1)  # per-sample rows: their sum / B is the authors' bc_loss
+    c_err = (((pt.T @ pt) - (ps.T @ ps)) ** 2).sum(0)
+    expected = {
+        "reference": (kl.mean() * 2 / 3 + kl.mean(), b_err.sum() / 3 * 2 / 3, c_err.sum() / 4 * 2 / 4),
+        "per_sample": ((kl * mask).mean() + kl.mean(), (b_err * mask).mean(), (c_err * cmask).mean()),
+    }
+    for mode, exp in expected.items():
+        got = mlkd_terms(t(ZS), t(ZT), [T], mask_mode=mode)
+        for g, e in zip(got, exp):
+            assert g.item() == pytest.approx(e, rel=1e-4), mode
+        two = mlkd_terms(t(ZS), t(ZT), [T, 5.0], mask_mode=mode)
+        five = mlkd_terms(t(ZS), t(ZT), [5.0], mask_mode=mode)
+        for a, b, c in zip(two, got, five):  # temperatures add
+            assert a.item() == pytest.approx(b.item() + c.item(), rel=1e-5)
+    with pytest.raises(LakdError, match="mask_mode"):
+        mlkd_terms(t(ZS), t(ZT), [T], mask_mode="paper")
+
+
+def test_mlkd_instance_gradient_reaches_every_sample_in_reference_and_only_the_kept_in_per_sample():
+    """d/dz_s of ``KL_i * T^2`` is ``T (p_s[i] - p_t[i])``: the instance level's gradient on row ``i`` is that
+    times ``(frac + 1) / B`` with the authors' masks and ``(m_i + 1) / B`` with the per-sample ones; the teacher's
+    logits get none."""
+    T = 2.0
+    mask = (softmax(ZT).max(1) <= np.percentile(softmax(ZT).max(1), 50)).astype(float)
+    base = T * (softmax(ZS / T) - softmax(ZT / T)) / 3
+    for mode, w in (("reference", np.full(3, mask.mean() + 1)), ("per_sample", mask + 1)):
+        zs, zt = t(ZS).requires_grad_(True), t(ZT).requires_grad_(True)
+        mlkd_terms(zs, zt.detach(), [T], mask_mode=mode)[0].backward()
+        np.testing.assert_allclose(zs.grad.numpy(), base * w[:, None], rtol=1e-4, atol=1e-7)
+        assert zt.grad is None
+
+
+def test_mlkd_variant_and_configs_carry_the_references_weights():
+    name, overrides = method_variants()["mlkd_ls"]
+    cfg = load_config(None, [f"method={name}", "model.name=resnet8", "teacher.name=resnet8", *overrides])
+    d = build_distiller(cfg, *pair())
+    assert (d.logit_stand, d.temperatures, d.kd_weight, d.ce_weight, d.mask_mode) == (
+        True, [2.0, 3.0, 5.0, 2.0, 6.0], 9.0, 0.1, "reference")
+    assert d.extra_state_dict() == {}  # nothing to save: no learned part, no warm-up
+    for teacher, student in PAIRS:
+        ls = load_config(os.path.join(ROOT, "configs", "cifar100", "mlkd_ls", f"{teacher}_{student}.yaml"))["mlkd"]
+        assert ls["kd_weight"] == (6.0 if student == "vgg8" else 9.0)  # the LS repo's logs/MLKD/*,2,6 / *,2,9
+        ml = load_config(os.path.join(ROOT, "configs", "cifar100", "mlkd", f"{teacher}_{student}.yaml"))["mlkd"]
+        assert (ml["ce_weight"], ml["kd_weight"], ml["temperatures"], ml["mask_mode"]) == (
+            0.1, 0.9, [4.0, 3.0, 5.0, 2.0, 6.0], "reference")
 
 
 def test_tfkd_by_hand():
@@ -298,7 +377,8 @@ def test_ctkd_temperature_is_saved_and_restored():
 @pytest.mark.parametrize("method, section, match", [
     ("dist", {"tau": 0}, "dist.tau"), ("nkd", {"T": -1}, "nkd.T"), ("ctkd", {"decay_epochs": "x"}, "decay_epochs"),
     ("ctkd", {"t_start": 0}, "t_start"), ("mlkd", {"temperatures": []}, "temperatures"),
-    ("mlkd", {"mask_percentile": 120}, "mask_percentile"), ("dot", {"delta": -0.1}, "dot.delta"),
+    ("mlkd", {"mask_percentile": 120}, "mask_percentile"), ("mlkd", {"mask_mode": "paper"}, "mlkd.mask_mode"),
+    ("dot", {"delta": -0.1}, "dot.delta"),
     ("tfkd", {"alpha": 2}, "tfkd.alpha"), ("kd", {"logit_stand": "yes"}, "kd.logit_stand"),
     ("dkd", {"logit_stand": 1}, "dkd.logit_stand")])
 def test_bad_settings_name_the_key(method, section, match):

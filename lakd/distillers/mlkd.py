@@ -1,28 +1,51 @@
 """MLKD, multi-level logit distillation (Jin et al., CVPR 2023): instance, batch and class alignment.
 
-With softmaxes ``P_s``, ``P_t`` (B x C) at each temperature ``T`` of ``temperatures`` (prediction augmentation;
-the authors' 4, 3, 5, 2, 6):
+As the authors' code (github.com/Jin-Ying/Multi-Level-Logit-Distillation, ``mdistiller/distillers/KD_ours.py``,
+class ``KD_ours``; the same losses as ``MLKD`` in sunshangquan/logit-standardization-KD,
+``mdistiller/distillers/MLKD.py``). With softmaxes ``P_s``, ``P_t`` (B x C) at each temperature ``T`` of
+``temperatures`` (prediction augmentation; theirs ``KD.TEMPERATURE`` = 4, then 3, 5, 2, 6):
 
-- instance level: ``KL(P_t[i] || P_s[i]) * T^2`` per sample ``i``;
-- batch level: the B x B Gram matrices ``G = P P^T``; per sample ``i`` the row error ``sum_k (G_t - G_s)[i, k]^2``;
-- class level: the C x C matrices ``M = P^T P``; per class ``j`` the column error ``sum_c (M_t - M_s)[c, j]^2``.
+- instance level ``KL(T) = mean_i KL(P_t[i] || P_s[i]) * T^2`` (their ``kd_loss``);
+- batch level ``BC(T) = sum (P_t P_t^T - P_s P_s^T)^2 / B`` over the B x B Gram matrices (``bc_loss``);
+- class level ``CC(T) = sum (P_t^T P_t - P_s^T P_s)^2 / C`` over the C x C matrices (``cc_loss``).
 
-Confidence masking (the authors' code): a sample takes part in the masked instance and batch terms when the
-teacher's confidence ``max softmax(z_t)`` is at most the batch's ``mask_percentile`` (50: the median), a class in
-the class term when the teacher's summed probability ``sum_i softmax(z_t)[i, j]`` is at most the percentile over
-classes. Each masked term is the mean over samples (classes) of the per-sample (per-class) error times the mask,
-i.e. the unmasked term ``mean_i err_i`` restricted to the kept items. (The authors' code multiplies the
-already-reduced scalar by the mask and averages, which scales the loss by the kept fraction instead of selecting
-samples; the per-sample selection here is what the paper describes.) Per temperature::
+Confidence masks, from the teacher's ``softmax(z_t)`` at T = 1: ``m_i = [max_c p_t[i, c] <= q]`` with ``q`` the
+batch's ``mask_percentile`` (50: the median; linear interpolation, as ``np.percentile``), and per class
+``c_j = [sum_i p_t[i, j] <= q']``, the percentile over classes.
 
-    instance = mean_i m_i KL_i + mean_i KL_i        batch = mean_i m_i err_i        class = mean_j c_j err_j
+How the masks act, ``mlkd.mask_mode``:
 
-summed over the temperatures, each times ``kd_weight``; plus ``ce_weight * CE``. The authors train on two views
-of every image, a weak and a strong augmentation, with the masked terms on the weak view and the unmasked
-instance term on the strong one; this pipeline gives one view, which serves as both (so the instance level has a
-masked and an unmasked part on the same images). ``mlkd.logit_stand: true`` z-scores the logits of the instance
-level first (Sun et al., CVPR 2024, as in their MLKD code; variant ``mlkd_ls``: temperatures 2, 2, 3, 5, 6 and
-KD weight 9). The authors' recipe is 480 epochs with a stronger augmentation (the configs say where ours differs).
+- ``reference`` (default; the authors' code): each term is computed already reduced to a scalar and then
+  multiplied by the mask vector and averaged, ``(loss * mask).mean()``, which is the scalar times the kept
+  fraction ``mean_i m_i`` (``mean_j c_j`` for the class term). No sample is selected: the masks only scale the
+  weak-view terms, by about 1/2 at the median;
+- ``per_sample`` (the paper's reading, selection): the per-sample KL and Gram-row errors (per-class Gram-column
+  errors) times the mask, averaged over all B samples (C classes), ``mean_i m_i KL_i`` etc.
+
+The authors train on two views of every image, a weak (crop + flip) and a strong (+ RandAugment(2, 10)) one, and
+add, with ``w`` = ``kd_weight``::
+
+    ce_weight * (CE_weak + CE_strong)
+    + w * sum_T frac_m * KL_weak(T)                        masked, every T
+    + w * (KL_strong(4) + KL_strong(3) + KL_strong(5) + KL_weak(2) + KL_weak(6))   unmasked (the last two
+                                                                                   on the weak view, as coded)
+    + w * sum_T frac_c * CC_weak(T) + w * sum_T frac_m * BC_weak(T)
+
+(their strong-view batch and class terms are computed but left out of the loss, so they are left out here).
+This pipeline gives one view per image, which stands for both: the CE term is ``2 * ce_weight * CE`` (a CE per
+view, each at ``ce_weight``), the instance term ``w * sum_T (frac_m + 1) * KL(T)``, the batch and class terms
+as above on that view. ``mlkd.logit_stand: true`` z-scores the logits of the instance level only (Sun et al.,
+CVPR 2024, as in their ``MLKD``; the masks and the batch and class levels keep the raw logits); variant
+``mlkd_ls``: temperatures 2, 3, 5, 2, 6 (their ``--base-temp 2``) and ``kd_weight`` 9 (``--kd-weight 9``).
+No warm-up (the authors' ``forward_train`` ignores the epoch). Weights 0.1 / 0.9 are mdistiller's ``KD`` defaults,
+which the authors' configs leave unchanged.
+
+Scale: at the authors' weights the distillation part is ``0.9 * 1.5 = 1.35`` times a five-temperature KD, whose
+logit gradients are each about KD's, against a CE of 0.2: about 7x the gradient of a CE 0.1 / KD 0.9 KD. The
+authors train at lr 0.025 (half mdistiller's 0.05) for 240 epochs (480 in their first release, March 2023).
+The class level is divided by C but not by the batch size: ``P^T P`` sums over the batch, so with few classes it
+is large (at a student's start, batch 64: about 14 with 10 classes, 0.01 with 100). At a short budget and a
+larger lr, and above all with 10 classes, it learns slowly (docs/methods.md gives the measurements).
 """
 from __future__ import annotations
 
@@ -57,21 +80,38 @@ def below_percentile(values: torch.Tensor, percentile: float) -> torch.Tensor:
     return (values <= thresh).float()
 
 
-def mlkd_terms(logits_s, logits_t, temperatures, percentile: float = 50.0, logit_stand: bool = False):
-    """(instance, batch, class) losses summed over ``temperatures``, masked as described in the module."""
+MASK_MODES = ("reference", "per_sample")
+
+
+def mlkd_terms(logits_s, logits_t, temperatures, percentile: float = 50.0, logit_stand: bool = False,
+               mask_mode: str = "reference"):
+    """(instance, batch, class) losses summed over ``temperatures`` on one view, masked as ``mask_mode`` says
+    (module docstring): instance ``sum_T (masked KL(T) + KL(T))``, batch ``sum_T masked BC(T)``, class
+    ``sum_T masked CC(T)``."""
+    if mask_mode not in MASK_MODES:
+        raise LakdError(f"mlkd.mask_mode {mask_mode!r} is not one of {', '.join(MASK_MODES)}")
     logits_s, logits_t = logits_s.float(), logits_t.float()
     with torch.no_grad():
         p1 = F.softmax(logits_t, dim=1)
         mask = below_percentile(p1.max(dim=1).values, percentile)
         class_mask = below_percentile(p1.sum(dim=0), percentile)
+    reference = mask_mode == "reference"
+    if reference:  # (scalar * mask).mean(): the scalar times the kept fraction
+        mask, class_mask = mask.mean(), class_mask.mean()
     zs, zt = (standardize(logits_s), standardize(logits_t)) if logit_stand else (logits_s, logits_t)
     inst = bat = cls = logits_s.new_zeros(())
     for t in temperatures:
         kl = instance_kl(zs, zt, t)
-        inst = inst + (kl * mask).mean() + kl.mean()
         p_s, p_t = F.softmax(logits_s / t, dim=1), F.softmax(logits_t / t, dim=1)
-        bat = bat + (batch_errors(p_s, p_t) * mask).mean()
-        cls = cls + (class_errors(p_s, p_t) * class_mask).mean()
+        b_err, c_err = batch_errors(p_s, p_t), class_errors(p_s, p_t)
+        if reference:
+            inst = inst + kl.mean() * mask + kl.mean()
+            bat = bat + b_err.mean() * mask
+            cls = cls + c_err.mean() * class_mask
+        else:
+            inst = inst + (kl * mask).mean() + kl.mean()
+            bat = bat + (b_err * mask).mean()
+            cls = cls + (c_err * class_mask).mean()
     return inst, bat, cls
 
 
@@ -79,13 +119,16 @@ def mlkd_terms(logits_s, logits_t, temperatures, percentile: float = 50.0, logit
 class MLKD(Distiller):
     """MLKD (Jin et al. CVPR 2023) distils instance, batch, class logit relations; mlkd_ls: + logit standardization.
 
-    Settings (``mlkd``): ``ce_weight``, ``kd_weight``, ``temperatures``, ``mask_percentile``, ``logit_stand``
-    (variant ``mlkd_ls``: + logit standardization, Sun et al. CVPR 2024)."""
+    Settings (``mlkd``): ``ce_weight`` (per view: the one view's CE counts twice, as the authors' weak + strong),
+    ``kd_weight``, ``temperatures``, ``mask_percentile``, ``mask_mode`` (``reference``: the authors' masks, which
+    scale by the kept fraction; ``per_sample``: the paper's selection), ``logit_stand`` (variant ``mlkd_ls``:
+    + logit standardization, Sun et al. CVPR 2024)."""
 
     display_name = "MLKD"
     report_order = 23
     DEFAULTS = {"mlkd": {"ce_weight": 0.1, "kd_weight": 0.9, "temperatures": [4.0, 3.0, 5.0, 2.0, 6.0],
-                         "mask_percentile": 50.0, "logit_stand": False}}
+                         "mask_percentile": 50.0, "mask_mode": "reference", "logit_stand": False}}
+    #: MLKD with logit standardization as the LS reference runs it (--logit-stand --base-temp 2 --kd-weight 9)
     variants = {"mlkd_ls": ["mlkd.logit_stand=true", "mlkd.temperatures=[2.0,3.0,5.0,2.0,6.0]",
                             "mlkd.kd_weight=9.0"]}
 
@@ -103,13 +146,19 @@ class MLKD(Distiller):
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q <= 100:
             raise LakdError(f"mlkd.mask_percentile must be a number in [0, 100] (the authors': 50), got {q!r}")
         self.percentile = float(q)
+        if s["mask_mode"] not in MASK_MODES:
+            raise LakdError(f"mlkd.mask_mode {s['mask_mode']!r} is not one of reference (the authors' code), "
+                            f"per_sample (the paper's selection)")
+        self.mask_mode = s["mask_mode"]
         self.logit_stand = check_logit_stand("mlkd", s["logit_stand"])
 
     def student_losses(self, image, target, t_logits, **batch):
         logits = self.student(image)
-        inst, bat, cls = mlkd_terms(logits, t_logits, self.temperatures, self.percentile, self.logit_stand)
+        inst, bat, cls = mlkd_terms(logits, t_logits, self.temperatures, self.percentile, self.logit_stand,
+                                    self.mask_mode)
         return logits, {
-            "ce": self.ce_weight * F.cross_entropy(logits, target),
+            # the authors' ce_weight * (CE_weak + CE_strong), both views being this one
+            "ce": 2.0 * self.ce_weight * F.cross_entropy(logits, target),
             "instance": self.kd_weight * inst,
             "batch": self.kd_weight * bat,
             "class": self.kd_weight * cls,
