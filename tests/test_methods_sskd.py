@@ -51,6 +51,8 @@ def test_rotated_batch_is_each_image_then_its_three_rotations_as_np_rot90():
         for k in range(4):  # row 4i + k: image i turned k times counter-clockwise, as the authors' np.rot90 on H x W
             want = np.rot90(x[i].permute(1, 2, 0).numpy(), k).copy()
             np.testing.assert_array_equal(r[4 * i + k].permute(1, 2, 0).numpy(), want)
+    cl = rotated_batch(x.contiguous(memory_format=torch.channels_last))  # train.channels_last's layout is kept
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, r)
     corner = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
     assert rotated_batch(corner)[1, 0].tolist() == [[2.0, 4.0], [1.0, 3.0]]
     with pytest.raises(LakdError, match=r"^sskd rotates .* square .* \(2, 3, 4, 6\)") as info:

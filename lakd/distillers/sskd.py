@@ -47,11 +47,14 @@ ROTATIONS = 4
 
 def rotated_batch(image: torch.Tensor) -> torch.Tensor:
     """``4B`` images from ``B``: row ``4i + k`` is image ``i`` rotated by ``k * 90`` degrees (counter-clockwise,
-    ``np.rot90``'s direction)."""
+    ``np.rot90``'s direction), in the batch's memory format (``train.channels_last``)."""
     if image.dim() != 4 or image.shape[-1] != image.shape[-2]:
         raise LakdError(f"sskd rotates every image by 90 degrees, which needs square B x C x H x W images, got "
                         f"{tuple(image.shape)}; train on square crops (data.image_size) or use another method")
-    return torch.stack([torch.rot90(image, k, (2, 3)) for k in range(ROTATIONS)], dim=1).flatten(0, 1)
+    out = torch.stack([torch.rot90(image, k, (2, 3)) for k in range(ROTATIONS)], dim=1).flatten(0, 1)
+    if not image.is_contiguous() and image.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def split_rotations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
