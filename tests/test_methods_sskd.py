@@ -157,6 +157,18 @@ def test_weights_multiply_the_terms_and_the_logits_are_the_normal_images():
         torch.testing.assert_close(losses[name], w * want[name])
 
 
+def test_terms_are_float32_under_autocast():
+    d = _sskd().eval()
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, losses = d.forward_train(x, y)
+    with torch.no_grad():
+        _, full = d.forward_train(x, y)
+    assert all(v.dtype == torch.float32 for v in losses.values())
+    # the similarities (cosines near 1 at initialisation, divided by ss_T) would lose most digits in bfloat16
+    assert float(losses["ss"]) == pytest.approx(float(full["ss"]), rel=0.2)
+
+
 # ----- what each term trains --------------------------------------------------------------------------------------
 def test_gradients_reach_the_student_and_its_head_never_the_teacher_or_its_head():
     d = _sskd().train()

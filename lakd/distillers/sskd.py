@@ -194,6 +194,7 @@ class SSKD(Distiller):
     def student_losses(self, image, target, t_out, **batch):
         t_logits, t_z = t_out
         logits, feats = self.student(rotated_batch(image), features=True)
-        terms = sskd_terms(logits, t_logits, self._head(self.s_head, feats["embedding"]), t_z, target,
-                           self.kd_t, self.tf_t, self.ss_t, self.ratio_tf, self.ratio_ss)
+        with torch.autocast(device_type=logits.device.type, enabled=False):  # float32 similarities under AMP too
+            terms = sskd_terms(logits, t_logits, self._head(self.s_head, feats["embedding"]), t_z, target,
+                               self.kd_t, self.tf_t, self.ss_t, self.ratio_tf, self.ratio_ss)
         return split_rotations(logits)[0], {k: self.weights[k] * v for k, v in terms.items()}
