@@ -42,13 +42,15 @@ def method_cfg(method: str, **section) -> dict:
 
 def run_stopped_and_resumed(overrides: list[str], tmp_path):
     """The same tiny run twice: uninterrupted (``full``), and stopped after its first epoch's checkpoint, then
-    resumed from it (``resumed``). Returns both trainers, fitted."""
+    resumed from it (``resumed``). The stopped run starts as ``fit`` does a fresh run, with the method's own stage
+    (``Distiller.prepare``; a no-op for most methods). Returns both trainers, fitted."""
     from lakd.engine.checkpoint import atomic_save
     from lakd.engine.trainer import Trainer
 
     full = Trainer(load_config(None, overrides + ["experiment=full"]), quiet=True)
     full.fit()
     tr = Trainer(load_config(None, overrides + ["experiment=part"]), quiet=True)
+    tr.distiller.prepare(tr.data.train, tr.device)
     tr.train_epoch(0)
     atomic_save(tr._checkpoint(1), str(tmp_path / "part" / "last.pt"))
     tr.close()

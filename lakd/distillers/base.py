@@ -240,10 +240,12 @@ class Distiller(nn.Module):
         return [p for p in self.student.parameters() if p.requires_grad and id(p) not in head]
 
     def run_stage(self, train_loader, device, params: list, loss_fn: Callable, epochs: int, lr: float,
-                  what: str) -> None:
+                  what: str, milestones: tuple[int, ...] = (), gamma: float = 0.1) -> None:
         """A pre-training stage shared by the methods that have one: ``epochs`` passes over ``train_loader``
-        minimising ``loss_fn(image, target)`` over ``params`` with SGD at the constant rate ``lr`` (RepDistiller's
-        ``init``), gradients averaged over processes under torchrun. Logs one line per epoch."""
+        minimising ``loss_fn(image, target)`` over ``params`` with SGD at the rate ``lr`` (RepDistiller's
+        ``init``: constant), times ``gamma`` at each of ``milestones`` (0-based epochs from which it applies, as a
+        ``MultiStepLR`` stepped once per epoch), gradients averaged over processes under torchrun. Logs one line
+        per epoch."""
         if epochs <= 0 or not params:
             return
         device = torch.device(device) if device is not None else next(self.student.parameters()).device
@@ -258,6 +260,8 @@ class Distiller(nn.Module):
         for epoch in range(epochs):
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
+            for group in opt.param_groups:
+                group["lr"] = lr * gamma ** sum(epoch >= m for m in milestones)
             total, count = 0.0, 0
             for batch in train_loader:
                 image, target = (batch["image"], batch["target"]) if isinstance(batch, dict) else batch[:2]
@@ -350,5 +354,6 @@ class StepGroup(nn.Module):
         return self.fn(*args, **kwargs)
 
 
-_NEEDS = {"class_maps": "class activation maps (a linear classifier after global pooling)",
+_NEEDS = {"features": "feature maps and their pooled embedding (the classifier's input)",
+          "class_maps": "class activation maps (a linear classifier after global pooling)",
           "preact": "pre-activation stage outputs"}
