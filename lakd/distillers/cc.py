@@ -2,8 +2,9 @@
 instances of a batch, on top of cross-entropy.
 
 The penultimate embeddings (``feats["embedding"]``) of each network pass through a learnable linear embedding
-head to ``feat_dim`` (128) and are L2-normalised (RepDistiller's ``Embed`` for its ``correlation`` method; both
-heads are trained). The correlation matrix is the paper's Gaussian RBF kernel in its P-order Taylor expansion
+head to ``feat_dim`` (128) and are L2-normalised (the CRD-style ``Embed``, so that the kernel below sees unit
+vectors; both heads are trained; RepDistiller's ``correlation`` uses an unnormalised ``LinearEmbed``, which
+``cc.form: repdistiller`` keeps). The correlation matrix is the paper's Gaussian RBF kernel in its P-order Taylor expansion
 (section 3.3 of the paper; for unit vectors ``exp(-gamma |x - y|^2) = exp(-2 gamma) exp(2 gamma x.y)``)::
 
     C_ij = sum_{p=0..P} exp(-2 gamma) (2 gamma)^p / p! (x_i . x_j)^p
