@@ -361,6 +361,35 @@ def test_published_numbers_sit_beside_the_rows_and_comparisons_use_the_group_lab
     assert [r["paper"] for r in rows if r["group"] == "ablation"] == ["93.08", "93.27"]
 
 
+def test_groups_reports_only_the_named_groups_and_counts_their_runs(tmp_path, capsys):
+    spec = write_spec(tmp_path / "s.yaml", extra_groups="""
+  - name: extra
+    reference: a
+    runs:
+      - {name: a, label: "A here"}
+      - {name: c, label: "row C", overrides: [solver.lr=0.2]}
+""")
+    from lakd.sweep import write_plan
+
+    write_plan(load_plan(str(spec), results_dir=str(tmp_path / "res")))
+    for seed, a, c in ((0, 80.0, 82.0), (1, 80.5, 83.0)):
+        _fake_run(tmp_path / "res" / f"a-s{seed}", f"a-s{seed}", seed, a)
+        _fake_run(tmp_path / "res" / f"c-s{seed}", f"c-s{seed}", seed, c)
+    md = make_seed_report([str(tmp_path / "res")], groups=["extra"])["markdown"]
+    # a-s* belong to main (merged into extra), so the extra group plans only c-s0 and c-s1: both finished
+    assert "2 of the 2 runs the sweep plans for these groups have finished." in md
+    assert "## extra" in md and "## main" not in md and "row B" not in md
+    assert "| row C | 2 | 82.50 ± 0.71 |" in md and "| +2.25 [" in md  # paired vs A: (2.0, 2.5)
+    whole = make_seed_report([str(tmp_path / "res")])["markdown"]
+    assert "4 of the 6 runs the sweep plans have finished (**partial**" in whole  # b-s0, b-s1 missing
+    assert main(["report", str(tmp_path / "res"), "--groups", "extra,nope", "--out", str(tmp_path / "r.md")]) == 2
+    assert "error: --groups: no sweep group 'nope'; the plan's groups: main, extra" in capsys.readouterr().err
+    assert not (tmp_path / "r.md").exists()
+    _fake_run(tmp_path / "plain" / "x-s0", "x-s0", 0, 70.0)
+    assert main(["report", str(tmp_path / "plain"), "--groups", "main", "--out", str(tmp_path / "r.md")]) == 2
+    assert "--groups needs a sweep's results folder" in capsys.readouterr().err
+
+
 def test_a_sweep_with_nothing_finished_reports_empty_rows(tmp_path):
     spec = write_spec(tmp_path / "s.yaml")
     from lakd.sweep import write_plan

@@ -225,8 +225,9 @@ def _flags(row: Row) -> str:
 
 
 def render_seeds(groups: Sequence[Group], runs: Sequence[Run], plan: Plan | None, attr: str = "final_top1",
-                 level: int = 1) -> str:
-    """The report over seeds in Markdown: a title at heading ``level``, one section per group below it."""
+                 level: int = 1, subset: bool = False) -> str:
+    """The report over seeds in Markdown: a title at heading ``level``, one section per group below it.
+    ``subset``: ``plan`` holds only some of the sweep's groups (the status line says so)."""
     all_rows = row_map(groups)
     h1, h2 = "#" * level, "#" * (level + 1)
     complete = [r for r in runs if r.complete]
@@ -237,7 +238,8 @@ def render_seeds(groups: Sequence[Group], runs: Sequence[Run], plan: Plan | None
     if expected:
         names = {r.experiment for r in complete}
         done = sum(r.name in names for r in expected)
-        status = f"{done} of the {len(expected)} runs the sweep plans have finished"
+        status = (f"{done} of the {len(expected)} runs the sweep plans "
+                  f"{'for these groups ' if subset else ''}have finished")
         skipped = [r for r in planned if r.skip and not r.same_as]
         if skipped:
             ran = sum(r.name in names for r in skipped)
@@ -339,13 +341,16 @@ def seed_csv_rows(groups: Sequence[Group], attr: str = "final_top1") -> list[dic
 
 
 def make_seed_report(paths: Sequence[str], out: str | None = None, csv_path: str | None = None,
-                     plot_path: str | None = None, reference: str | None = None) -> dict:
+                     plot_path: str | None = None, reference: str | None = None,
+                     groups: Sequence[str] | None = None) -> dict:
     """The report over seeds: Markdown (and CSV, curves when asked); ``section`` holds the same tables one
-    heading level down, for a page that embeds them (``lakd report --update PAGE.md``)."""
-    groups, runs, plan = load_study(paths, reference)
-    text = render_seeds(groups, runs, plan)
+    heading level down, for a page that embeds them (``lakd report --update PAGE.md``). ``groups``: only these
+    sweep groups (a page per part of a large study)."""
+    subset = bool(groups)
+    groups, runs, plan = load_study(paths, reference, groups)
+    text = render_seeds(groups, runs, plan, subset=subset)
     res: dict = {"markdown": text, "groups": groups, "runs": runs,
-                 "section": render_seeds(groups, runs, plan, level=3)}
+                 "section": render_seeds(groups, runs, plan, level=3, subset=subset)}
     if out:
         res["out"] = write_text(out, text)
     if csv_path:

@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import yaml
 
@@ -229,14 +229,18 @@ def _variant(run: Run) -> str:
     return SEED_SUFFIX.sub("", run.experiment)
 
 
-def load_study(paths: Sequence[str], reference: str | None = None) -> tuple[list[Group], list[Run], Plan | None]:
+def load_study(paths: Sequence[str], reference: str | None = None, groups: Sequence[str] | None = None,
+               ) -> tuple[list[Group], list[Run], Plan | None]:
     """Rows and groups from run folders; the first sweep plan (``sweep.json``) found among ``paths`` gives the
-    layout (``lakd.sweep.spec.Plan``, the format the sweep writes)."""
+    layout (``lakd.sweep.spec.Plan``, the format the sweep writes). ``groups``: only these sweep groups, in the
+    order named (the returned plan then holds only their runs, so that "runs planned" counts theirs)."""
     plan: Plan | None = None
     for p in paths:
         plan = read_plan(p)
         if plan is not None:
             break
+    if groups:
+        plan = select_groups(plan, groups)
     run_paths: list[str] = []
     for p in paths:
         try:
@@ -282,6 +286,22 @@ def load_study(paths: Sequence[str], reference: str | None = None) -> tuple[list
             _unknown_row(reference, names)
         groups.append(Group("runs", "Runs by setting", rows, reference, []))
     return groups, runs, plan
+
+
+def select_groups(plan: Plan | None, names: Sequence[str]) -> Plan:
+    """The plan reduced to the groups ``names`` (in that order) and their planned runs; an unknown name, or no
+    plan at all, is an error naming what there is."""
+    if plan is None or not plan.groups:
+        raise LakdError("--groups needs a sweep's results folder (one holding sweep.json, written by lakd sweep); "
+                        "the folders given hold none")
+    by_name = {g.name: g for g in plan.groups}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise LakdError(f"--groups: no sweep group {', '.join(map(repr, unknown))}; the plan's groups: "
+                        f"{', '.join(by_name)}")
+    keep = set(names)
+    return replace(plan, groups=[by_name[n] for n in dict.fromkeys(names)],
+                   runs=[r for r in plan.runs if r.group in keep])
 
 
 def _unknown_row(name: str, names) -> None:

@@ -261,9 +261,10 @@ def plot_seed_curves(panels: Sequence[tuple[str, Sequence[tuple[str, Sequence[di
         raise LakdError("no finished run has test accuracies in metrics.jsonl; nothing to draw for --plot")
     fig, axes = _panel_grid(len(panels), 2, 6.0, 4.0)
     for ax, (title, rows) in zip(axes, panels):
+        palette = colormaps["tab10" if len(rows) <= 10 else "tab20"]  # a colour per row up to 20 rows
         for k, (label, curves) in enumerate(rows):
             epochs = sorted(set.intersection(*(set(c) for c in curves)))
-            colour = colormaps["tab10"](k % 10)
+            colour = palette(k % palette.N)
             ax.plot(epochs, [sum(c[e] for c in curves) / len(curves) for e in epochs], "-o", ms=3, color=colour,
                     label=f"{label} (n={len(curves)})")
             if len(curves) > 1:

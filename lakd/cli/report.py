@@ -24,6 +24,7 @@ per row, n seeds, mean ± sample std, the 95% t-interval of the mean, and the pa
 row over matched seeds; then the group's declared comparisons A − B. A seed run twice counts once (flagged).
   lakd report results/cifar10_seeds --out results/cifar10_seeds/report.md --csv results/cifar10_seeds/report.csv \
       --plot results/cifar10_seeds/curves.png --update docs/results.md
+  lakd report results/cifar10_seeds --groups logit,feature_stats --out methods.md   # some groups only
 """
 
 
@@ -43,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--update", metavar="DOC.md",
                         help="over seeds: also replace the tables between the '<!-- lakd report: begin -->' and "
                              "'<!-- lakd report: end -->' lines of this Markdown file")
+    parser.add_argument("--groups", metavar="NAME[,NAME]",
+                        help="over seeds: only these sweep groups, in this order (e.g. one page per part of a "
+                             "study; the status line then counts their runs)")
 
 
 def run(args) -> int:
@@ -51,7 +55,7 @@ def run(args) -> int:
 
     if args.plot and not args.plot.lower().endswith(".png"):
         raise LakdError(f"--plot {args.plot!r} must name a .png file")
-    if args.seeds or args.reference or args.update or any(
+    if args.seeds or args.reference or args.update or args.groups is not None or any(
             os.path.exists(os.path.join(p, rundir.SWEEP_PLAN)) for p in args.runs):
         return _run_seeds(args)
     res = make_report(args.runs, out=args.out, csv_path=args.csv, plot_path=args.plot)
@@ -113,8 +117,11 @@ def _run_seeds(args) -> int:
 
     if args.update:
         _check_markers(args.update)  # before any work: a page without its markers is the user's to fix
+    names = [n.strip() for n in args.groups.split(",") if n.strip()] if args.groups else None
+    if args.groups is not None and not names:
+        raise LakdError("--groups is empty; name one or more sweep groups, e.g. --groups main,table3")
     res = make_seed_report(args.runs, out=args.out, csv_path=args.csv, plot_path=args.plot,
-                           reference=args.reference)
+                           reference=args.reference, groups=names)
     if args.update:  # the same tables, as subsections of the page's section between the markers
         res["update"] = update_between_markers(args.update, res["section"])
     if args.print_report:
