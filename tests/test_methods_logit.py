@@ -170,6 +170,76 @@ def test_mlkd_equals_the_authors_forward_with_one_view_as_both():
     assert (kl * mask).mean() != pytest.approx(kl.mean() * mask.mean(), rel=1e-3)
 
 
+def test_mlkd_two_views_equal_the_authors_forward(monkeypatch):
+    """mlkd.views=2: the student and teacher run on the weak batch and on the strong view the method makes; every
+    term equals the authors' forward_train on the two views' logits (CE per view, the first three unmasked KL
+    terms on the strong view)."""
+    import lakd.distillers.mlkd as mlkd_mod
+
+    s, te = pair()
+    x, y = torch.randn(5, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4])
+    x2 = torch.randn(5, 3, 32, 32)
+    monkeypatch.setattr(mlkd_mod, "strong_view", lambda image, mean, std, n=2: x2)
+    cfg = method_cfg("mlkd", views=2)
+    cfg["data"]["dataset"] = "cifar10"
+    d = build_distiller(cfg, s, te)
+    assert d.mean == pytest.approx([0.4914, 0.4822, 0.4465]) and d.std == pytest.approx([0.2470, 0.2435, 0.2616])
+    d.train()
+    logits, losses = d.forward_train(x, y)
+    with torch.no_grad():
+        zs, zs2 = d.student(x).double().numpy(), d.student(x2).double().numpy()
+        zt, zt2 = te(x).double().numpy(), te(x2).double().numpy()
+    assert np.allclose(logits.detach().numpy(), zs, atol=1e-5)  # the step's logits are the weak view's
+    ref, _, _ = authors_mlkd(zs, zs2, zt, zt2, y.numpy())
+    for k in ref:
+        assert losses[k].item() == pytest.approx(ref[k], rel=1e-4), k
+    one, _, _ = authors_mlkd(zs, zs, zt, zt, y.numpy())
+    assert losses["instance"].item() != pytest.approx(one["instance"], rel=1e-3)  # the strong view counts
+
+
+def test_mlkd_strong_view_is_the_authors_randaugment_in_pixels(monkeypatch):
+    from PIL import Image
+
+    import lakd.distillers.mlkd as mlkd_mod
+
+    mean, std = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
+    torch.manual_seed(0)
+    pix = torch.randint(0, 256, (3, 3, 16, 16)).float() / 255
+    x = (pix - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    monkeypatch.setattr(mlkd_mod, "randaugment", lambda img, n=2: img)  # identity: the pixel round trip is exact
+    assert torch.allclose(mlkd_mod.strong_view(x, mean, std), x, atol=1e-5)
+    monkeypatch.undo()
+    torch.manual_seed(1)
+    a = mlkd_mod.strong_view(x.contiguous(memory_format=torch.channels_last), mean, std)
+    torch.manual_seed(1)
+    b = mlkd_mod.strong_view(x, mean, std)
+    assert torch.equal(a, b) and a.is_contiguous(memory_format=torch.channels_last)  # torch's RNG decides
+    assert not torch.allclose(b, x, atol=1e-3)
+    img = Image.fromarray((pix[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    names = [name for name, *_ in mlkd_mod.AUGMENTATIONS]
+    assert len(names) == 14 and {"solarize", "posterize", "shear_x", "translate_y", "equalize"} <= set(names)
+    for name, op, low, high in mlkd_mod.AUGMENTATIONS:  # every operation at both ends of its range
+        for v in (low, high):
+            out = op(img, v)
+            assert out.size == img.size and out.mode == "RGB", name
+    # the translation moves by a fraction of the side, as the authors' TranslateX (0.25 of 16 = 4 pixels)
+    moved = np.asarray(mlkd_mod.AUGMENTATIONS[names.index("translate_x")][1](img, 0.25))
+    assert np.array_equal(moved[:, :12], np.asarray(img)[:, 4:])
+    with pytest.raises(LakdError, match="mlkd.views=2 augments RGB images"):
+        mlkd_mod.strong_view(torch.zeros(2, 1, 8, 8), mean, std)
+
+
+def test_mlkd_views_settings_are_checked():
+    s, te = pair()
+    with pytest.raises(LakdError, match="mlkd.views must be 1"):
+        build_distiller(method_cfg("mlkd", views=3), s, te)
+    from lakd.distillers.mlkd import MLKD
+
+    with pytest.raises(LakdError, match="needs the batches' normalisation"):
+        MLKD._pixel_stats({"dataset": "not_registered"})
+    assert MLKD._pixel_stats({"dataset": "cifar10", "mean": [0.1, 0.2, 0.3], "std": [1, 1, 1]})[0] == [0.1, 0.2, 0.3]
+
+
 def test_mlkd_terms_by_hand_in_both_mask_modes():
     T = 3.0
     p1 = softmax(ZT)
@@ -223,6 +293,10 @@ def test_mlkd_variant_and_configs_carry_the_references_weights():
         ml = load_config(os.path.join(ROOT, "configs", "cifar100", "mlkd", f"{teacher}_{student}.yaml"))["mlkd"]
         assert (ml["ce_weight"], ml["kd_weight"], ml["temperatures"], ml["mask_mode"]) == (
             0.1, 0.9, [4.0, 3.0, 5.0, 2.0, 6.0], "reference")
+        assert ls["views"] == ml["views"] == 2  # the authors' weak and strong views
+    im = load_config(os.path.join(ROOT, "configs", "imagenet", "mlkd", "resnet34_resnet18.yaml"))["mlkd"]
+    assert (im["ce_weight"], im["kd_weight"], im["temperatures"], im["views"]) == (
+        0.5, 0.5, [1.0, 3.0, 5.0, 2.0, 6.0], 2)  # their configs/imagenet/r34_r18/kd_ours.yaml: KD T 1, CE/KD 0.5
 
 
 def test_tfkd_by_hand():
@@ -464,6 +538,7 @@ def test_two_step_train_runs_through_the_command(digits_overrides, capsys):
 
     for method in METHODS:
         assert main(["train", *digits_overrides(method, [f"experiment=smoke_{method}"])]) == 0, method
+    assert main(["train", *digits_overrides("mlkd", ["experiment=smoke_mlkd2", "mlkd.views=2"])]) == 0
     capsys.readouterr()
 
 
@@ -493,17 +568,19 @@ def test_on_an_adapted_torchvision_network():
         assert all(torch.isfinite(v) for v in losses.values()), method
 
 
-@pytest.mark.parametrize("method", ["dot", "ctkd"])
+@pytest.mark.parametrize("method", ["dot", "ctkd", "mlkd"])
 def test_a_resumed_run_continues_bitwise(method, tmp_path):
-    """DOT's two momentum buffers (optimizer state) and CTKD's temperature (extra state) and curriculum: a run
-    stopped after its first epoch and resumed ends bitwise where the uninterrupted run does."""
+    """DOT's two momentum buffers (optimizer state), CTKD's temperature (extra state) and curriculum, and MLKD's
+    random strong views (mlkd.views=2): a run stopped after its first epoch and resumed ends bitwise where the
+    uninterrupted run does."""
 
     teacher = tmp_path / "t.pt"
     torch.save({"model": create_model("resnet8", 10).state_dict(), "arch": "resnet8", "num_classes": 10}, teacher)
     common = ["data.dataset=digits", "data.train_subset=96", "data.test_subset=32", "solver.batch_size=32",
               "solver.lr=0.05", "model.name=resnet8", "train.progress=false", "train.threads=1",
               "data.num_workers=0", f"method={method}", "teacher.name=resnet8", f"teacher.checkpoint={teacher}",
-              "solver.epochs=2", "solver.max_steps_per_epoch=2", f"output_dir={tmp_path}", "ctkd.decay_epochs=2"]
+              "solver.epochs=2", "solver.max_steps_per_epoch=2", f"output_dir={tmp_path}", "ctkd.decay_epochs=2",
+              "mlkd.views=2"]
     full, resumed = run_stopped_and_resumed(common, tmp_path)
     a, b = full.distiller.state_dict(), resumed.distiller.state_dict()
     assert a.keys() == b.keys()
