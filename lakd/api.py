@@ -84,6 +84,10 @@ def distiller(student, teacher=None, method: str = "lakd", *, options: dict | No
         _check_values(opts, schema, "options")
         cfg = _merge(cfg, opts)
     cfg["model"]["num_classes"] = s.feature_info()["num_classes"]
+    if not ((options or {}).get("data") or {}).get("dataset"):
+        # the user's data is not the config default's: a method that needs its normalisation (MLKD's strong
+        # view) then asks for options={"data": {"mean": ..., "std": ...}} instead of assuming CIFAR-10's
+        cfg["data"]["dataset"] = None
     d = build_distiller(cfg, s, t, num_data=num_data).train()
     if cfg["train"].get("check_reachability", True):
         d.check_reachability(image_size or s.input_size, cfg["model"]["num_classes"])

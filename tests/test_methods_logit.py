@@ -238,6 +238,13 @@ def test_mlkd_views_settings_are_checked():
     with pytest.raises(LakdError, match="needs the batches' normalisation"):
         MLKD._pixel_stats({"dataset": "not_registered"})
     assert MLKD._pixel_stats({"dataset": "cifar10", "mean": [0.1, 0.2, 0.3], "std": [1, 1, 1]})[0] == [0.1, 0.2, 0.3]
+    import lakd  # through the library the data is the user's: its normalisation must be given, not assumed
+
+    with pytest.raises(LakdError, match=r"set data.mean and data.std \(e.g. options="):
+        lakd.distiller(create_model("resnet8", 10), create_model("resnet8", 10), "mlkd", options={"mlkd": {"views": 2}})
+    d = lakd.distiller(create_model("resnet8", 10), create_model("resnet8", 10), "mlkd",
+                       options={"mlkd": {"views": 2}, "data": {"mean": [0.5] * 3, "std": [0.25] * 3}})
+    assert (d.mean, d.std) == ([0.5] * 3, [0.25] * 3)
 
 
 def test_mlkd_terms_by_hand_in_both_mask_modes():
