@@ -1,4 +1,4 @@
-"""The similarity and feature-statistics methods (PKT, SP, NST, CC, ICKD, KDSVD, SRD): each loss against a direct,
+"""The similarity and feature-statistics methods (PKT, SP, NST, CC, ICKD, KDSVD, SRRL, SRD): each loss against a direct,
 naive computation of its paper's equation on tiny tensors, gradients reaching exactly the parts they should, the
 extra state's round trip, bad settings, every shipped config (it loads, and its distiller runs on the real
 architectures), a two-step ``lakd train`` per method, and the methods on adapted torchvision networks."""
@@ -27,17 +27,20 @@ from lakd.distillers.kdsvd import align_vectors, kdsvd_loss, right_singular
 from lakd.distillers.nst import nst_loss
 from lakd.distillers.pkt import pkt_loss
 from lakd.distillers.sp import sp_loss
+from lakd.distillers.srd import srd_rep_loss
 from lakd.errors import LakdError
 from lakd.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster (conftest.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ["pkt", "sp", "nst", "cc", "ickd", "kdsvd", "srd"]
+METHODS = ["pkt", "sp", "nst", "cc", "ickd", "kdsvd", "srrl", "srd"]
 PAIRS = [("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"),
          ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8")]
 #: the extra learnable parts of each method (state-dict prefixes)
-PARTS = {"cc": ("embed_s.", "embed_t."), "ickd": ("connector.",), "srd": ("connector.",)}
+PARTS = {"cc": ("embed_s.", "embed_t."), "ickd": ("connector.",), "srrl": ("connector.",), "srd": ("projector.",)}
+#: the extra state beyond PARTS' parameters (SRD's two affine-free BatchNorms hold running statistics only)
+STATE = {"srd": ("projector.", "bn_s.", "bn_t.")}
 
 
 # ----- each loss against a naive computation of its equation -----------------------------------------------------
@@ -181,10 +184,10 @@ def test_kdsvd_singular_vectors_and_alignment():
     assert align_vectors(v_s, v_t).tolist() == [[[0.0], [1.0]]]
 
 
-def test_srd_losses_with_identity_connector():
+def test_srrl_losses_with_identity_connector():
     torch.manual_seed(0)
     s, t = create_model("resnet8", 10), create_model("resnet14", 10)  # both 64-wide embeddings
-    d = build_distiller(method_cfg("srd"), s, t)
+    d = build_distiller(method_cfg("srrl"), s, t)
     conv = d.connector[0]
     with torch.no_grad():
         conv.weight.copy_(torch.eye(64).view(64, 64, 1, 1))
@@ -195,8 +198,42 @@ def test_srd_losses_with_identity_connector():
         h_s = s(x, features=True)[1]["embedding"] / math.sqrt(1 + 1e-5)
         z_t, f_t = t(x, features=True)
         z_s = h_s @ t.classifier.weight.t() + t.classifier.bias
-        assert losses["srd_feat"].item() == pytest.approx(((h_s - f_t["embedding"]) ** 2).mean().item(), rel=1e-5)
-        assert losses["srd_logit"].item() == pytest.approx(((z_s - z_t) ** 2).mean().item(), rel=1e-5)
+        assert losses["srrl_feat"].item() == pytest.approx(((h_s - f_t["embedding"]) ** 2).mean().item(), rel=1e-5)
+        assert losses["srrl_logit"].item() == pytest.approx(((z_s - z_t) ** 2).mean().item(), rel=1e-5)
+
+
+def test_srd_losses_by_hand():
+    """SRD (Miles & Mikolajczyk): 2 log sum |BN(P h_s) - BN(h_t)|^4 with batch statistics, KD at T 1."""
+    torch.manual_seed(0)
+    s, t = create_model("resnet8", 10), create_model("resnet14", 10)  # both 64-wide embeddings
+    d = build_distiller(method_cfg("srd"), s, t)
+    with torch.no_grad():
+        d.projector.weight.copy_(2 * torch.eye(64))
+        d.projector.bias.fill_(1.0)
+    d.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    _, losses = d.forward_train(x, y)
+    assert set(losses) == {"ce", "srd_feat", "kd"}
+    with torch.no_grad():
+        h_s = s(x, features=True)[1]["embedding"].double().numpy()
+        z_t, f_t = t(x, features=True)
+        h_t = f_t["embedding"].double().numpy()
+        z_s = s(x).double().numpy()
+    norm = lambda a: (a - a.mean(0)) / np.sqrt(a.var(0) + 1e-4)  # noqa: E731  (biased batch variance)
+    rep = math.log((np.abs(norm(2 * h_s + 1) - norm(h_t)) ** 4).sum())
+    assert losses["srd_feat"].item() == pytest.approx(2 * rep, rel=1e-4)
+    p_t = np.exp(z_t.double().numpy()) / np.exp(z_t.double().numpy()).sum(1, keepdims=True)
+    log_p_s = z_s - np.log(np.exp(z_s).sum(1, keepdims=True))
+    kl = (p_t * (np.log(p_t) - log_p_s)).sum(1).mean()
+    assert losses["kd"].item() == pytest.approx(kl, rel=1e-4)
+    # the BatchNorms keep running statistics (momentum 0.1 from zero means) and have no parameters
+    assert torch.allclose(d.bn_t.running_mean, 0.1 * torch.from_numpy(h_t.mean(0)).float(), atol=1e-6)
+    assert not list(d.bn_s.parameters()) and not list(d.bn_t.parameters())
+    # the soft maximum: scaling the distance by c shifts the log-sum by 4 log c (its gradient is scale-free)
+    a, b = torch.randn(6, 5), torch.randn(6, 5)
+    one = nn.Identity()
+    shift = srd_rep_loss(3 * a, 3 * b, one, one) - srd_rep_loss(a, b, one, one)
+    assert shift.item() == pytest.approx(4 * math.log(3), rel=1e-5)
 
 
 # ----- gradients and state ------------------------------------------------------------------------------------------
@@ -239,7 +276,7 @@ def test_steps_lower_loss_and_state_round_trips(method, tmp_path):
         opt.step()
     assert all(math.isfinite(v) for v in totals) and totals[-1] < totals[0], totals
     extra = d.extra_state_dict()
-    assert {k.split(".")[0] + "." for k in extra} == set(PARTS.get(method, ()))
+    assert {k.split(".")[0] + "." for k in extra} == set(STATE.get(method, PARTS.get(method, ())))
     torch.save(extra, tmp_path / "extra.pt")
     student2, teacher2 = create_model("resnet8", 10), create_model("resnet14", 10)
     student2.load_state_dict(student.state_dict())
@@ -263,7 +300,10 @@ def test_steps_lower_loss_and_state_round_trips(method, tmp_path):
     ("ickd", {"T": 0.0}, "ickd.T"),
     ("kdsvd", {"k": 0}, "kdsvd.k"),
     ("kdsvd", {"layout": "rows"}, "kdsvd.layout"),
-    ("srd", {"logit_loss": "l1"}, "srd.logit_loss"),
+    ("srrl", {"logit_loss": "l1"}, "srrl.logit_loss"),
+    ("srd", {"exponent": 0.0}, "srd.exponent"),
+    ("srd", {"T": -1.0}, "srd.T"),
+    ("srd", {"kd_weight": "one"}, "srd.kd_weight"),
 ])
 def test_bad_settings_raise(method, section, match):
     s, t = create_model("resnet8", 10), create_model("resnet8", 10)
@@ -318,7 +358,7 @@ def _configs(dataset: str) -> list[str]:
 def test_every_config_exists_loads_and_holds_the_reference_settings():
     c100, c10, imnet = _configs("cifar100"), _configs("cifar10"), _configs("imagenet")
     assert len(c100) == 6 * len(METHODS) and len(c10) == len(METHODS)
-    assert {os.path.basename(os.path.dirname(p)) for p in imnet} == {"sp", "ickd"}
+    assert {os.path.basename(os.path.dirname(p)) for p in imnet} == {"sp", "ickd", "srd"}
     for path in c100 + c10 + imnet:
         cfg = load_config(path)
         method = os.path.basename(os.path.dirname(path))
@@ -334,6 +374,8 @@ def test_every_config_exists_loads_and_holds_the_reference_settings():
             assert (sol["epochs"], sol["batch_size"], sol["lr"], sol["schedule"]) == (300, 64, 0.05, "linear")
         if dataset == "cifar100":
             assert cfg["teacher"]["checkpoint"] == f"download_ckpts/cifar_teachers/{t}_vanilla/ckpt_epoch_240.pth"
+    srd = load_config(os.path.join(ROOT, "configs/imagenet/srd/resnet34_resnet18.yaml"))["srd"]
+    assert (srd["feat_weight"], srd["kd_weight"], srd["T"], srd["exponent"], srd["bn_eps"]) == (2.0, 1.0, 1.0, 4.0, 1e-4)
     ickd = load_config(os.path.join(ROOT, "configs/imagenet/ickd/resnet34_resnet18.yaml"))["ickd"]
     assert (ickd["ce_weight"], ickd["kd_weight"], ickd["T"], ickd["feat_weight"]) == (0.5, 0.5, 1.0, 500.0)
 
@@ -407,10 +449,10 @@ def test_kdsvd_refuses_an_adapted_pair_of_other_stage_layouts(resnets):
     assert "\n" not in str(e.value)
 
 
-def test_srd_reads_the_classifier_input_of_an_adapted_teacher(resnets):
-    # MobileNetV3's classifier reads a hidden 1024-wide layer: the embedding SRD matches is that layer's output
+def test_srrl_reads_the_classifier_input_of_an_adapted_teacher(resnets):
+    # MobileNetV3's classifier reads a hidden 1024-wide layer: the embedding SRRL matches is that layer's output
     mobile = lakd.adapt(torchvision.models.mobilenet_v3_small(num_classes=10), input_size=32)
-    d = lakd.distiller(copy.deepcopy(resnets[0]), mobile, "srd", image_size=32)
+    d = lakd.distiller(copy.deepcopy(resnets[0]), mobile, "srrl", image_size=32)
     assert d.connector[0].out_channels == mobile.classifier.in_features == 1024
     _, losses = d.train_step({"image": torch.randn(2, 3, 32, 32), "target": torch.tensor([0, 1])},
                              lambda loss: loss.backward())
@@ -433,5 +475,5 @@ def test_report_order_between_the_baselines_and_lakd():
     assert min(orders) > DISTILLERS.get("catkd").report_order
     assert max(orders) < DISTILLERS.get("lakd").report_order
     assert list(itertools.accumulate(orders, max)) == orders  # the table order of this file's list
-    assert isinstance(DISTILLERS.get("srd")(create_model("resnet8", 10), create_model("resnet8", 10),
-                                            method_cfg("srd")).connector, nn.Sequential)
+    assert isinstance(DISTILLERS.get("srrl")(create_model("resnet8", 10), create_model("resnet8", 10),
+                                             method_cfg("srrl")).connector, nn.Sequential)

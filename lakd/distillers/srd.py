@@ -1,62 +1,76 @@
-"""SRD, knowledge distillation via softmax regression representation learning (Yang et al., ICLR 2021): the
-student's penultimate feature, through a learnable connector, matches the teacher's (feature matching) and, fed
-to the teacher's frozen classifier, gives the teacher's logits (softmax regression).
+"""SRD, "Understanding the Role of the Projector in Knowledge Distillation" (Miles & Mikolajczyk, AAAI 2024): a
+linear projector, batch normalisation of both representations and a soft maximum (a log-sum) of their distance.
 
-As the SRRL implementation of the SimKD code base (Chen et al., CVPR 2022, which reports SRRL on CIFAR-100): the
-student's pooled embedding (``feats["embedding"]``) passes through a 1x1 convolution (no bias), BatchNorm and
-ReLU to the teacher's embedding width; the feature term is ``MSE(r(h_s), h_t)`` and the regression term
-``MSE(W_t r(h_s) + b_t, z_t)``, the teacher's classifier ``W_t, b_t`` applied to the mapped student feature against
-the teacher's logits ``z_t`` (``srd.logit_loss: kl`` uses ``T^2 KL(softmax(z_t / T) || softmax(. / T))`` instead,
-the paper's cross-entropy form up to a constant). Weights: CE 1, feature 1, regression 1. The gradient of the
-regression term passes through the teacher's classifier (whose weights stay frozen) to the connector and the
-student.
+As the authors' ImageNet code (roymiles/Simple-Recipe-Distillation, ``OurDistillationLoss`` with
+``log_bn_corr_4``) and torchdistill's ``SRDLoss`` / ``SRDModelWrapper`` (its ``srd`` sample config for
+resnet34 -> resnet18): the student's pooled embedding ``h_s`` (``feats["embedding"]``) passes through a linear
+projector ``P = Linear(d_s, d_t)``; the projected student and the teacher's pooled embedding ``h_t`` are each
+normalised by a BatchNorm1d without affine parameters (eps 1e-4, batch statistics in training)::
+
+    rep   = log( sum_{b,d} | BN_s(P h_s) - BN_t(h_t) |^exponent )            (exponent 4)
+    logit = T^2 KL( softmax(z_t / T) || softmax(z_s / T) )  (batch mean)     (T 1)
+    loss  = ce_weight * CE + feat_weight * rep + kd_weight * logit            (1, 2, 1: the references' 2 * rep)
+
+The log of the sum is the "soft maximum": its gradient is the per-element distance over the total, so the
+largest discrepancies dominate and the loss is scale-free in the distance (the paper's remedy for a large
+capacity gap). ``rep`` can be negative once the two representations are close; only its gradient matters.
+
+Not to be confused with SRRL (Yang et al., ICLR 2021, "softmax regression representation learning"), which
+some code bases also call SRD: lakd has it as ``srrl``.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LakdError
 from .base import Distiller, register_distiller
-from .ickd import Conv1x1BN
 from .kd import kd_loss
+
+
+def srd_rep_loss(p_s: torch.Tensor, h_t: torch.Tensor, bn_s: nn.Module, bn_t: nn.Module,
+                 exponent: float = 4.0) -> torch.Tensor:
+    """``log(sum |BN_s(p_s) - BN_t(h_t)|^exponent)`` over the batch and the dimensions (the projected student
+    ``p_s`` and the teacher's ``h_t``, both ``(B, d_t)``)."""
+    diff = (bn_s(p_s.float()) - bn_t(h_t.float())).abs()
+    return torch.log(diff.pow(exponent).sum())
 
 
 @register_distiller("srd")
 class SRD(Distiller):
-    """SRD (Yang et al., ICLR 2021) distils the teacher's penultimate feature and its logits via its classifier.
+    """SRD (Miles & Mikolajczyk, AAAI 2024) distils the batch-normalised pooled embedding through a projector.
 
-    The student's mapped feature must match the teacher's and give the teacher's logits through the teacher's own
-    frozen classifier.
-
-    Extra part: ``connector`` (1x1 conv + BatchNorm + ReLU on the pooled embedding).
+    A log-sum of the |difference|^4 of the normalised projected student and teacher embeddings, with KD at T 1.
+    Settings (``srd``): ``ce_weight`` (1), ``feat_weight`` (2), ``kd_weight`` (1), ``T`` (1), ``exponent`` (4),
+    ``bn_eps`` (1e-4). Extra parts: ``projector`` (Linear), ``bn_s`` and ``bn_t`` (BatchNorm1d without affine
+    parameters: running statistics only).
     """
 
     display_name = "SRD"
-    report_order = 46
-    DEFAULTS = {"srd": {"ce_weight": 1.0, "feat_weight": 1.0, "logit_weight": 1.0, "logit_loss": "mse", "T": 4.0}}
-
-    def requirements(self):
-        # the teacher's classifier must read the pooled embedding directly (an adapted network may lack one)
-        return {"student": (), "teacher": ("class_maps",)}
+    report_order = 48
+    DEFAULTS = {"srd": {"ce_weight": 1.0, "feat_weight": 2.0, "kd_weight": 1.0, "T": 1.0, "exponent": 4.0,
+                        "bn_eps": 1e-4}}
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("srd")
-        self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
-        self.logit_weight = float(s["logit_weight"])
-        if s["logit_loss"] not in ("mse", "kl"):
-            raise LakdError(f"srd.logit_loss {s['logit_loss']!r} is not one of mse, kl")
-        if not float(s["T"]) > 0:
-            raise LakdError(f"srd.T (the temperature of logit_loss=kl) must be positive, got {s['T']!r}")
-        self.logit_loss, self.T = s["logit_loss"], float(s["T"])
-        d_s, d_t = student.feature_info()["embedding_dim"], teacher.feature_info()["embedding_dim"]
-        in_features = getattr(teacher.classifier, "in_features", d_t)
-        if in_features != d_t:
-            raise LakdError(f"SRD feeds the teacher's classifier with the {d_t}-wide pooled embedding, but the "
-                            f"classifier takes {in_features} inputs; name the linear layer that reads the pooled "
-                            f"map with teacher.classifier=<module path>")
-        self.connector = Conv1x1BN(d_s, d_t, relu=True)
+        for key in self.DEFAULTS["srd"]:
+            v = s[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise LakdError(f"srd.{key} must be a number >= 0, got {v!r}")
+        for key in ("T", "exponent", "bn_eps"):
+            if not float(s[key]) > 0:
+                raise LakdError(f"srd.{key} must be positive (the references': T 1, exponent 4, bn_eps 1e-4), "
+                                f"got {s[key]!r}")
+        self.ce_weight, self.feat_weight, self.kd_weight = (float(s[k]) for k in ("ce_weight", "feat_weight",
+                                                                                  "kd_weight"))
+        self.T, self.exponent = float(s["T"]), float(s["exponent"])
+        d_s = int(student.feature_info()["embedding_dim"])
+        d_t = int(teacher.feature_info()["embedding_dim"])
+        self.projector = nn.Linear(d_s, d_t)
+        self.bn_s = nn.BatchNorm1d(d_t, eps=float(s["bn_eps"]), affine=False)
+        self.bn_t = nn.BatchNorm1d(d_t, eps=float(s["bn_eps"]), affine=False)
 
     def teacher_pass(self, image, **batch):
         logits, feats = self.teacher_forward(image, features=True)
@@ -65,13 +79,10 @@ class SRD(Distiller):
     def student_losses(self, image, target, t_out, **batch):
         h_t, z_t = t_out
         logits, feats = self.student(image, features=True)
-        h_s = self.connector(feats["embedding"][:, :, None, None]).flatten(1)
-        z_s = self.teacher.classifier(h_s)  # frozen weights; the gradient reaches h_s
-        with torch.autocast(device_type=h_s.device.type, enabled=False):
-            feat = F.mse_loss(h_s.float(), h_t.float())
-            if self.logit_loss == "mse":
-                reg = F.mse_loss(z_s.float(), z_t.float())
-            else:
-                reg = kd_loss(z_s, z_t, self.T)
+        p_s = self.projector(feats["embedding"])
+        with torch.autocast(device_type=p_s.device.type, enabled=False):
+            # BN_t normalises the teacher here, not in teacher_pass: its running statistics are the distiller's
+            # state, updated once per training step
+            rep = srd_rep_loss(p_s, h_t.detach(), self.bn_s, self.bn_t, self.exponent)
         return logits, {"ce": self.ce_weight * F.cross_entropy(logits, target),
-                        "srd_feat": self.feat_weight * feat, "srd_logit": self.logit_weight * reg}
+                        "srd_feat": self.feat_weight * rep, "kd": self.kd_weight * kd_loss(logits, z_t, self.T)}
