@@ -453,6 +453,11 @@ def test_every_baseline_config_exists_and_loads():
             assert cfg["dkd"]["beta"] == dkd_beta[s] and cfg["dkd"]["warmup"] == 20
         if method == "kd":
             assert (cfg["kd"]["T"], cfg["kd"]["ce_weight"], cfg["kd"]["kd_weight"]) == (4.0, 0.1, 0.9)
+    # ImageNet RKD: torchdistill's sample configs/sample/ilsvrc2012/rkd/resnet18_from_resnet34.yaml (KDLoss at alpha 1:
+    # CE 1; RKDLoss distance 1, angle 2)
+    rkd = load_config(os.path.join(ROOT, "configs/imagenet/rkd/resnet34_resnet18.yaml"))
+    assert rkd["method"] == "rkd" and rkd["experiment"] == "imagenet_rkd_resnet34_resnet18"
+    assert (rkd["rkd"]["ce_weight"], rkd["rkd"]["distance_weight"], rkd["rkd"]["angle_weight"]) == (1.0, 1.0, 2.0)
 
 
 @pytest.mark.parametrize("teacher,student", PAIRS)

@@ -268,6 +268,16 @@ def test_every_config_exists_loads_and_holds_the_authors_settings():
         n = {"cifar100": 100, "cifar10": 10}[dataset]
         d = build_distiller(cfg, create_model(s, n), create_model(t, n))
         assert d.s_head[0].in_features == d.student.feature_info()["embedding_dim"]
+    # ImageNet: torchdistill's sample configs/sample/ilsvrc2012/sskd/resnet18_from_resnet34.yaml (loss_weights
+    # [1.0, 0.9, 10.0, 2.7] for CE, KD, SS, TF; its SS module trained 30 epochs at lr 0.1, x0.1 at 10 and 20)
+    assert [os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "imagenet", "sskd", "*.yaml"))] \
+        == ["resnet34_resnet18.yaml"]
+    im = load_config(os.path.join(ROOT, "configs", "imagenet", "sskd", "resnet34_resnet18.yaml"))
+    assert im["experiment"] == "imagenet_sskd_resnet34_resnet18" and im["data"]["dataset"] == "imagenet"
+    assert im["sskd"] == {"ce_weight": 1.0, "kd_weight": 0.9, "tf_weight": 2.7, "ss_weight": 10.0,
+                          "kd_T": 4.0, "tf_T": 4.0, "ss_T": 0.5, "ratio_tf": 1.0, "ratio_ss": 0.75,
+                          "pretrain_epochs": 30, "pretrain_lr": 0.1, "pretrain_milestones": [10, 20],
+                          "pretrain_gamma": 0.1}
     assert SSKD.DEFAULTS["sskd"] == {"ce_weight": 0.1, "kd_weight": 0.9, "tf_weight": 2.7, "ss_weight": 10.0,
                                      "kd_T": 4.0, "tf_T": 4.0, "ss_T": 0.5, "ratio_tf": 1.0, "ratio_ss": 0.75,
                                      "pretrain_epochs": 60, "pretrain_lr": 0.05, "pretrain_milestones": [30, 45],

@@ -253,6 +253,19 @@ def test_every_method_has_its_configs():
             dataset = Path(p).parts[-3]
             assert cfg["method"] == m
             assert cfg["experiment"] == f"{dataset}_{m}_{cfg['teacher']['name']}_{cfg['model']['name']}"
+    # ImageNet: torchdistill's sample configs (configs/sample/ilsvrc2012/<fsp, ft>/resnet18_from_resnet34.yaml) for FSP
+    # and FT, mdistiller's for ReviewKD
+    imnet = {Path(p).parts[-2] for m in METHODS for p in glob.glob(str(ROOT / "configs" / "imagenet" / m / "*.yaml"))}
+    assert imnet == {"fsp", "ft", "reviewkd"}
+    fsp = load_config(str(ROOT / "configs" / "imagenet" / "fsp" / "resnet34_resnet18.yaml"))["fsp"]
+    # 5 epochs of the FSP loss alone at lr 1e-4, then cross-entropy only
+    assert fsp == {"ce_weight": 1.0, "feat_weight": 0.0, "pretrain_epochs": 5, "pretrain_lr": 1e-4}
+    ft = load_config(str(ROOT / "configs" / "imagenet" / "ft" / "resnet34_resnet18.yaml"))["ft"]
+    # k 0.5, 1 paraphraser epoch at lr 1e-4; FTLoss p 1 (the paper's distance) weight 1000, which averages over the
+    # 256 x 7 x 7 factor elements that ours sums: 1000 / 12544
+    assert ft == {"ce_weight": 1.0, "feat_weight": 0.07972, "rate": 0.5, "factor": "paper", "pretrain_epochs": 1,
+                  "pretrain_lr": 1e-4}
+    assert ft["feat_weight"] == pytest.approx(1000 / (256 * 7 * 7), rel=1e-4)
 
 
 def _built(path):
