@@ -262,10 +262,10 @@ def test_the_configs_load_and_run_on_the_real_architectures():
     paths = [p for d in CONFIG_DIRS for p in glob.glob(os.path.join(ROOT, "configs", "*", d, "*.yaml"))]
     imnet = {os.path.basename(os.path.dirname(p)) for p in paths if "/configs/imagenet/" in p}
     assert imnet == {"pad_l2"} and len(paths) == 7 * len(CONFIG_DIRS) + 1
-    # torchdistill's sample configs/sample/ilsvrc2012/pad/resnet18_from_resnet34.yaml: CE 1 + MSE 1 for 10 epochs,
-    # then CE 1 + PAD-L2 1 (eps 1e-6) for 10: half of the run
+    # torchdistill's official rrpr2020 ce_l2 + pad_l2 pair: CE 1 + 15 x MSE for 90 epochs, then CE 1 + PAD-L2 1
+    # (eps 1e-6) for 30: the last quarter of the run
     pad = load_config(os.path.join(ROOT, "configs/imagenet/pad_l2/resnet34_resnet18.yaml"))["pad_l2"]
-    assert pad == {"ce_weight": 1.0, "l2_weight": 1.0, "pad_weight": 1.0, "l2_fraction": 0.5, "eps": 1e-6}
+    assert pad == {"ce_weight": 1.0, "l2_weight": 15.0, "pad_weight": 1.0, "l2_fraction": 0.75, "eps": 1e-6}
     for p in paths:
         cfg = load_config(p)
         d = os.path.basename(os.path.dirname(p))
