@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import LakdError
 from .base import Distiller, StepGroup, register_distiller
+from .stage_utils import check_nonneg
 
 
 def pad_l2_loss(f_s: torch.Tensor, f_t: torch.Tensor, log_var: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -57,13 +58,8 @@ class PADL2(Distiller):
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("pad_l2")
-        for key in ("ce_weight", "l2_weight", "pad_weight", "l2_fraction", "eps"):
-            v = s[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise LakdError(f"pad_l2.{key} must be a number >= 0, got {v!r}")
-        self.ce_weight, self.l2_weight, self.pad_weight = float(s["ce_weight"]), float(s["l2_weight"]), \
-            float(s["pad_weight"])
-        self.l2_fraction, self.eps = float(s["l2_fraction"]), float(s["eps"])
+        self.ce_weight, self.l2_weight, self.pad_weight, self.l2_fraction, self.eps = (
+            check_nonneg("pad_l2", k, s[k]) for k in ("ce_weight", "l2_weight", "pad_weight", "l2_fraction", "eps"))
         if self.l2_fraction > 1:
             raise LakdError(f"pad_l2.l2_fraction is the share of the epochs trained with plain L2 before PAD-L2, in "
                             f"[0, 1] (torchdistill's 90 of 120 epochs: 0.75), got {s['l2_fraction']!r}")

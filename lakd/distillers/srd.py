@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import LakdError
 from .base import Distiller, register_distiller
 from .kd import kd_loss
+from .stage_utils import check_nonneg, check_positive
 
 
 def srd_rep_loss(p_s: torch.Tensor, h_t: torch.Tensor, bn_s: nn.Module, bn_t: nn.Module,
@@ -55,22 +55,14 @@ class SRD(Distiller):
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("srd")
-        for key in self.DEFAULTS["srd"]:
-            v = s[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise LakdError(f"srd.{key} must be a number >= 0, got {v!r}")
-        for key in ("T", "exponent", "bn_eps"):
-            if not float(s[key]) > 0:
-                raise LakdError(f"srd.{key} must be positive (the references': T 1, exponent 4, bn_eps 1e-4), "
-                                f"got {s[key]!r}")
-        self.ce_weight, self.feat_weight, self.kd_weight = (float(s[k]) for k in ("ce_weight", "feat_weight",
-                                                                                  "kd_weight"))
-        self.T, self.exponent = float(s["T"]), float(s["exponent"])
+        self.ce_weight, self.feat_weight, self.kd_weight = (check_nonneg("srd", k, s[k]) for k in
+                                                            ("ce_weight", "feat_weight", "kd_weight"))
+        self.T, self.exponent, bn_eps = (check_positive("srd", k, s[k]) for k in ("T", "exponent", "bn_eps"))
         d_s = int(student.feature_info()["embedding_dim"])
         d_t = int(teacher.feature_info()["embedding_dim"])
         self.projector = nn.Linear(d_s, d_t)
-        self.bn_s = nn.BatchNorm1d(d_t, eps=float(s["bn_eps"]), affine=False)
-        self.bn_t = nn.BatchNorm1d(d_t, eps=float(s["bn_eps"]), affine=False)
+        self.bn_s = nn.BatchNorm1d(d_t, eps=bn_eps, affine=False)
+        self.bn_t = nn.BatchNorm1d(d_t, eps=bn_eps, affine=False)
 
     def teacher_pass(self, image, **batch):
         logits, feats = self.teacher_forward(image, features=True)

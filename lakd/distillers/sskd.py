@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..errors import LakdError
 from .base import Distiller, register_distiller
-from .stage_utils import check_int, check_positive
+from .stage_utils import check_int, check_nonneg, check_positive
 
 ROTATIONS = 4
 
@@ -149,10 +149,7 @@ class SSKD(Distiller):
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("sskd")
-        for key in ("ce_weight", "kd_weight", "tf_weight", "ss_weight"):
-            if isinstance(s[key], bool) or not isinstance(s[key], (int, float)) or s[key] < 0:
-                raise LakdError(f"sskd.{key} must be a number >= 0, got {s[key]!r}")
-        self.weights = {k: float(s[f"{k}_weight"]) for k in ("ce", "kd", "tf", "ss")}
+        self.weights = {k: check_nonneg("sskd", f"{k}_weight", s[f"{k}_weight"]) for k in ("ce", "kd", "tf", "ss")}
         self.kd_t, self.tf_t, self.ss_t = (check_positive("sskd", k, s[k]) for k in ("kd_T", "tf_T", "ss_T"))
         self.ratio_tf, self.ratio_ss = _check_ratio("ratio_tf", s["ratio_tf"]), _check_ratio("ratio_ss", s["ratio_ss"])
         self.pretrain_epochs = check_int("sskd", "pretrain_epochs", s["pretrain_epochs"])

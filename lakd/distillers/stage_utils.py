@@ -1,4 +1,5 @@
-"""Small helpers shared by the feature methods of issue 24 (VID, FT, AB, FSP, ReviewKD); not a method."""
+"""Small helpers shared by the feature methods (VID, FT, AB, FSP, ReviewKD, SSKD, PAD-L2, SRD): map pooling and
+the checks of their settings; not a method."""
 from __future__ import annotations
 
 import torch
@@ -20,6 +21,12 @@ def check_int(section: str, key: str, value, low: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise LakdError(f"{section}.{key} must be an integer >= {low}, got {value!r}")
     return value
+
+
+def check_nonneg(section: str, key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise LakdError(f"{section}.{key} must be a number >= 0, got {value!r}")
+    return float(value)
 
 
 def check_positive(section: str, key: str, value) -> float:
