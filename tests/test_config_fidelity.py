@@ -270,3 +270,57 @@ def test_srrl_kd_weight_adds_kd_at_srrl_t_and_the_configs_carry_simkd_script():
     assert losses["kd"].item() == pytest.approx(0.5 * kd_loss(logits, z_t, 3.0).item(), rel=1e-6)
     with pytest.raises(LakdError, match="srrl.kd_weight"):
         lakd.distiller(s, t, "srrl", image_size=32, options={"srrl": {"kd_weight": -1.0}})
+
+
+# ----- 11. MLKD on CIFAR-10: a KD weight at which it trains ------------------------------------------------------
+SHARED = os.environ.get("LAKD_SHARED") or "LAKD_SHARED-is-not-set"  # this machine's data and teacher, not the product's
+
+
+def test_mlkd_cifar10_settings_in_the_configs_and_the_study_rows():
+    assert _cfg("cifar10", "mlkd", "resnet56_resnet20.yaml")["mlkd"]["kd_weight"] == 0.09
+    assert _cfg("cifar10", "mlkd_ls", "resnet56_resnet20.yaml")["mlkd"]["kd_weight"] == 0.1
+    for pair in PAIRS:  # CIFAR-100 keeps the references' weights
+        assert _cfg("cifar100", "mlkd", f"{pair}.yaml")["mlkd"]["kd_weight"] == 0.9
+        assert _cfg("cifar100", "mlkd_ls", f"{pair}.yaml")["mlkd"]["kd_weight"] == (6.0 if pair == "vgg13_vgg8" else 9.0)
+    from lakd.sweep.spec import load_plan
+
+    runs = {r.name: r.overrides for r in load_plan(os.path.join(ROOT, "sweeps", "cifar10_seeds.yaml")).runs}
+    assert "mlkd.kd_weight=0.09" in runs["mlkd-s0"] and "mlkd.kd_weight=0.1" in runs["mlkd_ls-s0"]
+
+
+def _start_gradients(names_and_overrides: dict, batches: int = 2) -> dict:
+    """Mean student parameter-gradient norm of each config's total loss at a fresh resnet20 (seed 0), on the first
+    CIFAR-10 training batches of 64, with the trained resnet56 teacher (one view, as the study rows)."""
+    from lakd.engine.build import build
+
+    common = ["data.dataset=cifar10", f"data.root={os.path.join(SHARED, 'data')}", "data.fast=true",
+              "data.num_workers=0", "solver.batch_size=64", "model.name=resnet20", "train.amp=none", "seed=0",
+              "device=cpu", f"teacher.checkpoint={os.path.join(SHARED, 'teachers', 'cifar10_resnet56.pth')}"]
+    out = {}
+    for name, (path, extra) in names_and_overrides.items():
+        torch.manual_seed(0)
+        built = build(load_config(os.path.join(ROOT, path), common + extra), warn=False)
+        d, data = built.distiller, built.data
+        params = [p for p in d.student.parameters() if p.requires_grad]
+        norms = []
+        for i, batch in enumerate(data.train):
+            if i == batches:
+                break
+            _, losses = d.train().forward_train(batch["image"], batch["target"])
+            g = torch.autograd.grad(sum(losses.values()), params, allow_unused=True)
+            norms.append(float(torch.sqrt(sum((x**2).sum() for x in g if x is not None))))
+        out[name] = sum(norms) / len(norms)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "data", "cifar-10-batches-py"))
+                    or not os.path.exists(os.path.join(SHARED, "teachers", "cifar10_resnet56.pth")),
+                    reason="needs $LAKD_SHARED/data and $LAKD_SHARED/teachers")
+def test_mlkd_cifar10_configs_start_at_kds_gradient_scale_where_the_reference_weights_do_not():
+    mlkd, ls = "configs/cifar10/mlkd/resnet56_resnet20.yaml", "configs/cifar10/mlkd_ls/resnet56_resnet20.yaml"
+    g = _start_gradients({"kd": ("configs/cifar10/kd/resnet56_resnet20.yaml", []),
+                          "mlkd": (mlkd, ["mlkd.views=1"]), "mlkd_ref": (mlkd, ["mlkd.views=1", "mlkd.kd_weight=0.9"]),
+                          "ls": (ls, ["mlkd.views=1"]), "ls_ref": (ls, ["mlkd.views=1", "mlkd.kd_weight=9.0"])})
+    assert g["mlkd"] < 1.5 * g["kd"] and g["ls"] < 1.5 * g["kd"]
+    assert g["mlkd_ref"] > 5 * g["kd"] and g["ls_ref"] > 20 * g["kd"]
