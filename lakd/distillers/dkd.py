@@ -49,6 +49,21 @@ class DKD(Distiller):
     display_name = "DKD"
     report_order = 2
     DEFAULTS = {"dkd": {"ce_weight": 1.0, "alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup": 20, "logit_stand": False}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "dkd.ce_weight": {"kind": "number", "ge": 0},
+        "dkd.alpha": {"kind": "number", "ge": 0},
+        "dkd.beta": {"kind": "number", "ge": 0},
+        "dkd.T": {"kind": "number", "gt": 0, "about": "the temperature"},
+        "dkd.warmup": {"kind": "number", "ge": 0, "about": "epochs over which the DKD loss ramps up; mdistiller: 20"},
+        "dkd.logit_stand": {"kind": "bool", "about": "logit standardization"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["dkd.ce_weight", "dkd.alpha", "dkd.beta"]},
+        {"rule": "compare", "key": "dkd.warmup", "op": "<=", "than": "solver.epochs", "about":
+            "the DKD loss ramps up over dkd.warmup epochs and would never reach its full weight"},
+    ]
     #: DKD with logit standardization at the reference's temperature (Sun et al., 2024)
     variants = {"dkd_ls": ["dkd.logit_stand=true", "dkd.T=2.0"]}
 
