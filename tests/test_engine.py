@@ -241,6 +241,8 @@ def test_resume_is_exact_for_stateful_methods(method, tmp_path):
     teacher = _save_ckpt(tmp_path, "t.pt", "resnet8", 10)
     common = [*TINY, f"method={method}", "teacher.name=resnet8", f"teacher.checkpoint={teacher}",
               "solver.epochs=2", "data.train_subset=128", "solver.max_steps_per_epoch=3", f"output_dir={tmp_path}"]
+    # negatives within the 128 images; a warm-up that moves at each of the 2 epochs (and ends within the run)
+    common += {"crd": ["crd.nce_k=100"], "dkd": ["dkd.warmup=2"]}.get(method, [])
     full = Trainer(load_config(None, common + ["experiment=full"]), quiet=True)
     full.fit()
     part = load_config(None, common + ["experiment=part"])

@@ -231,7 +231,7 @@ def test_mlkd_strong_view_is_the_authors_randaugment_in_pixels(monkeypatch):
 
 def test_mlkd_views_settings_are_checked():
     s, te = pair()
-    with pytest.raises(LakdError, match="mlkd.views must be 1"):
+    with pytest.raises(LakdError, match=r"mlkd.views \(1: one view .*\) must be one of 1, 2, got 3"):
         build_distiller(method_cfg("mlkd", views=3), s, te)
     from lakd.distillers.mlkd import MLKD
 

@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import LakdError
 from ..models.base import FeatureShape
 from .base import Distiller, register_distiller
 from .kd import kd_loss
@@ -83,8 +82,6 @@ class ICKD(Distiller):
         s = self.section("ickd")
         self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
         self.kd_weight, self.T = float(s["kd_weight"]), float(s["T"])
-        if not self.T > 0:
-            raise LakdError(f"ickd.T (the KD temperature) must be positive, got {s['T']!r}")
         s_shape: FeatureShape = student.feature_info()["last"]
         t_shape: FeatureShape = teacher.feature_info()["last"]
         self.connector = Conv1x1BN(s_shape.channels, t_shape.channels)
