@@ -122,8 +122,7 @@ class Trainer:
             with open(os.path.join(self.run_dir, name), mode) as f:
                 f.write(text)
         except OSError as e:
-            raise LakdError(f"cannot write {name} in the run folder {self.run_dir!r} ({e.strerror or e}); make it "
-                            f"writable or choose another output_dir=... / --run-dir") from None
+            raise rundir.write_error(self.run_dir, e, f"{name} in the run folder") from None
 
     def close(self, failed: bool = False) -> None:
         """Close TensorBoard and release the run folder's lock; after a failed start (no checkpoint written in
@@ -407,7 +406,10 @@ class Trainer:
         if self.dist.is_main and self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(self.run_dir, "tb"))
+            try:
+                self.writer = SummaryWriter(os.path.join(self.run_dir, "tb"))
+            except OSError as e:
+                raise rundir.write_error(self.run_dir, e, "TensorBoard's folder in the run folder") from None
         if not self.quiet:
             t = f", teacher {cfg['teacher']['name']} top-1 {self.teacher_top1:.2f}" if self.teacher_top1 else ""
             log.info(f"run {self.run_dir}: {cfg['method']} -> {cfg['model']['name']} on {cfg['data']['dataset']} "
