@@ -37,6 +37,7 @@ SMALL_OUTPUTS = (CONFIG, METRICS, SUMMARY)
 #: a sweep's results folder: its plan (``lakd.sweep.spec.Plan``) and the run processes' events
 SWEEP_PLAN = "sweep.json"
 SWEEP_EVENTS = "events.jsonl"
+SWEEP_LOCK = ".sweep.lock"  # held by the sweep running into a results folder (hidden: not a run)
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,53 @@ def claim(path: str | None, base: str, *, resume: bool = False, overwrite: bool 
                             f"replace it with --overwrite")
         _clear(run)
     return run
+
+
+def lock_holder(folder: str, name: str = LOCK_NAME) -> str | None:
+    """Who holds the lock file ``folder/name`` (what its owner wrote in it, "?" when nothing), or None when no live
+    process holds it (or there is none). Asks the kernel with a non-blocking ``flock`` taken and dropped at once."""
+    path = os.path.join(folder, name)
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return os.read(fd, 4096).decode(errors="replace").strip() or "?"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def hold_lock(folder: str, name: str, owner: str) -> int | str:
+    """Take the exclusive lock ``folder/name`` for this process (kept until the descriptor returned is closed, or
+    the process ends, even by SIGKILL) and write ``owner`` in it; when another process holds it, what that one
+    wrote (a str) instead. -1 where locks are not available (no ``fcntl``)."""
+    if fcntl is None:
+        return -1
+    try:
+        fd = os.open(os.path.join(folder, name), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise write_error(folder, e, "a lock file in the folder") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            return os.read(fd, 4096).decode(errors="replace").strip() or "?"
+        finally:
+            os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, owner.encode())
+    except OSError as e:
+        os.close(fd)
+        raise write_error(folder, e, "a lock file in the folder") from None
+    return fd
 
 
 def read_pid(run_dir: str) -> int | None:
