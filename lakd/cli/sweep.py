@@ -73,8 +73,8 @@ def run(args) -> int:
         merge_plan(plan, read_plan(plan.results_dir), lambda r: is_finished(plan, r))  # shown, not written
         for r in plan.runs:
             state = ("outside the current spec (finished earlier)" if r.outside
-                     else f"finished; its config is refused now ({r.refused})" if r.refused
                      else f"same as {r.same_as}" if r.same_as
+                     else f"finished; its config is refused now ({r.refused})" if r.refused
                      else f"skipped ({r.skip})" + (", finished earlier" if is_finished(plan, r) else "") if r.skip
                      else "finished" if is_finished(plan, r)
                      else "interrupted (resumes from last.pt)" if has_checkpoint(plan, r) else "not started")

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 
@@ -456,16 +457,19 @@ class Trainer:
             self.close(failed=not ok)
 
     def _name_stuck_ranks(self, err: RuntimeError) -> None:
-        wait = min(float(self.cfg["train"]["dist_timeout_s"]), 60.0)
+        _, wait = dist.split_timeout(float(self.cfg["train"]["dist_timeout_s"]))
         ranks = dist.unresponsive_ranks(wait)
         if not ranks:
             return  # every rank answers (or it cannot be told): the original error stands
         who = ", ".join(str(r) for r in ranks)
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise LakdError(f"rank {who} of {self.dist.world_size} stopped answering (rank {self.dist.rank} saw: {first}); "
-                        f"check that process (hung, stopped, out of memory?) and restart with resume="
-                        f"{self.run_dir}; train.dist_timeout_s={self.cfg['train']['dist_timeout_s']} sets how long "
-                        f"ranks wait for each other") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". This is typically")[0][:160]  # gloo's source position
+        lost = LakdError(f"rank {who} of {self.dist.world_size} stopped answering (rank {self.dist.rank} saw: "
+                         f"{first}); check that process (killed, hung, stopped, out of memory?) and restart with "
+                         f"resume={self.run_dir}; train.dist_timeout_s={self.cfg['train']['dist_timeout_s']} sets how "
+                         f"long ranks wait for each other")
+        lost.exit_now = True
+        raise lost from None
 
     def _check_finite(self, epoch: int, ev: dict | None) -> None:
         """Stop before a checkpoint holds a diverged model (a NaN test loss, or non-finite weights)."""
