@@ -273,6 +273,21 @@ def run_facts(cfg: dict, train_size: int | None = None, world_size: int | None =
     return facts
 
 
+def fitting_values(checks: list, known: dict) -> dict:
+    """Values that meet a method's ``compare`` rules whose bound is in ``known`` (a setting such as
+    ``solver.epochs`` or a fact such as ``@train_size``, by value): the bound itself for ``<=``/``>=``, one past it
+    for ``<``/``>``. For short runs made on purpose (smoke tests, benchmarks): ``{"dkd.warmup": 2}`` for 2
+    epochs, ``{"crd.nce_k": 127}`` for 128 images."""
+    out = {}
+    for rule in checks:
+        if rule.get("rule") != "compare" or rule["key"].startswith("@") or not isinstance(rule["than"], str):
+            continue
+        bound = known.get(rule["than"])
+        if _is_number(bound):
+            out[rule["key"]] = {"<=": bound, ">=": bound, "<": bound - 1, ">": bound + 1}[rule["op"]]
+    return out
+
+
 def check_declarations(owner: str, defaults: dict, settings: dict, checks: list) -> list[str]:
     """Problems in a method's declarations themselves (for the tests and the catalog): unknown kinds or spec
     keys, keys without a default, rules naming unknown operators. ``[]`` when they are sound."""

@@ -102,6 +102,20 @@ def test_the_smallest_batch_is_the_batch_or_the_last_partial_one():
     assert settings.run_facts(cut, train_size=257, world_size=1)["@smallest_batch"][0] == 64
 
 
+def test_fitting_values_meet_the_rules_of_a_short_run():
+    from lakd.distillers import DISTILLERS
+
+    known = {"solver.epochs": 2, "@train_size": 128}
+    assert settings.fitting_values(DISTILLERS.get("dkd").CHECKS, known) == {"dkd.warmup": 2}
+    assert settings.fitting_values(DISTILLERS.get("crd").CHECKS, known) == {"crd.nce_k": 127}
+    assert settings.fitting_values(DISTILLERS.get("kd").CHECKS, known) == {}
+    over = ["method=reviewkd", "teacher.name=resnet8", "solver.epochs=2"]
+    with pytest.raises(LakdError, match="reviewkd.warmup=20 must be <= solver.epochs=2"):
+        load_config(None, over)
+    fit = settings.fitting_values(DISTILLERS.get("reviewkd").CHECKS, known)
+    assert load_config(None, over + [f"{k}={v}" for k, v in fit.items()])["reviewkd"]["warmup"] == 2
+
+
 # ----- the cases of issue 34: one line, exit code 2, nothing built or written ----------------------------------
 CASES = [
     (["method=kd", "kd.T=.nan"], r"^error: kd.T \(the temperature\) must be a finite number > 0, got nan; e.g. kd.T=4.0$"),
