@@ -89,14 +89,17 @@ def init_from_env(device_kind: str, timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
 
-def unresponsive_ranks(wait_s: float) -> list[int] | None:
+def unresponsive_ranks(wait_s: float, settle_s: float = 5.0) -> list[int] | None:
     """After a collective failed on this rank: the ranks that do not check in within ``wait_s``.
 
     Every rank that saw the failure writes a key in the rendezvous store and waits for the others' keys; the
-    ranks whose keys do not appear are the ones that stopped answering (killed, hung, stopped). When the store
-    itself is gone (without torchrun it lives in rank 0's process) that is rank 0. ``[]`` when every rank checks
-    in (the failure was something else); None when it cannot be told. Under torchrun a SIGTERM from its agent
-    (which stops the other ranks when one has died) ends the wait early with the ranks missing by then."""
+    ranks whose keys do not appear are the ones that stopped answering (killed, hung, stopped). The ranks that
+    survive see the failure at about the same moment (a dead peer's connection closes at once; a hung one makes
+    every collective time out together), so the wait ends when ``settle_s`` pass without a new key, or after
+    ``wait_s`` in all. When the store itself is gone (without torchrun it lives in rank 0's process) that is
+    rank 0. ``[]`` when every rank checks in (the failure was something else); None when it cannot be told. Under
+    torchrun a SIGTERM from its agent (which stops the other ranks when one has died) ends the wait early with
+    the ranks missing by then."""
     if _store is None or not tdist.is_initialized():
         return None
     rank, world = tdist.get_rank(), tdist.get_world_size()
@@ -110,13 +113,17 @@ def unresponsive_ranks(wait_s: float) -> list[int] | None:
             _store.set(f"{prefix}/{rank}", "1")
         except Exception:  # the store's process is gone: without torchrun, that is rank 0
             return [0] if rank != 0 else None
-        deadline = time.monotonic() + float(wait_s)
+        start = last_change = time.monotonic()
+        seen = world + 1
         while True:
             try:
                 missing = [r for r in range(world) if not _store.check([f"{prefix}/{r}"])]
             except Exception:
                 return [0] if rank != 0 else None
-            if not missing or stopping or time.monotonic() >= deadline:
+            now = time.monotonic()
+            if len(missing) < seen:
+                seen, last_change = len(missing), now
+            if not missing or stopping or now - start >= wait_s or now - last_change >= min(settle_s, wait_s):
                 return missing
             time.sleep(0.05)
     finally:

@@ -311,7 +311,7 @@ class SweepRunner:
         """Hold the results folder's lock for this sweep, or stop with the running sweep's description."""
         plan = self.plan
         os.makedirs(plan.results_dir, exist_ok=True)
-        owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv,
+        owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "argv": ["lakd", *sys.argv[1:]],
                             "started": time.strftime("%Y-%m-%d %H:%M:%S")})
         fd = rundir.hold_lock(plan.results_dir, rundir.SWEEP_LOCK, owner)
         if isinstance(fd, str):
