@@ -316,7 +316,7 @@ class Trainer:
             with open(os.path.join(self.run_dir, rundir.SUMMARY)) as f:
                 summary = json.load(f)
             if isinstance(summary, dict):
-                return {**self._summary(), **summary}
+                return {**self._summary(), **summary, "run_dir": self.run_dir}
         except (OSError, ValueError):
             pass
         return self._summary()
