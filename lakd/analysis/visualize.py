@@ -151,14 +151,105 @@ def attention_maps(model, images: torch.Tensor, targets: torch.Tensor, stage: in
             "stage": sidx + 1}
 
 
-def plot_attention_grid(images: np.ndarray, rows: Sequence[dict], models: Sequence[dict], path: str,
-                        alpha: float = 0.5, title: str = "") -> str:
-    """The attention grid: one row per image; columns: the input, then per model its CAM and NDAM overlays.
+def spread_classes(count: int, num_classes: int) -> dict[int, int]:
+    """How many images of each class ``lakd visualize`` shows by default: ``count`` images over ``num_classes``
+    classes, one per class on classes evenly spaced over the label range while ``count <= num_classes`` (6 of
+    10: classes 0, 1, 3, 5, 6, 8), else every class ``count // num_classes`` times and evenly spaced classes
+    once more. Returns {class: number of images}, in class order."""
+    if count < 1 or num_classes < 1:
+        return {}
+    each, extra = divmod(count, num_classes)
+    quota = dict.fromkeys(range(num_classes), each) if each else {}
+    for i in range(extra):
+        c = i * num_classes // extra
+        quota[c] = quota.get(c, 0) + 1
+    return dict(sorted((c, k) for c, k in quota.items() if k))
 
-    ``images``: N x H x W x 3 in [0, 1]. ``rows[i]``: {"index", "true"} (dataset index, true label name).
-    ``models[j]``: {"label", "stage", "cam" (N x H x W in [0,1]), "ndam" (same), "pred" (names), "prob",
-    "correct" (bools)}.
-    """
+
+def pick_images(loader, num_classes: int, count: int = 6, start: int = 0, positions: Sequence[int] | None = None,
+                spread: bool = True) -> list[dict]:
+    """The test images a picture shows, read from ``loader`` (batches with ``image``, ``target``, ``index``)
+    in one pass that stops as soon as it has them: the given ``positions`` (in that order); else ``count``
+    images from position ``start`` on, spread over the classes (``spread_classes``: the first images of each
+    chosen class, rows in class order; on a class-sorted test set too) or, with ``spread=False``, consecutive.
+    When the test set lacks a chosen class, the first other images from ``start`` on fill the rows.
+    Returns dicts {"position", "image" (C x H x W tensor), "target", "index" (the dataset's index)}."""
+    if positions is not None:
+        want = list(positions)
+        need = None
+    elif spread:
+        need = spread_classes(count, num_classes)
+        want = []
+    else:
+        want = list(range(start, start + count))
+        need = None
+    wanted = set(want)
+    picked: dict[int, dict] = {}
+    spare: list[dict] = []  # unpicked images from ``start`` on, to fill rows of classes the test set lacks
+    seen = 0
+    for batch in loader:
+        targets = batch["target"].tolist()
+        index = batch["index"].tolist()
+        for j, t in enumerate(targets):
+            pos = seen + j
+            item = {"position": pos, "target": int(t), "index": int(index[j])}
+            if need is None:
+                if pos in wanted:
+                    picked[pos] = item | {"image": batch["image"][j].detach().cpu()}
+            elif pos >= start:
+                if need.get(int(t), 0) > 0:
+                    need[int(t)] -= 1
+                    picked[pos] = item | {"image": batch["image"][j].detach().cpu()}
+                elif len(spare) < count:
+                    spare.append(item | {"image": batch["image"][j].detach().cpu()})
+        seen += len(targets)
+        if (need is None and len(picked) == len(wanted)) or (need is not None and not any(need.values())):
+            break
+    if need is None:
+        missing = [p for p in want if p not in picked]
+        if missing:
+            raise LakdError(f"the test set has {seen} images; positions {missing[:5]} do not exist")
+        return [picked[p] for p in want]
+    out = sorted(picked.values(), key=lambda d: (d["target"], d["position"]))
+    out += sorted(spare, key=lambda d: d["position"])[:count - len(out)]
+    if not out:
+        raise LakdError(f"the test set has {seen} images, none from --start {start} on; use a smaller --start")
+    return out
+
+
+def _wrap_title(text: str, width: int, max_lines: int = 3) -> str:
+    """A column title in lines of at most ``width`` characters, broken after ``_ - / . :`` or spaces where it
+    can and inside a name where it must; beyond ``max_lines`` lines its middle is cut ("…"), the start and the
+    end (a run's seed, say) kept."""
+    if len(text) > width * max_lines:
+        keep = width * max_lines - 1
+        text = text[:(keep + 1) // 2] + "…" + text[len(text) - keep // 2:]
+    lines: list[str] = []
+    line = ""
+    token = ""
+    for ch in text + "\0":
+        if ch != "\0":
+            token += ch
+        if ch in " _-/.:\0":
+            while len(token) > width:  # a piece longer than a line: break it inside
+                if line:
+                    lines.append(line.rstrip())
+                    line = ""
+                lines.append(token[:width])
+                token = token[width:]
+            if len(line) + len(token.rstrip()) > width:
+                lines.append(line.rstrip())
+                line = ""
+            line += token
+            token = ""
+    if line.strip():
+        lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def attention_grid_figure(images: np.ndarray, rows: Sequence[dict], models: Sequence[dict], alpha: float = 0.5,
+                          title: str = "") -> Figure:
+    """The figure ``plot_attention_grid`` saves (arguments as there)."""
     n = len(images)
     cols = 1 + 2 * len(models)
     cell = 2.0
@@ -185,17 +276,34 @@ def plot_attention_grid(images: np.ndarray, rows: Sequence[dict], models: Sequen
             for sp in a.spines.values():
                 sp.set_visible(False)
     axes[0, 0].set_title("input", fontsize=9)
+    # a cell is 2 inches: about 26 characters of 8-point text; long run names wrap onto up to 3 lines
     for j, m in enumerate(models):
-        axes[0, 1 + 2 * j].set_title(f"{m['label']}\nCAM (true class)", fontsize=9)
-        axes[0, 2 + 2 * j].set_title(f"{m['label']}\nNDAM stage {m['stage']}", fontsize=9)
-    fig.subplots_adjust(wspace=0.05, hspace=0.35, bottom=0.9 / (cell * n + 0.9) + 0.02)
+        name = _wrap_title(str(m["label"]), TITLE_CHARS)
+        axes[0, 1 + 2 * j].set_title(f"{name}\nCAM (true class)", fontsize=8)
+        axes[0, 2 + 2 * j].set_title(f"{name}\nNDAM stage {m['stage']}", fontsize=8)
+    fig.subplots_adjust(wspace=0.08, hspace=0.35, bottom=0.9 / (cell * n + 0.9) + 0.02)
     cax = fig.add_axes((0.3, 0.25 / (cell * n + 0.9), 0.4, 0.15 / (cell * n + 0.9)))
     cb = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap=cmap), cax=cax, orientation="horizontal")
     cb.set_label("map value (min-max normalised per map)", fontsize=8)
     cb.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return fig
+
+
+#: characters per line of a column title in the attention grid (a 2-inch cell at 8 points)
+TITLE_CHARS = 24
+
+
+def plot_attention_grid(images: np.ndarray, rows: Sequence[dict], models: Sequence[dict], path: str,
+                        alpha: float = 0.5, title: str = "") -> str:
+    """The attention grid: one row per image; columns: the input, then per model its CAM and NDAM overlays.
+
+    ``images``: N x H x W x 3 in [0, 1]. ``rows[i]``: {"index", "true"} (dataset index, true label name).
+    ``models[j]``: {"label", "stage", "cam" (N x H x W in [0,1]), "ndam" (same), "pred" (names), "prob",
+    "correct" (bools)}. Long model labels wrap (``_wrap_title``) so that column titles never overlap.
+    """
+    return _save(attention_grid_figure(images, rows, models, alpha, title), path)
 
 
 # ----------------------------------------------------------------------------------------------------
