@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.ticker import MaxNLocator
 
 from ..distillers.losses import ndam_map
@@ -217,33 +218,38 @@ def pick_images(loader, num_classes: int, count: int = 6, start: int = 0, positi
     return out
 
 
-def _wrap_title(text: str, width: int, max_lines: int = 3) -> str:
-    """A column title in lines of at most ``width`` characters, broken after ``_ - / . :`` or spaces where it
-    can and inside a name where it must; beyond ``max_lines`` lines its middle is cut ("…"), the start and the
-    end (a run's seed, say) kept."""
-    if len(text) > width * max_lines:
-        keep = width * max_lines - 1
-        text = text[:(keep + 1) // 2] + "…" + text[len(text) - keep // 2:]
-    lines: list[str] = []
-    line = ""
-    token = ""
-    for ch in text + "\0":
-        if ch != "\0":
-            token += ch
-        if ch in " _-/.:\0":
-            while len(token) > width:  # a piece longer than a line: break it inside
-                if line:
-                    lines.append(line.rstrip())
-                    line = ""
-                lines.append(token[:width])
-                token = token[width:]
-            if len(line) + len(token.rstrip()) > width:
+def _wrap_title(text: str, fits, max_lines: int = 3) -> str:
+    """A column title in lines that each ``fits(line)`` (True when the line is narrow enough), broken after
+    ``_ - / . :`` or spaces where it can and inside a name where it must; when it needs more than ``max_lines``
+    lines its middle is cut ("…"), its start and its end (a run's seed, say) kept."""
+
+    def wrap(t: str) -> list[str]:
+        lines: list[str] = []
+        line = token = ""
+        for ch in t + "\0":
+            if ch != "\0":
+                token += ch
+            if ch not in " _-/.:\0":
+                continue
+            if line and not fits(line + token.rstrip()):
                 lines.append(line.rstrip())
                 line = ""
+            while len(token) > 1 and not fits(token.rstrip()):  # a piece wider than a line: break it inside
+                k = max(k for k in range(1, len(token) + 1) if k == 1 or fits(token[:k]))
+                lines.append(token[:k])
+                token = token[k:]
             line += token
             token = ""
-    if line.strip():
-        lines.append(line.rstrip())
+        if line.strip():
+            lines.append(line.rstrip())
+        return lines
+
+    lines = wrap(text)
+    cut = 1
+    while len(lines) > max_lines and cut < len(text):
+        half = (len(text) - cut) // 2
+        lines = wrap(text[:half + (len(text) - cut) % 2] + "…" + text[len(text) - half:])
+        cut += 1
     return "\n".join(lines)
 
 
@@ -255,6 +261,7 @@ def attention_grid_figure(images: np.ndarray, rows: Sequence[dict], models: Sequ
     cell = 2.0
     fig = _new_figure(cell * cols, cell * n + 0.9)
     axes = fig.subplots(n, cols, squeeze=False)
+    fig.subplots_adjust(left=0.04, right=0.99, wspace=0.08, hspace=0.35, bottom=0.9 / (cell * n + 0.9) + 0.02)
     cmap = colormaps["jet"]
     for r in range(n):
         img = np.clip(images[r], 0, 1)
@@ -276,23 +283,32 @@ def attention_grid_figure(images: np.ndarray, rows: Sequence[dict], models: Sequ
             for sp in a.spines.values():
                 sp.set_visible(False)
     axes[0, 0].set_title("input", fontsize=9)
-    # a cell is 2 inches: about 26 characters of 8-point text; long run names wrap onto up to 3 lines
+    # long run names wrap onto up to 3 lines, each no wider than a column (its axes and the gap beside it),
+    # measured in the font the title is drawn in
+    renderer = fig.canvas.get_renderer()
+    font = FontProperties(size=TITLE_POINTS)
+    box = axes[0, 0].get_window_extent(renderer)
+    room = 0.95 * box.width * (1 + 0.08)
+
+    def fits(line: str) -> bool:
+        return renderer.get_text_width_height_descent(line, font, ismath=False)[0] <= room
+
     for j, m in enumerate(models):
-        name = _wrap_title(str(m["label"]), TITLE_CHARS)
-        axes[0, 1 + 2 * j].set_title(f"{name}\nCAM (true class)", fontsize=8)
-        axes[0, 2 + 2 * j].set_title(f"{name}\nNDAM stage {m['stage']}", fontsize=8)
-    fig.subplots_adjust(wspace=0.08, hspace=0.35, bottom=0.9 / (cell * n + 0.9) + 0.02)
+        name = _wrap_title(str(m["label"]), fits)
+        axes[0, 1 + 2 * j].set_title(f"{name}\nCAM (true class)", fontsize=TITLE_POINTS)
+        axes[0, 2 + 2 * j].set_title(f"{name}\nNDAM stage {m['stage']}", fontsize=TITLE_POINTS)
     cax = fig.add_axes((0.3, 0.25 / (cell * n + 0.9), 0.4, 0.15 / (cell * n + 0.9)))
     cb = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap=cmap), cax=cax, orientation="horizontal")
     cb.set_label("map value (min-max normalised per map)", fontsize=8)
     cb.ax.tick_params(labelsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    if title:  # above the tallest column title (the saved picture's tight box grows to hold it)
+        top = max(a.title.get_window_extent(renderer).y1 for a in axes[0]) / (fig.dpi * fig.get_figheight())
+        fig.suptitle(title, fontsize=10, y=max(top, 0.98) + 0.01, va="bottom")
     return fig
 
 
-#: characters per line of a column title in the attention grid (a 2-inch cell at 8 points)
-TITLE_CHARS = 24
+#: font size of the attention grid's column titles
+TITLE_POINTS = 8
 
 
 def plot_attention_grid(images: np.ndarray, rows: Sequence[dict], models: Sequence[dict], path: str,
