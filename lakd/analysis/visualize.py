@@ -24,7 +24,7 @@ from matplotlib.ticker import MaxNLocator
 from ..distillers.losses import ndam_map
 from ..errors import LakdError
 from .runs import Run
-from .tables import Table, build_tables, column_runs, column_title, display_label, method_key
+from .tables import Table, build_tables, column_runs, column_title, display_label, method_key, subset_phrase
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -339,10 +339,22 @@ def _panel_grid(n: int, ncols: int, width: float, height: float):
     return fig, axes[:n]
 
 
+#: curves with fewer points than this get a marker on every point (a 1-epoch run is one point: no line at all)
+MARKER_BELOW = 20
+
+
 def _accuracy_axes(ax, title: str) -> None:
+    """Titles, labels, legend; an x-axis of whole epochs. A short run's axis spans its epochs with half an epoch
+    of room on each side and a tick per epoch (a single epoch is a tick at 1, not a range of 0.95..1.05)."""
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    xs = [float(x) for line in ax.get_lines() for x in line.get_xdata()]
+    if xs and max(xs) - min(xs) <= 10:
+        lo, hi = int(min(xs)), int(max(xs))
+        ax.set_xlim(lo - 0.5, hi + 0.5)
+        ax.set_xticks(range(lo, hi + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -350,7 +362,13 @@ def _accuracy_axes(ax, title: str) -> None:
 
 def plot_curves(runs: Sequence[Run], path: str, tables: Sequence[Table] | None = None) -> str:
     """Test top-1 vs epoch, one line per run, one panel per table column (dataset, teacher -> student; runs
-    from scratch appear in the panels of their model). Colour: method; line style: seed; dashed: incomplete."""
+    without a teacher appear in the panels of their model). Colour: method (named as the tables name it,
+    ``display_label``); line style: seed; dashed: incomplete; a marker on every point of a short curve."""
+    return _save(curves_figure(runs, tables), path)
+
+
+def curves_figure(runs: Sequence[Run], tables: Sequence[Table] | None = None) -> Figure:
+    """The figure ``plot_curves`` saves."""
     with_curve = [r for r in runs if r.curve]
     if not with_curve:
         raise LakdError("no run has test accuracies in metrics.jsonl to plot; nothing to draw for --plot")
@@ -368,10 +386,13 @@ def plot_curves(runs: Sequence[Run], path: str, tables: Sequence[Table] | None =
                 xs, ys = zip(*r.curve)
                 style = styles[k % len(styles)] if r.complete else "--"
                 ax.plot(xs, ys, style, color=colours[r.method], lw=1.4 if r.complete else 1.0, alpha=0.9,
+                        marker="o" if len(xs) < MARKER_BELOW else None, ms=4,
                         label=f"{display_label(r.method)} seed {r.seed}" + ("" if r.complete else " (incomplete)"))
-        _accuracy_axes(ax, f"{t.dataset}: {column_title(t.columns[ci])}")
+        subset = subset_phrase(members)
+        _accuracy_axes(ax, f"{t.dataset}: {column_title(t.columns[ci])}"
+                       + (f"\non {subset} test images (data.test_subset)" if subset else ""))
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_seed_curves(panels: Sequence[tuple[str, Sequence[tuple[str, Sequence[dict[int, float]]]]]],
