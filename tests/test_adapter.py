@@ -424,7 +424,7 @@ def test_errors_are_one_line_and_name_the_fix():
     d = lakd.distiller(ConvHead(), ConvHead(), "kd", image_size=SIZE, student_options={"blocks": ["body.3"]},
                        teacher_options={"blocks": ["body.3"]})  # methods without CAMs run
     assert d.student.num_blocks == 1
-    with pytest.raises(LakdError, match="do not pair up; set sdm.teacher_points"):
+    with pytest.raises(LakdError, match="do not pair up; fix: .* sdm.teacher_points="):
         lakd.distiller(SkipNet(), torchvision.models.resnet18(num_classes=10), "lakd", image_size=SIZE,
                        student_options={"blocks": ["a", "b"]})
     for e in ("torchvision:resnet_18", "timm:not_a_model", "module:tests.test_adapter:Nope", "module:nopkg_x:f"):

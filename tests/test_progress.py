@@ -66,7 +66,7 @@ def test_eval_progress_switch_and_no_output_without_a_terminal(digits_ckpts, ter
     err = tty.getvalue()
     assert "eval teacher:   0%" in err and "eval student:   0%" in err and "0/4" in err  # 64 images, 4 batches
     out = capsys.readouterr().out
-    assert "(64 of the " in out and "test images of digits, data.test_subset)" in out  # a subset says so
+    assert "(64 images of digits: data.test_subset, of 360 test images)" in out  # a subset says so
     for off in (["--no-progress"], ["train.progress=false"]):
         tty = terminal()
         assert main(_eval_argv(digits_ckpts, "data.test_subset=64", *off)) == 0

@@ -47,8 +47,8 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        of = (f"{out['num_images']} of the {out['test_images_total']} test images of {out['dataset']}, "
-              f"data.test_subset" if "test_images_total" in out else f"{out['num_images']} images of {out['dataset']}")
+        of = f"{out['num_images']} images of {out['dataset']}" + (
+            f": data.test_subset, of {out['test_images_total']} test images" if "test_images_total" in out else "")
         print(f"{args.checkpoint}: top-1 {out['top1']:.2f}  top-5 {out['top5']:.2f}  loss {out['loss']:.4f}  "
               f"({of})")
         if args.teacher:
