@@ -220,5 +220,5 @@ def test_lakd_hint_for_a_teacher_with_fewer_stages_gives_working_values():
         lakd.distiller(student(), FourBlockCNN(), "lakd", image_size=32,
                        options={"sdm": {"splits": [2, 4, 8], "teacher_points": [1, 2, 4]}})
     msg = str(info.value)
-    assert "must hold 3 increasing teacher block indices in 1..3" in msg and "has 3 blocks" in msg
+    assert "must hold 3 teacher block indices in 1..3" in msg and "has 3 blocks" in msg
     lakd.distiller(student(), FourBlockCNN(), "lakd", image_size=32, options=_suggested(msg)[0])

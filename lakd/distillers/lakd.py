@@ -309,10 +309,9 @@ class LAKD(Distiller):
                 raise LakdError(self._pairing_hint(student, teacher, s_info, t_info, splits, bool(sdm["splits"]),
                                                    cfg))
         points = list(points)
-        if len(points) != len(splits) or any(not 1 <= p <= teacher.num_blocks for p in points) \
-                or points != sorted(set(points)):
+        if len(points) != len(splits) or any(not 1 <= p <= teacher.num_blocks for p in points):
             eg_s, eg_p = suggest_points(student, teacher, s_info, t_info, splits)
-            raise LakdError(f"sdm.teacher_points={points} must hold {len(splits)} increasing teacher block indices "
+            raise LakdError(f"sdm.teacher_points={points} must hold {len(splits)} teacher block indices "
                             f"in 1..{teacher.num_blocks}, one per local module of sdm.splits={splits}"
                             + ("" if sdm["splits"] else " (not set: the student's stage ends)")
                             + f"; {_layout(teacher, 'teacher', cfg['teacher'].get('name'))}; e.g. "
