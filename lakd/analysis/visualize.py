@@ -302,8 +302,9 @@ def attention_grid_figure(images: np.ndarray, rows: Sequence[dict], models: Sequ
     cb.set_label("map value (min-max normalised per map)", fontsize=8)
     cb.ax.tick_params(labelsize=7)
     if title:  # above the tallest column title (the saved picture's tight box grows to hold it)
-        top = max(a.title.get_window_extent(renderer).y1 for a in axes[0]) / (fig.dpi * fig.get_figheight())
-        fig.suptitle(title, fontsize=10, y=max(top, 0.98) + 0.01, va="bottom")
+        height = fig.dpi * fig.get_figheight()
+        top = max(a.title.get_window_extent(renderer).y1 for a in axes[0])
+        fig.suptitle(title, fontsize=10, y=(top + 8) / height, va="bottom")
     return fig
 
 

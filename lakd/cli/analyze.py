@@ -86,6 +86,8 @@ def run_cka_command(args) -> int:
     from ..engine.loading import load_models_and_data, unique_labels
 
     students, overrides = split_overrides(args.students, args.overrides)
+    if args.student_arch:  # `--student-arch resnet20 data.root=...`: the key=value items are overrides
+        args.student_arch, overrides = split_overrides(args.student_arch, overrides)
     if not students:
         raise LakdError("--students needs at least one checkpoint")
     if args.images < 4:

@@ -99,6 +99,8 @@ def run(args) -> int:
     from ..runtime.progress import tracked
 
     paths, overrides = split_overrides(args.checkpoints, args.overrides)
+    if args.arch:  # `--arch resnet56 data.root=...`: the key=value items are overrides
+        args.arch, overrides = split_overrides(args.arch, overrides)
     if not paths:
         raise LakdError("--checkpoints needs at least one checkpoint")
     if not 0.0 <= args.alpha <= 1.0:
