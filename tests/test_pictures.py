@@ -223,7 +223,7 @@ def test_visualize_and_cka_write_beside_the_run_and_say_where(tmp_path, digits_c
 def test_overrides_after_arch_options_are_overrides(tmp_path, digits_ckpts, capsys):
     """`--arch NAME key=value`: the key=value items after a model-name list go to the overrides (they were taken
     for more model names: "--arch takes one model name ... got 2")."""
-    assert main(["visualize", "--checkpoints", digits_ckpts["bare"], "--arch", "resnet8", "data.test_subset=40",
+    assert main(["visualize", "--checkpoints", digits_ckpts["bare"], "--arch", "resnet8", "data.dataset=digits",
                  "--images", "2", "--out", str(tmp_path / "v")]) == 0
     assert main(["analyze", "cka", "--teacher", digits_ckpts["teacher"], "--students", digits_ckpts["bare"],
                  "--student-arch", "resnet8", "data.test_subset=40", "--images", "8", "--out", str(tmp_path / "c")]) == 0
