@@ -237,8 +237,9 @@ class Trainer:
         if top1 is None or top1 > chance + 5.0:
             return ""
         where = self.cfg["teacher"].get("checkpoint") or "no checkpoint: random weights"
-        return (f"the teacher ({where}) scores {top1:.2f}% top-1 on the test set, near chance "
-                f"({chance:.2g}%)")
+        on = (f"on {self.data.num_test} of the {self.data.num_test_total} test images"
+              if self.data.num_test_total > self.data.num_test else "on the test set")
+        return f"the teacher ({where}) scores {top1:.2f}% top-1 {on}, near chance ({chance:.2g}%)"
 
     def _warn_chance_teacher(self) -> None:
         why = self._chance_teacher()
