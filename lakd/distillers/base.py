@@ -260,10 +260,10 @@ class Distiller(nn.Module):
     def run_stage(self, train_loader, device, params: list, loss_fn: Callable, epochs: int, lr: float,
                   what: str, milestones: tuple[int, ...] = (), gamma: float = 0.1) -> None:
         """A pre-training stage shared by the methods that have one: ``epochs`` passes over ``train_loader``
-        minimising ``loss_fn(image, target)`` (``loss_fn(image, target, views=...)`` for a method with ``views``)
-        over ``params`` with SGD at the rate ``lr`` (RepDistiller's ``init``: constant), times ``gamma`` at each of ``milestones`` (0-based epochs from which it applies, as a
-        ``MultiStepLR`` stepped once per epoch), gradients averaged over processes under torchrun. Logs one line
-        per epoch."""
+        minimising ``loss_fn(image, target)`` (``loss_fn(image, target, views=...)`` for a method with ``views``) over
+        ``params`` with SGD at the rate ``lr`` (RepDistiller's ``init``: constant), times ``gamma`` at each of
+        ``milestones`` (0-based epochs from which it applies, as a ``MultiStepLR`` stepped once per epoch), gradients
+        averaged over processes under torchrun. Logs one line per epoch."""
         if epochs <= 0 or not params:
             return
         device = torch.device(device) if device is not None else next(self.student.parameters()).device
