@@ -154,3 +154,18 @@ def test_lakd_configs_shows_each_configs_recipe(capsys):
     assert rows["cifar100/teachers/resnet56"] == "mdistiller"
     assert len(rows) > 400 and all(v == "paper" or v.startswith("ref: ") for k, v in rows.items()
                                    if "/teachers/" not in k and "/scratch/" not in k)
+
+
+def test_docs_list_every_reference_config_and_deviation(table):
+    """docs/methods.md's "Reference configs" section names every reference config folder and says every deviation
+    and every reason for a missing config, as the table does."""
+    with open(os.path.join(ROOT, "docs", "methods.md"), encoding="utf-8") as f:
+        text = " ".join(f.read().split())
+    for ds in [k for k in table if k != "sources"]:
+        for d, e in table[ds].items():
+            if "no_config" in e:
+                assert " ".join(e["no_config"].split()) in text, (ds, d)
+                continue
+            assert f"`{d}/ref/`" in text, (ds, d)
+            for dev in e["deviations"] + [x for pe in e["pairs"].values() for x in pe.get("deviations", [])]:
+                assert " ".join(dev.split()) in text, (ds, d, dev)
