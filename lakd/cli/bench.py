@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--student", default="resnet20")
         q.add_argument("--methods", default=None,
                        help="comma-separated methods or variants (`lakd methods` lists them, variants such as "
-                            "lakd_joint included); default: the paper's Table 4 methods, scratch,kd,fitnet,...")
+                            "lakd_joint included); default: the methods of the paper's Table 4")
         q.add_argument("--batch-size", type=int, default=64)
         q.add_argument("--image-size", type=int, default=None,
                        help="input size (default 32; 224 for ImageNet models and torchvision:/timm: names)")
