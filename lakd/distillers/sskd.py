@@ -1,12 +1,12 @@
 """SSKD, knowledge distillation meets self-supervision (Xu et al., ECCV 2020), as the authors' ``student.py``.
 
-Every training batch of ``B`` images is expanded to ``4B``: each image followed by its copies rotated by 90, 180
-and 270 degrees (``torch.rot90`` over H x W, as the authors' ``np.rot90``; row ``4i + k`` is image ``i`` rotated
-``k`` times, their layout; where the copies come from: ``sskd.views`` below). Student and teacher run on all ``4B`` images (the student's
-BatchNorm sees them all). An SS head (``Linear(d, d), ReLU, Linear(d, d)`` on the penultimate embedding,
+Every training batch of ``B`` images is expanded to ``4B``: each image followed by its copies rotated by 90, 180 and 270
+degrees (``torch.rot90`` over H x W, as the authors' ``np.rot90``; row ``4i + k`` is image ``i`` rotated ``k`` times,
+their layout; where the copies come from: ``sskd.views`` below). Student and teacher run on all ``4B`` images (the
+student's BatchNorm sees them all). An SS head (``Linear(d, d), ReLU, Linear(d, d)`` on the penultimate embedding,
 ``feats["embedding"]``, of width ``d``) gives each network a representation ``z``; ``S`` (3B x B) holds the cosine
-similarity of each rotated copy's ``z`` to every normal image's ``z``, the column of its own image being the
-"right answer". With the teacher's class probabilities ``p^t`` and the student's ``p^s``:
+similarity of each rotated copy's ``z`` to every normal image's ``z``, the column of its own image being the "right
+answer". With the teacher's class probabilities ``p^t`` and the student's ``p^s``:
 
 - ``ce``: cross-entropy of the student on the ``B`` normal images;
 - ``kd``: ``KL(p^t_T || p^s_T) * T^2`` on the normal images (``kd_T``), batch mean;
@@ -28,11 +28,11 @@ trains with the student. Defaults: the authors' ``student.py`` (CE 0.1, KD 0.9, 
 4``, ``ss_T = 0.5``, ``ratio_tf = 1``, ``ratio_ss = 0.75``), the same for every CIFAR-100 pair of their
 ``command.sh``.
 
-The copies, ``sskd.views``: ``per_sample`` (default, the authors' ``cifar.py``) asks the data pipeline for three
-views of every image (``views``: ``rot90``, ``rot180``, ``rot270``), each the image rotated with a random crop of
-its own and the flip of the normal image (theirs flips the image once, then rotates it and crops every copy;
-cropping before rotating draws the same copies), made per sample in the DataLoader workers or batched on the
-device (``lakd.data.views``); ``batch`` rotates the batch's (cropped, flipped) image in the method, so the four
+The copies, ``sskd.views``: ``per_sample`` (default, the authors' ``cifar.py``) asks the data pipeline for three views
+of every image (``views``: ``rot90``, ``rot180``, ``rot270``), each the image rotated with a random crop of its own and
+the flip of the normal image (theirs flips the image once, then rotates it and crops every copy; a random crop of the
+padded square image, then the rotation, is distributed as theirs), made per sample in the DataLoader workers or batched
+on the device (``lakd.data.views``); ``batch`` rotates the batch's (cropped, flipped) image in the method, so the four
 copies share one crop (the library's former reading, and the way for one's own loop without those views).
 
 Differences from the authors' code: the losses and the ranking are computed in float32 (also under AMP). Under
