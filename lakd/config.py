@@ -34,6 +34,9 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "method": "scratch",  # a registered distiller (see `lakd methods`)
     "resume": None,  # a run folder (or its last.pt) to continue
+    # where a reference-recipe config comes from (configs/<dataset>/<method>/ref/*.yaml): repository, commit,
+    # files, top1, reported_in, deviations; recorded with the run, it changes nothing the run computes
+    "reference": None,
     "data": {
         "dataset": "cifar10",  # cifar10 | cifar100 | imagenet | imagefolder | digits
         "root": "",  # folder holding cifar-10-batches-py / cifar-100-python / train,val ("": $LAKD_DATA or ./data)
@@ -327,9 +330,57 @@ def validate(cfg: dict) -> None:
         if v is not None and (not isinstance(v, list) or len(v) != 3
                               or not all(isinstance(x, (int, float)) for x in v)):
             raise LakdError(f"data.{key} must be a list of 3 numbers or null, got {v!r}")
+    check_reference(cfg.get("reference"))
     DISTILLERS.get(cfg["method"])  # unknown method -> clear error
     if DISTILLERS.get(cfg["method"]).uses_teacher(cfg) and not cfg["teacher"].get("name"):
         raise LakdError(f"method {cfg['method']!r} needs a teacher: set teacher.name (and teacher.checkpoint)")
+
+
+#: the fields of a config's ``reference`` entry, and whether each must be given
+REFERENCE_FIELDS = {"repository": True, "commit": True, "files": False, "top1": False, "reported_in": False,
+                    "deviations": False}
+_EXAMPLE_REF = "e.g. configs/cifar100/kd/ref/resnet32x4_resnet8x4.yaml"
+
+
+def check_reference(ref: Any) -> None:
+    """A ``reference`` entry: null, or a mapping naming the public code a config reproduces (``repository``
+    owner/name on GitHub, the 40-hex ``commit`` read), the ``files`` it follows, the ``top1`` the reference
+    reports, where (``reported_in``), and the ``deviations`` lakd does not carry."""
+    if ref is None:
+        return
+    if not isinstance(ref, dict):
+        raise LakdError(f"reference must be a mapping (repository, commit, files, top1, reported_in, deviations) "
+                        f"or null, got {ref!r} ({_EXAMPLE_REF})")
+    for key in ref:
+        if key not in REFERENCE_FIELDS:
+            raise LakdError(f"unknown key reference.{key}{close_matches(key, REFERENCE_FIELDS)}; a reference has "
+                            f"{', '.join(REFERENCE_FIELDS)}")
+    for key, required in REFERENCE_FIELDS.items():
+        if required and ref.get(key) in (None, ""):
+            raise LakdError(f"reference.{key} is missing; a reference names its repository and the commit read "
+                            f"(e.g. repository: megvii-research/mdistiller, commit: <40 hex digits>)")
+    repo = ref["repository"]
+    if not isinstance(repo, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+", repo):
+        raise LakdError(f"reference.repository must be a GitHub owner/name (e.g. megvii-research/mdistiller), "
+                        f"got {repo!r}")
+    commit = ref["commit"]
+    if not isinstance(commit, str) or not re.fullmatch(r"[0-9a-f]{40}", commit):
+        raise LakdError(f"reference.commit must be the full 40-hex commit read (lower case, e.g. "
+                        f"a08d46f10d6102bd6e3f258ca5ac880b020ea259), got {commit!r}")
+    for key in ("files", "deviations"):
+        v = ref.get(key)
+        if v is not None and (not isinstance(v, list) or not all(isinstance(x, str) and x for x in v)):
+            raise LakdError(f"reference.{key} must be a list of strings (e.g. [configs/cifar100/kd.yaml]), "
+                            f"got {v!r}")
+    top1 = ref.get("top1")
+    if top1 is not None and (isinstance(top1, bool) or not isinstance(top1, (int, float))
+                             or not 0 < top1 <= 100):
+        raise LakdError(f"reference.top1 must be the reported top-1 in percent (0-100, e.g. 73.33) or null, "
+                        f"got {top1!r}")
+    where = ref.get("reported_in")
+    if where is not None and not isinstance(where, str):
+        raise LakdError(f"reference.reported_in must be a string naming where top1 is published (e.g. "
+                        f"\"README.md, CIFAR-100 table\"), got {where!r}")
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> dict:
@@ -358,7 +409,14 @@ RESUME_FREE = {
     "train.log_every", "train.threads", "train.save_every", "train.eval_batch_size", "train.malloc",
     "train.dist_timeout_s",
     "sdm.recompute",  # LAKD's activation recomputation: the same step (tested bitwise), less memory, more time
+    "reference",  # provenance of a reference-recipe config (and every reference.* field): computes nothing
 }
+
+
+def resume_free(key: str) -> bool:
+    """Whether a flattened key (``reference.commit``) may change on resume: it or a section above it is free."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in RESUME_FREE for i in range(1, len(parts) + 1))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -381,7 +439,7 @@ def config_changes(stored: dict | None, cfg: dict) -> dict[str, tuple[Any, Any]]
     missing = object()
     out: dict[str, tuple[Any, Any]] = {}
     for k in sorted(set(a) | set(b)):
-        if k in RESUME_FREE:
+        if resume_free(k):
             continue
         old, new = a.get(k, missing), b.get(k, missing)
         if old is missing and k in defaults and _same(new, defaults[k]):

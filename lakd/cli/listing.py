@@ -130,9 +130,44 @@ def run_configs(args) -> int:
     if not found:
         print(f"no configs under {root!r}")
         return 0
+    cache: dict = {}
+    width = max(len(p) for p in found)
     for path in sorted(found):
-        print(path)
+        print(f"{path:<{width}}  {recipe_label(path, cache)}")
     return 0
+
+
+def recipe_label(path: str, cache: dict | None = None) -> str:
+    """The recipe a config trains with, for ``lakd configs``: ``ref: <name>@<commit>`` for a reference-recipe
+    config (its ``reference`` entry), ``paper`` for the LAKD paper's (a ``_base_`` chain through
+    ``_recipe_paper*.yaml``), the name of another ``_recipe_<name>.yaml`` it inherits, else ``-``."""
+    import yaml
+
+    from ..config import resolve_base, yaml_load
+
+    cache = {} if cache is None else cache
+    ref, ref_seen, recipe, seen = None, False, None, set()
+    while path and path not in seen:
+        seen.add(path)
+        if path not in cache:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    cache[path] = yaml_load(f) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                cache[path] = None
+        data = cache[path]
+        if not isinstance(data, dict):
+            return "?"
+        if not ref_seen and "reference" in data:  # the nearest file that sets it wins (null clears it)
+            ref, ref_seen = data["reference"], True
+        name = os.path.splitext(os.path.basename(path))[0]
+        if recipe is None and name.startswith("_recipe_"):
+            recipe = "paper" if name.startswith("_recipe_paper") else name[len("_recipe_"):]
+        base = data.get("_base_")
+        path = resolve_base(base, path) if isinstance(base, str) else None
+    if isinstance(ref, dict) and ref.get("repository"):
+        return f"ref: {str(ref['repository']).rsplit('/', 1)[-1]}@{str(ref.get('commit') or '?')[:7]}"
+    return recipe or "-"
 
 
 run = run_models
