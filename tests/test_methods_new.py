@@ -128,7 +128,7 @@ def authors_skd(logits_student, logits_teacher, target, temp=4.0, tik=0.1, ce=0.
 def test_skd_direction_by_the_papers_equation():
     zs, zt = logits(b=8, c=12)
     for by_classes, lam in ((True, 0.1), (False, 0.1), (True, 1e-3)):
-        def gram(z):
+        def gram(z, by_classes=by_classes):
             g = z / np.linalg.norm(z, axis=1, keepdims=True)
             return g @ g.T / (z.shape[1] if by_classes else 1)
 
