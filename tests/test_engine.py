@@ -218,7 +218,7 @@ def test_listing_commands(capsys):
     for m in ("scratch", "kd", "fitnet", "at", "rkd", "crd", "ofd", "catkd", "dkd", "lakd"):
         assert f"\n{m} " in "\n" + out, m
     assert main(["configs", "--root", str(ROOT / "configs")]) == 0
-    assert "configs/cifar10/lakd/resnet56_resnet20_149.yaml" in capsys.readouterr().out
+    assert "\ncifar10/lakd/resnet56_resnet20_149 " in capsys.readouterr().out
 
 
 def test_resume_refuses_a_different_run(tmp_path, capsys):
