@@ -449,7 +449,10 @@ class Trainer:
             dist.barrier()
         summary = self._summary()
         if self.dist.is_main:
-            self._write_file(rundir.SUMMARY, json.dumps(summary, indent=2))
+            # on disk the run folder is named, not located: the summary sits in it, and a results folder that is
+            # copied or committed carries no path of the machine that ran it
+            self._write_file(rundir.SUMMARY, json.dumps({**summary, "run_dir": os.path.basename(
+                os.path.normpath(self.run_dir))}, indent=2))
         return summary
 
     def _log(self, record: dict) -> None:
