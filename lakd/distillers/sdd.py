@@ -118,6 +118,24 @@ class SDD(Distiller):
     needs = ("class_maps",)
     DEFAULTS = {"sdd": {"base": "dkd", "scales": [1, 2, 4], "complementary_weight": 2.0, "ce_weight": 1.0,
                         "kd_weight": 1.0, "T": 4.0, "alpha": 1.0, "beta": 8.0, "warmup": 20}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "sdd.base": {"kind": "choice", "choices": ["kd", "dkd"], "about": "the loss on each region: SD-KD or SD-DKD"},
+        "sdd.scales": {"kind": "ints", "ge": 1, "nonempty": True, "about": "grid sizes, 1 (the global region) first"},
+        "sdd.complementary_weight": {"kind": "number", "ge": 0},
+        "sdd.ce_weight": {"kind": "number", "ge": 0},
+        "sdd.kd_weight": {"kind": "number", "ge": 0},
+        "sdd.T": {"kind": "number", "gt": 0, "about": "the temperature"},
+        "sdd.alpha": {"kind": "number", "ge": 0, "about": "DKD's target-class weight"},
+        "sdd.beta": {"kind": "number", "ge": 0, "about": "DKD's non-target weight"},
+        "sdd.warmup": {"kind": "number", "ge": 0, "about": "epochs over which the region loss ramps up"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["sdd.ce_weight", "sdd.kd_weight"]},
+        {"rule": "compare", "key": "sdd.warmup", "op": "<=", "than": "solver.epochs", "about":
+            "the region loss ramps up over sdd.warmup epochs and would never reach its full weight"},
+    ]
     #: SD-KD: KD on the regions at mdistiller's KD weights, no warm-up (the authors' SDD_KD)
     variants = {"sdd_kd": ["sdd.base=kd", "sdd.ce_weight=0.1", "sdd.kd_weight=0.9", "sdd.warmup=0"]}
 

@@ -75,6 +75,22 @@ class SKD(Distiller):
     report_order = 30
     DEFAULTS = {"skd": {"ce_weight": 0.1, "kd_weight": 0.9, "dir_weight": 0.9, "T": 4.0, "tikhonov": 0.1,
                         "masks": True, "gram_by_classes": True}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "skd.ce_weight": {"kind": "number", "ge": 0},
+        "skd.kd_weight": {"kind": "number", "ge": 0},
+        "skd.dir_weight": {"kind": "number", "ge": 0},
+        "skd.T": {"kind": "number", "gt": 0, "about": "the instance term's temperature"},
+        "skd.tikhonov": {"kind": "number", "gt": 0, "about": "added to the covariance's diagonal"},
+        "skd.masks": {"kind": "bool", "about": "the authors' median-confidence scaling"},
+        "skd.gram_by_classes": {"kind": "bool", "about": "the authors' Gram matrices divided by the class count"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["skd.ce_weight", "skd.kd_weight", "skd.dir_weight"]},
+        {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
+            "its direction term is a covariance over the batch", "example": "solver.batch_size=64"},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

@@ -97,6 +97,21 @@ class WKDF(Distiller):
     report_order = 56
     DEFAULTS = {"wkd_f": {"ce_weight": 1.0, "feat_weight": 0.08, "mean_cov_ratio": 4.0, "grid": 1,
                           "projector": "conv1x1", "stage": "last", "eps": 1e-5, "decay_from": 150}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "wkd_f.ce_weight": {"kind": "number", "ge": 0},
+        "wkd_f.feat_weight": {"kind": "number", "ge": 0},
+        "wkd_f.mean_cov_ratio": {"kind": "number", "ge": 0, "about": "the mean term's weight against the std term's"},
+        "wkd_f.grid": {"kind": "int", "ge": 1, "about": "cells per side"},
+        "wkd_f.projector": {"kind": "choice", "choices": ["conv1x1", "bottleneck"]},
+        "wkd_f.stage": {"kind": "int", "ge": 0, "also": ["last"], "about": "0 (stem) to n, or last"},
+        "wkd_f.eps": {"kind": "number", "gt": 0, "about": "added to the variance"},
+        "wkd_f.decay_from": {"kind": "number", "ge": 0, "about": "the epoch after which the weight decays"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["wkd_f.ce_weight", "wkd_f.feat_weight"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

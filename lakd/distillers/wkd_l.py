@@ -115,6 +115,21 @@ class WKDL(Distiller):
     DEFAULTS = {"wkd_l": {"ce_weight": 1.0, "target_weight": 1.0, "wkd_weight": 600.0, "T": 8.0,
                           "cost": "classifier", "sharpen": 1.0, "sinkhorn_lambda": 0.05, "sinkhorn_iters": 10,
                           "decay_from": 150}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "wkd_l.ce_weight": {"kind": "number", "ge": 0},
+        "wkd_l.target_weight": {"kind": "number", "ge": 0},
+        "wkd_l.wkd_weight": {"kind": "number", "ge": 0},
+        "wkd_l.T": {"kind": "number", "gt": 0, "about": "the non-target softmax's temperature"},
+        "wkd_l.sharpen": {"kind": "number", "ge": 0, "about": "the cost's sharpening, 1 - exp(-sharpen * cost)"},
+        "wkd_l.sinkhorn_lambda": {"kind": "number", "gt": 0, "about": "the entropic regularisation"},
+        "wkd_l.sinkhorn_iters": {"kind": "int", "ge": 1},
+        "wkd_l.decay_from": {"kind": "number", "ge": 0, "about": "the epoch after which the weight decays"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["wkd_l.ce_weight", "wkd_l.target_weight", "wkd_l.wkd_weight"]},
+    ]
 
     def requirements(self):
         cost = self.section("wkd_l").get("cost")

@@ -55,6 +55,17 @@ class WTTM(Distiller):
     display_name = "WTTM"
     report_order = 27
     DEFAULTS = {"wttm": {"ce_weight": 1.0, "kd_weight": 4.0, "gamma": 0.2, "weighted": True}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "wttm.ce_weight": {"kind": "number", "ge": 0},
+        "wttm.kd_weight": {"kind": "number", "ge": 0},
+        "wttm.gamma": {"kind": "number", "gt": 0, "about": "the power of the teacher's probabilities (1 / T)"},
+        "wttm.weighted": {"kind": "bool", "about": "true: WTTM's sample weights, false: TTM"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["wttm.ce_weight", "wttm.kd_weight"]},
+    ]
     #: TTM: no sample weights, at the README's example setting (VGG13 -> VGG8: --ttm_l 0.1 -b 45)
     variants = {"ttm": ["wttm.weighted=false", "wttm.gamma=0.1", "wttm.kd_weight=45.0"]}
 
