@@ -1,4 +1,4 @@
-"""The 2024-2026 methods (issue 36): SDD, WTTM, WKD-L, WKD-F, SKD. Each loss against a numpy computation written
+"""The 2024-2026 methods (issue 36): SDD, WTTM, WKD-L, WKD-F, SKD, CRLD. Each loss against a numpy computation written
 from the paper's equation and against a transcription of the authors' code on the same tensors (``authors_*``,
 torch, as their repositories compute it), where the gradients go, extra state and a stopped run resumed bitwise,
 bad settings, every shipped config on its real architectures, a 2-step ``lakd train`` per method, and an adapted
@@ -17,6 +17,7 @@ from test_baselines import method_cfg, run_stopped_and_resumed  # tests/ is on s
 
 from lakd.config import load_config
 from lakd.distillers import DISTILLERS, build_distiller, method_variants
+from lakd.distillers.crld import crld_terms
 from lakd.distillers.kd import kd_loss
 from lakd.distillers.sdd import region_logits, sdd_loss
 from lakd.distillers.skd import confidence_fractions, skd_direction_loss
@@ -29,7 +30,7 @@ from lakd.models import create_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ["sdd", "wttm", "wkd_l", "wkd_f", "skd"]
+METHODS = ["sdd", "wttm", "wkd_l", "wkd_f", "skd", "crld"]
 PAIRS = [("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"),
          ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8")]
 
@@ -467,6 +468,60 @@ def test_wkd_f_projectors_and_the_distiller_loss():
     assert b.projector.conv1.out_channels == 256 and b.projector.conv2.kernel_size == (3, 3)
 
 
+# ----- CRLD -------------------------------------------------------------------------------------------------------
+def authors_crld(s_w, s_s, t_w, t_s, target, ce=1.0, wv=2.0, cv=0.5, temp=4.0, tau_w=0.9, tau_s=0.2):
+    """The authors' ``CRLD.forward_train`` (mdistiller/distillers/CRLD.py of the CRLD code) from the four logits:
+    per-sample ``kd_loss(reduce=False)`` times T^2, the masks ``max softmax >= tau`` of each teacher view, the
+    masked sums averaged over the batch."""
+    def kd(zs, zt):
+        return F.kl_div(F.log_softmax(zs / temp, dim=1), F.softmax(zt / temp, dim=1), reduction="none").sum(1) * temp**2
+
+    mask_w = F.softmax(t_w, dim=1).max(dim=1)[0].ge(tau_w)
+    mask_s = F.softmax(t_s, dim=1).max(dim=1)[0].ge(tau_s)
+    return {"ce": ce * (F.cross_entropy(s_w, target) + F.cross_entropy(s_s, target)),
+            "within": wv * ((kd(s_w, t_w) + kd(s_s, t_s)) * mask_w).mean(),
+            "cross": cv * ((kd(s_s, t_w) + kd(s_w, t_s)) * mask_s).mean()}
+
+
+def test_crld_by_the_papers_equation():
+    g = np.random.default_rng(11)
+    sw, ss, tw, ts = (g.normal(size=(6, 5)) * k for k in (2, 2, 4, 3))
+    tw[:3, 0] += 8  # three confident weak-view teacher rows
+    T, tau_w, tau_s = 4.0, 0.9, 0.2
+
+    def kl(zs, zt):
+        pt, ps = softmax(zt / T), softmax(zs / T)
+        return (pt * np.log(pt / ps)).sum(1) * T**2
+
+    mw = (softmax(tw).max(1) >= tau_w).astype(float)
+    ms = (softmax(ts).max(1) >= tau_s).astype(float)
+    assert 0 < mw.sum() < 6  # the threshold selects samples
+    within, cross = crld_terms(t(sw), t(ss), t(tw), t(ts), T, tau_w, tau_s)
+    assert within.item() == pytest.approx(((kl(sw, tw) + kl(ss, ts)) * mw).mean(), rel=1e-5)
+    assert cross.item() == pytest.approx(((kl(ss, tw) + kl(sw, ts)) * ms).mean(), rel=1e-5)
+
+
+def test_crld_equals_the_authors_forward_on_two_views():
+    s, te = pair()
+    x, y = batch(5)
+    x2 = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    d = build_distiller(method_cfg("crld", tau_w=0.1), s, te)  # a random teacher is not confident: a low threshold
+    assert d.views(d.cfg) == {"strong": {"randaugment": 2, "cutout": 0.5}}  # the authors' RandAugment + Cutout
+    d.train()
+    logits_, losses = d.forward_train(x, y, views={"strong": x2})
+    with torch.no_grad():
+        sw, ss, tw, ts = d.student(x), d.student(x2), te(x), te(x2)
+    assert torch.allclose(logits_, sw, atol=1e-5)  # the step's logits are the weak view's
+    ref = authors_crld(sw, ss, tw, ts, y, tau_w=0.1)
+    assert set(losses) == set(ref)
+    for k in ref:
+        assert losses[k].item() == pytest.approx(ref[k].item(), rel=1e-4), k
+    with pytest.raises(LakdError, match="strong view"):
+        d.forward_train(x, y)
+    with pytest.raises(LakdError, match="does not match"):
+        d.forward_train(x, y, views={"strong": x2[:3]})
+
+
 # ----- every method: gradients, state, settings, configs, the command -------------------------------------------
 @pytest.mark.parametrize("method", METHODS + ["sdd_kd", "ttm"])
 def test_gradients_reach_the_student_and_extra_parts_never_the_teacher(method):
@@ -476,7 +531,7 @@ def test_gradients_reach_the_student_and_extra_parts_never_the_teacher(method):
     d = build_distiller(cfg, s, te)
     x, y = batch(4)
     d.train()
-    _, losses = d.forward_train(x, y)
+    _, losses = d.forward_train(x, y, views=d.random_views(x) or None)
     assert all(torch.isfinite(v) for v in losses.values()), losses
     sum(losses.values()).backward()
     assert all(p.grad is None for p in te.parameters())
@@ -488,10 +543,11 @@ def test_gradients_reach_the_student_and_extra_parts_never_the_teacher(method):
 
 
 @pytest.mark.parametrize("method, extra", [("wkd_f", ["wkd_f.decay_from=0"]), ("wkd_l", ["wkd_l.decay_from=0"]),
-                                           ("sdd", ["sdd.warmup=2"])])
+                                           ("sdd", ["sdd.warmup=2"]), ("crld", [])])
 def test_a_resumed_run_continues_bitwise(method, extra, tmp_path):
-    """WKD-F's projector (with BatchNorm statistics), and the epoch-dependent weights of WKD-L (cosine decay) and
-    SDD (warm-up): a run stopped after its first epoch and resumed ends bitwise where the uninterrupted run does."""
+    """WKD-F's projector (with BatchNorm statistics), the epoch-dependent weights of WKD-L (cosine decay) and SDD
+    (warm-up), and CRLD's random strong views (made by the data pipeline): a run stopped after its first epoch and
+    resumed ends bitwise where the uninterrupted run does."""
     teacher = tmp_path / "t.pt"
     torch.save({"model": create_model("resnet8", 10).state_dict(), "arch": "resnet8", "num_classes": 10}, teacher)
     common = ["data.dataset=digits", "data.train_subset=96", "data.test_subset=32", "solver.batch_size=32",
@@ -522,7 +578,8 @@ def test_wkd_f_extra_state_is_required_on_load():
     ("sdd", {"scales": [1, 1]}, "sdd.scales"), ("sdd", {"T": 0}, "sdd.T"),
     ("wkd_l", {"sinkhorn_iters": 0}, "wkd_l.sinkhorn_iters"), ("wkd_l", {"cost": 3}, "wkd_l.cost"),
     ("wkd_l", {"T": -2}, "wkd_l.T"), ("wkd_f", {"projector": "mlp"}, "wkd_f.projector"),
-    ("wkd_f", {"grid": 0}, "wkd_f.grid"), ("wkd_f", {"stage": 9}, "wkd_f.stage")])
+    ("wkd_f", {"grid": 0}, "wkd_f.grid"), ("wkd_f", {"stage": 9}, "wkd_f.stage"),
+    ("crld", {"tau_w": 1.5}, "crld.tau_w"), ("crld", {"T": 0}, "crld.T")])
 def test_bad_settings_name_the_key(method, section, match):
     s, te = pair()
     with pytest.raises(LakdError, match=match):
@@ -537,12 +594,12 @@ def test_lakd_methods_lists_the_new_methods(capsys):
     for name in METHODS:
         assert f"\n{name} " in out, name
     assert {"sdd_kd", "ttm"} <= set(method_variants())
-    assert [DISTILLERS.get(m).display_name for m in METHODS] == ["SDD", "WTTM", "WKD-L", "WKD-F", "SKD"]
+    assert [DISTILLERS.get(m).display_name for m in METHODS] == ["SDD", "WTTM", "WKD-L", "WKD-F", "SKD", "CRLD"]
 
 
 def test_every_config_of_these_methods_loads():
     paths = [p for m in METHODS for p in glob.glob(os.path.join(ROOT, "configs", "*", m, "*.yaml"))]
-    assert len(paths) == 7 * len(METHODS) + 4  # six CIFAR-100 pairs and CIFAR-10 each; ImageNet for four
+    assert len(paths) == 7 * len(METHODS) + 5  # six CIFAR-100 pairs and CIFAR-10 each; ImageNet for all but WTTM
     for p in paths:
         cfg = load_config(p)
         method = os.path.basename(os.path.dirname(p))
@@ -566,7 +623,7 @@ def test_configs_run_on_the_real_architectures(teacher, student):
         cfg = load_config(os.path.join(ROOT, "configs", "cifar100", method, f"{teacher}_{student}.yaml"))
         d = build_distiller(cfg, s, te, num_data=64)
         d.train()
-        logits_, losses = d.forward_train(x, y)
+        logits_, losses = d.forward_train(x, y, views=d.random_views(x) or None)
         assert logits_.shape == (2, 100)
         total = sum(losses.values())
         assert torch.isfinite(total), (method, losses)
@@ -599,5 +656,6 @@ def test_on_an_adapted_torchvision_network():
         torch.testing.assert_close(region_logits(ft, feats["last"], [1])[:, :, 0], ft(x), rtol=1e-4, atol=1e-4)
     for method in METHODS:
         d = build_distiller(method_cfg(method), fs, ft)
-        _, losses = d.train_step({"image": x, "target": y}, lambda loss, **kw: loss.backward(**kw))
+        b = {"image": x, "target": y, **({"views": d.random_views(x)} if d.views(d.cfg) else {})}
+        _, losses = d.train_step(b, lambda loss, **kw: loss.backward(**kw))
         assert all(torch.isfinite(v) for v in losses.values()), method
