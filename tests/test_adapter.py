@@ -133,7 +133,7 @@ def two_steps(d):
     for step in range(2):
         opt.zero_grad(set_to_none=True)
         b = batch(seed=step)
-        if d.random_views(b["image"]):  # a method with per-sample views (SSKD, MLKD) gets stand-ins of the data's
+        if d.views(d.cfg):  # a method trained on extra views (CRLD's strong view): random stand-ins
             b["views"] = d.random_views(b["image"])
         logits, losses = d.train_step(b, lambda loss, **kw: loss.backward(**kw))
         opt.step()

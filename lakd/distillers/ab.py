@@ -45,6 +45,18 @@ class AB(Distiller):
     needs = ("preact",)
     DEFAULTS = {"ab": {"ce_weight": 1.0, "feat_weight": 0.0, "margin": 1.0, "pretrain_epochs": 30,
                        "pretrain_lr": 0.05}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "ab.ce_weight": {"kind": "number", "ge": 0},
+        "ab.feat_weight": {"kind": "number", "ge": 0},
+        "ab.margin": {"kind": "number", "gt": 0, "about": "the hinge margin on the pre-ReLU responses"},
+        "ab.pretrain_epochs": {"kind": "int", "ge": 0, "about": "epochs of the initialisation stage"},
+        "ab.pretrain_lr": {"kind": "number", "gt": 0, "about": "the initialisation stage's learning rate"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["ab.ce_weight", "ab.feat_weight"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

@@ -41,6 +41,7 @@ from ..models.base import FeatureNet, _buffers_kept
 from ..registry import DISTILLERS
 from ..runtime import distributed as dist
 from .stage_utils import head_modules
+from ..settings import check_settings, run_facts
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,12 @@ class Distiller(nn.Module):
     name = "base"
     #: config sections this method owns, with their defaults, e.g. {"kd": {"T": 4.0}}
     DEFAULTS: dict = {}
+    #: each setting's kind and range, as plain data: ``"section.key"`` -> a spec such as
+    #: ``{"kind": "number", "gt": 0, "about": "the temperature"}`` (``lakd.settings`` reads and checks them)
+    SETTINGS: dict = {}
+    #: checks over several settings, or a setting and a fact of the run, as plain data (``lakd.settings``), e.g.
+    #: ``{"rule": "not_all_zero", "keys": ["kd.ce_weight", "kd.kd_weight"]}``
+    CHECKS: list = []
     needs_teacher = True
     #: how papers and tables write the method (default: its registered name)
     display_name = ""
@@ -118,6 +125,8 @@ class Distiller(nn.Module):
 
     def __init__(self, student: FeatureNet, teacher: FeatureNet | None, cfg: dict, num_data: int = 0):
         super().__init__()
+        # the declared settings (SETTINGS, CHECKS), for distillers built without lakd.config.load_config
+        check_settings(cfg, self.SETTINGS, self.CHECKS, self.DEFAULTS, run_facts(cfg, num_data or None), self.name)
         self.student = student
         self.teacher = teacher
         self.cfg = cfg

@@ -203,6 +203,22 @@ class CRD(Distiller):
     report_order = 3
     DEFAULTS = {"crd": {"ce_weight": 1.0, "feat_weight": 0.8, "feat_dim": 128, "nce_k": 16384,
                         "nce_t": 0.07, "momentum": 0.5, "negatives": "other_class"}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "crd.ce_weight": {"kind": "number", "ge": 0},
+        "crd.feat_weight": {"kind": "number", "ge": 0},
+        "crd.feat_dim": {"kind": "int", "ge": 1, "about": "the embedding's width"},
+        "crd.nce_k": {"kind": "int", "ge": 1, "about": "negatives per image"},
+        "crd.nce_t": {"kind": "number", "gt": 0, "about": "the NCE temperature"},
+        "crd.momentum": {"kind": "number", "ge": 0, "lt": 1, "about": "the memory bank's momentum"},
+        "crd.negatives": {"kind": "choice", "choices": ["other_class", "uniform"]},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["crd.ce_weight", "crd.feat_weight"]},
+        {"rule": "compare", "key": "crd.nce_k", "op": "<", "than": "@train_size", "about":
+            "each image's negatives are other training images"},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

@@ -42,6 +42,17 @@ class FSP(Distiller):
     display_name = "FSP"
     report_order = 50
     DEFAULTS = {"fsp": {"ce_weight": 1.0, "feat_weight": 0.0, "pretrain_epochs": 30, "pretrain_lr": 0.05}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "fsp.ce_weight": {"kind": "number", "ge": 0},
+        "fsp.feat_weight": {"kind": "number", "ge": 0},
+        "fsp.pretrain_epochs": {"kind": "int", "ge": 0, "about": "epochs of the initialisation stage"},
+        "fsp.pretrain_lr": {"kind": "number", "gt": 0, "about": "the initialisation stage's learning rate"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["fsp.ce_weight", "fsp.feat_weight"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

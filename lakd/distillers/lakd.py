@@ -245,6 +245,33 @@ class LAKD(Distiller):
             "normalize": False,  # L2-normalise the pooled CAMs over space
         },
     }
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "sdm.splits": {"kind": "ints", "ge": 1, "nonempty": True, "increasing": True, "null": True, "about":
+            "1-based student block indices ending each local module; null: the stage ends", "example": [1, 4, 9]},
+        "sdm.teacher_points": {"kind": "ints", "ge": 1, "nonempty": True, "null": True, "about":
+            "1-based teacher block indices to align with; null: the teacher's stage ends", "example": [3, 6, 9]},
+        "sdm.detach": {"kind": "bool"},
+        "sdm.backward": {"kind": "choice", "choices": ["local", "joint"]},
+        "sdm.recompute": {"kind": "bool"},
+        "ndam.enabled": {"kind": "bool"},
+        "ndam.source": {"kind": "choice", "choices": ["teacher", "teacher_preact", "student"]},
+        "ndam.abs": {"kind": "bool"},
+        "ndam.avg": {"kind": "number", "ge": 0, "about": "the channel-average map's weight"},
+        "ndam.max": {"kind": "number", "ge": 0, "about": "the channel-max map's weight"},
+        "lakd.ce_weight": {"kind": "number", "ge": 0},
+        "lakd.att_weight": {"kind": "number", "ge": 0},
+        "lakd.feat_weight": {"kind": "number", "ge": 0},
+        "lakd.feat_weights": {"kind": "numbers", "ge": 0, "nonempty": True, "null": True, "about":
+            "one weight per local module"},
+        "lakd.resolution": {"kind": "int", "ge": 1, "about": "class activation maps pooled to R x R"},
+        "lakd.normalize": {"kind": "bool"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero",
+         "keys": ["lakd.ce_weight", "lakd.att_weight", ["lakd.feat_weights", "lakd.feat_weight"]]},
+    ]
 
     @classmethod
     def analysis_points(cls, cfg: dict) -> str:

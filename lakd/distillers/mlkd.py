@@ -148,6 +148,22 @@ class MLKD(Distiller):
     report_order = 23
     DEFAULTS = {"mlkd": {"ce_weight": 0.1, "kd_weight": 0.9, "temperatures": [4.0, 3.0, 5.0, 2.0, 6.0],
                          "mask_percentile": 50.0, "mask_mode": "reference", "logit_stand": False, "views": 1}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "mlkd.ce_weight": {"kind": "number", "ge": 0},
+        "mlkd.kd_weight": {"kind": "number", "ge": 0},
+        "mlkd.temperatures": {"kind": "numbers", "gt": 0, "nonempty": True, "about": "the authors': [4, 3, 5, 2, 6]"},
+        "mlkd.mask_percentile": {"kind": "number", "ge": 0, "le": 100, "about": "the authors': 50"},
+        "mlkd.mask_mode": {"kind": "choice", "choices": ["reference", "per_sample"], "about":
+            "reference: the authors' code, per_sample: the paper's selection"},
+        "mlkd.logit_stand": {"kind": "bool", "about": "logit standardization"},
+        "mlkd.views": {"kind": "choice", "choices": [1, 2], "about":
+            "1: one view stands for both, 2: the authors' weak and RandAugment views"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["mlkd.ce_weight", "mlkd.kd_weight"]},
+    ]
     #: MLKD with logit standardization as the LS reference runs it (--logit-stand --base-temp 2 --kd-weight 9)
     variants = {"mlkd_ls": ["mlkd.logit_stand=true", "mlkd.temperatures=[2.0,3.0,5.0,2.0,6.0]",
                             "mlkd.kd_weight=9.0"]}

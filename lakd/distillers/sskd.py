@@ -176,6 +176,30 @@ class SSKD(Distiller):
                          "kd_T": 4.0, "tf_T": 4.0, "ss_T": 0.5, "ratio_tf": 1.0, "ratio_ss": 0.75,
                          "pretrain_epochs": 60, "pretrain_lr": 0.05, "pretrain_milestones": [30, 45],
                          "pretrain_gamma": 0.1, "views": "per_sample"}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "sskd.ce_weight": {"kind": "number", "ge": 0},
+        "sskd.kd_weight": {"kind": "number", "ge": 0},
+        "sskd.tf_weight": {"kind": "number", "ge": 0},
+        "sskd.ss_weight": {"kind": "number", "ge": 0},
+        "sskd.kd_T": {"kind": "number", "gt": 0, "about": "the KD temperature"},
+        "sskd.tf_T": {"kind": "number", "gt": 0, "about": "the transformed images' temperature"},
+        "sskd.ss_T": {"kind": "number", "gt": 0, "about": "the self-supervision temperature"},
+        "sskd.ratio_tf": {"kind": "number", "ge": 0, "le": 1, "about": "the share of the teacher's wrong rows kept"},
+        "sskd.ratio_ss": {"kind": "number", "ge": 0, "le": 1, "about": "the share of the teacher's wrong rows kept"},
+        "sskd.pretrain_epochs": {"kind": "int", "ge": 0, "about": "epochs of the teacher SS head's stage"},
+        "sskd.pretrain_lr": {"kind": "number", "gt": 0, "about": "the SS head stage's learning rate"},
+        "sskd.pretrain_milestones": {"kind": "ints", "ge": 0, "increasing": True, "about":
+            "epochs of the SS head stage at which its learning rate is multiplied by pretrain_gamma"},
+        "sskd.pretrain_gamma": {"kind": "number", "gt": 0},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["sskd.ce_weight", "sskd.kd_weight", "sskd.tf_weight", "sskd.ss_weight"]},
+        {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
+            "its self-supervision tells each image's rotated copies from the other images of the batch: at 1 image "
+            "its loss is 0", "example": "solver.batch_size=64"},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
