@@ -13,7 +13,7 @@ training set is known (``@train_size``), and ``Distiller.__init__`` for distille
     {"kind": "number", "gt": 0, "about": "the temperature"}
 
 - ``kind``: ``number`` (a finite int or float), ``int`` (a whole number), ``bool``, ``choice`` (one of
-  ``choices``), ``numbers`` / ``ints`` (a list of those);
+  ``choices``), ``numbers`` / ``ints`` (a list of those), ``text`` (a non-empty string: a name or a path);
 - bounds (numbers, and each element of a list): ``ge``, ``gt``, ``le``, ``lt``; ``odd: true`` (ints);
 - lists: ``nonempty: true``, ``increasing: true`` (strictly);
 - ``null: true``: null (None) is allowed too; ``also``: other literal values allowed too (e.g. ``["auto"]``);
@@ -44,7 +44,7 @@ from typing import Any
 
 from .errors import LakdError
 
-KINDS = ("number", "int", "bool", "choice", "numbers", "ints")
+KINDS = ("number", "int", "bool", "choice", "numbers", "ints", "text")
 RULE_KEYS = {"rule", "keys", "key", "op", "than", "about", "when", "example"}
 SPEC_KEYS = {"kind", "ge", "gt", "le", "lt", "odd", "nonempty", "increasing", "null", "also", "choices", "about",
              "example"}
@@ -105,6 +105,8 @@ def describe(spec: dict) -> str:
         text = "true or false"
     elif kind == "choice":
         text = "one of " + ", ".join(_fmt(c) for c in spec["choices"])
+    elif kind == "text":
+        text = "a non-empty string"
     else:
         element = "finite numbers" if kind == "numbers" else "whole numbers"
         text = ("a non-empty list of " if spec.get("nonempty") else "a list of ") + element \
@@ -137,6 +139,8 @@ def value_ok(spec: dict, v: Any) -> bool:
         return isinstance(v, bool)
     if kind == "choice":
         return any(v == c and isinstance(v, bool) == isinstance(c, bool) for c in spec["choices"])
+    if kind == "text":
+        return isinstance(v, str) and bool(v.strip())
     if kind in ("number", "int"):
         return _scalar_ok(spec, kind, v)
     if not isinstance(v, list) or (spec.get("nonempty") and not v):

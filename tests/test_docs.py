@@ -131,7 +131,9 @@ def test_readme_first_distilled_student_from_a_fresh_clone(tmp_path, monkeypatch
     out = capsys.readouterr().out
     assert "EK" in out and "top-1" in out
     assert (clone / "runs" / "cifar10_teacher_resnet56" / "best.pt").exists()
-    assert "lakd" in (clone / "report.md").read_text()
+    # the report goes beside the runs (runs/report.md, report.csv, curves.png), nothing into the current folder
+    assert "LAKD" in (clone / "runs" / "report.md").read_text() and (clone / "runs" / "curves.png").exists()
+    assert not (clone / "report.md").exists()
 
 
 @pytest.mark.skipif(not (SHARED / "data" / "cifar-10-batches-py").exists()
@@ -147,7 +149,7 @@ def test_first_distilled_student_with_this_machines_teacher(tmp_path):
     out = lakd("eval", "--checkpoint", str(run / "best.pt"), "--teacher", teacher, "data.test_subset=100")
     assert "EK" in out and "top-1" in out
     out = lakd("report", str(run), "--out", str(tmp_path / "report.md"))
-    assert (tmp_path / "report.md").read_text().count("lakd") >= 1
+    assert (tmp_path / "report.md").read_text().count("LAKD") >= 1
 
 
 def test_allocator_meter_prints_no_profiler_noise(capfd):
@@ -181,3 +183,24 @@ def test_lakd_methods_prints_whole_sentences(capsys):
         sentence = first_sentences(doc)
         assert sentence.endswith((".", "!", "?")), (name, sentence)
         assert f"{name} {sentence}" in printed
+
+
+def test_every_method_is_named_wherever_methods_are_listed():
+    """The lists of methods in README.md, docs/index.md, docs/api.md and docs/methods.md name every registered
+    method (the registry is the source: a method added without its docs fails here)."""
+    from lakd.distillers import DISTILLERS
+
+    readme_intro = (ROOT / "README.md").read_text().split("## Quick start")[0]
+    index_intro = (ROOT / "docs" / "index.md").read_text().split("```")[0]
+    api_row = next(line for line in (ROOT / "docs" / "api.md").read_text().splitlines()
+                   if line.startswith("| `method` |"))
+    methods_page = (ROOT / "docs" / "methods.md").read_text()
+    for name in DISTILLERS.names():
+        cls = DISTILLERS.get(name)
+        if name == "scratch":
+            continue
+        shown = cls.display_name or name
+        assert shown in readme_intro, f"README.md's introduction does not name {shown}"
+        assert shown in index_intro, f"docs/index.md's introduction does not name {shown}"
+        assert f"`{name}`" in api_row, f"docs/api.md's method row does not name `{name}`"
+        assert f"`{name}`" in methods_page or shown in methods_page, f"docs/methods.md does not describe {name}"

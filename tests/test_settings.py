@@ -84,6 +84,7 @@ def test_the_settings_module_imports_no_torch():
     ({"kind": "ints", "ge": 0, "increasing": True}, [[], [30, 45]], [[45, 30], [30, 30], [-1], [1.5], None]),
     ({"kind": "numbers", "gt": 0, "nonempty": True}, [[4.0, 2]], [[], [0.0], [math.nan], "4"]),
     ({"kind": "int", "ge": 0, "null": True, "also": ["auto"]}, [None, "auto", 0], ["x", -1, True]),
+    ({"kind": "text"}, ["classifier", "costs/c100.pt"], ["", "  ", None, 1]),
 ])
 def test_value_specs(spec, good, bad):
     assert all(settings.value_ok(spec, v) for v in good)

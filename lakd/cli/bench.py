@@ -8,18 +8,15 @@ HELP = "measure peak memory at the allocator (bench memory) or training images/s
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..distillers import bench_default_methods, method_variants
-
-    variants = method_variants()
-    every = ",".join(variants)
-    described = "; ".join(f"{v}: {m} with {' '.join(o)}" for v, (m, o) in variants.items() if o)
+    # no method list here: building it imports every method (and torch), which `lakd --help` must not
     sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     for what in ("memory", "speed"):
         q = sub.add_parser(what, help=f"{what} per method")
         q.add_argument("--teacher", default="resnet56", help="teacher model, optionally MODEL=CHECKPOINT")
         q.add_argument("--student", default="resnet20")
-        q.add_argument("--methods", default=",".join(bench_default_methods()),
-                       help=f"comma-separated; any of {every}" + (f" ({described})" if described else ""))
+        q.add_argument("--methods", default=None,
+                       help="comma-separated methods or variants (`lakd methods` lists them, variants such as "
+                            "lakd_joint included); default: the methods of the paper's Table 4")
         q.add_argument("--batch-size", type=int, default=64)
         q.add_argument("--image-size", type=int, default=None,
                        help="input size (default 32; 224 for ImageNet models and torchvision:/timm: names)")
@@ -27,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--device", default="auto")
         q.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
         q.add_argument("--json", action="store_true", help="print one JSON object")
+        q.add_argument("--no-progress", action="store_true",
+                       help="no progress bar (same as train.progress=false; there is none when stderr is not a "
+                            "terminal)")
         q.add_argument("overrides", nargs="*", help="config overrides for the methods, e.g. sdm.splits=[1,4,9]")
         if what == "speed":
             q.add_argument("--steps", type=int, default=10, help="timed steps per method and round")
@@ -41,12 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..analysis.cost import measure_memory, measure_speed
-    from ..distillers import resolve_method
+    from ..config import load_config
+    from ..distillers import bench_default_methods, resolve_method
     from ..errors import LakdError
     from ..runtime.device import AMP_DTYPES, resolve_device
 
     teacher, _, ckpt = args.teacher.partition("=")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in (args.methods or ",".join(bench_default_methods())).split(",") if m.strip()]
     for m in methods:
         resolve_method(m)  # clear error for an unknown method or variant
     if args.batch_size < 1:
@@ -59,7 +60,9 @@ def run(args) -> int:
         if args.warmup < 0 or args.rounds < 1:
             raise LakdError(f"--warmup {args.warmup} / --rounds {args.rounds}: use --warmup >= 0 and --rounds >= 1")
     device = str(resolve_device(args.device))
-    common = dict(teacher=teacher, student=args.student, methods=methods, batch_size=args.batch_size,
+    # the progress switch of training (train.progress among the overrides, or --no-progress)
+    progress = not args.no_progress and bool(load_config(None, list(args.overrides))["train"]["progress"])
+    common = dict(progress=progress, teacher=teacher, student=args.student, methods=methods, batch_size=args.batch_size,
                   teacher_ckpt=ckpt or None, num_classes=args.num_classes, device=device,
                   overrides=args.overrides, amp_dtype=AMP_DTYPES[args.amp], image_size=args.image_size)
     if args.what == "memory":

@@ -8,7 +8,9 @@ Eq. 6 makes the student neuron active exactly where the teacher's is, with margi
 
 summed over channels and positions, averaged over the batch, stage ``i`` of ``n`` weighted ``2^(i - n + 1)``
 (the deepest 1), times 3/1000 (RepDistiller's ``ABLoss``). ``prepare`` trains the student and the connectors
-with this loss alone for ``pretrain_epochs`` (30) at ``pretrain_lr`` (0.05), RepDistiller's ``init``; the
+with this loss alone for ``pretrain_epochs`` (30) at ``pretrain_lr`` (0.05), RepDistiller's ``init`` (which trains
+the stem and blocks, ``get_feat_modules``, and keeps the student's head in eval mode: a WRN's final BatchNorm,
+which the last stage's pre-activation passes through, neither trains nor updates its statistics); the
 distillation that follows is ``ce_weight * CE + feat_weight * AB`` with ``feat_weight`` 0 (RepDistiller adds
 no AB term after the initialisation; its script ``-a 0 -b 1``), i.e. cross-entropy training from the
 initialised student. With ``feat_weight > 0`` the connectors keep training with the student.
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 from .base import Distiller, register_distiller
 from .fitnet import ConvRegressor
+from .stage_utils import head_modules
 
 
 def ab_hinge(s: torch.Tensor, t: torch.Tensor, margin: float) -> torch.Tensor:
@@ -92,7 +95,7 @@ class AB(Distiller):
                 return self.ab_loss(pre_s, pre_t)
 
             self.run_stage(train_loader, device, params, loss, self.pretrain_epochs, self.pretrain_lr,
-                           "initialisation")
+                           "initialisation", eval_modules=head_modules(self.student))
         finally:
             if self.feat_weight == 0:
                 self.connectors.requires_grad_(False)

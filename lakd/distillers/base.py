@@ -23,7 +23,8 @@ memory banks). The trainer only calls:
 
 What reports, benchmarks and analyses need to know about a method is declared here, on the method class
 (``display_name``, ``report_order``, ``variants``, ``analysis_points``), so no code outside this package
-names a method or keeps a list of them.
+names a method or keeps a list of them. So is what it needs from the data beyond the batch image: ``views(cfg)``,
+the extra per-sample views (SSKD's rotated copies, MLKD's strong view) the engine asks the data pipeline for.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from ..models.base import FeatureNet, _buffers_kept
 from ..registry import DISTILLERS
 from ..runtime import distributed as dist
 from ..settings import check_settings, run_facts
+from .stage_utils import head_modules
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,20 @@ class Distiller(nn.Module):
     #: ``named_trainable_parameters`` names, e.g. ``"t_connector.*"`` for a part trained only in a pre-stage):
     #: the reachability check (``check_reachability``) does not report them
     unreached_ok: tuple[str, ...] = ()
+
+    @classmethod
+    def views(cls, cfg: dict) -> dict[str, dict]:
+        """The extra views of every training image a run of this method with config ``cfg`` needs from the data
+        pipeline, as plain data: ``{name: spec}`` (``lakd.data.views`` says what a spec holds: own or shared crop
+        and flip, quarter turns, RandAugment, Cutout). The engine passes them to the data builder, which makes them
+        per sample (in the DataLoader workers, or batched on the device); every training batch then carries
+        ``batch["views"][name]``, shaped and normalised like ``batch["image"]``. Default: none."""
+        return {}
+
+    def random_views(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Random stand-ins ``{name: tensor like image}`` for the views this run declares (``views``): for a step
+        without data (the reachability check, cost benchmarks). Empty for methods without views."""
+        return {name: torch.randn_like(image) for name in self.views(self.cfg)}
 
     @classmethod
     def uses_teacher(cls, cfg: dict) -> bool:
@@ -165,6 +181,9 @@ class Distiller(nn.Module):
             image = torch.randn(batch_size, 3, size, size, device=first.device)
             batch = {"image": image, "target": torch.arange(batch_size, device=first.device) % classes,
                      "index": torch.arange(batch_size, device=first.device)}
+            views = self.random_views(image)
+            if views:
+                batch["views"] = views
             with _buffers_kept([self]), torch.enable_grad():
                 self.train()
                 self.dry_step(batch, backward)
@@ -241,22 +260,24 @@ class Distiller(nn.Module):
         optimizer (the run's ``solver.momentum`` and ``solver.weight_decay``), in fp32."""
 
     def feature_parameters(self) -> list[nn.Parameter]:
-        """The student's trainable parameters without its classifier (RepDistiller's ``get_feat_modules``): what
-        an initialisation stage on features trains (under torchrun a parameter without a gradient would still be
-        decayed, so the classifier, which a feature loss never reaches, is left out)."""
-        try:
-            head = {id(p) for p in self.student.classifier.parameters()}
-        except (AttributeError, NotImplementedError):
-            head = set()
+        """The student's trainable parameters without its head (RepDistiller's ``get_feat_modules``: the stem and
+        the blocks): what an initialisation stage on features trains. The head (``stage_utils.head_modules``: the
+        classifier and what runs between the last block and it, e.g. WRN's final BatchNorm) is left out, as in
+        RepDistiller, whose stage keeps it frozen in eval mode (``run_stage``'s ``eval_modules``); under torchrun a
+        parameter without a gradient would still be decayed."""
+        head = {id(p) for m in head_modules(self.student) for p in m.parameters(recurse=False)}
         return [p for p in self.student.parameters() if p.requires_grad and id(p) not in head]
 
     def run_stage(self, train_loader, device, params: list, loss_fn: Callable, epochs: int, lr: float,
-                  what: str, milestones: tuple[int, ...] = (), gamma: float = 0.1) -> None:
+                  what: str, milestones: tuple[int, ...] = (), gamma: float = 0.1,
+                  eval_modules: tuple[nn.Module, ...] | list[nn.Module] = ()) -> None:
         """A pre-training stage shared by the methods that have one: ``epochs`` passes over ``train_loader``
-        minimising ``loss_fn(image, target)`` over ``params`` with SGD at the rate ``lr`` (RepDistiller's
-        ``init``: constant), times ``gamma`` at each of ``milestones`` (0-based epochs from which it applies, as a
-        ``MultiStepLR`` stepped once per epoch), gradients averaged over processes under torchrun. Logs one line
-        per epoch."""
+        minimising ``loss_fn(image, target)`` (``loss_fn(image, target, views=...)`` for a method with ``views``)
+        over ``params`` with SGD at the rate ``lr`` (RepDistiller's ``init``: constant), times ``gamma`` at each of
+        ``milestones`` (0-based epochs from which it applies, as a ``MultiStepLR`` stepped once per epoch),
+        gradients averaged over processes under torchrun. Everything runs in training mode but ``eval_modules``
+        (e.g. the student's head, which RepDistiller's stage keeps in eval mode: its BatchNorm statistics stay as
+        they are). Logs one line per epoch."""
         if epochs <= 0 or not params:
             return
         device = torch.device(device) if device is not None else next(self.student.parameters()).device
@@ -267,7 +288,17 @@ class Distiller(nn.Module):
         step = StepGroup(loss_fn, params)
         if dist.is_enabled():
             step = dist.data_parallel(step, device)
+        modes = [(m, m.training) for m in self.modules()]
         self.train()
+        for m in eval_modules:
+            m.eval()
+        try:
+            self._stage_epochs(train_loader, device, opt, step, epochs, lr, what, milestones, gamma)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    def _stage_epochs(self, train_loader, device, opt, step, epochs, lr, what, milestones, gamma) -> None:
         for epoch in range(epochs):
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
@@ -277,8 +308,11 @@ class Distiller(nn.Module):
             for batch in train_loader:
                 image, target = (batch["image"], batch["target"]) if isinstance(batch, dict) else batch[:2]
                 image, target = image.to(device), target.to(device)
+                extra = {}  # a method with views (``views``) gets the batch's: ``loss_fn(image, target, views=...)``
+                if isinstance(batch, dict) and self.views(self.cfg):
+                    extra["views"] = {k: v.to(device) for k, v in (batch.get("views") or {}).items()}
                 opt.zero_grad(set_to_none=True)
-                loss = step(image, target)
+                loss = step(image, target, **extra)
                 loss.backward()
                 opt.step()
                 total, count = total + float(loss.detach()) * image.shape[0], count + image.shape[0]

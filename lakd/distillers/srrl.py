@@ -9,7 +9,9 @@ ReLU to the teacher's embedding width; the feature term is ``MSE(r(h_s), h_t)`` 
 the teacher's logits ``z_t`` (``srrl.logit_loss: kl`` uses ``T^2 KL(softmax(z_t / T) || softmax(. / T))`` instead,
 the paper's cross-entropy form up to a constant). Weights: CE 1, feature 1, regression 1. The gradient of the
 regression term passes through the teacher's classifier (whose weights stay frozen) to the connector and the
-student.
+student. ``srrl.kd_weight`` (default 0) adds Hinton's KD term on the student's own logits at temperature
+``srrl.T``: SimKD's script runs SRRL with ``-c 1 -d 1 -b 1`` (``scripts/run_distill.sh``: CE 1, KD 1 at its
+``kd_T`` 4, SRRL 1), which the configs carry (``kd_weight: 1``, ``T: 4``).
 
 Some code bases (SimKD, and the authors' own repositories) call this method SRRL, others SRD; in lakd ``srd`` is Miles
 and Mikolajczyk's AAAI 2024 method, as in torchdistill (see ``srd.py``).
@@ -37,18 +39,20 @@ class SRRL(Distiller):
 
     display_name = "SRRL"
     report_order = 46
-    DEFAULTS = {"srrl": {"ce_weight": 1.0, "feat_weight": 1.0, "logit_weight": 1.0, "logit_loss": "mse", "T": 4.0}}
+    DEFAULTS = {"srrl": {"ce_weight": 1.0, "feat_weight": 1.0, "logit_weight": 1.0, "logit_loss": "mse", "T": 4.0,
+                         "kd_weight": 0.0}}
     #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
     SETTINGS = {
         "srrl.ce_weight": {"kind": "number", "ge": 0},
         "srrl.feat_weight": {"kind": "number", "ge": 0},
         "srrl.logit_weight": {"kind": "number", "ge": 0},
         "srrl.logit_loss": {"kind": "choice", "choices": ["mse", "kl"]},
-        "srrl.T": {"kind": "number", "gt": 0, "about": "the temperature of logit_loss=kl"},
+        "srrl.T": {"kind": "number", "gt": 0, "about": "the temperature of logit_loss=kl and of kd_weight's KD term"},
+        "srrl.kd_weight": {"kind": "number", "ge": 0, "about": "a KD term's weight (0: none)"},
     }
     #: checks over several settings, or a setting and the run (lakd.settings)
     CHECKS = [
-        {"rule": "not_all_zero", "keys": ["srrl.ce_weight", "srrl.feat_weight", "srrl.logit_weight"]},
+        {"rule": "not_all_zero", "keys": ["srrl.ce_weight", "srrl.feat_weight", "srrl.logit_weight", "srrl.kd_weight"]},
         {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
             "its connector's BatchNorm on the pooled embedding needs two images per step"},
     ]
@@ -63,6 +67,7 @@ class SRRL(Distiller):
         self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
         self.logit_weight = float(s["logit_weight"])
         self.logit_loss, self.T = s["logit_loss"], float(s["T"])
+        self.kd_weight = float(s["kd_weight"])
         d_s, d_t = student.feature_info()["embedding_dim"], teacher.feature_info()["embedding_dim"]
         in_features = getattr(teacher.classifier, "in_features", d_t)
         if in_features != d_t:
@@ -86,5 +91,8 @@ class SRRL(Distiller):
                 reg = F.mse_loss(z_s.float(), z_t.float())
             else:
                 reg = kd_loss(z_s, z_t, self.T)
-        return logits, {"ce": self.ce_weight * F.cross_entropy(logits, target),
-                        "srrl_feat": self.feat_weight * feat, "srrl_logit": self.logit_weight * reg}
+        losses = {"ce": self.ce_weight * F.cross_entropy(logits, target),
+                  "srrl_feat": self.feat_weight * feat, "srrl_logit": self.logit_weight * reg}
+        if self.kd_weight:
+            losses["kd"] = self.kd_weight * kd_loss(logits, z_t, self.T)
+        return logits, losses

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from .. import __version__
 from .. import config as config_mod
 from ..errors import LakdError
 from ..models import read_checkpoint
@@ -38,6 +39,11 @@ from .schedule import lr_at
 from .step import prepare_distributed, training_step
 
 log = logging.getLogger(__name__)
+
+
+def versions() -> str:
+    """What wrote a run, for its files: ``lakd X, torch Y``."""
+    return f"lakd {__version__}, torch {torch.__version__}"
 
 
 class Trainer:
@@ -96,7 +102,8 @@ class Trainer:
             if self.dist.is_main and not self.finished:
                 self._keep_edited_config()
                 # the file must start a fresh run when re-used, so the resume pointer is left out
-                self._write_file(rundir.CONFIG, config_mod.dump_config({**cfg, "resume": None}))
+                self._write_file(rundir.CONFIG, f"# {versions()}: this run's resolved config\n"
+                                 + config_mod.dump_config({**cfg, "resume": None}))
             self.teacher_correct, self.teacher_top1 = self._teacher_eval()
             self._warn_chance_teacher()
         except BaseException:
@@ -337,8 +344,9 @@ class Trainer:
         if top1 is None or top1 > chance + 5.0:
             return ""
         where = self.cfg["teacher"].get("checkpoint") or "no checkpoint: random weights"
-        return (f"the teacher ({where}) scores {top1:.2f}% top-1 on the test set, near chance "
-                f"({chance:.2g}%)")
+        on = (f"on {self.data.num_test} of the {self.data.num_test_total} test images"
+              if self.data.num_test_total > self.data.num_test else "on the test set")
+        return f"the teacher ({where}) scores {top1:.2f}% top-1 {on}, near chance ({chance:.2g}%)"
 
     def _warn_chance_teacher(self) -> None:
         why = self._chance_teacher()
@@ -371,6 +379,7 @@ class Trainer:
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "wall_time_s": self.wall_time,
+            "lakd_version": __version__,
         }
 
     def train_epoch(self, epoch: int) -> dict:
@@ -518,6 +527,8 @@ class Trainer:
                 raise rundir.write_error(self.run_dir, e, "TensorBoard's folder in the run folder") from None
         if not self.quiet:
             t = f", teacher {cfg['teacher']['name']} top-1 {self.teacher_top1:.2f}" if self.teacher_top1 else ""
+            if t and self.data.num_test_total > self.data.num_test:  # data.test_subset: say over what
+                t += f" on {self.data.num_test} of the {self.data.num_test_total} test images"
             log.info(f"run {self.run_dir}: {cfg['method']} -> {cfg['model']['name']} on {cfg['data']['dataset']} "
                      f"({self.data.num_train} train images, {len(self.data.train)} steps/epoch, "
                      f"device {self.device}, {self.dist.world_size} process(es), amp {self.amp}, "
@@ -554,7 +565,10 @@ class Trainer:
                 keep = _free_name(self.run_dir, "summary.previous", ".json")
                 os.replace(old, keep)
                 log.warning("%s is replaced by this run's; the earlier one is kept as %s", old, keep)
-            self._write_file(rundir.SUMMARY, json.dumps(summary, indent=2))
+            # on disk the run folder is named, not located: the summary sits in it, and a results folder that is
+            # copied or committed carries no path of the machine that ran it
+            self._write_file(rundir.SUMMARY, json.dumps({**summary, "run_dir": os.path.basename(
+                os.path.normpath(self.run_dir))}, indent=2))
         return summary
 
     def _log(self, record: dict) -> None:
@@ -603,9 +617,14 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "final_ek": final.get("ek"),
             "teacher_top1": self.teacher_top1,
+            # the test images every top-1 above is measured on (fewer than the test set's with data.test_subset)
+            "test_images": self.data.num_test,
+            "test_images_total": self.data.num_test_total,
             "wall_time_s": self.wall_time,
             "run_dir": self.run_dir,
             "world_size": self.dist.world_size,
+            "lakd_version": __version__,
+            "torch_version": torch.__version__,
         }
 
 
