@@ -621,8 +621,18 @@ def test_a_finished_run_whose_config_is_refused_now_is_kept_not_an_error(tmp_pat
       - {name: c, overrides: ["solver.milestones=[3,2]"]}
 """)
     runs, res = tmp_path / "runs", tmp_path / "res"
-    with pytest.raises(LakdError, match=r"^group old, row c, seed 0: solver.milestones must be increasing"):
-        load_plan(str(spec), runs_dir=str(runs), results_dir=str(res))
+    where = ["--runs-dir", str(runs), "--results", str(res)]
+    plan = load_plan(str(spec), runs_dir=str(runs), results_dir=str(res))  # reading the plan still works
+    assert plan.runs[-1].refused.startswith("solver.milestones must be increasing")
+    assert main(["sweep", str(spec), *where, "--status"]) == 0
+    assert "refused: solver.milestones must be increasing" in capsys.readouterr().out
+    for argv in (["--device", "cpu"], ["--dry-run"]):  # nothing starts: one line naming the run
+        capsys.readouterr()
+        assert main(["sweep", str(spec), *where, *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: group old, row c, seed 0: solver.milestones must be increasing") and \
+            err.count("\n") == 1, err
+    assert not runs.exists() and not res.exists()
     for name, top1 in (("a", 80.0), ("b", 81.0), ("c", 79.0)):
         _fake_run(res / f"{name}-s0", f"{name}-s0", 0, top1)
     plan = load_plan(str(spec), runs_dir=str(runs), results_dir=str(res))

@@ -60,6 +60,9 @@ def run(args) -> int:
     if args.per_device is not None:
         pack(plan, args.per_device, gpu=SweepRunner.gpus_for(args.device) != [])
     if args.dry_run:
+        bad = plan.refused_left(lambda r: is_finished(plan, r))
+        if bad is not None:
+            raise bad
         n = 0
         for r in plan.unique():
             if not is_finished(plan, r):
@@ -74,7 +77,8 @@ def run(args) -> int:
         for r in plan.runs:
             state = ("outside the current spec (finished earlier)" if r.outside
                      else f"same as {r.same_as}" if r.same_as
-                     else f"finished; its config is refused now ({r.refused})" if r.refused
+                     else (f"finished; its config is refused now ({r.refused})" if is_finished(plan, r)
+                           else f"refused: {r.refused}") if r.refused
                      else f"skipped ({r.skip})" + (", finished earlier" if is_finished(plan, r) else "") if r.skip
                      else "finished" if is_finished(plan, r)
                      else "interrupted (resumes from last.pt)" if has_checkpoint(plan, r) else "not started")

@@ -327,6 +327,9 @@ class SweepRunner:
         return fd
 
     def run(self) -> int:
+        bad = self.plan.refused_left(lambda r: is_finished(self.plan, r))
+        if bad is not None:
+            raise bad
         fd = self._lock_results()
         try:
             return self._run()

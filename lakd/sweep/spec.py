@@ -32,9 +32,10 @@ run and not expected: for a row kept so that a table keeps its shape although it
 
 A sweep never drops a finished run from its results folder's plan: when a spec plans fewer runs than the folder's
 ``sweep.json`` holds (a row removed, a seed dropped), the runs that had finished stay in the plan and the report,
-marked ``outside`` (the current spec no longer plans them; nothing runs them) (``merge_plan``). A row whose config
-is refused now (a check added since it ran) but whose runs had all finished is kept the same way, with the reason
-(``refused``), instead of stopping the sweep.
+marked ``outside`` (the current spec no longer plans them; nothing runs them) (``merge_plan``). A run whose config is
+refused (``load_config``: a key, a value or a check added since it ran) is planned with the reason (``refused``):
+reading the plan (``--status``, the report) still works; a finished one is kept and never run again, an unfinished
+one stops ``lakd sweep`` before anything starts, naming it (``Plan.refused_left``).
 
 ``Plan.to_json`` / ``Plan.from_json`` are the one format of ``sweep.json``: the sweep writes it, the report
 reads it (``lakd.analysis.runs``).
@@ -76,7 +77,7 @@ class PlannedRun:
     same_as: str | None = None  # an earlier run with the same resolved config: this one is not run
     skip: str | None = None  # the row's reason not to run it (``skip:`` in the spec)
     outside: bool = False  # a finished run of an earlier plan that the current spec no longer plans (kept, not run)
-    refused: str | None = None  # why its config is refused now (it finished before): kept, never run again
+    refused: str | None = None  # why its config is refused (load_config's error): never run
 
 
 @dataclass
@@ -139,6 +140,16 @@ class Plan:
         """The runs to run: neither a duplicate of an earlier run, nor of a row marked ``skip``, nor kept from an
         earlier plan (``outside``)."""
         return [r for r in self.runs if r.same_as is None and r.skip is None and not r.outside]
+
+    def refused_left(self, finished) -> LakdError | None:
+        """The one-line error for the runs to run whose config is refused and that have not finished
+        (``finished(run)``), naming the first; None when there are none."""
+        left = [r for r in self.unique() if r.refused and not finished(r)]
+        if not left:
+            return None
+        r = left[0]
+        more = f" ({len(left) - 1} more run(s) refused: `lakd sweep SPEC --status` lists them)" if len(left) > 1 else ""
+        return LakdError(f"group {r.group}, row {r.variant}, seed {r.seed}: {r.refused}{more}")
 
     def select(self, names: list[str]) -> None:
         """Keep the runs named (or of the groups named) for this invocation, in the order named (a group's runs
@@ -232,7 +243,9 @@ def _identity(cfg: dict) -> str:
 
 def load_plan(spec_path: str, runs_dir: str | None = None, results_dir: str | None = None,
               processes: int | None = None, threads: int | None = None, runs_per_gpu: int | None = None) -> Plan:
-    """Read and expand a sweep spec; every run's config is resolved (so a bad key fails now, not in an hour)."""
+    """Read and expand a sweep spec; every run's config is resolved (so a bad key fails now, not in an hour: a run
+    whose config is refused carries the reason, ``PlannedRun.refused``, and the sweep stops on it before it starts
+    anything)."""
     spec = load_yaml(spec_path)
     spec_as_read = copy.deepcopy(spec)
     _check_keys(spec, SPEC_KEYS, f"sweep spec {spec_path!r}")
@@ -293,10 +306,7 @@ def load_plan(spec_path: str, runs_dir: str | None = None, results_dir: str | No
             refused = None
             try:
                 ident = _identity(load_config(row["config"], row["overrides"] + [f"seed={seed}"]))
-            except LakdError as e:
-                if not os.path.exists(os.path.join(results, run_name, rundir.SUMMARY)):
-                    raise LakdError(f"group {gname}, row {row['variant']}, seed {seed}: {e}") from None
-                # finished before its config was refused (a check added since): kept in the plan, never run again
+            except LakdError as e:  # planned with the reason: never run (an unfinished one stops the sweep)
                 refused = str(e)
                 ident = json.dumps(["refused", row["config"], row["overrides"], seed])
             same = by_identity.get(ident)
