@@ -16,6 +16,7 @@ import yaml
 
 from .errors import LakdError, close_matches
 from .registry import DISTILLERS
+from .settings import check_finite, check_settings, run_facts
 
 #: environment variable naming the default data folder (else ``./data``, relative to the working directory)
 DATA_ENV = "LAKD_DATA"
@@ -34,6 +35,9 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "method": "scratch",  # a registered distiller (see `lakd methods`)
     "resume": None,  # a run folder (or its last.pt) to continue
+    # where a reference-recipe config comes from (configs/<dataset>/<method>/ref/*.yaml): repository, commit,
+    # files, top1, reported_in, deviations; recorded with the run, it changes nothing the run computes
+    "reference": None,
     "data": {
         "dataset": "cifar10",  # cifar10 | cifar100 | imagenet | imagefolder | digits
         "root": "",  # folder holding cifar-10-batches-py / cifar-100-python / train,val ("": $LAKD_DATA or ./data)
@@ -395,9 +399,95 @@ def validate(cfg: dict) -> None:
         if v is not None and (not isinstance(v, list) or len(v) != 3
                               or not all(isinstance(x, (int, float)) for x in v)):
             raise LakdError(f"data.{key} must be a list of 3 numbers or null, got {v!r}")
+    check_reference(cfg.get("reference"))
     DISTILLERS.check_name(cfg["method"])  # unknown method -> clear error (from the catalog: no torch import)
     if uses_teacher(cfg) and not cfg["teacher"].get("name"):
         raise LakdError(f"method {cfg['method']!r} needs a teacher: set teacher.name (and teacher.checkpoint)")
+
+
+#: the fields of a config's ``reference`` entry, and whether each must be given
+REFERENCE_FIELDS = {"repository": True, "commit": True, "files": False, "top1": False, "reported_in": False,
+                    "deviations": False}
+_EXAMPLE_REF = "e.g. configs/cifar100/kd/ref/resnet32x4_resnet8x4.yaml"
+
+
+def check_reference(ref: Any) -> None:
+    """A ``reference`` entry: null, or a mapping naming the public code a config reproduces (``repository``
+    owner/name on GitHub, the 40-hex ``commit`` read), the ``files`` it follows, the ``top1`` the reference
+    reports, where (``reported_in``), and the ``deviations`` lakd does not carry."""
+    if ref is None:
+        return
+    if not isinstance(ref, dict):
+        raise LakdError(f"reference must be a mapping (repository, commit, files, top1, reported_in, deviations) "
+                        f"or null, got {ref!r} ({_EXAMPLE_REF})")
+    for key in ref:
+        if key not in REFERENCE_FIELDS:
+            raise LakdError(f"unknown key reference.{key}{close_matches(key, REFERENCE_FIELDS)}; a reference has "
+                            f"{', '.join(REFERENCE_FIELDS)}")
+    for key, required in REFERENCE_FIELDS.items():
+        if required and ref.get(key) in (None, ""):
+            raise LakdError(f"reference.{key} is missing; a reference names its repository and the commit read "
+                            f"(e.g. repository: megvii-research/mdistiller, commit: <40 hex digits>)")
+    repo = ref["repository"]
+    if not isinstance(repo, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+", repo):
+        raise LakdError(f"reference.repository must be a GitHub owner/name (e.g. megvii-research/mdistiller), "
+                        f"got {repo!r}")
+    commit = ref["commit"]
+    if not isinstance(commit, str) or not re.fullmatch(r"[0-9a-f]{40}", commit):
+        raise LakdError(f"reference.commit must be the full 40-hex commit read (lower case, e.g. "
+                        f"a08d46f10d6102bd6e3f258ca5ac880b020ea259), got {commit!r}")
+    for key in ("files", "deviations"):
+        v = ref.get(key)
+        if v is not None and (not isinstance(v, list) or not all(isinstance(x, str) and x for x in v)):
+            raise LakdError(f"reference.{key} must be a list of strings (e.g. [configs/cifar100/kd.yaml]), "
+                            f"got {v!r}")
+    top1 = ref.get("top1")
+    if top1 is not None and (isinstance(top1, bool) or not isinstance(top1, (int, float))
+                             or not 0 < top1 <= 100):
+        raise LakdError(f"reference.top1 must be the reported top-1 in percent (0-100, e.g. 73.33) or null, "
+                        f"got {top1!r}")
+    where = ref.get("reported_in")
+    if where is not None and not isinstance(where, str):
+        raise LakdError(f"reference.reported_in must be a string naming where top1 is published (e.g. "
+                        f"\"README.md, CIFAR-100 table\"), got {where!r}")
+
+
+def check_ranges(cfg: dict) -> None:
+    """What ``validate`` leaves to ranges: the solver's decay factor, increasing milestones, a warm-up no longer
+    than the run, and then NaN and infinity anywhere else (``lakd.settings.check_finite``)."""
+    s = cfg["solver"]
+    g = s["gamma"]
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g < math.inf:
+        raise LakdError(f"solver.gamma (the multistep schedule's decay factor) must be a finite number > 0, got "
+                        f"{g!r}; e.g. solver.gamma=0.1")
+    m = s["milestones"]
+    if any(x < 0 for x in m) or any(a >= b for a, b in zip(m, m[1:])):
+        fix = ",".join(str(x) for x in sorted({abs(x) for x in m})) or "150,180,210"
+        raise LakdError(f"solver.milestones must be increasing epochs >= 0, got {m!r}; e.g. solver.milestones=[{fix}]")
+    if s["warmup_epochs"] > s["epochs"]:
+        raise LakdError(f"solver.warmup_epochs={s['warmup_epochs']} must be <= solver.epochs={s['epochs']} (the "
+                        f"learning rate would still be warming up when the run ends); e.g. solver.warmup_epochs=0")
+    check_finite(cfg)
+
+
+def check_method_settings(cfg: dict, train_size: int | None = None, world_size: int | None = None,
+                          defaults: dict | None = None) -> None:
+    """The methods' declared settings (``Distiller.SETTINGS``: every registered method's section, so a NaN in
+    any of them is refused) and the run's method's ``CHECKS``, through ``lakd.settings``; ``train_size`` (the
+    training images, once the data are known) and ``world_size`` are facts some checks compare with."""
+    defaults = defaults if defaults is not None else full_defaults()
+    facts = run_facts(cfg, train_size, world_size)
+    for name, (declared, checks) in method_declarations().items():
+        check_settings(cfg, declared, checks, defaults, facts, name, rules=name == str(cfg.get("method")).lower())
+
+
+def method_declarations() -> dict[str, tuple[dict, list]]:
+    """Every registered method's ``(SETTINGS, CHECKS)``: plain data, from the method catalog while the methods are
+    not imported (where the registry has one holding them: no torch), else from the classes."""
+    light = DISTILLERS.light() if hasattr(DISTILLERS, "light") else None
+    if light is not None and all("settings" in e and "checks" in e for e in light.values()):
+        return {name: (e["settings"] or {}, e["checks"] or []) for name, e in light.items()}
+    return {name: (DISTILLERS.get(name).SETTINGS, DISTILLERS.get(name).CHECKS) for name in DISTILLERS.names()}
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> dict:
@@ -412,6 +502,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         cfg = _merge(cfg, data)
     cfg = apply_overrides(cfg, overrides or [], schema)
     validate(cfg)
+    check_method_settings(cfg, defaults=schema)
+    check_ranges(cfg)
     if not cfg["data"].get("root"):
         cfg["data"]["root"] = default_data_root()
     if not cfg["experiment"]:
@@ -427,7 +519,14 @@ RESUME_FREE = {
     "train.log_every", "train.threads", "train.save_every", "train.eval_batch_size", "train.malloc",
     "train.dist_timeout_s",
     "sdm.recompute",  # LAKD's activation recomputation: the same step (tested bitwise), less memory, more time
+    "reference",  # provenance of a reference-recipe config (and every reference.* field): computes nothing
 }
+
+
+def resume_free(key: str) -> bool:
+    """Whether a flattened key (``reference.commit``) may change on resume: it or a section above it is free."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in RESUME_FREE for i in range(1, len(parts) + 1))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -450,7 +549,7 @@ def config_changes(stored: dict | None, cfg: dict) -> dict[str, tuple[Any, Any]]
     missing = object()
     out: dict[str, tuple[Any, Any]] = {}
     for k in sorted(set(a) | set(b)):
-        if k in RESUME_FREE:
+        if resume_free(k):
             continue
         old, new = a.get(k, missing), b.get(k, missing)
         if old is missing and k in defaults and _same(new, defaults[k]):

@@ -45,7 +45,7 @@ def test_config_steps_on_resnet34_resnet18(nets, path):
     assert cfg["teacher"]["checkpoint"] == "pretrained/resnet34-b627a593.pth"
     t, s = copy.deepcopy(nets[0]), copy.deepcopy(nets[1])
     torch.manual_seed(0)
-    d = build_distiller(cfg, s, t, num_data=64)
+    d = build_distiller(cfg, s, t, num_data=16_385)  # the fewest images CRD's 16384 negatives fit (ImageNet: 1.28M)
     d.train()
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([3, 7])
     params = [(n, p) for n, p in d.student.named_parameters() if p.requires_grad]
@@ -54,7 +54,7 @@ def test_config_steps_on_resnet34_resnet18(nets, path):
     for epoch in (0, epochs - 1):  # the first and the last epoch: a method's later stage (PAD-L2's) runs too
         d.set_epoch(epoch, epochs)
         d.zero_grad(set_to_none=True)
-        logits, losses = d.forward_train(x, y, index=torch.tensor([0, 1]))
+        logits, losses = d.forward_train(x, y, index=torch.tensor([0, 1]), views=d.random_views(x) or None)
         assert logits.shape == (2, 1000)
         assert losses and all(torch.isfinite(v) for v in losses.values()), (epoch, losses)
         sum(losses.values()).backward()

@@ -110,9 +110,56 @@ def run_configs(args) -> int:
         print(f"no configs under {root!r}")
         return 0
     print(f"# {len(names)} configs under {root}; run one by name from any folder: lakd train NAME [key=value ...]")
+    print("# the second column: the recipe it trains with (paper: the LAKD paper's; ref: the reference's own, "
+          "configs/_references.yaml)")
+    cache: dict = {}
+    width = max(len(n) for n in names)
     for name in names:
-        print(name)
+        print(f"{name:<{width}}  {recipe_label(_config_file(root, name), cache)}")
     return 0
+
+
+def _config_file(root: str, name: str) -> str:
+    import os
+
+    path = os.path.join(root, name + ".yaml")
+    return path if os.path.exists(path) else os.path.join(root, name + ".yml")
+
+
+def recipe_label(path: str, cache: dict | None = None) -> str:
+    """The recipe a config trains with, for ``lakd configs``: ``ref: <name>@<commit>`` for a reference-recipe
+    config (its ``reference`` entry), ``paper`` for the LAKD paper's (a ``_base_`` chain through
+    ``_recipe_paper*.yaml``), the name of another ``_recipe_<name>.yaml`` it inherits, else ``-``."""
+    import os
+
+    import yaml
+
+    from ..config import resolve_base
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # only _base_ and reference are read: the C parser
+    cache = {} if cache is None else cache
+    ref, ref_seen, recipe, seen = None, False, None, set()
+    while path and path not in seen:
+        seen.add(path)
+        if path not in cache:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    cache[path] = yaml.load(f, Loader=loader) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                cache[path] = None
+        data = cache[path]
+        if not isinstance(data, dict):
+            return "?"
+        if not ref_seen and "reference" in data:  # the nearest file that sets it wins (null clears it)
+            ref, ref_seen = data["reference"], True
+        name = os.path.splitext(os.path.basename(path))[0]
+        if recipe is None and name.startswith("_recipe_"):
+            recipe = "paper" if name.startswith("_recipe_paper") else name[len("_recipe_"):]
+        base = data.get("_base_")
+        path = resolve_base(base, path) if isinstance(base, str) else None
+    if isinstance(ref, dict) and ref.get("repository"):
+        return f"ref: {str(ref['repository']).rsplit('/', 1)[-1]}@{str(ref.get('commit') or '?')[:7]}"
+    return recipe or "-"
 
 
 run = run_models

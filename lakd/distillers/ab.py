@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .base import Distiller, register_distiller
 from .fitnet import ConvRegressor
-from .stage_utils import check_int, check_positive, head_modules
+from .stage_utils import head_modules
 
 
 def ab_hinge(s: torch.Tensor, t: torch.Tensor, margin: float) -> torch.Tensor:
@@ -45,14 +45,25 @@ class AB(Distiller):
     needs = ("preact",)
     DEFAULTS = {"ab": {"ce_weight": 1.0, "feat_weight": 0.0, "margin": 1.0, "pretrain_epochs": 30,
                        "pretrain_lr": 0.05}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "ab.ce_weight": {"kind": "number", "ge": 0},
+        "ab.feat_weight": {"kind": "number", "ge": 0},
+        "ab.margin": {"kind": "number", "gt": 0, "about": "the hinge margin on the pre-ReLU responses"},
+        "ab.pretrain_epochs": {"kind": "int", "ge": 0, "about": "epochs of the initialisation stage"},
+        "ab.pretrain_lr": {"kind": "number", "gt": 0, "about": "the initialisation stage's learning rate"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["ab.ce_weight", "ab.feat_weight"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("ab")
         self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
-        self.margin = check_positive("ab", "margin", s["margin"])
-        self.pretrain_epochs = check_int("ab", "pretrain_epochs", s["pretrain_epochs"])
-        self.pretrain_lr = check_positive("ab", "pretrain_lr", s["pretrain_lr"])
+        self.margin, self.pretrain_epochs = float(s["margin"]), int(s["pretrain_epochs"])
+        self.pretrain_lr = float(s["pretrain_lr"])
         info_s, info_t = student.feature_info()["stages"], teacher.feature_info()["stages"]
         self.num_stages = n = min(len(info_s), len(info_t))
         self.connectors = nn.ModuleList(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import LakdError
 from .base import Distiller, register_distiller
 
 
@@ -40,14 +39,22 @@ class AT(Distiller):
     display_name = "AT"
     report_order = 7
     DEFAULTS = {"at": {"ce_weight": 1.0, "feat_weight": 1000.0, "p": 2.0}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "at.ce_weight": {"kind": "number", "ge": 0},
+        "at.feat_weight": {"kind": "number", "ge": 0},
+        "at.p": {"kind": "number", "gt": 0, "about": "the attention map's exponent; the paper uses 2"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["at.ce_weight", "at.feat_weight"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("at")
         self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
         self.p = float(s["p"])
-        if self.p <= 0:
-            raise LakdError(f"at.p must be positive (the paper uses 2), got {s['p']!r}")
 
     def teacher_pass(self, image, **batch):
         return self.teacher_forward(image, features=True)[1]["stages"]

@@ -23,7 +23,8 @@ memory banks). The trainer only calls:
 
 What reports, benchmarks and analyses need to know about a method is declared here, on the method class
 (``display_name``, ``report_order``, ``variants``, ``analysis_points``), so no code outside this package
-names a method or keeps a list of them.
+names a method or keeps a list of them. So is what it needs from the data beyond the batch image: ``views(cfg)``,
+the extra per-sample views (SSKD's rotated copies, MLKD's strong view) the engine asks the data pipeline for.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from ..errors import LakdError
 from ..models.base import FeatureNet, _buffers_kept
 from ..registry import DISTILLERS
 from ..runtime import distributed as dist
+from ..settings import check_settings, run_facts
 from .stage_utils import head_modules
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,12 @@ class Distiller(nn.Module):
     name = "base"
     #: config sections this method owns, with their defaults, e.g. {"kd": {"T": 4.0}}
     DEFAULTS: dict = {}
+    #: each setting's kind and range, as plain data: ``"section.key"`` -> a spec such as
+    #: ``{"kind": "number", "gt": 0, "about": "the temperature"}`` (``lakd.settings`` reads and checks them)
+    SETTINGS: dict = {}
+    #: checks over several settings, or a setting and a fact of the run, as plain data (``lakd.settings``), e.g.
+    #: ``{"rule": "not_all_zero", "keys": ["kd.ce_weight", "kd.kd_weight"]}``
+    CHECKS: list = []
     needs_teacher = True
     #: how papers and tables write the method (default: its registered name)
     display_name = ""
@@ -82,6 +90,20 @@ class Distiller(nn.Module):
     unreached_ok: tuple[str, ...] = ()
 
     @classmethod
+    def views(cls, cfg: dict) -> dict[str, dict]:
+        """The extra views of every training image a run of this method with config ``cfg`` needs from the data
+        pipeline, as plain data: ``{name: spec}`` (``lakd.data.views`` says what a spec holds: own or shared crop
+        and flip, quarter turns, RandAugment, Cutout). The engine passes them to the data builder, which makes them
+        per sample (in the DataLoader workers, or batched on the device); every training batch then carries
+        ``batch["views"][name]``, shaped and normalised like ``batch["image"]``. Default: none."""
+        return {}
+
+    def random_views(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Random stand-ins ``{name: tensor like image}`` for the views this run declares (``views``): for a step
+        without data (the reachability check, cost benchmarks). Empty for methods without views."""
+        return {name: torch.randn_like(image) for name in self.views(self.cfg)}
+
+    @classmethod
     def uses_teacher(cls, cfg: dict) -> bool:
         """Whether a run of this method with config ``cfg`` (a run config, or a dict of some of its sections)
         distils from a teacher: ``needs_teacher``, unless one of the method's settings decides it (Tf-KD's
@@ -103,6 +125,10 @@ class Distiller(nn.Module):
 
     def __init__(self, student: FeatureNet, teacher: FeatureNet | None, cfg: dict, num_data: int = 0):
         super().__init__()
+        # the declared settings (SETTINGS, CHECKS), for distillers built without lakd.config.load_config; of the
+        # run's facts only the training set's size: the batches of one's own loop are not the config's
+        facts = {k: v for k, v in run_facts(cfg, num_data or None).items() if k == "@train_size"}
+        check_settings(cfg, self.SETTINGS, self.CHECKS, self.DEFAULTS, facts, self.name)
         self.student = student
         self.teacher = teacher
         self.cfg = cfg
@@ -155,6 +181,9 @@ class Distiller(nn.Module):
             image = torch.randn(batch_size, 3, size, size, device=first.device)
             batch = {"image": image, "target": torch.arange(batch_size, device=first.device) % classes,
                      "index": torch.arange(batch_size, device=first.device)}
+            views = self.random_views(image)
+            if views:
+                batch["views"] = views
             with _buffers_kept([self]), torch.enable_grad():
                 self.train()
                 self.dry_step(batch, backward)
@@ -243,11 +272,12 @@ class Distiller(nn.Module):
                   what: str, milestones: tuple[int, ...] = (), gamma: float = 0.1,
                   eval_modules: tuple[nn.Module, ...] | list[nn.Module] = ()) -> None:
         """A pre-training stage shared by the methods that have one: ``epochs`` passes over ``train_loader``
-        minimising ``loss_fn(image, target)`` over ``params`` with SGD at the rate ``lr`` (RepDistiller's
-        ``init``: constant), times ``gamma`` at each of ``milestones`` (0-based epochs from which it applies, as a
-        ``MultiStepLR`` stepped once per epoch), gradients averaged over processes under torchrun. Everything
-        runs in training mode but ``eval_modules`` (e.g. the student's head, which RepDistiller's stage keeps in
-        eval mode: its BatchNorm statistics stay as they are). Logs one line per epoch."""
+        minimising ``loss_fn(image, target)`` (``loss_fn(image, target, views=...)`` for a method with ``views``)
+        over ``params`` with SGD at the rate ``lr`` (RepDistiller's ``init``: constant), times ``gamma`` at each of
+        ``milestones`` (0-based epochs from which it applies, as a ``MultiStepLR`` stepped once per epoch),
+        gradients averaged over processes under torchrun. Everything runs in training mode but ``eval_modules``
+        (e.g. the student's head, which RepDistiller's stage keeps in eval mode: its BatchNorm statistics stay as
+        they are). Logs one line per epoch."""
         if epochs <= 0 or not params:
             return
         device = torch.device(device) if device is not None else next(self.student.parameters()).device
@@ -278,8 +308,11 @@ class Distiller(nn.Module):
             for batch in train_loader:
                 image, target = (batch["image"], batch["target"]) if isinstance(batch, dict) else batch[:2]
                 image, target = image.to(device), target.to(device)
+                extra = {}  # a method with views (``views``) gets the batch's: ``loss_fn(image, target, views=...)``
+                if isinstance(batch, dict) and self.views(self.cfg):
+                    extra["views"] = {k: v.to(device) for k, v in (batch.get("views") or {}).items()}
                 opt.zero_grad(set_to_none=True)
-                loss = step(image, target)
+                loss = step(image, target, **extra)
                 loss.backward()
                 opt.step()
                 total, count = total + float(loss.detach()) * image.shape[0], count + image.shape[0]

@@ -24,15 +24,24 @@ class CATKD(Distiller):
     bench_default = True
     needs = ("class_maps",)
     DEFAULTS = {"catkd": {"ce_weight": 1.0, "beta": 1.0, "resolution": 2, "normalize": False}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "catkd.ce_weight": {"kind": "number", "ge": 0},
+        "catkd.beta": {"kind": "number", "ge": 0},
+        "catkd.resolution": {"kind": "int", "ge": 1, "about":
+            "class activation maps pooled to R x R; the paper uses 2"},
+        "catkd.normalize": {"kind": "bool"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["catkd.ce_weight", "catkd.beta"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("catkd")
         self.ce_weight, self.beta = float(s["ce_weight"]), float(s["beta"])
-        r = s["resolution"]
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise LakdError(f"catkd.resolution must be a positive integer (the paper uses 2), got {r!r}")
-        self.resolution, self.normalize = r, bool(s["normalize"])
+        self.resolution, self.normalize = int(s["resolution"]), bool(s["normalize"])
         if student.feature_info()["num_classes"] != teacher.feature_info()["num_classes"]:
             raise LakdError("CAT-KD needs student and teacher classifiers over the same classes "
                             "(set model.num_classes to the teacher's)")

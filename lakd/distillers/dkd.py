@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import LakdError
 from .base import Distiller, register_distiller
-from .kd import check_logit_stand, standardize
+from .kd import standardize
 
 
 def dkd_terms(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor, temperature: float):
@@ -56,19 +55,27 @@ class DKD(Distiller):
     #: DKD with logit standardization as the reference's README runs it (Sun et al., 2024): --logit-stand
     #: --base-temp 2 --kd-weight 9 on the default alpha 1, beta 8
     variants = {"dkd_ls": ["dkd.logit_stand=true", "dkd.T=2.0", "dkd.alpha=9.0", "dkd.beta=72.0"]}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "dkd.ce_weight": {"kind": "number", "ge": 0},
+        "dkd.alpha": {"kind": "number", "ge": 0},
+        "dkd.beta": {"kind": "number", "ge": 0},
+        "dkd.T": {"kind": "number", "gt": 0, "about": "the temperature"},
+        "dkd.warmup": {"kind": "number", "ge": 0, "about": "epochs over which the DKD loss ramps up; mdistiller: 20"},
+        "dkd.logit_stand": {"kind": "bool", "about": "logit standardization"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["dkd.ce_weight", "dkd.alpha", "dkd.beta"]},
+        {"rule": "compare", "key": "dkd.warmup", "op": "<=", "than": "solver.epochs", "about":
+            "the DKD loss ramps up over dkd.warmup epochs and would never reach its full weight"},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("dkd")
         self.ce_weight, self.alpha, self.beta = float(s["ce_weight"]), float(s["alpha"]), float(s["beta"])
-        self.T = float(s["T"])
-        if self.T <= 0:
-            raise LakdError(f"dkd.T (the temperature) must be positive, got {s['T']!r}")
-        w = s["warmup"]
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-            raise LakdError(f"dkd.warmup must be a number of epochs >= 0 (mdistiller: 20), got {w!r}")
-        self.warmup = float(w)
-        self.logit_stand = check_logit_stand("dkd", s["logit_stand"])
+        self.T, self.warmup, self.logit_stand = float(s["T"]), float(s["warmup"]), bool(s["logit_stand"])
 
     def warmup_factor(self) -> float:
         return 1.0 if self.warmup <= 0 else min((self.epoch + 1) / self.warmup, 1.0)

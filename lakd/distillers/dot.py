@@ -100,16 +100,23 @@ class DOT(Distiller):
     display_name = "DOT"
     report_order = 24
     DEFAULTS = {"dot": {"ce_weight": 0.1, "kd_weight": 0.9, "T": 4.0, "delta": 0.075}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "dot.ce_weight": {"kind": "number", "ge": 0},
+        "dot.kd_weight": {"kind": "number", "ge": 0},
+        "dot.T": {"kind": "number", "gt": 0, "about": "the temperature"},
+        "dot.delta": {"kind": "number", "ge": 0, "about": "the gap between the two momenta; the authors': 0.075"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["dot.ce_weight", "dot.kd_weight"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("dot")
         self.ce_weight, self.kd_weight, self.T = float(s["ce_weight"]), float(s["kd_weight"]), float(s["T"])
         self.delta = float(s["delta"])
-        if self.T <= 0:
-            raise LakdError(f"dot.T (the temperature) must be positive, got {s['T']!r}")
-        if self.delta < 0:
-            raise LakdError(f"dot.delta must be >= 0 (the authors': 0.075), got {s['delta']!r}")
         if (cfg.get("train") or {}).get("amp") == "fp16":
             raise LakdError("dot does not support train.amp=fp16 (its stashed KD gradients are not loss-scaled); "
                             "use train.amp=bf16 or none")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import LakdError
 from .base import Distiller, register_distiller
-from .stage_utils import check_int, check_positive, head_modules, pool_to_match
+from .stage_utils import head_modules, pool_to_match
 
 
 def fsp_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -42,13 +42,23 @@ class FSP(Distiller):
     display_name = "FSP"
     report_order = 50
     DEFAULTS = {"fsp": {"ce_weight": 1.0, "feat_weight": 0.0, "pretrain_epochs": 30, "pretrain_lr": 0.05}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "fsp.ce_weight": {"kind": "number", "ge": 0},
+        "fsp.feat_weight": {"kind": "number", "ge": 0},
+        "fsp.pretrain_epochs": {"kind": "int", "ge": 0, "about": "epochs of the initialisation stage"},
+        "fsp.pretrain_lr": {"kind": "number", "gt": 0, "about": "the initialisation stage's learning rate"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["fsp.ce_weight", "fsp.feat_weight"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("fsp")
         self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
-        self.pretrain_epochs = check_int("fsp", "pretrain_epochs", s["pretrain_epochs"])
-        self.pretrain_lr = check_positive("fsp", "pretrain_lr", s["pretrain_lr"])
+        self.pretrain_epochs, self.pretrain_lr = int(s["pretrain_epochs"]), float(s["pretrain_lr"])
         info_s, info_t = student.feature_info(), teacher.feature_info()
         ch_s = [f.channels for f in [info_s["stem"], *info_s["stages"]]]
         ch_t = [f.channels for f in [info_t["stem"], *info_t["stages"]]]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import LakdError
 from .base import Distiller, register_distiller
 
 
@@ -33,12 +32,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl * temperature**2
 
 
-def check_logit_stand(method: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise LakdError(f"{method}.logit_stand must be true or false (logit standardization), got {value!r}")
-    return value
-
-
 @register_distiller("kd")
 class KD(Distiller):
     """KD (Hinton et al. 2015) distils softened class probabilities; kd_ls: + logit standardization (CVPR 2024).
@@ -50,6 +43,17 @@ class KD(Distiller):
     report_order = 1
     bench_default = True
     DEFAULTS = {"kd": {"T": 4.0, "ce_weight": 0.1, "kd_weight": 0.9, "logit_stand": False}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "kd.ce_weight": {"kind": "number", "ge": 0},
+        "kd.kd_weight": {"kind": "number", "ge": 0},
+        "kd.T": {"kind": "number", "gt": 0, "about": "the temperature"},
+        "kd.logit_stand": {"kind": "bool", "about": "logit standardization"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["kd.ce_weight", "kd.kd_weight"]},
+    ]
     #: KD with logit standardization at the reference's settings (Sun et al., 2024)
     variants = {"kd_ls": ["kd.logit_stand=true", "kd.T=2.0", "kd.kd_weight=9.0"]}
     bench_variants = ()  # lakd bench's default list stays the paper's Table 4 methods
@@ -58,9 +62,7 @@ class KD(Distiller):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("kd")
         self.T, self.ce_weight, self.kd_weight = float(s["T"]), float(s["ce_weight"]), float(s["kd_weight"])
-        if self.T <= 0:
-            raise LakdError(f"kd.T (the temperature) must be positive, got {s['T']!r}")
-        self.logit_stand = check_logit_stand("kd", s["logit_stand"])
+        self.logit_stand = bool(s["logit_stand"])
 
     def student_losses(self, image, target, t_logits, **batch):
         logits = self.student(image)

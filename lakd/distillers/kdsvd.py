@@ -83,15 +83,22 @@ class KDSVD(Distiller):
     display_name = "KDSVD"
     report_order = 45
     DEFAULTS = {"kdsvd": {"ce_weight": 1.0, "feat_weight": 1.0, "k": 1, "layout": "mdistiller"}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "kdsvd.ce_weight": {"kind": "number", "ge": 0},
+        "kdsvd.feat_weight": {"kind": "number", "ge": 0},
+        "kdsvd.k": {"kind": "int", "ge": 1, "about": "singular vectors kept"},
+        "kdsvd.layout": {"kind": "choice", "choices": ["mdistiller", "channels"]},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["kdsvd.ce_weight", "kdsvd.feat_weight"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("kdsvd")
         self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
-        if isinstance(s["k"], bool) or not isinstance(s["k"], int) or s["k"] < 1:
-            raise LakdError(f"kdsvd.k (singular vectors kept) must be a positive integer, got {s['k']!r}")
-        if s["layout"] not in ("mdistiller", "channels"):
-            raise LakdError(f"kdsvd.layout {s['layout']!r} is not one of mdistiller, channels")
         self.k, self.layout = int(s["k"]), s["layout"]
         st_s, st_t = student.feature_info()["stages"], teacher.feature_info()["stages"]
         sizes = [(a.height, a.width) for a in st_s], [(a.height, a.width) for a in st_t]

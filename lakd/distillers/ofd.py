@@ -107,6 +107,16 @@ class OFD(Distiller):
     display_name = "OFD"
     report_order = 4
     DEFAULTS = {"ofd": {"ce_weight": 1.0, "feat_weight": 0.001, "connector_kernel": 1}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "ofd.ce_weight": {"kind": "number", "ge": 0},
+        "ofd.feat_weight": {"kind": "number", "ge": 0},
+        "ofd.connector_kernel": {"kind": "int", "ge": 1, "odd": True, "about": "the connector's kernel size"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["ofd.ce_weight", "ofd.feat_weight"]},
+    ]
     #: pre-ReLU stage outputs of both models (MobileNetV2's stages end with a linear projection: none)
     needs = ("preact",)
 
@@ -114,9 +124,7 @@ class OFD(Distiller):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("ofd")
         self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
-        k = s["connector_kernel"]
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
-            raise LakdError(f"ofd.connector_kernel must be an odd positive integer (default 1), got {k!r}")
+        k = int(s["connector_kernel"])
         ch_s = [f.channels for f in student.feature_info()["stages"]]
         ch_t = [f.channels for f in teacher.feature_info()["stages"]]
         self.num_stages = n = min(len(ch_s), len(ch_t))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import LakdError
 from .base import Distiller, register_distiller
 
 
@@ -42,13 +41,23 @@ class PKT(Distiller):
     display_name = "PKT"
     report_order = 40
     DEFAULTS = {"pkt": {"ce_weight": 1.0, "feat_weight": 30000.0, "eps": 1e-7}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "pkt.ce_weight": {"kind": "number", "ge": 0},
+        "pkt.feat_weight": {"kind": "number", "ge": 0},
+        "pkt.eps": {"kind": "number", "gt": 0, "about": "a small positive number"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["pkt.ce_weight", "pkt.feat_weight"]},
+        {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
+            "PKT matches the similarities between the images of a batch"},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("pkt")
         self.ce_weight, self.feat_weight, self.eps = float(s["ce_weight"]), float(s["feat_weight"]), float(s["eps"])
-        if not self.eps > 0:
-            raise LakdError(f"pkt.eps must be a small positive number (default 1e-7), got {s['eps']!r}")
 
     def teacher_pass(self, image, **batch):
         return self.teacher_forward(image, features=True)[1]["embedding"]

@@ -22,9 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import LakdError
 from .base import Distiller, register_distiller
-from .stage_utils import check_int
 
 
 def hcl_loss(fs: list, ft: list) -> torch.Tensor:
@@ -76,6 +74,24 @@ class ReviewKD(Distiller):
     report_order = 54
     DEFAULTS = {"reviewkd": {"ce_weight": 1.0, "weight": 1.0, "warmup": 20, "max_mid_channel": 512,
                              "stu_preact": False, "teacher_preact": True}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "reviewkd.ce_weight": {"kind": "number", "ge": 0},
+        "reviewkd.weight": {"kind": "number", "ge": 0},
+        "reviewkd.warmup": {"kind": "int", "ge": 0, "about":
+            "epochs over which the review loss ramps up; the authors': 20"},
+        "reviewkd.max_mid_channel": {"kind": "int", "ge": 1, "about": "the ABF modules' widest middle layer"},
+        "reviewkd.stu_preact": {"kind": "bool"},
+        "reviewkd.teacher_preact": {"kind": "bool"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["reviewkd.ce_weight", "reviewkd.weight"]},
+        {"rule": "compare", "key": "reviewkd.warmup", "op": "<=", "than": "solver.epochs", "about":
+            "the review loss ramps up over reviewkd.warmup epochs and would never reach its full weight"},
+        {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
+            "the BatchNorm of its fusion modules needs two images per step"},
+    ]
 
     def requirements(self):
         s = self.section("reviewkd")
@@ -87,14 +103,8 @@ class ReviewKD(Distiller):
         s = self.section("reviewkd")
         self.ce_weight = float(s["ce_weight"])
         self.weight = float(s["weight"])
-        self.warmup = check_int("reviewkd", "warmup", s["warmup"])
-        mid_max = check_int("reviewkd", "max_mid_channel", s["max_mid_channel"], 1)
-        for key in ("stu_preact", "teacher_preact"):
-            if not isinstance(s[key], bool):
-                raise LakdError(f"reviewkd.{key} must be true or false, got {s[key]!r}")
+        self.warmup, mid_max = int(s["warmup"]), int(s["max_mid_channel"])
         self.stu_preact, self.teacher_preact = s["stu_preact"], s["teacher_preact"]
-        if self.weight < 0:
-            raise LakdError(f"reviewkd.weight must be >= 0, got {s['weight']!r}")
         info_s, info_t = student.feature_info(), teacher.feature_info()
         n = min(len(info_s["stages"]), len(info_t["stages"]))
         self.num_stages = n

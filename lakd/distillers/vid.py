@@ -20,9 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import LakdError
 from .base import Distiller, register_distiller
-from .stage_utils import check_positive, pool_to_match
+from .stage_utils import pool_to_match
 
 
 def vid_nll(pred_mean: torch.Tensor, target: torch.Tensor, log_scale: torch.Tensor, eps: float) -> torch.Tensor:
@@ -47,15 +46,25 @@ class VID(Distiller):
     display_name = "VID"
     report_order = 53
     DEFAULTS = {"vid": {"ce_weight": 1.0, "feat_weight": 1.0, "init_pred_var": 5.0, "eps": 1e-5}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "vid.ce_weight": {"kind": "number", "ge": 0},
+        "vid.feat_weight": {"kind": "number", "ge": 0},
+        "vid.init_pred_var": {"kind": "number", "gt": 0, "about": "the initial predicted variance"},
+        "vid.eps": {"kind": "number", "gt": 0, "about": "the variance's floor"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["vid.ce_weight", "vid.feat_weight"]},
+        {"rule": "compare", "key": "vid.init_pred_var", "op": ">", "than": "vid.eps", "about":
+            "the predicted variance is eps plus a softplus"},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("vid")
         self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
-        init_var = check_positive("vid", "init_pred_var", s["init_pred_var"])
-        self.eps = check_positive("vid", "eps", s["eps"])
-        if init_var <= self.eps:
-            raise LakdError(f"vid.init_pred_var ({init_var}) must exceed vid.eps ({self.eps})")
+        init_var, self.eps = float(s["init_pred_var"]), float(s["eps"])
         ch_s = [f.channels for f in student.feature_info()["stages"]]
         ch_t = [f.channels for f in teacher.feature_info()["stages"]]
         self.num_stages = n = min(len(ch_s), len(ch_t))

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..config import check_method_settings
 from ..data import DataBundle, build_data
 from ..distillers import DISTILLERS, Distiller, build_distiller
 from ..errors import LakdError
@@ -63,6 +64,12 @@ def resolve_num_classes(cfg: dict, data: DataBundle) -> int:
                         f"{cfg['data']['dataset']}; leave it unset (null) to use the dataset's")
     cfg["model"]["num_classes"] = num_classes
     return num_classes
+
+
+def data_views(cfg: dict) -> dict[str, dict]:
+    """The extra views of every training image the run's method needs (``Distiller.views``: ``{name: spec}``),
+    which the data builder makes per sample (``lakd.data.views``)."""
+    return DISTILLERS.get(cfg["method"]).views(cfg)
 
 
 def build_models(cfg: dict, num_classes: int, meta: dict | None = None, warn: bool = True,
@@ -118,10 +125,17 @@ def build(cfg: dict, device=None, rank: int = 0, world_size: int = 1, data: Data
     meta = teacher_metadata(cfg) if cfg["teacher"].get("name") else {}
     if num_data is None:
         apply_teacher_normalisation(cfg, meta)
+        views = data_views(cfg)  # the extra per-sample views the method asks for (Distiller.views), if any
         if data is None:
-            data = build_data(cfg, device, rank, world_size)
+            data = build_data(cfg, device, rank, world_size, views=views)
+        elif any(v not in data.views for v in views):
+            raise LakdError(f"method {cfg['method']} trains on per-sample views {', '.join(views)} that the data given "
+                            f"to build does not make; build it with lakd.build_data(cfg, device, views="
+                            f"lakd.engine.build.data_views(cfg)), or let build make it (data=None)")
         num_classes = resolve_num_classes(cfg, data)
         num_data = data.num_train
+        # the method's checks that need the training set (CRD's negatives, a last batch of 1), before any model
+        check_method_settings(cfg, train_size=num_data, world_size=world_size)
         batch = int(cfg["solver"]["batch_size"])
         if warn and rank == 0 and 0 < num_data < batch:
             log.warning("solver.batch_size=%d is larger than the training set (%d images): every epoch is one "
