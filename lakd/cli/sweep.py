@@ -24,7 +24,7 @@ is in the results folder are skipped; runs with a last.pt in their run folder re
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EPILOG
-    p.add_argument("spec", help="sweep spec (YAML; see configs/sweeps/)")
+    p.add_argument("spec", help="sweep spec (YAML; e.g. sweeps/cifar10_seeds.yaml)")
     p.add_argument("--runs-dir", help="run folders go here (default: the spec's runs_dir)")
     p.add_argument("--results", help="results folder (default: the spec's results_dir)")
     p.add_argument("--processes", type=int, help="CPU: runs at a time (default: the spec's processes)")
