@@ -103,6 +103,25 @@ class Distiller(nn.Module):
         without data (the reachability check, cost benchmarks). Empty for methods without views."""
         return {name: torch.randn_like(image) for name in self.views(self.cfg)}
 
+    def batch_view(self, name: str, image: torch.Tensor, views: dict | None, or_else: str = "") -> torch.Tensor:
+        """The training batch's view ``name`` (``batch["views"][name]``, which the data pipeline makes per sample as
+        ``views`` declares), in ``image``'s memory format; a one-line error where the batch lacks it or it does not
+        match the batch (``or_else``: what else the user can do, e.g. a setting that needs no view)."""
+        view = (views or {}).get(name)
+        if view is None:
+            spec = self.views(self.cfg).get(name, {})
+            made = ", ".join(k if v is True else f"{k} {v}" for k, v in spec.items()) or "as declared"
+            raise LakdError(f"{self.name} trains on a {name} view of every image ({made}) that the data pipeline "
+                            f"makes (batch['views'][{name!r}]), but this batch has none; train through lakd (lakd "
+                            f"train, lakd.build), or pass batch['views'] = {{{name!r}: images}} yourself"
+                            + (f", or {or_else}" if or_else else ""))
+        if view.shape != image.shape:
+            raise LakdError(f"{self.name}: the {name} view {tuple(view.shape)} does not match the batch "
+                            f"{tuple(image.shape)}; it must hold a view of each of the batch's images")
+        if not image.is_contiguous() and image.is_contiguous(memory_format=torch.channels_last):
+            view = view.contiguous(memory_format=torch.channels_last)
+        return view
+
     @classmethod
     def uses_teacher(cls, cfg: dict) -> bool:
         """Whether a run of this method with config ``cfg`` (a run config, or a dict of some of its sections)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import LakdError
 from .base import Distiller, register_distiller
 from .mlkd import STRONG_VIEW
 from .sdd import kd_rows
@@ -81,22 +80,8 @@ class CRLD(Distiller):
         """The authors' strong view (MLKD's spec: own crop and flip, RandAugment(2, 10), Cutout up to 1/2)."""
         return dict(STRONG_VIEW)
 
-    @staticmethod
-    def _strong(image: torch.Tensor, views: dict | None) -> torch.Tensor:
-        strong = (views or {}).get("strong")
-        if strong is None:
-            raise LakdError("crld trains on a strong view of every image (its own crop, RandAugment, Cutout) that the "
-                            "data pipeline makes (batch['views']['strong']), but this batch has none; train through "
-                            "lakd (lakd train, lakd.build), or pass batch['views'] = {'strong': images} yourself")
-        if strong.shape != image.shape:
-            raise LakdError(f"crld: the strong view {tuple(strong.shape)} does not match the batch "
-                            f"{tuple(image.shape)}; it must hold a view of each of the batch's images")
-        if not image.is_contiguous() and image.is_contiguous(memory_format=torch.channels_last):
-            strong = strong.contiguous(memory_format=torch.channels_last)
-        return strong
-
     def teacher_pass(self, image, views=None, **batch):
-        strong = self._strong(image, views)
+        strong = self.batch_view("strong", image, views)
         return self.teacher_forward(torch.cat([image, strong])), strong  # eval mode: one pass is two
 
     def student_losses(self, image, target, t_out, **batch):

@@ -190,25 +190,10 @@ class MLKD(Distiller):
         n = cls._num_views({**cls.DEFAULTS["mlkd"], **(cfg.get("mlkd") or {})}["views"])
         return dict(STRONG_VIEW) if n == 2 else {}
 
-    @staticmethod
-    def _strong(image: torch.Tensor, views: dict | None) -> torch.Tensor:
-        strong = (views or {}).get("strong")
-        if strong is None:
-            raise LakdError("mlkd.views=2 trains on a strong view of every image (its own crop, RandAugment, Cutout) "
-                            "that the data pipeline makes (batch['views']['strong']), but this batch has none; train "
-                            "through lakd (lakd train, lakd.build), pass batch['views'] = {'strong': images} "
-                            "yourself, or set mlkd.views=1")
-        if strong.shape != image.shape:
-            raise LakdError(f"mlkd: the strong view {tuple(strong.shape)} does not match the batch "
-                            f"{tuple(image.shape)}; it must hold a view of each of the batch's images")
-        if not image.is_contiguous() and image.is_contiguous(memory_format=torch.channels_last):
-            strong = strong.contiguous(memory_format=torch.channels_last)
-        return strong
-
     def teacher_pass(self, image, views=None, **batch):
         if self.num_views == 1:
             return super().teacher_pass(image, **batch)
-        strong = self._strong(image, views)
+        strong = self.batch_view("strong", image, views, 'set mlkd.views=1')
         return self.teacher_forward(torch.cat([image, strong])), strong  # eval mode: one pass is two
 
     def student_losses(self, image, target, t_out, **batch):
