@@ -22,6 +22,34 @@ from .settings import check_finite, check_settings, run_facts
 DATA_ENV = "LAKD_DATA"
 
 
+def expand_path(value: str | None, key: str) -> str | None:
+    """A path setting as the process uses it: ``~`` and environment variables (``$LAKD_SHARED/data``,
+    ``${DATA}/cifar``) expanded. The config keeps the text as written, so a run's ``config.yaml`` and a sweep's plan
+    name ``$DATA/...`` rather than one machine's folders; an unset variable is a one-line error naming it."""
+    if not isinstance(value, str) or not value:
+        return value
+    out = os.path.expanduser(os.path.expandvars(value))
+    missing = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", out)
+    if missing:
+        raise LakdError(f"{key}={value!r} names the environment variable ${missing[0]}, which is not set; set it "
+                        f"(e.g. export {missing[0]}=/path/to/folder) or write the path out")
+    return out
+
+
+#: the settings that name files or folders, expanded by ``with_paths_expanded``
+PATH_KEYS = (("data", "root"), ("model", "checkpoint"), ("teacher", "checkpoint"))
+
+
+def with_paths_expanded(cfg: dict) -> dict:
+    """``cfg`` with its path settings (``PATH_KEYS``) as the process uses them (``expand_path``); the sections it
+    changes are copies, ``cfg`` itself is left as written."""
+    out = dict(cfg)
+    for sec, key in PATH_KEYS:
+        if isinstance(out.get(sec), dict) and out[sec].get(key):
+            out[sec] = {**out[sec], key: expand_path(out[sec][key], f"{sec}.{key}")}
+    return out
+
+
 def default_data_root() -> str:
     """Where datasets live when ``data.root`` is not set: ``$LAKD_DATA``, else ``data`` in the working directory
     (``data.download=true`` fetches CIFAR there)."""
@@ -379,6 +407,8 @@ def validate(cfg: dict) -> None:
         v = cfg[sec].get(key)
         if v is not None and not isinstance(v, str):
             raise LakdError(f"{sec}.{key} must be a string, got {v!r}")
+    for sec, key in PATH_KEYS:  # a $VARIABLE in a path must be set (it is expanded where the path is used)
+        expand_path(cfg[sec].get(key), f"{sec}.{key}")
     for sec in ("model", "teacher"):
         c = cfg[sec]
         if c.get("blocks") is not None and (not isinstance(c["blocks"], list) or not c["blocks"]

@@ -156,3 +156,31 @@ def test_runs_record_the_version(tmp_path, digits_overrides):
     assert summary["lakd_version"] == lakd.__version__
     with open(os.path.join(summary["run_dir"], "config.yaml"), encoding="utf-8") as f:
         assert f.readline().startswith(f"# lakd {lakd.__version__}, torch ")
+
+
+def test_paths_may_name_environment_variables_and_runs_keep_them_as_written(tmp_path, monkeypatch, digits_overrides,
+                                                                           capsys):
+    """data.root / checkpoints may read $VAR/...: expanded where used, kept as written in the run's config.yaml (so a
+    committed results folder or sweep plan carries no folder of the machine that ran it); unset: one line, exit 2."""
+    import torch
+
+    from lakd.config import expand_path
+    from lakd.engine.trainer import Trainer
+    from lakd.models import create_model
+
+    monkeypatch.setenv("LAKD_TEST_HOME", str(tmp_path))
+    assert expand_path("$LAKD_TEST_HOME/a", "data.root") == f"{tmp_path}/a"
+    assert expand_path("${LAKD_TEST_HOME}/a", "data.root") == f"{tmp_path}/a"
+    monkeypatch.delenv("LAKD_NOT_SET_X", raising=False)
+    with pytest.raises(lakd.LakdError, match=r"names the environment variable \$LAKD_NOT_SET_X, which is not set"):
+        expand_path("$LAKD_NOT_SET_X/data", "data.root")
+    torch.save({"model": create_model("resnet8", 10).state_dict()}, tmp_path / "t.pth")
+    cfg = load_config(None, digits_overrides("kd", ["teacher.checkpoint=$LAKD_TEST_HOME/t.pth"]))
+    summary = Trainer(cfg, quiet=True).fit()
+    text = open(os.path.join(summary["run_dir"], "config.yaml"), encoding="utf-8").read()
+    assert "checkpoint: $LAKD_TEST_HOME/t.pth" in text and str(tmp_path / "t.pth") not in text
+    capsys.readouterr()  # the run's own lines (a near-chance teacher warning) are not this command's
+    rc = main(["train", "cifar10/kd/resnet56_resnet20", "teacher.checkpoint=$LAKD_NOT_SET_X/t.pth",
+               "data.dataset=digits", "solver.max_steps_per_epoch=1", f"output_dir={tmp_path}/o"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "LAKD_NOT_SET_X" in err and len(err.strip().splitlines()) == 1, err

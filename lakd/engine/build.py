@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..config import check_method_settings
+from ..config import check_method_settings, expand_path, with_paths_expanded
 from ..data import DataBundle, build_data
 from ..distillers import DISTILLERS, Distiller, build_distiller
 from ..errors import LakdError
@@ -46,7 +46,7 @@ class Built:
 
 def teacher_metadata(cfg: dict) -> dict:
     """Normalisation and class count recorded in the teacher checkpoint (if any)."""
-    path = cfg["teacher"].get("checkpoint")
+    path = expand_path(cfg["teacher"].get("checkpoint"), "teacher.checkpoint")
     return checkpoint_meta(path) if path else {}
 
 
@@ -81,7 +81,7 @@ def build_models(cfg: dict, num_classes: int, meta: dict | None = None, warn: bo
     size = image_size or cfg["data"].get("image_size") or None
     student = create_model(cfg["model"]["name"], num_classes, input_size=size, **model_options(cfg["model"]))
     if cfg["model"].get("checkpoint"):
-        load_weights(student, cfg["model"]["checkpoint"], arch=cfg["model"]["name"])
+        load_weights(student, expand_path(cfg["model"]["checkpoint"], "model.checkpoint"), arch=cfg["model"]["name"])
     teacher = None
     if cfg["teacher"].get("name"):
         meta = teacher_metadata(cfg) if meta is None else meta
@@ -89,7 +89,7 @@ def build_models(cfg: dict, num_classes: int, meta: dict | None = None, warn: bo
             raise LakdError(f"teacher checkpoint {cfg['teacher']['checkpoint']!r} has {meta['num_classes']} "
                             f"classes but {cfg['data']['dataset']} has {num_classes}; use a teacher trained on "
                             f"this dataset")
-        teacher = create_model(cfg["teacher"]["name"], num_classes, checkpoint=cfg["teacher"].get("checkpoint"),
+        teacher = create_model(cfg["teacher"]["name"], num_classes, checkpoint=expand_path(cfg["teacher"].get("checkpoint"), "teacher.checkpoint"),
                                input_size=size, **model_options(cfg["teacher"]))
         if not cfg["teacher"].get("checkpoint") and warn:
             log.warning("the teacher has no checkpoint (random weights); set teacher.checkpoint=PATH")
@@ -127,7 +127,7 @@ def build(cfg: dict, device=None, rank: int = 0, world_size: int = 1, data: Data
         apply_teacher_normalisation(cfg, meta)
         views = data_views(cfg)  # the extra per-sample views the method asks for (Distiller.views), if any
         if data is None:
-            data = build_data(cfg, device, rank, world_size, views=views)
+            data = build_data(with_paths_expanded(cfg), device, rank, world_size, views=views)
         elif any(v not in data.views for v in views):
             raise LakdError(f"method {cfg['method']} trains on per-sample views {', '.join(views)} that the data given "
                             f"to build does not make; build it with lakd.build_data(cfg, device, views="

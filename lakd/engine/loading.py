@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import load_config
+from ..config import load_config, with_paths_expanded
 from ..data import DataBundle, build_data
 from ..errors import LakdError
 from ..models import checkpoint_meta, load_model, read_checkpoint
@@ -117,7 +117,7 @@ def load_models_and_data(paths: list[str], archs: list[str | None], overrides: l
     if threads > 0 and device.type == "cpu":
         torch.set_num_threads(threads)
 
-    bundle = build_data(cfg, device)
+    bundle = build_data(with_paths_expanded(cfg), device)
     models = []
     for p, m, a in zip(paths, metas, archs):
         nc = int(m.get("num_classes") or bundle.num_classes)

@@ -265,7 +265,9 @@ class SweepRunner:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
         rundir.write_pid(run_dir, proc.pid)
         self.active[run.name] = _Active(proc, time.time(), slot_gpu, run, _planned_epochs(run), logf)
-        self._event(run=run.name, event="resume" if resume else "start", pid=proc.pid, command=shlex.join(cmd))
+        # the log names the command as a user would type it (no interpreter path of this machine)
+        shown = ["python", *cmd[1:]] if cmd and cmd[0] == sys.executable else cmd
+        self._event(run=run.name, event="resume" if resume else "start", pid=proc.pid, command=shlex.join(shown))
         self.say(f"{'resume' if resume else 'start '} {run.name}" + (f" on GPU {slot_gpu}" if slot_gpu is not None
                                                                       else ""))
 
