@@ -407,8 +407,6 @@ def validate(cfg: dict) -> None:
         v = cfg[sec].get(key)
         if v is not None and not isinstance(v, str):
             raise LakdError(f"{sec}.{key} must be a string, got {v!r}")
-    for sec, key in PATH_KEYS:  # a $VARIABLE in a path must be set (it is expanded where the path is used)
-        expand_path(cfg[sec].get(key), f"{sec}.{key}")
     for sec in ("model", "teacher"):
         c = cfg[sec]
         if c.get("blocks") is not None and (not isinstance(c["blocks"], list) or not c["blocks"]
