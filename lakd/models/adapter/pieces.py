@@ -175,11 +175,13 @@ class _Split:
         kind, _, at = token_pool(pool)
         p = layout[0]
         if kind == "select" or len(mine) > 1:
-            which = "class token" if not (len(mine) > 1 and kind == "mean") else "class token and its patch tokens"
+            picked = [f"x[:, {k[2]}]" for _, k in mine if k[0] == "select"]
+            which = ("class token" if len(picked) == 1 else "class and distillation tokens") + \
+                (" and the mean of its patch tokens" if means else "")
             self.cam_problem = (
-                f"{label} classifies its {which} (x[:, {at}]), not the average of its patch tokens, so no class "
-                f"maps over the patch grid add up to its logits; use a method that does not need class maps (for "
-                f"LAKD set lakd.att_weight=0), or build the network with average pooling (timm: "
+                f"{label} classifies its {which} ({' and '.join(picked)}), not the average of its patch tokens "
+                f"alone, so no class maps over the patch grid add up to its logits; use a method that does not need "
+                f"class maps (for LAKD set lakd.att_weight=0), or build the network with average pooling (timm: "
                 f"model.kwargs={{global_pool: avg}})")
         elif at != p:
             self.cam_problem = (
