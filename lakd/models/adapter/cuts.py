@@ -147,7 +147,16 @@ def family_cuts(model: nn.Module, gm: fx.GraphModule, qualnames: dict) -> tuple[
             prev = last_node.get(m)
         return stem, [b for m in order for b in ([m] if m in whole else within(m))]
 
-    seq = in_sequence(children(""))
+    def straddled(paths: list[str]) -> list[str]:
+        """``paths`` with every module that runs both before and after the pooling opened into its children (a
+        user's wrapper around the whole network, whose head runs after the pooling)."""
+        out = []
+        for path in paths:
+            ps = [pos[n] for n, q in qualnames.items() if q == path or q.startswith(path + ".")]
+            out += straddled(children(path)) if ps and min(ps) <= limit < max(ps) else [path]
+        return out
+
+    seq = in_sequence(straddled(children("")))
     # open the largest container while fewer than three pieces run in sequence (`features`, `trunk_output`)
     while len(seq) < 3:
         opened = [p for p in seq if len(in_sequence(children(p))) >= 2]
