@@ -356,4 +356,5 @@ class StepGroup(nn.Module):
 
 _NEEDS = {"features": "feature maps and their pooled embedding (the classifier's input)",
           "class_maps": "class activation maps (a linear classifier after global pooling)",
-          "preact": "pre-activation stage outputs"}
+          "preact": "pre-activation stage outputs",
+          "heads": "a class head and a distillation head whose mean is its output"}

@@ -207,11 +207,16 @@ class FeatureNet(nn.Module):
 
     def missing(self, need: str) -> str | None:
         """Why this model cannot provide ``need`` (``"features"``: feature maps B x C x H x W; ``"class_maps"``,
-        ``"preact"``) and how to do without, or None when it can. Methods declare what they need
-        (``Distiller.requirements``). Every model of the zoo has all three (but MobileNetV2 pre-activations); an
-        adapted network without a pooled map (a ViT) gives only logits, and refuses the others with one line."""
+        ``"preact"``; ``"heads"``: a class head and a distillation head) and how to do without, or None when it
+        can. Methods declare what they need (``Distiller.requirements``). Every model of the zoo has the first three
+        (but MobileNetV2 pre-activations) and one head; an adapted network may lack some (a class-token ViT has no
+        class maps, a network without a pooled map or token grid gives only logits) and refuses them with one
+        line."""
         if need == "preact" and not self.has_preact:
             return no_preact_message(self)
+        if need == "heads":
+            return (f"{type(self).__name__} has one classifier head (a distilled network has two, a class head and "
+                    f"a distillation head, whose mean is its output: e.g. timm:deit_tiny_distilled_patch16_224)")
         return None
 
     # ----- generic machinery ---------------------------------------------------------------------

@@ -637,9 +637,10 @@ class AdaptedNet(FeatureNet):
             return self._split.map_problem
         if need == "class_maps":
             return self._split.cam_problem
-        if need == "heads" and not self._split.heads:
-            return (f"{self.label} has one classifier head (a distilled network has two, a class head and a "
-                    f"distillation head, whose mean is its output: e.g. timm:deit_tiny_distilled_patch16_224)")
+        if need == "heads":
+            return None if self._split.heads else (
+                f"{self.label} has one classifier head (a distilled network has two, a class head and a "
+                f"distillation head, whose mean is its output: e.g. timm:deit_tiny_distilled_patch16_224)")
         return super().missing(need)
 
     def forward(self, x, features=False, preact=False, blocks=False):
