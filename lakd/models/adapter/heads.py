@@ -192,8 +192,8 @@ def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
 
 def head_pair(gm: fx.GraphModule, logits: fx.Node) -> list[fx.Node] | None:
     """The two classifier calls when the logits are their mean (``(head(x) + head_dist(x_dist)) / 2``: DeiT's
-    distillation token, EfficientFormer(V2), LeViT): the class head first (the one whose path does not name
-    ``dist``), then the other; None otherwise."""
+    distillation token, EfficientFormer(V2), LeViT): in the order of the sum (the class head first, as timm
+    writes it), None otherwise."""
     n = logits
     if n.op != "call_function" or len(n.args) != 2:
         return None
@@ -208,7 +208,7 @@ def head_pair(gm: fx.GraphModule, logits: fx.Node) -> list[fx.Node] | None:
     if not all(isinstance(h, fx.Node) and h.op == "call_module" and isinstance(gm.get_submodule(h.target), nn.Linear)
                for h in heads):
         return None
-    return sorted(heads, key=lambda h: "dist" in str(h.target))
+    return heads  # in the order of the sum: timm's (head(x) + head_dist(x_dist)) / 2 puts the class head first
 
 
 # ----- class maps through any head: its nonlinearities frozen at the pooled vector ---------------------------------
