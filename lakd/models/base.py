@@ -77,6 +77,18 @@ def token_grid(tokens: torch.Tensor, layout: tuple) -> torch.Tensor:
     return tokens[:, p:].transpose(1, 2).reshape(b, c, h, w)
 
 
+def token_sequence(state) -> torch.Tensor | None:
+    """A state's block output as a B x N x C token sequence, as a transformer holds it: a ViT's tokens (class and
+    distillation tokens first), a Swin-style B x H x W x C map's positions row by row; None for a B x C x H x W
+    map."""
+    if not isinstance(state, Carry):
+        return None
+    v = state.values[state.main]
+    if state.tokens is not None:
+        return v
+    return v.flatten(1, 2) if state.nhwc else None
+
+
 def prefix_tokens(state) -> torch.Tensor | None:
     """The class/distillation tokens of a state (B x P x C), or None (maps, or a sequence without such tokens)."""
     return state.prefix if isinstance(state, Carry) else None
@@ -199,6 +211,12 @@ class FeatureNet(nn.Module):
         """Class activation maps (B x K x H x W) of the last feature map: the classifier's weights applied as a
         1x1 convolution (bias excluded)."""
         return torch.einsum("bchw,kc->bkhw", fmap, self.classifier.weight)
+
+    def block_layout(self, i: int) -> tuple[str, int]:
+        """How block ``i`` (0-based) holds its output: ``("maps", 0)`` (B x C x H x W), ``("tokens", P)`` (a ViT's
+        B x N x C sequence with ``P`` class/distillation tokens first) or ``("nhwc", 0)`` (a Swin-style
+        B x H x W x C map). The zoo's blocks give maps."""
+        return "maps", 0
 
     def replace_modules(self, mapping: dict) -> None:
         """Replace each submodule that is a key of ``mapping`` (by identity) with its value, wherever it is held

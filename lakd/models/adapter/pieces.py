@@ -569,6 +569,13 @@ class AdaptedNet(FeatureNet):
             more["heads"] = heads
         return logits, more
 
+    def block_layout(self, i: int) -> tuple[str, int]:
+        sp = self._splits[False]
+        tokens = sp.token_cuts[i + 1]
+        if tokens is not None:
+            return "tokens", tokens[0]
+        return ("nhwc", 0) if sp.nhwc_cuts[i + 1] else ("maps", 0)
+
     def _pieces(self, j: int) -> list[nn.Module]:
         # both modes' pieces (one module when the train and eval graphs agree): train.compile compiles each,
         # so a network whose graph depends on self.training also evaluates compiled; recomputation keeps the
