@@ -44,6 +44,11 @@ def deit_distill_loss(dist_logits: torch.Tensor, teacher_logits: torch.Tensor, k
 
 @register_distiller("deit")
 class DeiT(Distiller):
+    """DeiT (Touvron et al., ICML 2021) trains a distilled ViT's distillation token on the teacher's output (hard
+    or soft) and its class token on the labels; evaluation averages the two heads.
+
+    Needs a student with a class head and a distillation head (timm's ``deit_*_distilled_*``)."""
+
     display_name = "DeiT"
     report_order = 60
     DEFAULTS = {"deit": {"type": "hard", "ce_weight": 0.5, "distill_weight": 0.5, "T": 1.0,

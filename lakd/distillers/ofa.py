@@ -197,6 +197,11 @@ def init_weights(module: nn.Module) -> None:
 
 @register_distiller("ofa")
 class OFA(Distiller):
+    """OFA-KD (Hao et al., NeurIPS 2023) trains a classifier branch on every student stage, and the student's
+    logits, on the teacher's logits with adaptive target enhancement: any CNN/ViT pair, no feature matched.
+
+    The branches are the authors' (SepConv blocks for maps, patch merging and transformer blocks for tokens)."""
+
     display_name = "OFA-KD"
     report_order = 61
     DEFAULTS = {"ofa": {"ce_weight": 1.0, "kd_weight": 1.0, "ofa_weight": 1.0, "eps": [1.0], "T": 1.0,
