@@ -14,7 +14,34 @@ interface; ``lakd.create_model`` builds a model by name (``torchvision:``/``timm
 The library reports through ``logging.getLogger("lakd")``; the ``lakd`` command shows those messages.
 """
 
-__version__ = "0.1.0"
+
+
+def _find_version() -> str:
+    """The version pyproject.toml declares (its one source): read from the clone's pyproject.toml when lakd runs
+    from a source tree, else from the installed distribution's metadata (a wheel install)."""
+    import os
+    import re
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    pyproject = os.path.join(os.path.dirname(here), "pyproject.toml")
+    try:
+        with open(pyproject, encoding="utf-8") as f:
+            text = f.read()
+        if re.search(r'^name\s*=\s*"lakd"', text, re.M):
+            m = re.search(r'^version\s*=\s*"([^"]+)"', text, re.M)
+            if m:
+                return m.group(1)
+    except OSError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        return version("lakd")
+    except Exception:  # not installed and no pyproject beside it (a copied folder)
+        return "0+unknown"
+
+
+__version__ = _find_version()
 
 _API = {
     "load_config": "lakd.config",

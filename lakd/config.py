@@ -34,6 +34,9 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "method": "scratch",  # a registered distiller (see `lakd methods`)
     "resume": None,  # a run folder (or its last.pt) to continue
+    # where a reference-recipe config comes from (configs/<dataset>/<method>/ref/*.yaml): repository, commit,
+    # files, top1, reported_in, deviations; recorded with the run, it changes nothing the run computes
+    "reference": None,
     "data": {
         "dataset": "cifar10",  # cifar10 | cifar100 | imagenet | imagefolder | digits
         "root": "",  # folder holding cifar-10-batches-py / cifar-100-python / train,val ("": $LAKD_DATA or ./data)
@@ -110,13 +113,40 @@ def yaml_load(text_or_stream):
     return yaml.load(text_or_stream, Loader=_Loader)
 
 
+def method_sections() -> dict[str, dict[str, Any]]:
+    """Every registered method's own config sections (``DEFAULTS``), by method name, learnt through the method
+    registry: from its catalog while the methods are not imported (no torch: a misspelt key or method is answered
+    at once), else from the classes."""
+    light = DISTILLERS.light()
+    if light is not None:
+        return {name: e["defaults"] for name, e in light.items()}
+    return {name: DISTILLERS.get(name).DEFAULTS for name in DISTILLERS.names()}
+
+
 def method_defaults() -> dict[str, Any]:
-    """The union of every registered distiller's own config sections (learnt through the method registry)."""
+    """The union of every registered distiller's own config sections."""
     out: dict[str, Any] = {}
-    for name in DISTILLERS.names():
-        for section, values in DISTILLERS.get(name).DEFAULTS.items():
+    for sections in method_sections().values():
+        for section, values in sections.items():
             out[section] = _merge(out.get(section, {}), values)
     return out
+
+
+def uses_teacher(cfg: dict) -> bool:
+    """Whether the run ``cfg`` distils from a teacher (its method's ``uses_teacher``; from the catalog unless one
+    of the method's settings decides it)."""
+    light = DISTILLERS.light()
+    entry = light.get(str(cfg["method"]).lower()) if light is not None else None
+    if entry is not None and not entry.get("teacher_depends_on_settings"):
+        return bool(entry["needs_teacher"])
+    return DISTILLERS.get(cfg["method"]).uses_teacher(cfg)
+
+
+def run_sections(cfg: dict) -> dict:
+    """``cfg`` less the other methods' sections: what the run itself reads (``lakd train --show-config``)."""
+    own = set(method_sections().get(str(cfg.get("method")).lower(), {}))
+    others = set(method_defaults()) - own - set(DEFAULTS)
+    return {k: v for k, v in cfg.items() if k not in others}
 
 
 def full_defaults() -> dict[str, Any]:
@@ -147,8 +177,42 @@ def _check_keys(cfg: dict, schema: dict, where: str, prefix: str = "") -> None:
 
 
 def shipped_configs_dir() -> str:
-    """The configs folder shipped beside the package (the clone's ``configs/``), which ``lakd configs`` lists."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    """The shipped configs, which ``lakd configs`` lists: ``lakd/configs`` inside an installed wheel (the package
+    data pyproject.toml maps there), else the clone's top-level ``configs/`` beside the package."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    inside = os.path.join(package, "configs")
+    if os.path.isdir(inside):
+        return inside
+    return os.path.join(os.path.dirname(package), "configs")
+
+
+def shipped_config_names(root: str | None = None) -> list[str]:
+    """Every shipped config as ``lakd configs`` names it (``cifar10/lakd/resnet56_resnet20_149``: its path under
+    the configs folder without ``.yaml``), sorted; the ``_base_`` files (names starting with ``_``) are left out."""
+    root = root or shipped_configs_dir()
+    out = []
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if f.endswith((".yaml", ".yml")) and not f.startswith("_"):
+                rel = os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
+                out.append(os.path.splitext(rel)[0])
+    return sorted(out)
+
+
+def shipped_config(name: str) -> str | None:
+    """The shipped file a config name points at (``cifar100/kd/resnet32x4_resnet8x4``, also with ``configs/`` in
+    front or ``.yaml`` behind), or None."""
+    name = name.replace("\\", "/")
+    if os.path.isabs(name):
+        return None
+    if name.startswith("configs/"):
+        name = name[len("configs/"):]
+    root = shipped_configs_dir()
+    for candidate in (name, name + ".yaml", name + ".yml"):
+        path = os.path.join(root, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def resolve_base(base: str, path: str) -> str:
@@ -158,20 +222,27 @@ def resolve_base(base: str, path: str) -> str:
     own = os.path.join(os.path.dirname(path), base)
     if os.path.exists(own):
         return own
-    name = base.replace("\\", "/")
-    if name.startswith("configs/"):
-        name = name[len("configs/"):]
-    root = shipped_configs_dir()
-    for candidate in (name, name + ".yaml", name + ".yml"):
-        shipped = os.path.join(root, candidate)
-        if not os.path.isabs(name) and os.path.isfile(shipped):
-            return shipped
-    return own  # missing: load_yaml's error names it
+    return shipped_config(base) or own  # missing: load_yaml's error names it
+
+
+def resolve_config(path: str) -> str:
+    """The file a config argument names: the path itself when it exists, else the shipped config of that name
+    (``lakd train cifar100/kd/resnet32x4_resnet8x4`` from any folder, or ``configs/...`` outside the clone)."""
+    if os.path.exists(path):
+        return path
+    return shipped_config(path) or path
+
+
+def _close_configs(path: str) -> str:
+    name = os.path.splitext(path.replace("\\", "/"))[0]
+    name = name[len("configs/"):] if name.startswith("configs/") else name
+    return close_matches(name, shipped_config_names())
 
 
 def load_yaml(path: str, _chain: tuple[str, ...] = ()) -> dict:
     if not os.path.exists(path):
-        raise LakdError(f"config file {path!r} does not exist; `lakd configs` lists the shipped ones")
+        raise LakdError(f"config file {path!r} does not exist{_close_configs(path)}; `lakd configs` lists the shipped "
+                        f"ones, which work by name from any folder (e.g. `lakd train cifar10/kd/resnet56_resnet20`)")
     if os.path.isdir(path):
         raise LakdError(f"config file {path!r} is a folder; give a YAML file (`lakd configs` lists the shipped ones)")
     real = os.path.realpath(path)
@@ -327,9 +398,57 @@ def validate(cfg: dict) -> None:
         if v is not None and (not isinstance(v, list) or len(v) != 3
                               or not all(isinstance(x, (int, float)) for x in v)):
             raise LakdError(f"data.{key} must be a list of 3 numbers or null, got {v!r}")
-    DISTILLERS.get(cfg["method"])  # unknown method -> clear error
-    if DISTILLERS.get(cfg["method"]).uses_teacher(cfg) and not cfg["teacher"].get("name"):
+    check_reference(cfg.get("reference"))
+    DISTILLERS.check_name(cfg["method"])  # unknown method -> clear error (from the catalog: no torch import)
+    if uses_teacher(cfg) and not cfg["teacher"].get("name"):
         raise LakdError(f"method {cfg['method']!r} needs a teacher: set teacher.name (and teacher.checkpoint)")
+
+
+#: the fields of a config's ``reference`` entry, and whether each must be given
+REFERENCE_FIELDS = {"repository": True, "commit": True, "files": False, "top1": False, "reported_in": False,
+                    "deviations": False}
+_EXAMPLE_REF = "e.g. configs/cifar100/kd/ref/resnet32x4_resnet8x4.yaml"
+
+
+def check_reference(ref: Any) -> None:
+    """A ``reference`` entry: null, or a mapping naming the public code a config reproduces (``repository``
+    owner/name on GitHub, the 40-hex ``commit`` read), the ``files`` it follows, the ``top1`` the reference
+    reports, where (``reported_in``), and the ``deviations`` lakd does not carry."""
+    if ref is None:
+        return
+    if not isinstance(ref, dict):
+        raise LakdError(f"reference must be a mapping (repository, commit, files, top1, reported_in, deviations) "
+                        f"or null, got {ref!r} ({_EXAMPLE_REF})")
+    for key in ref:
+        if key not in REFERENCE_FIELDS:
+            raise LakdError(f"unknown key reference.{key}{close_matches(key, REFERENCE_FIELDS)}; a reference has "
+                            f"{', '.join(REFERENCE_FIELDS)}")
+    for key, required in REFERENCE_FIELDS.items():
+        if required and ref.get(key) in (None, ""):
+            raise LakdError(f"reference.{key} is missing; a reference names its repository and the commit read "
+                            f"(e.g. repository: megvii-research/mdistiller, commit: <40 hex digits>)")
+    repo = ref["repository"]
+    if not isinstance(repo, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+", repo):
+        raise LakdError(f"reference.repository must be a GitHub owner/name (e.g. megvii-research/mdistiller), "
+                        f"got {repo!r}")
+    commit = ref["commit"]
+    if not isinstance(commit, str) or not re.fullmatch(r"[0-9a-f]{40}", commit):
+        raise LakdError(f"reference.commit must be the full 40-hex commit read (lower case, e.g. "
+                        f"a08d46f10d6102bd6e3f258ca5ac880b020ea259), got {commit!r}")
+    for key in ("files", "deviations"):
+        v = ref.get(key)
+        if v is not None and (not isinstance(v, list) or not all(isinstance(x, str) and x for x in v)):
+            raise LakdError(f"reference.{key} must be a list of strings (e.g. [configs/cifar100/kd.yaml]), "
+                            f"got {v!r}")
+    top1 = ref.get("top1")
+    if top1 is not None and (isinstance(top1, bool) or not isinstance(top1, (int, float))
+                             or not 0 < top1 <= 100):
+        raise LakdError(f"reference.top1 must be the reported top-1 in percent (0-100, e.g. 73.33) or null, "
+                        f"got {top1!r}")
+    where = ref.get("reported_in")
+    if where is not None and not isinstance(where, str):
+        raise LakdError(f"reference.reported_in must be a string naming where top1 is published (e.g. "
+                        f"\"README.md, CIFAR-100 table\"), got {where!r}")
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> dict:
@@ -337,6 +456,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     schema = full_defaults()
     cfg = copy.deepcopy(schema)
     if path:
+        path = resolve_config(path)
         data = load_yaml(path)
         _check_keys(data, schema, path)
         _check_values(data, schema, path)
@@ -358,7 +478,14 @@ RESUME_FREE = {
     "train.log_every", "train.threads", "train.save_every", "train.eval_batch_size", "train.malloc",
     "train.dist_timeout_s",
     "sdm.recompute",  # LAKD's activation recomputation: the same step (tested bitwise), less memory, more time
+    "reference",  # provenance of a reference-recipe config (and every reference.* field): computes nothing
 }
+
+
+def resume_free(key: str) -> bool:
+    """Whether a flattened key (``reference.commit``) may change on resume: it or a section above it is free."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in RESUME_FREE for i in range(1, len(parts) + 1))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -381,7 +508,7 @@ def config_changes(stored: dict | None, cfg: dict) -> dict[str, tuple[Any, Any]]
     missing = object()
     out: dict[str, tuple[Any, Any]] = {}
     for k in sorted(set(a) | set(b)):
-        if k in RESUME_FREE:
+        if resume_free(k):
             continue
         old, new = a.get(k, missing), b.get(k, missing)
         if old is missing and k in defaults and _same(new, defaults[k]):

@@ -181,3 +181,24 @@ def test_lakd_methods_prints_whole_sentences(capsys):
         sentence = first_sentences(doc)
         assert sentence.endswith((".", "!", "?")), (name, sentence)
         assert f"{name} {sentence}" in printed
+
+
+def test_every_method_is_named_wherever_methods_are_listed():
+    """The lists of methods in README.md, docs/index.md, docs/api.md and docs/methods.md name every registered
+    method (the registry is the source: a method added without its docs fails here)."""
+    from lakd.distillers import DISTILLERS
+
+    readme_intro = (ROOT / "README.md").read_text().split("## Quick start")[0]
+    index_intro = (ROOT / "docs" / "index.md").read_text().split("```")[0]
+    api_row = next(line for line in (ROOT / "docs" / "api.md").read_text().splitlines()
+                   if line.startswith("| `method` |"))
+    methods_page = (ROOT / "docs" / "methods.md").read_text()
+    for name in DISTILLERS.names():
+        cls = DISTILLERS.get(name)
+        if name == "scratch":
+            continue
+        shown = cls.display_name or name
+        assert shown in readme_intro, f"README.md's introduction does not name {shown}"
+        assert shown in index_intro, f"docs/index.md's introduction does not name {shown}"
+        assert f"`{name}`" in api_row, f"docs/api.md's method row does not name `{name}`"
+        assert f"`{name}`" in methods_page or shown in methods_page, f"docs/methods.md does not describe {name}"

@@ -170,22 +170,16 @@ def test_mlkd_equals_the_authors_forward_with_one_view_as_both():
     assert (kl * mask).mean() != pytest.approx(kl.mean() * mask.mean(), rel=1e-3)
 
 
-def test_mlkd_two_views_equal_the_authors_forward(monkeypatch):
-    """mlkd.views=2: the student and teacher run on the weak batch and on the strong view the method makes; every
-    term equals the authors' forward_train on the two views' logits (CE per view, the first three unmasked KL
-    terms on the strong view)."""
-    import lakd.distillers.mlkd as mlkd_mod
-
+def test_mlkd_two_views_equal_the_authors_forward():
+    """mlkd.views=2: the student and teacher run on the weak batch and on the strong view the data pipeline makes
+    (``batch["views"]["strong"]``); every term equals the authors' forward_train on the two views' logits (CE per
+    view, the first three unmasked KL terms on the strong view)."""
     s, te = pair()
     x, y = torch.randn(5, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4])
     x2 = torch.randn(5, 3, 32, 32)
-    monkeypatch.setattr(mlkd_mod, "strong_view", lambda image, mean, std, n=2: x2)
-    cfg = method_cfg("mlkd", views=2)
-    cfg["data"]["dataset"] = "cifar10"
-    d = build_distiller(cfg, s, te)
-    assert d.mean == pytest.approx([0.4914, 0.4822, 0.4465]) and d.std == pytest.approx([0.2470, 0.2435, 0.2616])
+    d = build_distiller(method_cfg("mlkd", views=2), s, te)
     d.train()
-    logits, losses = d.forward_train(x, y)
+    logits, losses = d.forward_train(x, y, views={"strong": x2})
     with torch.no_grad():
         zs, zs2 = d.student(x).double().numpy(), d.student(x2).double().numpy()
         zt, zt2 = te(x).double().numpy(), te(x2).double().numpy()
@@ -197,54 +191,27 @@ def test_mlkd_two_views_equal_the_authors_forward(monkeypatch):
     assert losses["instance"].item() != pytest.approx(one["instance"], rel=1e-3)  # the strong view counts
 
 
-def test_mlkd_strong_view_is_the_authors_randaugment_in_pixels(monkeypatch):
-    from PIL import Image
-
-    import lakd.distillers.mlkd as mlkd_mod
-
-    mean, std = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
-    torch.manual_seed(0)
-    pix = torch.randint(0, 256, (3, 3, 16, 16)).float() / 255
-    x = (pix - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    monkeypatch.setattr(mlkd_mod, "randaugment", lambda img, n=2: img)  # identity: the pixel round trip is exact
-    assert torch.allclose(mlkd_mod.strong_view(x, mean, std), x, atol=1e-5)
-    monkeypatch.undo()
-    torch.manual_seed(1)
-    a = mlkd_mod.strong_view(x.contiguous(memory_format=torch.channels_last), mean, std)
-    torch.manual_seed(1)
-    b = mlkd_mod.strong_view(x, mean, std)
-    assert torch.equal(a, b) and a.is_contiguous(memory_format=torch.channels_last)  # torch's RNG decides
-    assert not torch.allclose(b, x, atol=1e-3)
-    img = Image.fromarray((pix[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
-    names = [name for name, *_ in mlkd_mod.AUGMENTATIONS]
-    assert len(names) == 14 and {"solarize", "posterize", "shear_x", "translate_y", "equalize"} <= set(names)
-    for name, op, low, high in mlkd_mod.AUGMENTATIONS:  # every operation at both ends of its range
-        for v in (low, high):
-            out = op(img, v)
-            assert out.size == img.size and out.mode == "RGB", name
-    # the translation moves by a fraction of the side, as the authors' TranslateX (0.25 of 16 = 4 pixels)
-    moved = np.asarray(mlkd_mod.AUGMENTATIONS[names.index("translate_x")][1](img, 0.25))
-    assert np.array_equal(moved[:, :12], np.asarray(img)[:, 4:])
-    with pytest.raises(LakdError, match="mlkd.views=2 augments RGB images"):
-        mlkd_mod.strong_view(torch.zeros(2, 1, 8, 8), mean, std)
-
-
 def test_mlkd_views_settings_are_checked():
+    from lakd.distillers.mlkd import MLKD, STRONG_VIEW
+
     s, te = pair()
     with pytest.raises(LakdError, match="mlkd.views must be 1"):
         build_distiller(method_cfg("mlkd", views=3), s, te)
-    from lakd.distillers.mlkd import MLKD
+    with pytest.raises(LakdError, match="mlkd.views must be 1"):
+        MLKD.views({"mlkd": {"views": True}})
+    assert MLKD.views({}) == {} and MLKD.views({"mlkd": {"views": 2}}) == STRONG_VIEW
+    assert STRONG_VIEW == {"strong": {"randaugment": 2, "cutout": 0.5}}  # own crop and flip: the spec's defaults
+    import lakd  # one's own loop: the strong view is the data pipeline's; without it, a one-line way out
 
-    with pytest.raises(LakdError, match="needs the batches' normalisation"):
-        MLKD._pixel_stats({"dataset": "not_registered"})
-    assert MLKD._pixel_stats({"dataset": "cifar10", "mean": [0.1, 0.2, 0.3], "std": [1, 1, 1]})[0] == [0.1, 0.2, 0.3]
-    import lakd  # through the library the data is the user's: its normalisation must be given, not assumed
-
-    with pytest.raises(LakdError, match=r"set data.mean and data.std \(e.g. options="):
-        lakd.distiller(create_model("resnet8", 10), create_model("resnet8", 10), "mlkd", options={"mlkd": {"views": 2}})
-    d = lakd.distiller(create_model("resnet8", 10), create_model("resnet8", 10), "mlkd",
-                       options={"mlkd": {"views": 2}, "data": {"mean": [0.5] * 3, "std": [0.25] * 3}})
-    assert (d.mean, d.std) == ([0.5] * 3, [0.25] * 3)
+    d = lakd.distiller(create_model("resnet8", 10), create_model("resnet8", 10), "mlkd", options={"mlkd": {"views": 2}})
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    with pytest.raises(LakdError, match=r"batch\['views'\]\['strong'\]\), but this batch has none") as info:
+        d.train_step({"image": x, "target": y}, lambda loss: loss.backward())
+    assert "\n" not in str(info.value)
+    with pytest.raises(LakdError, match=r"strong view \(1, 3, 32, 32\) does not match the batch \(2, 3, 32, 32\)"):
+        d.train_step({"image": x, "target": y, "views": {"strong": x[:1]}}, lambda loss: loss.backward())
+    _, losses = d.train_step({"image": x, "target": y, "views": {"strong": x.flip(3)}}, lambda loss: loss.backward())
+    assert set(losses) == {"ce", "instance", "batch", "class"}
 
 
 def test_mlkd_terms_by_hand_in_both_mask_modes():

@@ -21,7 +21,15 @@ import lakd
 from lakd.cli.main import main
 from lakd.config import load_config
 from lakd.distillers import DISTILLERS, build_distiller
-from lakd.distillers.sskd import SSKD, error_levels, kept_rows, rotated_batch, rotation_similarity, sskd_terms
+from lakd.distillers.sskd import (
+    ROTATED_COPIES,
+    SSKD,
+    error_levels,
+    kept_rows,
+    rotated_batch,
+    rotation_similarity,
+    sskd_terms,
+)
 from lakd.errors import LakdError
 from lakd.models import create_model
 
@@ -42,6 +50,12 @@ def _sskd(seed=0, **section):
     return build_distiller(method_cfg("sskd", **section), s, t)
 
 
+def _rot(x):
+    """The views ``sskd.views: per_sample`` takes from the data, here each image's copies rotated without a crop
+    of their own (then the 4B batch is ``rotated_batch``'s)."""
+    return {name: torch.rot90(x, k, (2, 3)) for k, name in enumerate(ROTATED_COPIES, 1)}
+
+
 # ----- the rotations, the ranking and the terms by hand -------------------------------------------------------------
 def test_rotated_batch_is_each_image_then_its_three_rotations_as_np_rot90():
     x = torch.arange(2 * 3 * 3 * 3, dtype=torch.float32).view(2, 3, 3, 3)
@@ -57,6 +71,34 @@ def test_rotated_batch_is_each_image_then_its_three_rotations_as_np_rot90():
     assert rotated_batch(corner)[1, 0].tolist() == [[2.0, 4.0], [1.0, 3.0]]
     with pytest.raises(LakdError, match=r"^sskd rotates .* square .* \(2, 3, 4, 6\)") as info:
         rotated_batch(torch.zeros(2, 3, 4, 6))
+    assert "\n" not in str(info.value)
+
+
+def test_per_sample_copies_come_from_the_batch_views_and_batch_mode_rotates_the_image():
+    """``sskd.views: per_sample`` (default) stacks the data's copies image-major (row 4i + k: copy k of image i);
+    with copies that are plain rotations it is ``sskd.views: batch`` exactly; copies with crops of their own (other
+    pixels) change the losses."""
+    from lakd.distillers.sskd import stacked_copies
+
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([1, 2, 3])
+    views = {name: torch.randn(3, 3, 32, 32) for name in ROTATED_COPIES}
+    four = stacked_copies(x, views)
+    for i in range(3):
+        assert torch.equal(four[4 * i], x[i])
+        for k, name in enumerate(ROTATED_COPIES, 1):
+            assert torch.equal(four[4 * i + k], views[name][i])
+    assert stacked_copies(x.contiguous(memory_format=torch.channels_last), views).is_contiguous(
+        memory_format=torch.channels_last)
+    per_sample, batch = _sskd().eval(), _sskd(views="batch").eval()
+    assert SSKD.views(per_sample.cfg) == ROTATED_COPIES and SSKD.views(batch.cfg) == {}
+    with torch.no_grad():
+        a = per_sample.forward_train(x, y, views=_rot(x))[1]
+        b = batch.forward_train(x, y)[1]
+        c = per_sample.forward_train(x, y, views={k: v.roll(2, dims=3) for k, v in _rot(x).items()})[1]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["tf"] != c["tf"] and a["ss"] != c["ss"] and torch.equal(a["ce"], c["ce"])
+    with pytest.raises(LakdError, match=r"batch lacks rot270;") as info:
+        per_sample.forward_train(x, y, views={k: v for k, v in _rot(x).items() if k != "rot270"})
     assert "\n" not in str(info.value)
 
 
@@ -148,7 +190,7 @@ def test_weights_multiply_the_terms_and_the_logits_are_the_normal_images():
     d = _sskd(ce_weight=1.0, kd_weight=2.0, tf_weight=3.0, ss_weight=4.0).eval()
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
     with torch.no_grad():
-        logits, losses = d.forward_train(x, y)
+        logits, losses = d.forward_train(x, y, views=_rot(x))
         t_logits, t_feats = d.teacher(rotated_batch(x), features=True)
         s_logits, s_feats = d.student(rotated_batch(x), features=True)
         want = sskd_terms(s_logits, t_logits, d.s_head(s_feats["embedding"]), d.t_head(t_feats["embedding"]), y)
@@ -161,9 +203,9 @@ def test_terms_are_float32_under_autocast():
     d = _sskd().eval()
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        _, losses = d.forward_train(x, y)
+        _, losses = d.forward_train(x, y, views=_rot(x))
     with torch.no_grad():
-        _, full = d.forward_train(x, y)
+        _, full = d.forward_train(x, y, views=_rot(x))
     assert all(v.dtype == torch.float32 for v in losses.values())
     # the similarities (cosines near 1 at initialisation, divided by ss_T) would lose most digits in bfloat16
     assert float(losses["ss"]) == pytest.approx(float(full["ss"]), rel=0.2)
@@ -177,7 +219,7 @@ def test_gradients_reach_the_student_and_its_head_never_the_teacher_or_its_head(
     assert names == {"student", "s_head"}  # the teacher's head is fixed outside the stage
     for term, head in [("ce", False), ("kd", False), ("tf", False), ("ss", True)]:
         d.zero_grad(set_to_none=True)
-        _, losses = d.forward_train(x, y)
+        _, losses = d.forward_train(x, y, views=_rot(x))
         losses[term].backward()
         assert all(p.grad is None for p in [*d.teacher.parameters(), *d.t_head.parameters()]), term
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.student.parameters()), term
@@ -189,8 +231,8 @@ def test_prepare_trains_only_the_teacher_head_with_the_teacher_frozen():
     d = _sskd(pretrain_epochs=2)
     before = {k: v.clone() for k, v in d.state_dict().items()}
     g = torch.Generator().manual_seed(0)
-    loader = [(torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 3])) for _ in range(2)]
-    d.prepare(loader)
+    xs = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)]
+    d.prepare([{"image": x, "target": torch.tensor([0, 1, 2, 3]), "views": _rot(x)} for x in xs])
     after = d.state_dict()
     assert {k.split(".")[0] for k in after if not torch.equal(before[k], after[k])} == {"t_head"}  # BN stats too
     assert not any(p.requires_grad for p in [*d.teacher.parameters(), *d.t_head.parameters()])
@@ -203,7 +245,7 @@ def test_the_stage_loss_is_the_cross_entropy_of_the_teacher_similarities_and_its
     seen = {}
 
     def run_stage(train_loader, device, params, loss_fn, epochs, lr, what, milestones, gamma):
-        seen.update(loss=loss_fn(x, None), params=params, args=(epochs, lr, milestones, gamma))
+        seen.update(loss=loss_fn(x, None, views=_rot(x)), params=params, args=(epochs, lr, milestones, gamma))
 
     monkeypatch.setattr(d, "run_stage", run_stage)
     d.prepare([])
@@ -226,14 +268,14 @@ def test_the_stage_loss_is_the_cross_entropy_of_the_teacher_similarities_and_its
 def test_extra_state_round_trips():
     a = _sskd(0, pretrain_epochs=1)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
-    a.prepare([{"image": x, "target": y}])
+    a.prepare([{"image": x, "target": y, "views": _rot(x)}])
     b = build_distiller(method_cfg("sskd"), _pair(1)[0], a.teacher)  # another student and heads, the same teacher
     assert set(a.extra_state_dict()) == {k for k in a.state_dict() if k.startswith(("s_head.", "t_head."))}
     b.student.load_state_dict(a.student.state_dict())
     b.load_extra_state_dict(a.extra_state_dict())
     a.eval(), b.eval()
     with torch.no_grad():
-        la, lb = a.forward_train(x, y)[1], b.forward_train(x, y)[1]
+        la, lb = a.forward_train(x, y, views=_rot(x))[1], b.forward_train(x, y, views=_rot(x))[1]
     assert all(torch.equal(la[k], lb[k]) for k in la)
 
 
@@ -243,6 +285,7 @@ def test_extra_state_round_trips():
     ("tf_weight", -1.0, "sskd.tf_weight must be a number >= 0"),
     ("pretrain_epochs", -1, "sskd.pretrain_epochs must be an integer >= 0"),
     ("pretrain_milestones", [30, -1], r"sskd.pretrain_milestones must be a list of epochs >= 0"),
+    ("views", "rotated", "sskd.views must be per_sample .* or batch"),
 ])
 def test_bad_settings_raise_one_line(key, value, match):
     with pytest.raises(LakdError, match=match) as info:
@@ -277,11 +320,11 @@ def test_every_config_exists_loads_and_holds_the_authors_settings():
     assert im["sskd"] == {"ce_weight": 1.0, "kd_weight": 0.9, "tf_weight": 2.7, "ss_weight": 10.0,
                           "kd_T": 4.0, "tf_T": 4.0, "ss_T": 0.5, "ratio_tf": 1.0, "ratio_ss": 0.75,
                           "pretrain_epochs": 30, "pretrain_lr": 0.1, "pretrain_milestones": [10, 20],
-                          "pretrain_gamma": 0.1}
+                          "pretrain_gamma": 0.1, "views": "per_sample"}
     assert SSKD.DEFAULTS["sskd"] == {"ce_weight": 0.1, "kd_weight": 0.9, "tf_weight": 2.7, "ss_weight": 10.0,
                                      "kd_T": 4.0, "tf_T": 4.0, "ss_T": 0.5, "ratio_tf": 1.0, "ratio_ss": 0.75,
                                      "pretrain_epochs": 60, "pretrain_lr": 0.05, "pretrain_milestones": [30, 45],
-                                     "pretrain_gamma": 0.1}
+                                     "pretrain_gamma": 0.1, "views": "per_sample"}
 
 
 def test_listed_with_a_sentence():
@@ -334,6 +377,11 @@ def test_on_adapted_torchvision_resnets():
     s, t = torchvision.models.resnet18(num_classes=10), torchvision.models.resnet18(num_classes=10)
     d = lakd.distiller(s, t, "sskd", image_size=32, options={"sskd": {"pretrain_epochs": 1}})
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    # one's own loop: the per-sample copies are the data pipeline's; without them, the one-line way out
+    with pytest.raises(LakdError, match=r"this batch lacks rot90, rot180, rot270; .*set sskd.views=batch") as info:
+        d.train_step({"image": x, "target": y}, lambda loss: loss.backward())
+    assert "\n" not in str(info.value)
+    d = lakd.distiller(s, t, "sskd", image_size=32, options={"sskd": {"pretrain_epochs": 1, "views": "batch"}})
     before = [p.clone() for p in d.t_head.parameters()]
     d.prepare([{"image": x, "target": y}])
     assert any(not torch.equal(a, p) for a, p in zip(before, d.t_head.parameters()))

@@ -248,6 +248,8 @@ def _memory_one(kw: dict) -> dict:
     batch = _batch(kw["student"], kw["batch_size"], kw["num_classes"], dev, kw.get("image_size"))
     if channels_last:  # the memory format training would use (train.channels_last, auto by default)
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+    if d.random_views(batch["image"]):  # a method's per-sample views (SSKD, MLKD), as the data would hand them
+        batch["views"] = d.random_views(batch["image"])
 
     def step():
         training_step(d, opt, scaler, batch, amp_dtype)
@@ -335,6 +337,8 @@ def measure_speed(teacher: str, student: str, methods: list[str], batch_size: in
         batch = _batch(student, batch_size, num_classes, dev, image_size)
         if cl:  # the memory format training would use (train.channels_last, auto by default)
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        if d.random_views(batch["image"]):  # a method's per-sample views (SSKD, MLKD), as the data would hand them
+            batch["views"] = d.random_views(batch["image"])
         for _ in range(warmup):
             training_step(d, opt, scaler, batch, amp_dtype)
         setups[m] = (d, opt, params, batch)

@@ -8,18 +8,15 @@ HELP = "measure peak memory at the allocator (bench memory) or training images/s
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..distillers import bench_default_methods, method_variants
-
-    variants = method_variants()
-    every = ",".join(variants)
-    described = "; ".join(f"{v}: {m} with {' '.join(o)}" for v, (m, o) in variants.items() if o)
+    # no method list here: building it imports every method (and torch), which `lakd --help` must not
     sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     for what in ("memory", "speed"):
         q = sub.add_parser(what, help=f"{what} per method")
         q.add_argument("--teacher", default="resnet56", help="teacher model, optionally MODEL=CHECKPOINT")
         q.add_argument("--student", default="resnet20")
-        q.add_argument("--methods", default=",".join(bench_default_methods()),
-                       help=f"comma-separated; any of {every}" + (f" ({described})" if described else ""))
+        q.add_argument("--methods", default=None,
+                       help="comma-separated methods or variants (`lakd methods` lists them, variants such as "
+                            "lakd_joint included); default: the methods of the paper's Table 4")
         q.add_argument("--batch-size", type=int, default=64)
         q.add_argument("--image-size", type=int, default=None,
                        help="input size (default 32; 224 for ImageNet models and torchvision:/timm: names)")
@@ -41,12 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..analysis.cost import measure_memory, measure_speed
-    from ..distillers import resolve_method
+    from ..distillers import bench_default_methods, resolve_method
     from ..errors import LakdError
     from ..runtime.device import AMP_DTYPES, resolve_device
 
     teacher, _, ckpt = args.teacher.partition("=")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in (args.methods or ",".join(bench_default_methods())).split(",") if m.strip()]
     for m in methods:
         resolve_method(m)  # clear error for an unknown method or variant
     if args.batch_size < 1:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import textwrap
+
+from ..registry import first_sentences  # noqa: F401  (re-exported: how listings summarise a docstring)
 
 HELPS = {
     "models": "list the model zoo (name, family, parameters, stage shapes), or with --blocks NAME the cut points "
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments_configs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", default=None, help="configs folder (default: ./configs, else the package's)")
+    p.add_argument("--root", default=None, help="list another configs folder (default: the shipped configs)")
 
 
 def run_blocks(name: str, size: int | None, num_classes: int) -> int:
@@ -79,60 +79,87 @@ def run_models(args) -> int:
 
 
 def run_methods(args) -> int:
-    from ..distillers import DISTILLERS
+    from ..registry import DISTILLERS
 
     indent = " " * 9
-    for name in DISTILLERS.names():
-        cls = DISTILLERS.get(name)
-        doc = (cls.__doc__ or cls.__module__ and __import__(cls.__module__, fromlist=["x"]).__doc__ or "").strip()
-        text = textwrap.fill(first_sentences(doc), width=110, initial_indent=f"{name:<8} ",
+    light = DISTILLERS.light()  # the methods' catalog: no torch import
+    if light is None:
+        from ..distillers.catalog import build
+
+        light = build()["entries"]
+    for name, entry in light.items():
+        text = textwrap.fill(entry["summary"], width=110, initial_indent=f"{name:<8} ",
                              subsequent_indent=indent, break_on_hyphens=False)
-        sections = ", ".join(f"{k}: {v}" for k, v in cls.DEFAULTS.items()) or "-"
+        sections = ", ".join(f"{k}: {v}" for k, v in entry["defaults"].items()) or "-"
         print(text or name)
         print(textwrap.fill(sections, width=110, initial_indent=indent, subsequent_indent=indent + "  ",
                             break_on_hyphens=False))
+        if entry["variants"]:
+            print(textwrap.fill("variants: " + "; ".join(f"{v} = {' '.join(o)}" for v, o in entry["variants"].items()),
+                                width=110, initial_indent=indent, subsequent_indent=indent + "  ",
+                                break_on_hyphens=False))
     return 0
-
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(`\"'])")
-
-
-def first_sentences(doc: str, min_chars: int = 40) -> str:
-    """The first whole sentence of ``doc``'s first paragraph (more while they are shorter than ``min_chars``).
-
-    The paragraph's lines are joined first, so a sentence that wraps in the docstring is printed whole.
-    """
-    paragraph = " ".join(doc.strip().split("\n\n", 1)[0].split())
-    out = ""
-    for sentence in _SENTENCE_END.split(paragraph):
-        out = f"{out} {sentence}".strip()
-        if len(out) >= min_chars:
-            break
-    return out
-
-
-def find_configs_root(root: str | None = None) -> str:
-    if root:
-        return root
-    if os.path.isdir("configs"):
-        return "configs"
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
-    return here
 
 
 def run_configs(args) -> int:
-    root = find_configs_root(args.root)
-    found = []
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            if f.endswith((".yaml", ".yml")) and not f.startswith("_"):
-                found.append(os.path.join(dirpath, f))
-    if not found:
+    from ..config import shipped_config_names, shipped_configs_dir
+
+    root = args.root or shipped_configs_dir()
+    names = shipped_config_names(root)
+    if not names:
         print(f"no configs under {root!r}")
         return 0
-    for path in sorted(found):
-        print(path)
+    print(f"# {len(names)} configs under {root}; run one by name from any folder: lakd train NAME [key=value ...]")
+    print("# the second column: the recipe it trains with (paper: the LAKD paper's; ref: the reference's own, "
+          "configs/_references.yaml)")
+    cache: dict = {}
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {recipe_label(_config_file(root, name), cache)}")
     return 0
+
+
+def _config_file(root: str, name: str) -> str:
+    import os
+
+    path = os.path.join(root, name + ".yaml")
+    return path if os.path.exists(path) else os.path.join(root, name + ".yml")
+
+
+def recipe_label(path: str, cache: dict | None = None) -> str:
+    """The recipe a config trains with, for ``lakd configs``: ``ref: <name>@<commit>`` for a reference-recipe
+    config (its ``reference`` entry), ``paper`` for the LAKD paper's (a ``_base_`` chain through
+    ``_recipe_paper*.yaml``), the name of another ``_recipe_<name>.yaml`` it inherits, else ``-``."""
+    import os
+
+    import yaml
+
+    from ..config import resolve_base
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # only _base_ and reference are read: the C parser
+    cache = {} if cache is None else cache
+    ref, ref_seen, recipe, seen = None, False, None, set()
+    while path and path not in seen:
+        seen.add(path)
+        if path not in cache:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    cache[path] = yaml.load(f, Loader=loader) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                cache[path] = None
+        data = cache[path]
+        if not isinstance(data, dict):
+            return "?"
+        if not ref_seen and "reference" in data:  # the nearest file that sets it wins (null clears it)
+            ref, ref_seen = data["reference"], True
+        name = os.path.splitext(os.path.basename(path))[0]
+        if recipe is None and name.startswith("_recipe_"):
+            recipe = "paper" if name.startswith("_recipe_paper") else name[len("_recipe_"):]
+        base = data.get("_base_")
+        path = resolve_base(base, path) if isinstance(base, str) else None
+    if isinstance(ref, dict) and ref.get("repository"):
+        return f"ref: {str(ref['repository']).rsplit('/', 1)[-1]}@{str(ref.get('commit') or '?')[:7]}"
+    return recipe or "-"
 
 
 run = run_models

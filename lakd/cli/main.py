@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lakd",
         description="Knowledge distillation of image classifiers: LAKD and the baselines it is compared with.",
     )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"lakd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, modname in COMMANDS.items():
         try:

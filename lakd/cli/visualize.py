@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
-
 from ..errors import LakdError
 from .common import archs_for, check_out_dir, split_overrides
 
@@ -59,8 +57,16 @@ def _positions(args) -> list[int]:
     return list(range(args.start, args.start + args.images))
 
 
-@torch.no_grad()
 def run(args) -> int:
+    import torch
+
+    with torch.no_grad():
+        return _run(args)
+
+
+def _run(args) -> int:
+    import torch
+
     from ..analysis.visualize import attention_maps, plot_attention_grid
     from ..data import denormalize
     from ..engine.loading import load_models_and_data, unique_labels
@@ -81,7 +87,7 @@ def run(args) -> int:
     labels = unique_labels(labels, paths)
     # gather the chosen test images (fixed order)
     want = set(pos)
-    got: dict[int, tuple[torch.Tensor, int, int]] = {}
+    got: dict[int, tuple] = {}
     seen = 0
     for batch in bundle.test:
         n = batch["image"].shape[0]

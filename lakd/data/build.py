@@ -4,6 +4,8 @@ rank's train and test loaders.
 Loaders yield ``{"image": float32 normalised NCHW on device, "target": int64, "index": int64 dataset index}``;
 ``len(loader)`` is the number of batches per epoch and ``loader.set_epoch(e)`` selects the epoch (the train
 order and augmentation are a pure function of ``(cfg seed, e)``; the test loader is fixed and unaugmented).
+With ``views`` (a method's ``{name: spec}``, ``views.py``), training batches also carry ``"views": {name: images}``,
+each sample's views made per sample from its stored image.
 
 Two loader implementations:
 
@@ -27,6 +29,7 @@ from ..errors import LakdError
 from ..registry import DATASETS
 from .sampling import check_world, subset_indices
 from .transforms import CropFlip, Normalizer, ResizedCropFlip, _as_stats, resize_size
+from .views import BatchViews, SampleViews, check_views, parse_views
 
 CIFAR_PAD = 4
 
@@ -44,6 +47,8 @@ class DataBundle:
     dataset: str = ""
     num_test: int = 0
     fast: bool = False
+    #: the extra views the training batches carry (``batch["views"]``), in declaration order
+    views: tuple[str, ...] = ()
 
 
 def list_datasets() -> list[str]:
@@ -100,14 +105,16 @@ def _load(name: str, d: dict):
     return DATASETS.get(name)(name, d)
 
 
-def build_data(cfg: dict, device, rank: int = 0, world_size: int = 1) -> DataBundle:
+def build_data(cfg: dict, device, rank: int = 0, world_size: int = 1, views: dict | None = None) -> DataBundle:
     """Load ``cfg["data"]["dataset"]`` and build this rank's train and test loaders on ``device``.
 
     ``cfg["solver"]["batch_size"]`` is the global batch: each of the ``world_size`` ranks gets
     ``batch_size / world_size`` images of every global batch (see ``sampling``). ``max_steps_per_epoch > 0``
     caps the train batches per epoch. The test loader gives each rank a contiguous shard of the test set in
     batches of ``cfg["train"]["eval_batch_size"]``. ``data.mean``/``data.std`` (when set) replace the dataset's
-    normalisation; ``data.train_subset``/``test_subset`` keep that many evenly spaced images.
+    normalisation; ``data.train_subset``/``test_subset`` keep that many evenly spaced images. ``views``: the
+    extra views of every training image a method needs (``{name: spec}``, see ``views.py``; the engine passes
+    ``Distiller.views(cfg)``), made per sample and carried as ``batch["views"][name]``.
     """
     d = cfg["data"]
     name = str(d["dataset"]).lower()
@@ -131,6 +138,7 @@ def build_data(cfg: dict, device, rank: int = 0, world_size: int = 1) -> DataBun
     mean = _as_stats(d["mean"], "mean") if d.get("mean") is not None else tuple(info["mean"])
     std = _as_stats(d["std"], "std") if d.get("std") is not None else tuple(info["std"])
 
+    specs = parse_views(views)
     train, test, class_names = _load(name, d)
     train = _subset(train, int(d.get("train_subset") or 0))
     test = _subset(test, int(d.get("test_subset") or 0))
@@ -142,6 +150,9 @@ def build_data(cfg: dict, device, rank: int = 0, world_size: int = 1) -> DataBun
                         f"(solver.batch_size={global_batch}) across {world_size} processes; use a smaller batch")
 
     norm = Normalizer(mean, std, device, channels_last=channels_last, size=size)
+    if specs:
+        shape = (3, size, size) if kind == "folder" else tuple(train.images.shape[1:])
+        check_views(specs, *shape)
     if fast:
         from .fast import FastEvalLoader, FastTrainLoader
 
@@ -158,14 +169,16 @@ def build_data(cfg: dict, device, rank: int = 0, world_size: int = 1) -> DataBun
             train_x = train.images.to(device)
             train_loader = FastTrainLoader(train_x if augment else _center(train_x, size), train.targets.to(device),
                                            global_batch=global_batch, seed=seed, normalizer=norm, augment=aug,
-                                           rank=rank, world_size=world_size, max_steps=max_steps)
+                                           rank=rank, world_size=world_size, max_steps=max_steps,
+                                           views=BatchViews(specs, aug) if specs else None)
         else:
             _check_memory(train.images.numel() + test.images.numel(), device)
             native = int(train.images.shape[-1])
             aug = CropFlip(pad=max(1, round(CIFAR_PAD * native / 32))) if augment else None
             train_loader = FastTrainLoader(train.images.to(device), train.targets.to(device),
                                            global_batch=global_batch, seed=seed, normalizer=norm, augment=aug,
-                                           rank=rank, world_size=world_size, max_steps=max_steps)
+                                           rank=rank, world_size=world_size, max_steps=max_steps,
+                                           views=BatchViews(specs, aug) if specs else None)
         test_loader = FastEvalLoader(test.images.to(device), test.targets.to(device), batch_size=eval_batch,
                                      normalizer=norm, rank=rank, world_size=world_size, crop=crop)
     else:
@@ -173,24 +186,27 @@ def build_data(cfg: dict, device, rank: int = 0, world_size: int = 1) -> DataBun
         from .transforms import cifar_transforms, folder_transforms
 
         if kind == "folder":
-            train_ds = FileDataset(train, folder_transforms(size, augment))
+            sample_views = SampleViews(specs, "folder", augment, size=size) if specs else None
+            train_ds = FileDataset(train, folder_transforms(size, augment), views=sample_views)
             test_ds = FileDataset(test, folder_transforms(size, False))
         else:
             native = int(train.images.shape[-1])
             pad = max(1, round(CIFAR_PAD * native / 32))
-            train_ds = ArrayDataset(train.images, train.targets, cifar_transforms(native, augment, pad))
+            sample_views = SampleViews(specs, "array", augment, pad=pad) if specs else None
+            train_ds = ArrayDataset(train.images, train.targets, cifar_transforms(native, augment, pad),
+                                    views=sample_views)
             test_ds = ArrayDataset(test.images, test.targets, None)
         opts = {"num_workers": d.get("num_workers", 0), "pin_memory": d.get("pin_memory", True),
                 "persistent_workers": d.get("persistent_workers", True),
                 "prefetch_factor": d.get("prefetch_factor", 4), "seed": seed}
         train_loader = TorchLoader(
             train_ds, TrainBatchSampler(num_train, global_batch, seed=seed, rank=rank, world_size=world_size,
-                                        max_steps=max_steps), norm, **opts)
+                                        max_steps=max_steps), norm, view_names=tuple(v.name for v in specs), **opts)
         test_loader = TorchLoader(test_ds, EvalBatchSampler(num_test, eval_batch, rank, world_size), norm, **opts)
 
     return DataBundle(train=train_loader, test=test_loader, num_classes=int(num_classes), num_train=num_train,
                       mean=tuple(mean), std=tuple(std), image_size=size, class_names=list(class_names),
-                      dataset=name, num_test=num_test, fast=fast)
+                      dataset=name, num_test=num_test, fast=fast, views=tuple(v.name for v in specs))
 
 
 def _center(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The in-memory loader: the whole uint8 dataset is one tensor on the training device.
 
 Each batch is an ``index_select`` of that tensor, one batched augmentation (see ``transforms``), and the
-normalisation -- no workers, no per-sample Python, no host-to-device copies after the first.
+normalisation -- no workers, no per-sample Python, no host-to-device copies after the first. A method's extra
+views (``views.py``) are made the same way, batched on the device.
 """
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ from .transforms import Normalizer, center_crop
 
 
 class FastTrainLoader:
-    """Shuffled, augmented training batches ``{"image", "target", "index"}`` of one rank.
+    """Shuffled, augmented training batches ``{"image", "target", "index"}`` of one rank (and ``"views"``, with
+    ``views``: a ``views.BatchViews``).
 
     Epoch ``e`` (``set_epoch``) is a pure function of ``(seed, e)``: a CPU generator seeded from the pair draws
-    the permutation and then the augmentation parameters of every position of the epoch, in permutation order.
+    the permutation and then the augmentation parameters of every position of the epoch, in permutation order,
+    then those of the views.
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, *, global_batch: int, seed: int,
-                 normalizer: Normalizer, augment=None, rank: int = 0, world_size: int = 1, max_steps: int = 0):
+                 normalizer: Normalizer, augment=None, rank: int = 0, world_size: int = 1, max_steps: int = 0,
+                 views=None):
         self.images = images
         self.targets = targets
         self.global_batch = global_batch
@@ -32,6 +36,7 @@ class FastTrainLoader:
         self.max_steps = max_steps
         self.epoch = 0
         self.device = images.device
+        self.views = views
 
     @property
     def num_samples(self) -> int:
@@ -45,27 +50,38 @@ class FastTrainLoader:
 
     def plan(self, epoch: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """The epoch's permutation and augmentation parameters (CPU tensors, indexed by position)."""
+        return self._plan(epoch)[:2]
+
+    def _plan(self, epoch: int | None = None):
         epoch = self.epoch if epoch is None else epoch
         g = epoch_generator(self.seed, epoch)
         perm = epoch_permutation(self.num_samples, self.seed, epoch, generator=g)
-        params = None
+        params = views = None
+        h, w = self.images.shape[-2:]
         if self.augment is not None:
-            h, w = self.images.shape[-2:]
             params = self.augment.sample(self.num_samples, g, h, w)
-        return perm, params
+        if self.views is not None:  # after the batch images' draws: those stay what they are without views
+            views = self.views.sample(self.num_samples, g, h, w, params)
+        return perm, params, views
 
     def __iter__(self):
-        perm, params = self.plan()
+        perm, params, views = self._plan()
         perm = perm.to(self.device)
         if params is not None:
             params = {k: v.to(self.device) for k, v in params.items()}
+        if views is not None:
+            views = self.views.to_device(views, self.device)
         for j in range(len(self)):
             start, end = batch_positions(j, self.num_samples, self.global_batch, self.rank, self.world_size)
             idx = perm[start:end]
-            x = self.images.index_select(0, idx)
+            raw = x = self.images.index_select(0, idx)
             if params is not None:
                 x = self.augment.apply(x, {k: v[start:end] for k, v in params.items()})
-            yield {"image": self.normalizer(x), "target": self.targets.index_select(0, idx), "index": idx}
+            batch = {"image": self.normalizer(x), "target": self.targets.index_select(0, idx), "index": idx}
+            if views is not None:
+                made = self.views.make(raw, x, {n: {k: v[start:end] for k, v in p.items()} for n, p in views.items()})
+                batch["views"] = {n: self.normalizer(v) for n, v in made.items()}
+            yield batch
 
 
 class FastEvalLoader:

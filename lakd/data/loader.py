@@ -1,5 +1,6 @@
 """The torch DataLoader path (image folders, or ``data.fast=false``): worker processes decode and augment
-single samples; batches travel as uint8 (pinned when the device is a GPU) and are normalised on the device.
+single samples (and make a method's extra views of them, ``views.py``); batches travel as uint8 (pinned when the
+device is a GPU) and are normalised on the device.
 
 Determinism: the batch sampler walks the same ``(seed, epoch)`` permutation and rank layout as the in-memory
 loader and hands each sample a seed ``mix(seed, epoch, index)``; the dataset seeds torch's RNG with it before
@@ -65,12 +66,14 @@ class EvalBatchSampler(Sampler):
 
 
 class ArrayDataset(Dataset):
-    """Samples of an in-memory uint8 NCHW tensor through optional tensor transforms."""
+    """Samples of an in-memory uint8 NCHW tensor through optional tensor transforms; with ``views`` (a
+    ``views.SampleViews``, which then replaces ``transform``) each sample also carries its extra views."""
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, transform=None):
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, transform=None, views=None):
         self.images = images
         self.targets = targets
         self.transform = transform
+        self.views = views
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -78,6 +81,10 @@ class ArrayDataset(Dataset):
     def __getitem__(self, key):
         i, seed = key if isinstance(key, tuple) else (key, None)
         img = self.images[i]
+        if self.views is not None:
+            with seeded_torch_rng(seed):
+                img, views = self.views(img)
+            return img, int(self.targets[i]), i, views
         if self.transform is not None:
             with seeded_torch_rng(seed):
                 img = self.transform(img)
@@ -85,11 +92,13 @@ class ArrayDataset(Dataset):
 
 
 class FileDataset(Dataset):
-    """Samples ``(path, target)`` decoded with PIL (RGB) through torchvision transforms."""
+    """Samples ``(path, target)`` decoded with PIL (RGB) through torchvision transforms (or, with ``views``, a
+    ``views.SampleViews`` that makes the batch image and the extra views)."""
 
-    def __init__(self, samples: list[tuple[str, int]], transform):
+    def __init__(self, samples: list[tuple[str, int]], transform, views=None):
         self.samples = samples
         self.transform = transform
+        self.views = views
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -101,13 +110,20 @@ class FileDataset(Dataset):
         path, target = self.samples[i]
         img = open_rgb(path)
         with seeded_torch_rng(seed):
+            if self.views is not None:
+                img, views = self.views(img)
+                return img, target, i, views
             img = self.transform(img)
         return img, target, i
 
 
 def collate(items):
-    images, targets, indices = zip(*items)
-    return torch.stack(images), torch.tensor(targets, dtype=torch.int64), torch.tensor(indices, dtype=torch.int64)
+    """``(images, targets, indices)``, and a tuple of stacked views when the samples carry them."""
+    images, targets, indices, *views = zip(*items)
+    out = (torch.stack(images), torch.tensor(targets, dtype=torch.int64), torch.tensor(indices, dtype=torch.int64))
+    if views:
+        out += (tuple(torch.stack(v) for v in zip(*views[0])),)
+    return out
 
 
 def _worker_init(worker_id: int) -> None:
@@ -117,11 +133,14 @@ def _worker_init(worker_id: int) -> None:
 
 
 class TorchLoader:
-    """A DataLoader over one of the batch samplers above, yielding ``{"image", "target", "index"}`` on device."""
+    """A DataLoader over one of the batch samplers above, yielding ``{"image", "target", "index"}`` on device, and
+    ``"views": {name: images}`` when the dataset makes views (``view_names`` in the dataset's order)."""
 
     def __init__(self, dataset: Dataset, batch_sampler, normalizer: Normalizer, *, num_workers: int = 0,
-                 pin_memory: bool = True, persistent_workers: bool = True, prefetch_factor: int = 4, seed: int = 0):
+                 pin_memory: bool = True, persistent_workers: bool = True, prefetch_factor: int = 4, seed: int = 0,
+                 view_names: tuple[str, ...] = ()):
         self.sampler = batch_sampler
+        self.view_names = tuple(view_names)
         self.normalizer = normalizer
         self.device = normalizer.device
         workers = max(int(num_workers or 0), 0)
@@ -148,10 +167,13 @@ class TorchLoader:
 
     def __iter__(self):
         try:
-            for images, targets, indices in self.loader:
-                yield {"image": self.normalizer(images),
-                       "target": targets.to(self.device, non_blocking=True),
-                       "index": indices.to(self.device, non_blocking=True)}
+            for images, targets, indices, *views in self.loader:
+                batch = {"image": self.normalizer(images),
+                         "target": targets.to(self.device, non_blocking=True),
+                         "index": indices.to(self.device, non_blocking=True)}
+                if views:
+                    batch["views"] = {n: self.normalizer(v) for n, v in zip(self.view_names, views[0])}
+                yield batch
         except LakdError as e:  # raised in a worker: keep the one-line message, drop the worker traceback
             raise LakdError(worker_message(e)) from None
 

@@ -12,7 +12,7 @@ import pkgutil
 from .base import DISTILLERS, Distiller, register_distiller
 
 for _m in pkgutil.iter_modules(__path__):
-    if _m.name not in ("base",):
+    if _m.name not in ("base", "catalog"):  # catalog.py writes the plain-data index of the others
         importlib.import_module(f"{__name__}.{_m.name}")
 
 

@@ -23,7 +23,8 @@ memory banks). The trainer only calls:
 
 What reports, benchmarks and analyses need to know about a method is declared here, on the method class
 (``display_name``, ``report_order``, ``variants``, ``analysis_points``), so no code outside this package
-names a method or keeps a list of them.
+names a method or keeps a list of them. So is what it needs from the data beyond the batch image: ``views(cfg)``,
+the extra per-sample views (SSKD's rotated copies, MLKD's strong view) the engine asks the data pipeline for.
 """
 from __future__ import annotations
 
@@ -79,6 +80,20 @@ class Distiller(nn.Module):
     #: ``named_trainable_parameters`` names, e.g. ``"t_connector.*"`` for a part trained only in a pre-stage):
     #: the reachability check (``check_reachability``) does not report them
     unreached_ok: tuple[str, ...] = ()
+
+    @classmethod
+    def views(cls, cfg: dict) -> dict[str, dict]:
+        """The extra views of every training image a run of this method with config ``cfg`` needs from the data
+        pipeline, as plain data: ``{name: spec}`` (``lakd.data.views`` says what a spec holds: own or shared crop
+        and flip, quarter turns, RandAugment, Cutout). The engine passes them to the data builder, which makes them
+        per sample (in the DataLoader workers, or batched on the device); every training batch then carries
+        ``batch["views"][name]``, shaped and normalised like ``batch["image"]``. Default: none."""
+        return {}
+
+    def random_views(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Random stand-ins ``{name: tensor like image}`` for the views this run declares (``views``): for a step
+        without data (the reachability check, cost benchmarks). Empty for methods without views."""
+        return {name: torch.randn_like(image) for name in self.views(self.cfg)}
 
     @classmethod
     def uses_teacher(cls, cfg: dict) -> bool:
@@ -154,6 +169,9 @@ class Distiller(nn.Module):
             image = torch.randn(batch_size, 3, size, size, device=first.device)
             batch = {"image": image, "target": torch.arange(batch_size, device=first.device) % classes,
                      "index": torch.arange(batch_size, device=first.device)}
+            views = self.random_views(image)
+            if views:
+                batch["views"] = views
             with _buffers_kept([self]), torch.enable_grad():
                 self.train()
                 self.dry_step(batch, backward)
@@ -242,8 +260,8 @@ class Distiller(nn.Module):
     def run_stage(self, train_loader, device, params: list, loss_fn: Callable, epochs: int, lr: float,
                   what: str, milestones: tuple[int, ...] = (), gamma: float = 0.1) -> None:
         """A pre-training stage shared by the methods that have one: ``epochs`` passes over ``train_loader``
-        minimising ``loss_fn(image, target)`` over ``params`` with SGD at the rate ``lr`` (RepDistiller's
-        ``init``: constant), times ``gamma`` at each of ``milestones`` (0-based epochs from which it applies, as a
+        minimising ``loss_fn(image, target)`` (``loss_fn(image, target, views=...)`` for a method with ``views``)
+        over ``params`` with SGD at the rate ``lr`` (RepDistiller's ``init``: constant), times ``gamma`` at each of ``milestones`` (0-based epochs from which it applies, as a
         ``MultiStepLR`` stepped once per epoch), gradients averaged over processes under torchrun. Logs one line
         per epoch."""
         if epochs <= 0 or not params:
@@ -266,8 +284,11 @@ class Distiller(nn.Module):
             for batch in train_loader:
                 image, target = (batch["image"], batch["target"]) if isinstance(batch, dict) else batch[:2]
                 image, target = image.to(device), target.to(device)
+                extra = {}  # a method with views (``views``) gets the batch's: ``loss_fn(image, target, views=...)``
+                if isinstance(batch, dict) and self.views(self.cfg):
+                    extra["views"] = {k: v.to(device) for k, v in (batch.get("views") or {}).items()}
                 opt.zero_grad(set_to_none=True)
-                loss = step(image, target)
+                loss = step(image, target, **extra)
                 loss.backward()
                 opt.step()
                 total, count = total + float(loss.detach()) * image.shape[0], count + image.shape[0]

@@ -2,20 +2,25 @@
 instances of a batch, on top of cross-entropy.
 
 The penultimate embeddings (``feats["embedding"]``) of each network pass through a learnable linear embedding
-head to ``feat_dim`` (128) and are L2-normalised (the CRD-style ``Embed``, so that the kernel below sees unit
-vectors; both heads are trained; RepDistiller's ``correlation`` uses an unnormalised ``LinearEmbed``, which
-``cc.form: repdistiller`` keeps). The correlation matrix is the paper's Gaussian RBF kernel in its P-order Taylor expansion
-(section 3.3 of the paper; for unit vectors ``exp(-gamma |x - y|^2) = exp(-2 gamma) exp(2 gamma x.y)``)::
+head to ``feat_dim`` (128); both heads are trained. Two forms of the correlation loss, ``cc.form``:
 
-    C_ij = sum_{p=0..P} exp(-2 gamma) (2 gamma)^p / p! (x_i . x_j)^p
+- ``repdistiller`` (the default): RepDistiller's ``Correlation`` (``distiller_zoo/CC.py``, the code the CC
+  authors shared with it), with which the CIFAR-100 figures of the CRD paper's Table 1 were measured: linear
+  heads without normalisation (``LinearEmbed``), and the kernel-free
+  ``mean_i sum_d |v_s - v_t|_{i,d} |v_s - v_t|_{i+1,d}`` over consecutive samples of the batch. Weights: CE 1,
+  CC 0.02 (RepDistiller's ``--distill correlation -a 0 -b 0.02``, set for this form).
+- ``gaussian``: the paper's Gaussian RBF kernel in its P-order Taylor expansion (section 3.3; for unit vectors
+  ``exp(-gamma |x - y|^2) = exp(-2 gamma) exp(2 gamma x.y)``) on L2-normalised embeddings (the CRD-style
+  ``Embed``)::
 
-with ``gamma = 0.4`` and ``P = 2`` (the paper's choice; the same form as torchdistill's ``CCKDLoss``), and the loss
-is ``||C_s - C_t||_F^2 / B^2`` (the paper's equation 6). Weights: CE 1, CC 0.02 (RepDistiller's ``-b 0.02`` for
-``correlation``).
+      C_ij = sum_{p=0..P} exp(-2 gamma) (2 gamma)^p / p! (x_i . x_j)^p
 
-``cc.form: repdistiller`` is RepDistiller's own ``Correlation`` instead, which the CIFAR-100 figures of the CRD
-paper's Table 1 were measured with: the embedding heads are linear without normalisation, and the loss is the
-kernel-free ``mean_i sum_d |v_s - v_t|_{i,d} |v_s - v_t|_{i+1,d}`` over consecutive samples of the batch.
+  with ``gamma = 0.4`` and ``P = 2`` (the paper's choice), and the loss ``||C_s - C_t||_F^2 / B^2`` (the paper's
+  equation 6). No reference publishes a weight for this form: torchdistill's ``CCKDLoss`` (weight 0.003 in its
+  ImageNet sample config) takes the kernel of unnormalised embeddings and the unsquared norm. For unit vectors
+  every entry of ``C`` lies in [exp(-0.8), 1], so the term is small: at RepDistiller's weight 0.02 it is about
+  1e-6 at a student's start (against about 1 for the ``repdistiller`` form), practically cross-entropy training;
+  give it a weight of its own (``cc.feat_weight``) if you use it.
 """
 from __future__ import annotations
 
@@ -66,16 +71,17 @@ def cc_loss(v_s: torch.Tensor, v_t: torch.Tensor, gamma: float = 0.4, order: int
 class CC(Distiller):
     """CC (Peng et al., ICCV 2019) distils the teacher's instance-to-instance correlations within a batch.
 
-    They are computed on learnable embeddings of the penultimate features, with a Taylor-expanded Gaussian RBF kernel.
+    They are computed on learnable embeddings of the penultimate features: RepDistiller's kernel-free form, or the
+    paper's Taylor-expanded Gaussian RBF kernel (``cc.form: gaussian``).
 
-    Extra parts: ``embed_s`` and ``embed_t``, linear heads to ``cc.feat_dim`` followed by L2 normalisation (without
-    it for ``cc.form: repdistiller``).
+    Extra parts: ``embed_s`` and ``embed_t``, linear heads to ``cc.feat_dim`` (followed by L2 normalisation for
+    ``cc.form: gaussian``).
     """
 
     display_name = "CC"
     report_order = 43
     DEFAULTS = {"cc": {"ce_weight": 1.0, "feat_weight": 0.02, "feat_dim": 128, "gamma": 0.4, "order": 2,
-                       "form": "gaussian"}}
+                       "form": "repdistiller"}}
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

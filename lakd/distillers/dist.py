@@ -7,8 +7,11 @@ and the intra-class relation per class::
     loss  = ce_weight * CE + tau^2 * (beta * inter + gamma * intra)
 
 ``pearson`` is the cosine similarity of the mean-centred vectors (eps 1e-8 in the denominator, as in the
-authors' ``DIST_KD`` code). Defaults: the authors' CIFAR-100 setting (beta = gamma = 2, tau = 4, CE weight 1);
-their ImageNet setting is beta = gamma = tau = 1.
+authors' ``DIST_KD`` code). The authors (hunto/image_classification_sota, ``lib/models/losses/kd_loss.py``)
+multiply ``DIST(beta, gamma, tau)`` by ``kd_loss_weight``, so lakd's ``beta`` and ``gamma`` are theirs times that
+weight. Defaults: the authors' CIFAR-100 setting (``configs/strategies/distill/dist_cifar.yaml``: ``dist_t4``,
+DIST(1, 1, 4) at kd_loss_weight 2: beta = gamma = 2, tau = 4, CE weight 1); their ImageNet setting
+(``resnet_dist.yaml``: DIST(1, 1, 1) at kd_loss_weight 2) is beta = gamma = 2, tau = 1.
 """
 from __future__ import annotations
 

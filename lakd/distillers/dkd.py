@@ -10,7 +10,11 @@ mdistiller: alpha 1, beta 8 (2 for res56->res20 and res110->res32, 6 for the WRN
 warm-up 20 epochs, CE weight 1.
 
 ``dkd.logit_stand: true`` z-scores both sides' logits first (logit standardization, Sun et al., CVPR 2024;
-``lakd.distillers.kd.standardize``); the reference's DKD+LS runs use ``T = 2`` (variant ``dkd_ls``).
+``lakd.distillers.kd.standardize``). The reference (sunshangquan/logit-standardization-KD, ``tools/train.py``)
+runs DKD+LS with ``--logit-stand --base-temp T --kd-weight K``, which sets ``dkd.T = T`` and multiplies DKD's
+``alpha`` and ``beta`` by ``K``: its README's command (``--base-temp 2 --kd-weight 9`` on mdistiller's alpha 1,
+beta 8) is alpha 9, beta 72, T 2 (variant ``dkd_ls``). Its CIFAR-100 logs name the per-pair values
+(``configs/cifar100/dkd_ls/``).
 """
 from __future__ import annotations
 
@@ -44,13 +48,14 @@ class DKD(Distiller):
     """DKD (Zhao et al. CVPR 2022) distils target and non-target class parts; dkd_ls: + logit standardization.
 
     ``dkd.logit_stand: true`` z-scores both sides' logits first (Sun et al., CVPR 2024); the variant ``dkd_ls``
-    sets it with the reference's ``T = 2``."""
+    sets it with the reference's README values (``T = 2``, alpha and beta times its ``--kd-weight 9``)."""
 
     display_name = "DKD"
     report_order = 2
     DEFAULTS = {"dkd": {"ce_weight": 1.0, "alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup": 20, "logit_stand": False}}
-    #: DKD with logit standardization at the reference's temperature (Sun et al., 2024)
-    variants = {"dkd_ls": ["dkd.logit_stand=true", "dkd.T=2.0"]}
+    #: DKD with logit standardization as the reference's README runs it (Sun et al., 2024): --logit-stand
+    #: --base-temp 2 --kd-weight 9 on the default alpha 1, beta 8
+    variants = {"dkd_ls": ["dkd.logit_stand=true", "dkd.T=2.0", "dkd.alpha=9.0", "dkd.beta=72.0"]}
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

@@ -3,7 +3,8 @@
 A *paraphraser* (an autoencoder on the teacher's last stage output ``t``: three 3x3 convs with LeakyReLU 0.1
 down to ``rate`` x the teacher's channels, the factor, then three 3x3 transposed convs back; no BN) is first
 trained alone to reconstruct ``t`` (MSE), for ``pretrain_epochs`` (30) at the constant rate ``pretrain_lr`` (0.01,
-RepDistiller's for the CIFAR ResNets and WRNs), through ``prepare``; it is then frozen. A *translator* (three
+RepDistiller's for its ResNet and WRN students; ``helper/pretrain.py`` uses the run's lr, 0.05, for the others,
+VGG8 among them: the vgg13 -> vgg8 configs set it), through ``prepare``; it is then frozen. A *translator* (three
 3x3 convs with BN and LeakyReLU from the student's last stage output to the factor's channels) is trained with
 the student. Loss ``ce_weight * CE + feat_weight * FT`` with the factors' distance (the larger map
 average-pooled to the smaller one's size):

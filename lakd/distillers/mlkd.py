@@ -32,14 +32,13 @@ add, with ``w`` = ``kd_weight``::
     + w * sum_T frac_c * CC_weak(T) + w * sum_T frac_m * BC_weak(T)
 
 (their strong-view batch and class terms are computed but left out of the loss, so they are left out here).
-``mlkd.views: 2`` runs it so: the strong view is made inside the method from the batch's (already cropped and
-flipped) image, by the authors' RandAugment (``randaugment``: two of their 14 operations at uniform random
-magnitudes, then a Cutout of up to half the side in their grey), student and teacher run on both views, and the
-unmasked instance terms at the first three temperatures are on the strong view. Differences from theirs: the
-strong view shares the weak view's crop and flip (theirs draws its own), and it is made in the training process
-on the CPU (PIL), not in the data workers. It needs the data's normalisation (``data.mean``/``data.std``, else the
-registered statistics of ``data.dataset``) to turn the batch back into pixels. ``mlkd.views: 1`` (the default,
-and the library's one-view reading) lets the one view stand for both: the CE term is ``2 * ce_weight * CE`` (a CE
+``mlkd.views: 2`` runs it so: the batch image is the weak view (crop + flip) and the data pipeline makes the strong
+view of every image per sample (``views``: ``STRONG_VIEW``, ``lakd.data.views``), as the authors' dataset does:
+its own crop and flip, then their RandAugment (two of their 14 operations at uniform random magnitudes, then a
+Cutout of up to half the side in their grey), in the DataLoader workers with PIL's operations (``data.fast:
+false``) or batched on the device with the same pixels (the in-memory loader); student and teacher run on both
+views, and the unmasked instance terms at the first three temperatures are on the strong view. ``mlkd.views: 1``
+(the default, and the library's one-view reading) lets the one view stand for both: the CE term is ``2 * ce_weight * CE`` (a CE
 per view, each at ``ce_weight``), the instance term ``w * sum_T (frac_m + 1) * KL(T)``, the batch and class terms
 as above on that view. ``mlkd.logit_stand: true`` z-scores the logits of the instance level only (Sun et al.,
 CVPR 2024, as in their ``MLKD``; the masks and the batch and class levels keep the raw logits); variant
@@ -56,13 +55,10 @@ larger lr, and above all with 10 classes, it learns slowly (docs/methods.md give
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 from ..errors import LakdError
-from ..registry import DATASETS
 from .base import Distiller, register_distiller
 from .kd import check_logit_stand, standardize
 
@@ -94,6 +90,10 @@ MASK_MODES = ("reference", "per_sample")
 
 
 STRONG_TERMS = 3  # the authors' unmasked instance terms on the strong view: their first three temperatures
+#: the authors' strong view (Jin-Ying/Multi-Level-Logit-Distillation, mdistiller/dataset/cifar100.py,
+#: ``get_cifar100_train_transform_strong``): its own crop and flip, RandAugment(2, 10), Cutout of up to half the
+#: side; a ``lakd.data.views`` spec, reusable by other methods trained on weak and strong views
+STRONG_VIEW = {"strong": {"randaugment": 2, "cutout": 0.5}}
 
 
 def mlkd_terms(logits_s, logits_t, temperatures, percentile: float = 50.0, logit_stand: bool = False,
@@ -134,73 +134,6 @@ def mlkd_terms(logits_s, logits_t, temperatures, percentile: float = 50.0, logit
     return inst, bat, cls
 
 
-# ----- the strong view: the authors' RandAugment (FixMatch's list), here on PIL images as theirs -------------------
-def _affine(img, coeffs):
-    return img.transform(img.size, Image.AFFINE, coeffs)
-
-
-#: (operation, low, high): the authors' ``augment_list`` (mdistiller/dataset/cifar100.py), magnitude uniform in
-#: [low, high]; shears and translations about the image's corner, as PIL's affine transform with their
-#: coefficients; translations as a fraction of the side
-AUGMENTATIONS = (
-    ("autocontrast", lambda img, v: ImageOps.autocontrast(img), 0.0, 1.0),
-    ("brightness", lambda img, v: ImageEnhance.Brightness(img).enhance(v), 0.05, 0.95),
-    ("color", lambda img, v: ImageEnhance.Color(img).enhance(v), 0.05, 0.95),
-    ("contrast", lambda img, v: ImageEnhance.Contrast(img).enhance(v), 0.05, 0.95),
-    ("equalize", lambda img, v: ImageOps.equalize(img), 0.0, 1.0),
-    ("identity", lambda img, v: img, 0.0, 1.0),
-    ("posterize", lambda img, v: ImageOps.posterize(img, max(1, int(v))), 4.0, 8.0),
-    ("rotate", lambda img, v: img.rotate(v), -30.0, 30.0),
-    ("sharpness", lambda img, v: ImageEnhance.Sharpness(img).enhance(v), 0.05, 0.95),
-    ("shear_x", lambda img, v: _affine(img, (1, v, 0, 0, 1, 0)), -0.3, 0.3),
-    ("shear_y", lambda img, v: _affine(img, (1, 0, 0, v, 1, 0)), -0.3, 0.3),
-    ("solarize", lambda img, v: ImageOps.solarize(img, v), 0.0, 256.0),
-    ("translate_x", lambda img, v: _affine(img, (1, 0, v * img.size[0], 0, 1, 0)), -0.3, 0.3),
-    ("translate_y", lambda img, v: _affine(img, (1, 0, 0, 0, 1, v * img.size[1])), -0.3, 0.3),
-)
-CUTOUT_FILL = (125, 123, 114)  # the authors' Cutout colour
-
-
-def _uniform() -> float:
-    # torch's RNG, not Python's: it is the one a run's checkpoint saves, so a resumed run draws the same views
-    return float(torch.rand(()))
-
-
-def randaugment(img: Image.Image, n: int = 2) -> Image.Image:
-    """The authors' ``RandAugment(2, 10)``: ``n`` operations drawn with replacement from ``AUGMENTATIONS``, each
-    at a uniform magnitude in its range (their ``m`` is unused), then a Cutout: a square of side up to half the
-    image's, centred at a uniform point and clipped to the image, filled with ``CUTOUT_FILL``."""
-    for _ in range(n):
-        _, op, low, high = AUGMENTATIONS[int(torch.randint(len(AUGMENTATIONS), ()))]
-        img = op(img, low + (high - low) * _uniform())
-    v = _uniform() * 0.5 * img.size[0]
-    if v > 0:
-        w, h = img.size
-        x0, y0 = int(max(0, w * _uniform() - v / 2)), int(max(0, h * _uniform() - v / 2))
-        img = img.copy()
-        ImageDraw.Draw(img).rectangle((x0, y0, min(w, x0 + v), min(h, y0 + v)), CUTOUT_FILL)
-    return img
-
-
-def strong_view(image: torch.Tensor, mean, std, n: int = 2) -> torch.Tensor:
-    """``randaugment`` of every image of a normalised ``B x 3 x H x W`` batch: back to 8-bit pixels with ``mean``
-    and ``std``, augmented as PIL images (the authors' operations are PIL's), normalised again; same device,
-    dtype and memory format as ``image``."""
-    if image.dim() != 4 or image.shape[1] != 3:
-        raise LakdError(f"mlkd.views=2 augments RGB images (B x 3 x H x W), got a batch of shape "
-                        f"{tuple(image.shape)}; use mlkd.views=1")
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    sd = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    with torch.no_grad():
-        pix = ((image.detach().float().cpu() * sd + m).clamp(0, 1) * 255).round().to(torch.uint8)
-        pix = pix.permute(0, 2, 3, 1).contiguous().numpy()
-        out = np.stack([np.asarray(randaugment(Image.fromarray(a), n)) for a in pix])
-        x = (torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255 - m) / sd
-    fmt = torch.channels_last if image.is_contiguous(memory_format=torch.channels_last) and not \
-        image.is_contiguous() else torch.contiguous_format
-    return x.to(device=image.device, dtype=image.dtype).contiguous(memory_format=fmt)
-
-
 @register_distiller("mlkd")
 class MLKD(Distiller):
     """MLKD (Jin et al. CVPR 2023) distils instance, batch, class logit relations; mlkd_ls: + logit standardization.
@@ -208,8 +141,8 @@ class MLKD(Distiller):
     Settings (``mlkd``): ``ce_weight`` (per view; with one view its CE counts twice, as the authors' weak +
     strong), ``kd_weight``, ``temperatures``, ``mask_percentile``, ``mask_mode`` (``reference``: the authors' masks,
     which scale by the kept fraction; ``per_sample``: the paper's selection), ``logit_stand`` (variant ``mlkd_ls``:
-    + logit standardization, Sun et al. CVPR 2024), ``views`` (2: the authors' weak + RandAugment views, made in
-    the method; 1: one view for both)."""
+    + logit standardization, Sun et al. CVPR 2024), ``views`` (2: the authors' weak + RandAugment views, the strong
+    one made per sample by the data pipeline; 1: one view for both)."""
 
     display_name = "MLKD"
     report_order = 23
@@ -238,38 +171,44 @@ class MLKD(Distiller):
                             f"per_sample (the paper's selection)")
         self.mask_mode = s["mask_mode"]
         self.logit_stand = check_logit_stand("mlkd", s["logit_stand"])
-        if s["views"] not in (1, 2) or isinstance(s["views"], bool):
-            raise LakdError(f"mlkd.views must be 1 (one view stands for both) or 2 (the authors' weak and "
-                            f"RandAugment views), got {s['views']!r}")
-        self.views = int(s["views"])
-        self.mean = self.std = None
-        if self.views == 2:
-            self.mean, self.std = self._pixel_stats(cfg.get("data") or {})
+        self.num_views = self._num_views(s["views"])
 
     @staticmethod
-    def _pixel_stats(data: dict):
-        """The normalisation the batches carry (to make the strong view from pixels): ``data.mean``/``data.std``,
-        else the registered statistics of ``data.dataset``."""
-        if data.get("mean") is not None and data.get("std") is not None:
-            mean, std = data["mean"], data["std"]
-        elif data.get("dataset") in DATASETS:
-            info = DATASETS.info(data["dataset"])
-            mean, std = info["mean"], info["std"]
-        else:
-            raise LakdError("mlkd.views=2 needs the batches' normalisation to make its strong view: set data.mean "
-                            "and data.std (e.g. options={'data': {'mean': [...], 'std': [...]}} in lakd.distiller)")
-        if len(mean) != 3 or len(std) != 3:
-            raise LakdError(f"mlkd.views=2 needs 3-channel data.mean and data.std, got {mean!r} and {std!r}")
-        return [float(v) for v in mean], [float(v) for v in std]
+    def _num_views(views) -> int:
+        if views not in (1, 2) or isinstance(views, bool):
+            raise LakdError(f"mlkd.views must be 1 (one view stands for both) or 2 (the authors' weak and "
+                            f"RandAugment views), got {views!r}")
+        return int(views)
 
-    def teacher_pass(self, image, **batch):
-        if self.views == 1:
+    @classmethod
+    def views(cls, cfg: dict) -> dict[str, dict]:
+        """With ``mlkd.views: 2``, the authors' strong view (``STRONG_VIEW``)."""
+        n = cls._num_views({**cls.DEFAULTS["mlkd"], **(cfg.get("mlkd") or {})}["views"])
+        return dict(STRONG_VIEW) if n == 2 else {}
+
+    @staticmethod
+    def _strong(image: torch.Tensor, views: dict | None) -> torch.Tensor:
+        strong = (views or {}).get("strong")
+        if strong is None:
+            raise LakdError("mlkd.views=2 trains on a strong view of every image (its own crop, RandAugment, Cutout) "
+                            "that the data pipeline makes (batch['views']['strong']), but this batch has none; train "
+                            "through lakd (lakd train, lakd.build), pass batch['views'] = {'strong': images} "
+                            "yourself, or set mlkd.views=1")
+        if strong.shape != image.shape:
+            raise LakdError(f"mlkd: the strong view {tuple(strong.shape)} does not match the batch "
+                            f"{tuple(image.shape)}; it must hold a view of each of the batch's images")
+        if not image.is_contiguous() and image.is_contiguous(memory_format=torch.channels_last):
+            strong = strong.contiguous(memory_format=torch.channels_last)
+        return strong
+
+    def teacher_pass(self, image, views=None, **batch):
+        if self.num_views == 1:
             return super().teacher_pass(image, **batch)
-        strong = strong_view(image, self.mean, self.std)  # made here: the teacher and the student see it
+        strong = self._strong(image, views)
         return self.teacher_forward(torch.cat([image, strong])), strong  # eval mode: one pass is two
 
     def student_losses(self, image, target, t_out, **batch):
-        if self.views == 1:
+        if self.num_views == 1:
             logits = self.student(image)
             inst, bat, cls = mlkd_terms(logits, t_out, self.temperatures, self.percentile, self.logit_stand,
                                         self.mask_mode)

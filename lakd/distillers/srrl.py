@@ -9,7 +9,9 @@ ReLU to the teacher's embedding width; the feature term is ``MSE(r(h_s), h_t)`` 
 the teacher's logits ``z_t`` (``srrl.logit_loss: kl`` uses ``T^2 KL(softmax(z_t / T) || softmax(. / T))`` instead,
 the paper's cross-entropy form up to a constant). Weights: CE 1, feature 1, regression 1. The gradient of the
 regression term passes through the teacher's classifier (whose weights stay frozen) to the connector and the
-student.
+student. ``srrl.kd_weight`` (default 0) adds Hinton's KD term on the student's own logits at temperature
+``srrl.T``: SimKD's script runs SRRL with ``-c 1 -d 1 -b 1`` (``scripts/run_distill.sh``: CE 1, KD 1 at its
+``kd_T`` 4, SRRL 1), which the configs carry (``kd_weight: 1``, ``T: 4``).
 
 Some code bases (SimKD, and the authors' own repositories) call this method SRRL, others SRD; in lakd ``srd`` is Miles
 and Mikolajczyk's AAAI 2024 method, as in torchdistill (see ``srd.py``).
@@ -23,6 +25,7 @@ from ..errors import LakdError
 from .base import Distiller, register_distiller
 from .ickd import Conv1x1BN
 from .kd import kd_loss
+from .stage_utils import check_nonneg
 
 
 @register_distiller("srrl")
@@ -37,7 +40,8 @@ class SRRL(Distiller):
 
     display_name = "SRRL"
     report_order = 46
-    DEFAULTS = {"srrl": {"ce_weight": 1.0, "feat_weight": 1.0, "logit_weight": 1.0, "logit_loss": "mse", "T": 4.0}}
+    DEFAULTS = {"srrl": {"ce_weight": 1.0, "feat_weight": 1.0, "logit_weight": 1.0, "logit_loss": "mse", "T": 4.0,
+                         "kd_weight": 0.0}}
 
     def requirements(self):
         # the teacher's classifier must read the pooled embedding directly (an adapted network may lack one)
@@ -51,8 +55,10 @@ class SRRL(Distiller):
         if s["logit_loss"] not in ("mse", "kl"):
             raise LakdError(f"srrl.logit_loss {s['logit_loss']!r} is not one of mse, kl")
         if not float(s["T"]) > 0:
-            raise LakdError(f"srrl.T (the temperature of logit_loss=kl) must be positive, got {s['T']!r}")
+            raise LakdError(f"srrl.T (the temperature of logit_loss=kl and of kd_weight's KD term) must be positive, "
+                            f"got {s['T']!r}")
         self.logit_loss, self.T = s["logit_loss"], float(s["T"])
+        self.kd_weight = check_nonneg("srrl", "kd_weight", s["kd_weight"])
         d_s, d_t = student.feature_info()["embedding_dim"], teacher.feature_info()["embedding_dim"]
         in_features = getattr(teacher.classifier, "in_features", d_t)
         if in_features != d_t:
@@ -76,5 +82,8 @@ class SRRL(Distiller):
                 reg = F.mse_loss(z_s.float(), z_t.float())
             else:
                 reg = kd_loss(z_s, z_t, self.T)
-        return logits, {"ce": self.ce_weight * F.cross_entropy(logits, target),
-                        "srrl_feat": self.feat_weight * feat, "srrl_logit": self.logit_weight * reg}
+        losses = {"ce": self.ce_weight * F.cross_entropy(logits, target),
+                  "srrl_feat": self.feat_weight * feat, "srrl_logit": self.logit_weight * reg}
+        if self.kd_weight:
+            losses["kd"] = self.kd_weight * kd_loss(logits, z_t, self.T)
+        return logits, losses

@@ -1,8 +1,8 @@
 """SSKD, knowledge distillation meets self-supervision (Xu et al., ECCV 2020), as the authors' ``student.py``.
 
-Every training batch of ``B`` images is expanded inside the method to ``4B``: each image followed by its copies
-rotated by 90, 180 and 270 degrees (``torch.rot90`` over H x W, as the authors' ``np.rot90``; row ``4i + k`` is
-image ``i`` rotated ``k`` times, their layout). Student and teacher run on all ``4B`` images (the student's
+Every training batch of ``B`` images is expanded to ``4B``: each image followed by its copies rotated by 90, 180
+and 270 degrees (``torch.rot90`` over H x W, as the authors' ``np.rot90``; row ``4i + k`` is image ``i`` rotated
+``k`` times, their layout; where the copies come from: ``sskd.views`` below). Student and teacher run on all ``4B`` images (the student's
 BatchNorm sees them all). An SS head (``Linear(d, d), ReLU, Linear(d, d)`` on the penultimate embedding,
 ``feats["embedding"]``, of width ``d``) gives each network a representation ``z``; ``S`` (3B x B) holds the cosine
 similarity of each rotated copy's ``z`` to every normal image's ``z``, the column of its own image being the
@@ -28,9 +28,15 @@ trains with the student. Defaults: the authors' ``student.py`` (CE 0.1, KD 0.9, 
 4``, ``ss_T = 0.5``, ``ratio_tf = 1``, ``ratio_ss = 0.75``), the same for every CIFAR-100 pair of their
 ``command.sh``.
 
-Differences from the authors' code: their dataset draws a separate random crop for each rotated copy (the flip is
-shared); here the batch's augmented image is rotated, so the four copies share the crop. The losses and the
-ranking are computed in float32 (also under AMP). Under torchrun each process ranks and averages its own batch.
+The copies, ``sskd.views``: ``per_sample`` (default, the authors' ``cifar.py``) asks the data pipeline for three
+views of every image (``views``: ``rot90``, ``rot180``, ``rot270``), each the image rotated with a random crop of
+its own and the flip of the normal image (theirs flips the image once, then rotates it and crops every copy;
+cropping before rotating draws the same copies), made per sample in the DataLoader workers or batched on the
+device (``lakd.data.views``); ``batch`` rotates the batch's (cropped, flipped) image in the method, so the four
+copies share one crop (the library's former reading, and the way for one's own loop without those views).
+
+Differences from the authors' code: the losses and the ranking are computed in float32 (also under AMP). Under
+torchrun each process ranks and averages its own batch.
 """
 from __future__ import annotations
 
@@ -43,6 +49,10 @@ from .base import Distiller, register_distiller
 from .stage_utils import check_int, check_nonneg, check_positive
 
 ROTATIONS = 4
+#: the rotated copies the data pipeline makes with ``sskd.views: per_sample`` (``Distiller.views``; a spec of
+#: ``lakd.data.views``): quarter turns 1, 2, 3, each with its own crop and the normal image's flip
+ROTATED_COPIES = {f"rot{90 * k}": {"flip": "shared", "rotate": k} for k in range(1, ROTATIONS)}
+VIEW_MODES = ("per_sample", "batch")
 
 
 def rotated_batch(image: torch.Tensor) -> torch.Tensor:
@@ -52,6 +62,27 @@ def rotated_batch(image: torch.Tensor) -> torch.Tensor:
         raise LakdError(f"sskd rotates every image by 90 degrees, which needs square B x C x H x W images, got "
                         f"{tuple(image.shape)}; train on square crops (data.image_size) or use another method")
     out = torch.stack([torch.rot90(image, k, (2, 3)) for k in range(ROTATIONS)], dim=1).flatten(0, 1)
+    if not image.is_contiguous() and image.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def stacked_copies(image: torch.Tensor, views: dict | None) -> torch.Tensor:
+    """``4B`` images from the batch ``image`` and its rotated copies ``views`` (``ROTATED_COPIES``, made per sample
+    by the data pipeline): row ``4i + k`` is copy ``k`` of image ``i`` (copy 0: the image itself), in the batch's
+    memory format."""
+    missing = [k for k in ROTATED_COPIES if k not in (views or {})]
+    if missing:
+        raise LakdError(f"sskd.views=per_sample trains on rotated copies of every image with crops of their own, "
+                        f"which the data pipeline makes (batch['views'] with {', '.join(ROTATED_COPIES)}), but this "
+                        f"batch lacks {', '.join(missing)}; train through lakd (lakd train, lakd.build), or set "
+                        f"sskd.views=batch to rotate the batch's images in the method (e.g. options={{'sskd': "
+                        f"{{'views': 'batch'}}}} in lakd.distiller)")
+    copies = [image] + [views[k] for k in ROTATED_COPIES]
+    if any(c.shape != image.shape for c in copies):
+        raise LakdError(f"sskd: the rotated copies {[tuple(c.shape) for c in copies[1:]]} do not match the batch "
+                        f"{tuple(image.shape)}; they must be made from the same images (lakd.data views)")
+    out = torch.stack(copies, dim=1).flatten(0, 1)
     if not image.is_contiguous() and image.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous(memory_format=torch.channels_last)
     return out
@@ -144,7 +175,7 @@ class SSKD(Distiller):
     DEFAULTS = {"sskd": {"ce_weight": 0.1, "kd_weight": 0.9, "tf_weight": 2.7, "ss_weight": 10.0,
                          "kd_T": 4.0, "tf_T": 4.0, "ss_T": 0.5, "ratio_tf": 1.0, "ratio_ss": 0.75,
                          "pretrain_epochs": 60, "pretrain_lr": 0.05, "pretrain_milestones": [30, 45],
-                         "pretrain_gamma": 0.1}}
+                         "pretrain_gamma": 0.1, "views": "per_sample"}}
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
@@ -160,9 +191,27 @@ class SSKD(Distiller):
                                                        for m in miles):
             raise LakdError(f"sskd.pretrain_milestones must be a list of epochs >= 0 (e.g. [30, 45]), got {miles!r}")
         self.pretrain_milestones = tuple(miles)
+        self.view_mode = self._view_mode(s["views"])
         self.s_head = SSHead(student.feature_info()["embedding_dim"])
         self.t_head = SSHead(teacher.feature_info()["embedding_dim"])
         self.t_head.requires_grad_(False)  # trained by prepare() only, then fixed
+
+    @staticmethod
+    def _view_mode(mode) -> str:
+        if mode not in VIEW_MODES:
+            raise LakdError(f"sskd.views must be per_sample (rotated copies with crops of their own, made by the data "
+                            f"pipeline: the authors') or batch (the batch's image rotated in the method), got {mode!r}")
+        return mode
+
+    @classmethod
+    def views(cls, cfg: dict) -> dict[str, dict]:
+        """With ``sskd.views: per_sample``, the three rotated copies (``ROTATED_COPIES``)."""
+        mode = cls._view_mode({**cls.DEFAULTS["sskd"], **(cfg.get("sskd") or {})}["views"])
+        return dict(ROTATED_COPIES) if mode == "per_sample" else {}
+
+    def four_views(self, image: torch.Tensor, views: dict | None = None) -> torch.Tensor:
+        """The ``4B`` batch of the images and their rotated copies (``sskd.views``)."""
+        return rotated_batch(image) if self.view_mode == "batch" else stacked_copies(image, views)
 
     def _head(self, head: nn.Module, emb: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=emb.device.type, enabled=False):
@@ -173,8 +222,8 @@ class SSKD(Distiller):
         params = list(self.t_head.parameters())
         self.t_head.requires_grad_(True)
         try:
-            def loss(image, target):
-                emb = self.teacher_forward(rotated_batch(image), features=True)[1]["embedding"]
+            def loss(image, target, views=None):
+                emb = self.teacher_forward(self.four_views(image, views), features=True)[1]["embedding"]
                 sim = rotation_similarity(self._head(self.t_head, emb))
                 return F.cross_entropy(sim, rotation_targets(image.shape[0], image.device))
 
@@ -183,14 +232,15 @@ class SSKD(Distiller):
         finally:
             self.t_head.requires_grad_(False)
 
-    def teacher_pass(self, image, **batch):
-        logits, feats = self.teacher_forward(rotated_batch(image), features=True)
+    def teacher_pass(self, image, views=None, **batch):
+        x4 = self.four_views(image, views)
+        logits, feats = self.teacher_forward(x4, features=True)
         with torch.no_grad():
-            return logits, self._head(self.t_head, feats["embedding"])
+            return logits, self._head(self.t_head, feats["embedding"]), x4
 
     def student_losses(self, image, target, t_out, **batch):
-        t_logits, t_z = t_out
-        logits, feats = self.student(rotated_batch(image), features=True)
+        t_logits, t_z, x4 = t_out
+        logits, feats = self.student(x4, features=True)
         with torch.autocast(device_type=logits.device.type, enabled=False):  # float32 similarities under AMP too
             terms = sskd_terms(logits, t_logits, self._head(self.s_head, feats["embedding"]), t_z, target,
                                self.kd_t, self.tf_t, self.ss_t, self.ratio_tf, self.ratio_ss)

@@ -65,6 +65,12 @@ def resolve_num_classes(cfg: dict, data: DataBundle) -> int:
     return num_classes
 
 
+def data_views(cfg: dict) -> dict[str, dict]:
+    """The extra views of every training image the run's method needs (``Distiller.views``: ``{name: spec}``),
+    which the data builder makes per sample (``lakd.data.views``)."""
+    return DISTILLERS.get(cfg["method"]).views(cfg)
+
+
 def build_models(cfg: dict, num_classes: int, meta: dict | None = None, warn: bool = True,
                  image_size: int | None = None):
     """``(student, teacher)`` from ``cfg["model"]`` and ``cfg["teacher"]`` (teacher None without a name), with
@@ -118,8 +124,13 @@ def build(cfg: dict, device=None, rank: int = 0, world_size: int = 1, data: Data
     meta = teacher_metadata(cfg) if cfg["teacher"].get("name") else {}
     if num_data is None:
         apply_teacher_normalisation(cfg, meta)
+        views = data_views(cfg)  # the extra per-sample views the method asks for (Distiller.views), if any
         if data is None:
-            data = build_data(cfg, device, rank, world_size)
+            data = build_data(cfg, device, rank, world_size, views=views)
+        elif any(v not in data.views for v in views):
+            raise LakdError(f"method {cfg['method']} trains on per-sample views {', '.join(views)} that the data given "
+                            f"to build does not make; build it with lakd.build_data(cfg, device, views="
+                            f"lakd.engine.build.data_views(cfg)), or let build make it (data=None)")
         num_classes = resolve_num_classes(cfg, data)
         num_data = data.num_train
         batch = int(cfg["solver"]["batch_size"])

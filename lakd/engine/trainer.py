@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from .. import __version__
 from .. import config as config_mod
 from ..errors import LakdError
 from ..models import read_checkpoint
@@ -37,6 +38,11 @@ from .schedule import lr_at
 from .step import prepare_distributed, training_step
 
 log = logging.getLogger(__name__)
+
+
+def versions() -> str:
+    """What wrote a run, for its files: ``lakd X, torch Y``."""
+    return f"lakd {__version__}, torch {torch.__version__}"
 
 
 class Trainer:
@@ -86,7 +92,8 @@ class Trainer:
                 self._resume(cfg["resume"], allow_config_change)
             if self.dist.is_main:
                 # the file must start a fresh run when re-used, so the resume pointer is left out
-                self._write_file(rundir.CONFIG, config_mod.dump_config({**cfg, "resume": None}))
+                self._write_file(rundir.CONFIG, f"# {versions()}: this run's resolved config\n"
+                                 + config_mod.dump_config({**cfg, "resume": None}))
             self.teacher_correct, self.teacher_top1 = self._teacher_eval()
             self._warn_chance_teacher()
         except BaseException:
@@ -271,6 +278,7 @@ class Trainer:
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "wall_time_s": self.wall_time,
+            "lakd_version": __version__,
         }
 
     def train_epoch(self, epoch: int) -> dict:
@@ -441,7 +449,10 @@ class Trainer:
             dist.barrier()
         summary = self._summary()
         if self.dist.is_main:
-            self._write_file(rundir.SUMMARY, json.dumps(summary, indent=2))
+            # on disk the run folder is named, not located: the summary sits in it, and a results folder that is
+            # copied or committed carries no path of the machine that ran it
+            self._write_file(rundir.SUMMARY, json.dumps({**summary, "run_dir": os.path.basename(
+                os.path.normpath(self.run_dir))}, indent=2))
         return summary
 
     def _log(self, record: dict) -> None:
@@ -493,6 +504,8 @@ class Trainer:
             "wall_time_s": self.wall_time,
             "run_dir": self.run_dir,
             "world_size": self.dist.world_size,
+            "lakd_version": __version__,
+            "torch_version": torch.__version__,
         }
 
 
