@@ -227,6 +227,19 @@ def test_two_head_class_maps_add_up_to_the_averaged_logits():
     assert torch.allclose(cams.mean((2, 3)) + (net.head.bias + net.head_dist.bias) / 2, logits, atol=1e-6)
     assert [h.shape for h in feats["heads"]] == [(4, 10), (4, 10)]
     assert torch.allclose((feats["heads"][0] + feats["heads"][1]) / 2, logits)
+    # SRRL feeds the teacher's classifier: one head of two does not give the teacher's logits
+    with pytest.raises(LakdError, match=r"method srrl needs a linear classifier .* the mean of two heads") as info:
+        lakd.distiller(TwoHead(), TwoHead(), "srrl", image_size=SIZE)
+    assert "\n" not in str(info.value)
+
+
+def test_srrl_takes_a_class_token_teacher_whose_head_reads_the_embedding():
+    d = lakd.distiller(vit(), vit(width=64), "srrl", image_size=SIZE)
+    x = batch()["image"]
+    with torch.no_grad():
+        logits, feats = d.teacher(x, features=True)
+        assert torch.allclose(d.teacher.classifier(feats["embedding"]), logits, atol=1e-6)
+    step(d)
 
 
 def test_an_unused_auxiliary_branch_is_not_pooled_cut_or_used_for_class_maps():

@@ -378,4 +378,5 @@ class StepGroup(nn.Module):
 _NEEDS = {"features": "feature maps and their pooled embedding (the classifier's input)",
           "class_maps": "class activation maps (a linear classifier after global pooling)",
           "preact": "pre-activation stage outputs",
-          "heads": "a class head and a distillation head whose mean is its output"}
+          "heads": "a class head and a distillation head whose mean is its output",
+          "classifier": "a linear classifier that reads the pooled embedding and gives the logits"}

@@ -211,6 +211,8 @@ class _Split:
                        and isinstance(gm.get_submodule(n.target), nn.Linear)]
             cls_node = linears[-1] if linears else None
         self.classifier_path = cls_node.target if cls_node is not None else None
+        #: the logits are the classifier's output itself (not two heads' mean, nothing after it)
+        self.logits_are_classifier = cls_node is logits
         self.cam_problem = None if cls_node is not None else (
             f"{label} has no nn.Linear after global pooling; name its classifier with model.classifier=<module path>")
         emb = cls_node.args[0] if cls_node is not None else pool
@@ -248,6 +250,7 @@ class _Split:
         """The head of a network without a pooled feature map: only its logits come out."""
         self.nhwc, self.pool_shape, self.fmap, self.fmap_tokens = False, None, None, None
         self.cam_spec, self.cam_fast, self.emb_parts, self.heads = None, False, 1, []
+        self.logits_are_classifier = False
         linears = [n for n in nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear)]
         cls_node = resolve_cut(classifier, qualnames, label) if classifier else (linears[-1] if linears else None)
         self.classifier_path = cls_node.target if cls_node is not None and cls_node.op == "call_module" else None
@@ -640,10 +643,18 @@ class AdaptedNet(FeatureNet):
         return run.frozen
 
     def missing(self, need):
-        if self._split.map_problem and need in ("features", "class_maps", "preact", "heads"):
+        if self._split.map_problem and need in ("features", "class_maps", "preact", "heads", "classifier"):
             return self._split.map_problem
         if need == "class_maps":
             return self._split.cam_problem
+        if need == "classifier":
+            sp = self._split
+            if sp.classifier_path is None:
+                return sp.cam_problem
+            return None if sp.logits_are_classifier and sp.emb_parts == 1 else (
+                f"the logits of {self.label} are not its classifier {sp.classifier_path!r} applied to its pooled "
+                f"embedding alone ({'the mean of two heads' if sp.heads else 'more runs after it'}); name the "
+                f"classifier that gives the logits with model.classifier=<module path>, or use another method")
         if need == "heads":
             return None if self._split.heads else (
                 f"{self.label} has one classifier head (a distilled network has two, a class head and a "
@@ -674,6 +685,7 @@ class _OpaqueSplit:
     """A network run as one call (its top-level forward untraceable, made a leaf): logits only."""
 
     nhwc, fmap, fmap_tokens, heads, classifier_path, cam_spec, cam_fast = False, None, None, [], None, None, False
+    logits_are_classifier, emb_parts = False, 1
 
     def __init__(self, model: nn.Module, label: str, input_size: int = 32, classes: int | None = None):
         self.label = label
