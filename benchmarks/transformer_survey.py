@@ -6,7 +6,8 @@ average pooling), DeiT, DeiT distilled, Swin, ConvNeXt, EfficientFormer, Efficie
 (each as student and teacher of its own kind), and mixed pairs (a CNN student from a ViT / Swin teacher, a ViT
 student from a CNN teacher, the issue's DeiT-Tiny <- ViT-Small). For each pair and every registered method (and
 LAKD with ``lakd.att_weight=0``, its setting for class-token networks): build ``lakd.distiller`` (its
-construction-time checks included: needs, reachability), one training step on a random batch of 2.
+construction-time checks included: needs, reachability), one training step on a random batch of 2 (with random
+stand-ins for the extra views a method declares, as ``tests/test_imagenet_configs.py`` feeds them).
 
 A cell is ``works`` (finite losses), ``refuses`` (a one-line ``LakdError``: its message) or ``fails`` (anything
 else: an exception, a multi-line error, a non-finite loss). Writes ``OUT/survey.json`` and ``OUT/survey.md``:
@@ -100,7 +101,9 @@ def survey_pair(student: str, teacher: str, methods: list[str]) -> list[dict]:
                                options=options or None)
             d.train()
             opt = d.build_optimizer(d.trainable_parameters(), {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0})
-            _, losses = d.train_step(batch, lambda loss, **kw: loss.backward(**kw))
+            views = d.random_views(batch["image"])  # the extra views a method declares (SSKD's), as data gives them
+            _, losses = d.train_step({**batch, **({"views": views} if views else {})},
+                                     lambda loss, **kw: loss.backward(**kw))
             if opt is not None:
                 opt.step()
             finite = all(bool(torch.isfinite(v)) for v in losses.values())
