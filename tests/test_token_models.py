@@ -316,3 +316,21 @@ def test_a_network_without_default_cuts_still_trains_with_kd():
     a = adapt(Flat(), input_size=SIZE)
     assert a.num_blocks == 0 and "methods that need only the logits" in a.missing("features")
     step(lakd.distiller(Flat(), Flat(), "kd", image_size=SIZE))
+
+
+def test_lakd_recompute_on_token_grids_gives_the_same_step():
+    """sdm.recompute checkpoints each transformer block: the token sequence (and its grid layout) passes through
+    torch.utils.checkpoint, dropout draws the same masks, the gradients are those without it."""
+    b = batch()
+    grads = []
+    for recompute in (False, True):
+        d = lakd.distiller(vit(global_pool="avg", drop_rate=0.1), vit(global_pool="avg", width=64, seed=1), "lakd",
+                           image_size=SIZE, options={"sdm": {"recompute": recompute}})
+        torch.manual_seed(5)
+        d.zero_grad(set_to_none=True)
+        losses = step(d, b)
+        assert float(losses["feat1"]) > 0
+        grads.append({n: p.grad.clone() for n, p in d.named_trainable_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
