@@ -211,8 +211,11 @@ class _Split:
                        and isinstance(gm.get_submodule(n.target), nn.Linear)]
             cls_node = linears[-1] if linears else None
         self.classifier_path = cls_node.target if cls_node is not None else None
-        #: the logits are the classifier's output itself (not two heads' mean, nothing after it)
-        self.logits_are_classifier = cls_node is logits
+        #: the logits are the classifier's output itself (not two heads' mean; after it only reshapes: timm's flatten)
+        end = logits
+        while is_trivial(gm, end) and end.args and isinstance(end.args[0], fx.Node):
+            end = end.args[0]
+        self.logits_are_classifier = cls_node is end
         self.cam_problem = None if cls_node is not None else (
             f"{label} has no nn.Linear after global pooling; name its classifier with model.classifier=<module path>")
         emb = cls_node.args[0] if cls_node is not None else pool
