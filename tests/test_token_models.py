@@ -72,6 +72,22 @@ def test_vit_blocks_are_token_grids_with_the_class_token_split_off():
     assert torch.equal(plain.eval()(x), ref)
 
 
+def test_torchvisions_vit_is_cut_per_encoder_block_into_token_grids():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    net = VisionTransformer(image_size=SIZE, patch_size=8, num_layers=4, num_heads=2, hidden_dim=32, mlp_dim=64,
+                            num_classes=10).eval()
+    a = adapt(net, input_size=SIZE).eval()
+    assert a.cut_names["blocks"] == [f"encoder.layers.encoder_layer_{i}" for i in range(4)]
+    x = batch()["image"]
+    with torch.no_grad():
+        logits, feats = a(x, features=True)
+        assert torch.equal(logits, net(x))
+    assert [f.shape for f in feats["stages"]] == [(4, 32, 4, 4)] * 4 and feats["prefix"][0].shape == (4, 1, 32)
+    step(lakd.distiller(copy.deepcopy(net), torchvision.models.resnet18(num_classes=10), "at", image_size=SIZE))
+
+
 def test_class_token_head_has_no_class_maps_and_says_why_in_one_line():
     a = adapt(vit(), input_size=SIZE)
     why = a.missing("class_maps")

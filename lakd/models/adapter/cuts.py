@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from ...errors import LakdError
 from .heads import is_global_pool, live_nodes
+from .tokens import token_pool
 from .tracing import last_nodes, propagate, tensor_shape, trace, value_nodes
 
 
@@ -73,13 +74,17 @@ def family_cuts(model: nn.Module, gm: fx.GraphModule, qualnames: dict) -> tuple[
     sequence before global pooling (opening the largest container while fewer than three do, e.g. ``features`` or
     ``trunk_output``), the first of three or more being the stem."""
     from torchvision.models.resnet import ResNet
+    from torchvision.models.vision_transformer import VisionTransformer
 
     if isinstance(model, ResNet):
         blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(len(getattr(model, f"layer{i}")))]
         return "maxpool", blocks
+    if isinstance(model, VisionTransformer):  # every encoder block, as timm's ViTs are cut
+        return None, [f"encoder.layers.{name}" for name, _ in model.encoder.layers.named_children()]
     pos = {n: i for i, n in enumerate(gm.graph.nodes)}
     live = live_nodes(gm)
-    pools = [n for n in value_nodes(gm.graph) if n in live and is_global_pool(gm, n)]
+    # the head's pooling: of a feature map, or of a token sequence (a mean of its tokens, its class token)
+    pools = [n for n in value_nodes(gm.graph) if n in live and (is_global_pool(gm, n) or token_pool(n) is not None)]
     pool = pools[-1] if pools else None
     limit = pos[pool.args[0]] if pool is not None else len(pos)
     last_node = last_nodes(qualnames)
