@@ -1,12 +1,14 @@
 """What the adapter reads off a traced graph's nodes: global pooling (and its NCHW / NHWC layout), ReLUs (for
-pre-activations), ops that only reshape, and the B x C x H x W shape of a cut.
+pre-activations), ops that only reshape, the B x C x H x W shape of a cut, what the logits depend on
+(``live_nodes``), two averaged heads (``head_pair``), and class maps through any head (``FrozenHeadRun``).
 
 The head is everything after the last cut. Its global pooling (adaptive/average pooling to 1x1 or a mean over
-H x W) gives the last feature map (its input); the classifier is the last ``nn.Linear`` after it (or the module
-named by ``classifier=``; timm models: the module ``get_classifier()`` returns). Class activation maps apply the
-classifier to the map at every position -- through the layers between pooling and the classifier when there are
-any (e.g. MobileNetV3's hidden ``Linear``) -- which is the usual CAM (bias excluded) when the classifier follows
-the pooling directly.
+H x W; for token networks see ``tokens``) gives the last feature map (its input); the classifier is the last
+``nn.Linear`` after it (or the module named by ``classifier=``; timm models: the module ``get_classifier()``
+returns). Class activation maps apply the head after the pooling to the map at every position, its nonlinearities
+frozen at the pooled vector, minus its output at zero: for a classifier right after the pooling that is the usual
+CAM (its weights as a 1x1 convolution, bias excluded), and for any head the maps' mean plus that offset is the
+logits.
 """
 from __future__ import annotations
 

@@ -604,9 +604,9 @@ class AdaptedNet(FeatureNet):
     def class_maps(self, fmap):
         """Class activation maps (B x K x H x W) of the last map: for a linear classifier right after the pooling,
         its weights applied at every position (bias excluded); otherwise the whole head after the pooling applied
-        at every position, its normalisations' statistics frozen at the pooled vector's (``FrozenHeadRun``), minus
-        the head's output at zero (``class_map_offset``). Either way the maps averaged over the positions plus
-        that offset are the logits (checked when the network is adapted)."""
+        at every position, its nonlinearities frozen at the pooled vector (normalisation statistics, activation
+        gains: ``FrozenHeadRun``), minus the head's output at zero (``class_map_offset``). Either way the maps
+        averaged over the positions plus that offset are the logits (checked when the network is adapted)."""
         sp = self._split
         if sp.cam_problem:
             raise LakdError(sp.cam_problem)
@@ -640,7 +640,7 @@ class AdaptedNet(FeatureNet):
         return v
 
     def _cam_frozen(self, fmap):
-        """The head's normalisation statistics on the pooled vectors of ``fmap`` (``FrozenHeadRun``)."""
+        """The head's frozen state (normalisation statistics, activation gains) at the pooled vectors of ``fmap``."""
         run = FrozenHeadRun(self._split.cam)
         run.run(self._pooled_shape(fmap.mean((2, 3))))
         return run.frozen
