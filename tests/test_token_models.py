@@ -350,3 +350,21 @@ def test_lakd_recompute_on_token_grids_gives_the_same_step():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_a_vit_checkpoint_loads_at_the_image_size_it_trained_at(tmp_path):
+    """A run records the image size (a ViT built for 32 px has a 4 x 4 patch grid and refuses 224 px); lakd eval
+    rebuilds the network at that size even when the run's config left data.image_size at its native default."""
+    from lakd.models import create_model, load_model
+
+    kwargs = {"img_size": SIZE, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2}
+    torch.manual_seed(0)
+    m = create_model("timm:deit_tiny_distilled_patch16_224", 10, input_size=SIZE, kwargs=kwargs).eval()
+    path = tmp_path / "best.pt"
+    torch.save({"model": m.state_dict(), "arch": "timm:deit_tiny_distilled_patch16_224", "num_classes": 10,
+                "image_size": SIZE, "config": {"model": {"name": "timm:deit_tiny_distilled_patch16_224",
+                                                         "kwargs": kwargs}, "data": {"image_size": 0}}}, path)
+    loaded, _ = load_model(str(path))
+    x = batch()["image"]
+    with torch.no_grad():
+        assert loaded.input_size == SIZE and torch.equal(loaded(x), m(x))
