@@ -227,14 +227,16 @@ _NORM_MODULES = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
 
 
 def unfreezable(gm: fx.GraphModule, nodes) -> fx.Node | None:
-    """The first node of ``nodes`` that ``FrozenHeadRun`` cannot make affine (not a Linear layer, a normalisation,
-    an elementwise activation, a reshape or +-*/), or None."""
+    """The first node of ``nodes`` that ``FrozenHeadRun`` cannot make affine (not a Linear layer or a 1x1
+    convolution, a normalisation, an elementwise activation, a reshape or +-*/), or None."""
     for n in nodes:
         if n.op in ("get_attr", "placeholder", "output") or is_trivial(gm, n):
             continue
         if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
                                                 (nn.Linear, *_NORM_MODULES, *_ACT_MODULES, *_TRIVIAL_MODULES)):
             continue
+        if n.op == "call_module" and _is_pointwise_conv(gm.get_submodule(n.target)):
+            continue  # a 1x1 convolution on the pooled 1 x 1 map is a Linear over its channels (timm's conv_head)
         if n.op == "call_function" and (n.target in _AFFINE_FUNCTIONS or n.target in _ACT_FUNCTIONS
                                         or n.target in _TRIVIAL_FUNCTIONS or n.target in _VIEW_FUNCTIONS):
             continue
@@ -243,6 +245,11 @@ def unfreezable(gm: fx.GraphModule, nodes) -> fx.Node | None:
             continue
         return n
     return None
+
+
+def _is_pointwise_conv(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1 \
+        and m.padding in ((0, 0), "valid") and m.dilation == (1, 1)
 
 
 class FrozenHeadRun(fx.Interpreter):
