@@ -85,8 +85,7 @@ def distiller(student, teacher=None, method: str = "lakd", *, options: dict | No
         cfg = _merge(cfg, opts)
     cfg["model"]["num_classes"] = s.feature_info()["num_classes"]
     if not ((options or {}).get("data") or {}).get("dataset"):
-        # the user's data is not the config default's: a method that needs its normalisation (MLKD's strong
-        # view) then asks for options={"data": {"mean": ..., "std": ...}} instead of assuming CIFAR-10's
+        # the user's data is not the config default's: nothing may assume CIFAR-10's (its normalisation, its size)
         cfg["data"]["dataset"] = None
     d = build_distiller(cfg, s, t, num_data=num_data).train()
     if cfg["train"].get("check_reachability", True):

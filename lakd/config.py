@@ -16,6 +16,7 @@ import yaml
 
 from .errors import LakdError, close_matches
 from .registry import DISTILLERS
+from .settings import check_finite, check_settings, run_facts
 
 #: environment variable naming the default data folder (else ``./data``, relative to the working directory)
 DATA_ENV = "LAKD_DATA"
@@ -451,6 +452,36 @@ def check_reference(ref: Any) -> None:
                         f"\"README.md, CIFAR-100 table\"), got {where!r}")
 
 
+def check_ranges(cfg: dict) -> None:
+    """What ``validate`` leaves to ranges: the solver's decay factor, increasing milestones, a warm-up no longer
+    than the run, and then NaN and infinity anywhere else (``lakd.settings.check_finite``)."""
+    s = cfg["solver"]
+    g = s["gamma"]
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g < math.inf:
+        raise LakdError(f"solver.gamma (the multistep schedule's decay factor) must be a finite number > 0, got "
+                        f"{g!r}; e.g. solver.gamma=0.1")
+    m = s["milestones"]
+    if any(x < 0 for x in m) or any(a >= b for a, b in zip(m, m[1:])):
+        fix = ",".join(str(x) for x in sorted({abs(x) for x in m})) or "150,180,210"
+        raise LakdError(f"solver.milestones must be increasing epochs >= 0, got {m!r}; e.g. solver.milestones=[{fix}]")
+    if s["warmup_epochs"] > s["epochs"]:
+        raise LakdError(f"solver.warmup_epochs={s['warmup_epochs']} must be <= solver.epochs={s['epochs']} (the "
+                        f"learning rate would still be warming up when the run ends); e.g. solver.warmup_epochs=0")
+    check_finite(cfg)
+
+
+def check_method_settings(cfg: dict, train_size: int | None = None, world_size: int | None = None,
+                          defaults: dict | None = None) -> None:
+    """The methods' declared settings (``Distiller.SETTINGS``: every registered method's section, so a NaN in
+    any of them is refused) and the run's method's ``CHECKS``, through ``lakd.settings``; ``train_size`` (the
+    training images, once the data are known) and ``world_size`` are facts some checks compare with."""
+    defaults = defaults if defaults is not None else full_defaults()
+    facts = run_facts(cfg, train_size, world_size)
+    for name in DISTILLERS.names():
+        cls = DISTILLERS.get(name)
+        check_settings(cfg, cls.SETTINGS, cls.CHECKS, defaults, facts, name, rules=name == cfg.get("method"))
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> dict:
     """Defaults <- YAML file <- overrides, validated."""
     schema = full_defaults()
@@ -463,6 +494,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         cfg = _merge(cfg, data)
     cfg = apply_overrides(cfg, overrides or [], schema)
     validate(cfg)
+    check_method_settings(cfg, defaults=schema)
+    check_ranges(cfg)
     if not cfg["data"].get("root"):
         cfg["data"]["root"] = default_data_root()
     if not cfg["experiment"]:

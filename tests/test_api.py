@@ -115,3 +115,110 @@ def test_names_in_configs_train_eval_bench_and_models_blocks(tmp_path):
     assert "24px" in out and "lakd" in out
     out = _lakd("models", "--blocks", net, "--image-size", "16")
     assert "S stem" in out and "B stage3" in out and "64x4x4" in out
+
+
+# ----- one's own loop: the hints say exactly what to pass, with values that work ------------------------------------
+def test_crd_in_ones_own_loop_names_num_data_and_the_index():
+    import re
+
+    ex = load_example()
+    opts = {"student_options": {"blocks": ["stage1", "stage2", "stage3"]},
+            "teacher_options": {"blocks": ["stage1", "stage2", "stage3"]}, "options": {"crd": {"nce_k": 8}}}
+    with pytest.raises(LakdError) as info:
+        lakd.distiller(ex.MyNet(width=8), ex.MyNet(width=8), "crd", image_size=32, **opts)
+    msg = str(info.value)
+    assert "num_data=len(train_dataset)" in msg and '"index"' in msg and "__getitem__(i) returns (image, target, i)" in msg
+    torch.manual_seed(0)
+    data = ex.Stripes(48)
+    d = lakd.distiller(ex.MyNet(width=8), ex.MyNet(width=8), "crd", image_size=32, num_data=len(data), **opts)
+    x, y = data.images[:16], data.labels[:16]
+    with pytest.raises(LakdError) as info:
+        d.train_step({"image": x, "target": y}, backward=lambda loss: loss.backward())
+    msg = str(info.value)
+    assert "position in the training set (0..47)" in msg and 'batch["index"]' in msg and '"index": i' in msg
+    with pytest.raises(LakdError, match=r"holds 40\.\.55, outside 0\.\.47.*num_data=len\(train_dataset\) \(now 48\)"):
+        d.train_step({"image": x, "target": y, "index": torch.arange(40, 56)}, backward=lambda loss: loss.backward())
+    # the fix the messages give: a Dataset returning (image, target, i) and "index" in the batch
+    loader = torch.utils.data.DataLoader(data, batch_size=16)
+    for x, y, i in loader:
+        _, losses = d.train_step({"image": x, "target": y, "index": i}, backward=lambda loss: loss.backward())
+        assert set(losses) == {"ce", "crd"} and all(torch.isfinite(v) for v in losses.values())
+    # README's own loop says the same
+    with open(os.path.join(ROOT, "README.md")) as f:
+        own_loop = f.read().split("## Your own teacher and student", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r'"crd", num_data=len\(train_set\)', own_loop) and '"index": i}' in own_loop
+
+
+class FourBlockCNN(torch.nn.Module):
+    """A user's teacher: four conv blocks (each halving the map), pooling, a linear classifier."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        nn = torch.nn
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
+
+        self.b1, self.b2, self.b3, self.b4 = block(3, 8), block(8, 16), block(16, 32), block(32, 32)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.b4(self.b3(self.b2(self.b1(x))))), 1))
+
+
+def _suggested(msg: str) -> tuple[dict, dict | None]:
+    """The values a hint suggests: its options={...} and, when given, teacher_options={...}."""
+    import ast
+    import re
+
+    opts = ast.literal_eval(re.search(r"options=(\{\"sdm\": \{[^}]*\}\})", msg).group(1))
+    t = re.search(r"teacher_options=(\{\"blocks\": \[[^]]*\]\})", msg)
+    return opts, (ast.literal_eval(t.group(1)) if t else None)
+
+
+def test_lakd_hint_for_a_teacher_with_fewer_stages_gives_working_values():
+    """A torchvision resnet18 student (4 stages at 32px: 8x8 .. 1x1) and a user's 4-block CNN teacher, whose first
+    block the adapter takes as the stem (3 stages: 8x8, 4x4, 2x2)."""
+    import torchvision
+
+    from lakd.distillers.lakd import STAGE_RULE
+
+    def student():
+        torch.manual_seed(0)
+        return torchvision.models.resnet18(num_classes=10)
+
+    b = {"image": torch.randn(4, 3, 32, 32), "target": torch.randint(0, 10, (4,))}
+    with pytest.raises(LakdError) as info:
+        lakd.distiller(student(), FourBlockCNN(), "lakd", image_size=32)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "sdm.splits is not set (default: one local module per student stage)" in msg  # the default, said so
+    assert "4 stages make 4 modules (sdm.splits=[2, 4, 6, 8]; maps 8x8, 4x4, 2x2, 1x1)" in msg
+    assert "the teacher FourBlockCNN has 3 stages (ending at blocks [1, 2, 3] of its 3; maps 8x8, 4x4, 2x2)" in msg
+    assert STAGE_RULE in msg  # the rule
+    assert "took the teacher's first top-level module 'b1' as its stem" in msg and "'b2', 'b3', 'b4'" in msg
+    assert "(1..3)" not in msg  # no impossible request (4 indices out of 3)
+    opts, t_opts = _suggested(msg)
+    assert opts == {"sdm": {"splits": [2, 4, 8], "teacher_points": [1, 2, 3]}}
+    d = lakd.distiller(student(), FourBlockCNN(), "lakd", image_size=32, options=opts)  # the first fix works
+    _, losses = d.train_step(b, backward=lambda loss: loss.backward())
+    assert {"feat1", "feat2", "feat3"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    assert t_opts == {"blocks": ["b1", "b2", "b3", "b4"]}
+    d = lakd.distiller(student(), FourBlockCNN(), "lakd", image_size=32, teacher_options=t_opts)  # and the other
+    assert d.splits == [2, 4, 6, 8] and d.teacher_points == [1, 2, 3, 4]
+    # splits the user chose: said as theirs; the example keeps them when the teacher has blocks enough
+    with pytest.raises(LakdError) as info:
+        lakd.distiller(student(), FourBlockCNN(), "lakd", image_size=32, options={"sdm": {"splits": [4, 8]}})
+    msg = str(info.value)
+    assert "sdm.splits=[4, 8] makes 2 local modules, but the teacher FourBlockCNN has 3 stages" in msg
+    opts, _ = _suggested(msg)
+    assert opts["sdm"]["splits"] == [4, 8]
+    lakd.distiller(student(), FourBlockCNN(), "lakd", image_size=32, options=opts)
+    # teacher_points that cannot work: the example that does
+    with pytest.raises(LakdError) as info:
+        lakd.distiller(student(), FourBlockCNN(), "lakd", image_size=32,
+                       options={"sdm": {"splits": [2, 4, 8], "teacher_points": [1, 2, 4]}})
+    msg = str(info.value)
+    assert "must hold 3 teacher block indices in 1..3" in msg and "has 3 blocks" in msg
+    lakd.distiller(student(), FourBlockCNN(), "lakd", image_size=32, options=_suggested(msg)[0])

@@ -131,7 +131,9 @@ def test_readme_first_distilled_student_from_a_fresh_clone(tmp_path, monkeypatch
     out = capsys.readouterr().out
     assert "EK" in out and "top-1" in out
     assert (clone / "runs" / "cifar10_teacher_resnet56" / "best.pt").exists()
-    assert "lakd" in (clone / "report.md").read_text()
+    # the report goes beside the runs (runs/report.md, report.csv, curves.png), nothing into the current folder
+    assert "LAKD" in (clone / "runs" / "report.md").read_text() and (clone / "runs" / "curves.png").exists()
+    assert not (clone / "report.md").exists()
 
 
 @pytest.mark.skipif(not (SHARED / "data" / "cifar-10-batches-py").exists()
@@ -147,7 +149,7 @@ def test_first_distilled_student_with_this_machines_teacher(tmp_path):
     out = lakd("eval", "--checkpoint", str(run / "best.pt"), "--teacher", teacher, "data.test_subset=100")
     assert "EK" in out and "top-1" in out
     out = lakd("report", str(run), "--out", str(tmp_path / "report.md"))
-    assert (tmp_path / "report.md").read_text().count("lakd") >= 1
+    assert (tmp_path / "report.md").read_text().count("LAKD") >= 1
 
 
 def test_allocator_meter_prints_no_profiler_noise(capfd):

@@ -54,8 +54,7 @@ def test_config_steps_on_resnet34_resnet18(nets, path):
     for epoch in (0, epochs - 1):  # the first and the last epoch: a method's later stage (PAD-L2's) runs too
         d.set_epoch(epoch, epochs)
         d.zero_grad(set_to_none=True)
-        views = d.random_views(x)  # the per-sample views a method declares (SSKD, MLKD), as the data would hand them
-        logits, losses = d.forward_train(x, y, index=torch.tensor([0, 1]), **({"views": views} if views else {}))
+        logits, losses = d.forward_train(x, y, index=torch.tensor([0, 1]), views=d.random_views(x) or None)
         assert logits.shape == (2, 1000)
         assert losses and all(torch.isfinite(v) for v in losses.values()), (epoch, losses)
         sum(losses.values()).backward()

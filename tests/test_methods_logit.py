@@ -482,7 +482,8 @@ def test_configs_run_on_the_real_architectures(teacher, student):
         cfg = load_config(os.path.join(ROOT, "configs", "cifar100", method, f"{teacher}_{student}.yaml"))
         d = build_distiller(cfg, s, te, num_data=64)
         d.train()
-        logits, losses = d.forward_train(x, y)
+        views = {"views": d.random_views(x)} if d.random_views(x) else {}  # MLKD's strong view: the data's
+        logits, losses = d.forward_train(x, y, **views)
         assert logits.shape == (2, 100)
         total = sum(losses.values())
         assert torch.isfinite(total), (method, losses)
@@ -498,7 +499,8 @@ def test_cifar10_configs_run_on_the_real_architectures():
         cfg = load_config(os.path.join(ROOT, "configs", "cifar10", method, "resnet56_resnet20.yaml"))
         d = build_distiller(cfg, s, te, num_data=64)
         d.train()
-        _, losses = d.forward_train(x, y)
+        views = {"views": d.random_views(x)} if d.random_views(x) else {}  # MLKD's strong view: the data's
+        _, losses = d.forward_train(x, y, **views)
         sum(losses.values()).backward()
         s.zero_grad()
     for method in ("dist", "nkd", "ctkd"):  # ImageNet: where the authors give ImageNet settings

@@ -92,3 +92,139 @@ def test_visualize_cli(tmp_path, digits_ckpts, capsys, not_blank):
                  "--out", str(tmp_path / "bad.png")]) == 2
     assert main(["visualize", "--checkpoints", digits_ckpts["teacher"], "--indices", "0,99999",
                  "--out", str(tmp_path / "bad.png")]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# lakd visualize: readable titles, images spread over the classes, outputs in a named folder
+# ----------------------------------------------------------------------------------------------------
+
+
+def _title_boxes(fig):
+    """Window extents of the attention grid's column titles of the first row (left to right)."""
+    renderer = fig.canvas.get_renderer()
+    axes = sorted((a for a in fig.axes if a.get_title()), key=lambda a: a.get_position().x0)
+    return [a.title.get_window_extent(renderer) for a in axes]
+
+
+def test_long_run_names_do_not_overlap_in_column_titles(monkeypatch):
+    import lakd.analysis.visualize as vis
+
+    g = np.random.default_rng(0)
+    imgs = g.random((2, 16, 16, 3))
+    maps = g.random((2, 16, 16))
+    names = ["cifar100_lakd_resnet32x4_resnet8x4_splits_1_4_9_ndam_abs_on-s0",
+             "cifar100_catkd_wrn_40_2_wrn_16_2_beta_50-s0",
+             "averyveryverylongrunnamewithoutanyseparatorsatallreallylongindeedyes",
+             "MMMMWWWWMMMMWWWWMMMMWWWWMMMMWWWWMMMMWWWWMMMMWWWWMMMMWWWWMMMMWWWW_s1"]
+    cols = [{"label": n, "stage": 3, "cam": maps, "ndam": maps, "pred": ["a", "b"], "prob": [0.9, 0.4],
+             "correct": [True, False]} for n in names]
+    rows = [{"index": 0, "true": "a"}, {"index": 1, "true": "b"}]
+
+    def overlaps(fig):
+        fig.canvas.draw()
+        boxes = _title_boxes(fig)
+        assert len(boxes) == 1 + 2 * len(names)
+        above = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+        return [i for i in range(len(boxes) - 1) if boxes[i].x1 > boxes[i + 1].x0] + \
+            (["suptitle"] if above.y0 < max(b.y1 for b in boxes) else [])
+
+    assert overlaps(vis.attention_grid_figure(imgs, rows, cols, title="cifar10 test images: maps")) == []
+    fig = vis.attention_grid_figure(imgs, rows, cols)
+    titles = sorted((a for a in fig.axes if a.get_title()), key=lambda a: a.get_position().x0)
+    titles = [a.get_title().rsplit("\n", 1)[0] for a in titles[1::2]]  # the CAM columns' names
+    assert all(t.count("\n") <= 2 for t in titles)  # at most 3 lines
+    assert titles[0].replace("\n", "") == names[0] and titles[1].replace("\n", "") == names[1]  # whole names
+    assert titles[3].startswith("MMMM") and titles[3].endswith("WWWW_s1") and "…" in titles[3]  # start and end
+    # the check sees the problem: titles unwrapped, as before, overlap
+    monkeypatch.setattr(vis, "_wrap_title", lambda text, fits, max_lines=3: text)
+    assert overlaps(vis.attention_grid_figure(imgs, rows, cols, title="cifar10 test images: maps")) != []
+
+
+class _SortedLoader:
+    """A class-sorted test set (every image of class 0 first, then class 1, ...) in batches; counts the batches
+    read."""
+
+    def __init__(self, per_class=20, classes=10, batch=16, missing=()):
+        targets = [c for c in range(classes) if c not in missing for _ in range(per_class)]
+        self.targets = torch.tensor(targets)
+        self.batch = batch
+        self.read = 0
+
+    def __iter__(self):
+        for i in range(0, len(self.targets), self.batch):
+            self.read += 1
+            t = self.targets[i:i + self.batch]
+            yield {"image": t[:, None, None, None].float().expand(-1, 3, 2, 2), "target": t,
+                   "index": torch.arange(i, i + len(t)) + 1000}
+
+
+def test_default_images_spread_over_the_classes_of_a_class_sorted_test_set():
+    from lakd.analysis.visualize import pick_images, spread_classes
+
+    assert spread_classes(6, 10) == {0: 1, 1: 1, 3: 1, 5: 1, 6: 1, 8: 1}
+    assert spread_classes(3, 100) == {0: 1, 33: 1, 66: 1}
+    assert spread_classes(12, 10) == {c: 2 if c in (0, 5) else 1 for c in range(10)}
+    loader = _SortedLoader()
+    picks = pick_images(loader, num_classes=10, count=6)
+    assert [p["target"] for p in picks] == [0, 1, 3, 5, 6, 8]  # not six airplanes
+    assert [p["position"] for p in picks] == [0, 20, 60, 100, 120, 160]  # the first image of each class
+    assert [p["index"] for p in picks] == [1000, 1020, 1060, 1100, 1120, 1160]
+    assert all(int(p["image"][0, 0, 0]) == p["target"] for p in picks)
+    assert loader.read == 11  # stopped after class 8's first image (position 160, batch 11 of 13)
+    # from --start on; --consecutive: test-set order; --indices: those, in that order
+    assert [p["position"] for p in pick_images(_SortedLoader(), 10, 2, start=10)] == [10, 100]
+    assert [p["target"] for p in pick_images(_SortedLoader(), 10, 4, spread=False)] == [0, 0, 0, 0]
+    assert [p["position"] for p in pick_images(_SortedLoader(), 10, positions=[41, 3])] == [41, 3]
+    with pytest.raises(LakdError, match="do not exist"):
+        pick_images(_SortedLoader(), 10, positions=[5, 500])
+    # a class the test set lacks (a subset): its row is filled by the first other image
+    picks = pick_images(_SortedLoader(missing=(3,)), num_classes=10, count=6)
+    assert [p["target"] for p in picks] == [0, 1, 5, 6, 8, 0] and picks[-1]["position"] == 1
+
+
+def test_visualize_and_cka_write_beside_the_run_and_say_where(tmp_path, digits_ckpts, capsys, monkeypatch,
+                                                             not_blank):
+    import os
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    # checkpoints outside any run folder: a named folder of the current one, never loose files
+    assert main(["visualize", "--checkpoints", digits_ckpts["teacher"], "--images", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote lakd-visualize/attention.png (2 images of 2 classes x 1 models)" in out
+    not_blank(work / "lakd-visualize" / "attention.png")
+    assert main(["analyze", "cka", "--teacher", digits_ckpts["teacher"], "--students", digits_ckpts["kd_run"],
+                 "--images", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "in lakd-cka:" in out and "lakd-cka/cka_stages.png" in out
+    assert sorted(os.listdir(work)) == ["lakd-cka", "lakd-visualize"]
+    # checkpoints in run folders (lakd train's config.yaml beside them): into the first one
+    run = tmp_path / "runs" / "kd_run"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("experiment: kd_run\n")
+    shutil.copy(digits_ckpts["kd_run"], run / "best.pt")
+    ck = str(run / "best.pt")
+    assert main(["visualize", "--checkpoints", ck, digits_ckpts["teacher"], "--images", "3"]) == 0
+    assert f"wrote {run / 'visualize' / 'attention.png'} (3 images of 3 classes" in capsys.readouterr().out
+    not_blank(run / "visualize" / "attention.png")
+    assert main(["analyze", "cka", "--teacher", digits_ckpts["teacher"], "--students", ck, "--images", "8"]) == 0
+    assert (run / "cka" / "cka.json").exists() and f"in {run / 'cka'}:" in capsys.readouterr().out
+    # --out DIR and --out FILE.png
+    assert main(["visualize", "--checkpoints", ck, "--images", "2", "--out", str(tmp_path / "maps")]) == 0
+    assert (tmp_path / "maps" / "attention.png").exists()
+    assert main(["visualize", "--checkpoints", ck, "--images", "2", "--out", str(tmp_path / "m.png")]) == 0
+    assert (tmp_path / "m.png").exists()
+    assert main(["visualize", "--checkpoints", ck, "--out", str(tmp_path / "m.jpg")]) == 2
+    assert "give a .png file name or a folder" in capsys.readouterr().err
+
+
+def test_overrides_after_arch_options_are_overrides(tmp_path, digits_ckpts, capsys):
+    """`--arch NAME key=value`: the key=value items after a model-name list go to the overrides (they were taken
+    for more model names: "--arch takes one model name ... got 2")."""
+    assert main(["visualize", "--checkpoints", digits_ckpts["bare"], "--arch", "resnet8", "data.dataset=digits",
+                 "--images", "2", "--out", str(tmp_path / "v")]) == 0
+    assert main(["analyze", "cka", "--teacher", digits_ckpts["teacher"], "--students", digits_ckpts["bare"],
+                 "--student-arch", "resnet8", "data.test_subset=40", "--images", "8", "--out", str(tmp_path / "c")]) == 0
+    assert "on 8 test images" in capsys.readouterr().out

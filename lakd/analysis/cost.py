@@ -40,6 +40,7 @@ from ..engine.step import training_step
 from ..models import FAMILY, is_external
 from ..models.external import default_input_size
 from ..runtime.device import tune_cpu_allocator
+from ..runtime.progress import progress_bar
 
 
 class SavedTensorMeter:
@@ -292,12 +293,16 @@ def _memory_one(kw: dict) -> dict:
 
 def measure_memory(teacher: str, student: str, methods: list[str], batch_size: int, teacher_ckpt=None,
                    num_classes: int = 100, device: str = "cpu", overrides=(), amp_dtype=None,
-                   image_size: int | None = None, channels_last: bool = False, isolated: bool = True) -> dict:
+                   image_size: int | None = None, channels_last: bool = False, isolated: bool = True,
+                   progress: bool = False) -> dict:
     """Peak memory of one training step per method, at the allocator (module docstring). With ``isolated``
-    (default) every method runs in its own fresh ``spawn`` process."""
+    (default) every method runs in its own fresh ``spawn`` process. ``progress``: a bar on a terminal
+    (``lakd.runtime.progress``), one step per method."""
     dev = torch.device(device)
     results = {}
+    bar = progress_bar(len(methods), "bench memory", progress, unit="method")
     for m in methods:
+        bar.set_description(f"bench memory: {m}")
         kw = dict(teacher=teacher, teacher_ckpt=teacher_ckpt, student=student, method=m, num_classes=num_classes,
                   overrides=list(overrides), device=str(dev), amp_dtype=amp_dtype, batch_size=batch_size,
                   image_size=image_size, channels_last=channels_last, threads=torch.get_num_threads(),
@@ -308,6 +313,8 @@ def measure_memory(teacher: str, student: str, methods: list[str], batch_size: i
                 results[m] = pool.submit(_memory_one, kw).result()
         else:
             results[m] = _memory_one(kw)
+        bar.update(1)
+    bar.close()
     _ratios(results, "peak_bytes")
     for key in ("saved_bytes", "rss_peak_bytes"):
         _ratios(results, key, key.replace("_bytes", "_ratio_to_scratch"))
@@ -322,16 +329,19 @@ def measure_memory(teacher: str, student: str, methods: list[str], batch_size: i
 def measure_speed(teacher: str, student: str, methods: list[str], batch_size: int, steps: int = 10,
                   warmup: int = 2, teacher_ckpt=None, num_classes: int = 100, device: str = "cpu",
                   overrides=(), amp_dtype=None, channels_last: bool = False, rounds: int = 1,
-                  image_size: int | None = None) -> dict:
+                  image_size: int | None = None, progress: bool = False) -> dict:
     """Training images/s per method. With ``rounds`` > 1 the methods are timed in interleaved rounds and the
-    best round is kept, which evens out a noisy shared machine."""
+    best round is kept, which evens out a noisy shared machine. ``progress``: a bar on a terminal
+    (``lakd.runtime.progress``): one step per method set up and warmed up, one per method timed in each round."""
     dev = torch.device(device)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
     # train.malloc as training applies it (process-wide, so once, from the shared overrides)
     malloc = load_config(None, [o for o in overrides if o.startswith("train.malloc=")])["train"]["malloc"]
     malloc_tuned = tune_cpu_allocator(malloc, dev, batch_size)
     setups = {}
+    bar = progress_bar(len(methods) * (1 + max(rounds, 1)), "bench speed", progress, unit="step")
     for m in methods:
+        bar.set_description(f"bench speed: set up {m}")
         d, opt, params, cl = _setup(teacher, teacher_ckpt, student, m, num_classes, list(overrides), dev,
                                     image_size, channels_last)
         batch = _batch(student, batch_size, num_classes, dev, image_size)
@@ -342,10 +352,12 @@ def measure_speed(teacher: str, student: str, methods: list[str], batch_size: in
         for _ in range(warmup):
             training_step(d, opt, scaler, batch, amp_dtype)
         setups[m] = (d, opt, params, batch)
+        bar.update(1)
     per_round: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(max(rounds, 1)):
         for m in (methods if r % 2 == 0 else methods[::-1]):  # alternate the order: no method always runs first
             d, opt, params, batch = setups[m]
+            bar.set_description(f"bench speed: round {r + 1}, {m}")
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -354,6 +366,8 @@ def measure_speed(teacher: str, student: str, methods: list[str], batch_size: in
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             per_round[m].append(steps * batch_size / (time.perf_counter() - t0))
+            bar.update(1)
+    bar.close()
     # best round (the headline on a noisy machine), the median, and every round: a ratio of two methods is
     # best read round by round (per_round[a][i] / per_round[b][i]), as both saw the same moment's load
     results = {m: {"images_per_s": max(v), "median_images_per_s": sorted(v)[len(v) // 2], "per_round": v}

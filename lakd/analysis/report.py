@@ -43,23 +43,42 @@ from .tables import (
     build_tables,
     column_title,
     csv_rows,
+    display_label,
     format_cell,
     format_value,
     label_variants,
     method_key,
+    subset_phrase,
 )
+
+#: marks a number measured on part of the test set (data.test_subset) in a table whose runs differ in that
+SUBSET = "§"
 
 __all__ = ["Run", "Cell", "Table", "find_runs", "is_run_dir", "load_run", "label_variants", "build_tables",
            "format_cell", "csv_rows", "render_markdown", "render_seeds", "write_csv", "make_report",
            "make_seed_report"]
 
 
+def table_subset(t: Table) -> str | None:
+    """The test images every number of table ``t`` is measured on when all its runs used the same part of the test
+    set (data.test_subset), e.g. "1000 of 10000"; "" when all used the whole test set; None when they differ."""
+    counts = {r.subset for c in t.cells.values() for r in c.runs}
+    counts |= {v or "" for i, v in t.teacher_subset.items() if t.teacher_top1.get(i) is not None}
+    if len(counts) > 1 or any(" / " in v for v in counts):
+        return None
+    return next(iter(counts), "")
+
+
 def _markdown_table(t: Table, attr: str, best_attr: str | None, with_teacher: bool) -> list[str]:
     header = ["Method"] + [column_title(c) for c in t.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    common = table_subset(t)
     if with_teacher:
-        accs = [format_value(t.teacher_top1.get(i)) for i in range(len(t.columns))]
-        lines.append("| Teacher | " + " | ".join(accs) + " |")
+        accs = [format_value(t.teacher_top1.get(i)) + (f" {SUBSET}" if common is None and t.teacher_subset.get(i)
+                                                         and t.teacher_top1.get(i) is not None else "")
+                for i in range(len(t.columns))]
+        label = f"Teacher (on {common} test images)" if common else "Teacher"
+        lines.append(f"| {label} | " + " | ".join(accs) + " |")
     best: dict[int, float] = {}
     for ci in range(len(t.columns)):
         means = [c.stats(attr)[0] for (m, i), c in t.cells.items() if i == ci and not c.incomplete]
@@ -67,7 +86,7 @@ def _markdown_table(t: Table, attr: str, best_attr: str | None, with_teacher: bo
         if len(means) > 1:  # bold only where there is something to compare
             best[ci] = max(means)
     for m in t.methods:
-        row = [m]
+        row = [display_label(m)]
         any_value = False
         for ci in range(len(t.columns)):
             c = t.cells.get((m, ci))
@@ -79,6 +98,8 @@ def _markdown_table(t: Table, attr: str, best_attr: str | None, with_teacher: bo
             mean = c.stats(attr)[0]
             if not c.incomplete and ci in best and mean == best[ci]:
                 txt = f"**{txt}**"
+            if common is None and c.subset:
+                txt += f" {SUBSET}"
             row.append(txt)
         if any_value:
             lines.append("| " + " | ".join(row) + " |")
@@ -92,16 +113,20 @@ def render_markdown(runs: Sequence[Run], tables: Sequence[Table]) -> str:
     out.append(f"{len(runs)} run folder(s): {len(complete)} complete, {len(incomplete)} incomplete.")
     out.append("")
     for t in tables:
-        out.append(f"## {t.dataset}: top-1 accuracy (%)")
+        common = table_subset(t)
+        on = f" on {common} test images (data.test_subset)" if common else ""
+        out.append(f"## {t.dataset}: top-1 accuracy (%){on}")
         out.append("")
         out.append("Final-epoch top-1, mean ± sample std over seeds (std shown for 2+ seeds), and the mean "
-                   "best-epoch top-1 in parentheses. Best cell per column in bold.")
+                   "best-epoch top-1 in parentheses. Best cell per column in bold."
+                   + (f" {SUBSET} measured on part of the test set (data.test_subset; the Runs table below says "
+                      f"how many images)." if common is None else ""))
         out.append("")
         out += _markdown_table(t, "final_top1", "best_top1", with_teacher=any(
             v is not None for v in t.teacher_top1.values()))
         out.append("")
         if any(c.stats("final_ek")[0] is not None for c in t.cells.values()):
-            out.append(f"### {t.dataset}: Extracurricular Knowledge, EK (%)")
+            out.append(f"### {t.dataset}: Extracurricular Knowledge, EK (%){on}")
             out.append("")
             out.append("Final-epoch EK (share of the images the teacher gets wrong that the student gets "
                        "right), mean ± sample std over seeds.")
@@ -115,21 +140,23 @@ def render_markdown(runs: Sequence[Run], tables: Sequence[Table]) -> str:
     if repeats:
         out.append(f"{REPEAT} the cell has repeated runs of one seed: only the newest run of each seed enters the "
                    f"mean and std (repeats are not independent samples); left out: "
-                   + "; ".join(f"{r.experiment} ({r.method}, {r.pair}, seed {r.seed})" for r in repeats) + ".")
+                   + "; ".join(f"{r.experiment} ({display_label(r.method)}, {r.pair}, seed {r.seed})"
+                               for r in repeats) + ".")
         out.append("")
     used = {id(r) for t in tables for c in t.cells.values() for r in c.runs}
     left_out = [r for r in incomplete if id(r) not in used]
     if left_out:
         out.append("Incomplete runs left out of the tables (cells use the complete runs): "
-                   + "; ".join(f"{r.experiment} ({r.method}, {r.pair}, seed {r.seed}, epoch {r.epochs_done}/"
-                               f"{r.epochs_planned if r.epochs_planned is not None else '?'})" for r in left_out)
+                   + "; ".join(f"{r.experiment} ({display_label(r.method)}, {r.pair}, seed {r.seed}, "
+                               f"epoch {r.epochs_done}/{r.epochs_planned if r.epochs_planned is not None else '?'})"
+                               for r in left_out)
                    + ".")
         out.append("")
     out.append("## Runs")
     out.append("")
-    out.append("| Experiment | Dataset | Method | Teacher → Student | Seed | Epochs | Final top-1 "
+    out.append("| Experiment | Dataset | Method | Teacher → Student | Seed | Epochs | Test images | Final top-1 "
                "| Best top-1 (epoch) | Final EK | Status |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     order = sorted(runs, key=lambda r: (r.dataset, method_key(r.method), r.pair, str(r.seed), r.experiment))
     for r in order:
         planned = r.epochs_planned if r.epochs_planned is not None else "?"
@@ -138,8 +165,10 @@ def render_markdown(runs: Sequence[Run], tables: Sequence[Table]) -> str:
         if r.problem:
             status += f"; {r.problem}"
         best = "n/a" if r.best_top1 is None else f"{r.best_top1:.2f} ({r.best_epoch})"
-        out.append(f"| {r.experiment} | {r.dataset} | {r.method} | {r.pair} | {r.seed} "
-                   f"| {r.epochs_done}/{planned} | {format_value(r.final_top1)} | {best} | {format_value(r.final_ek)} | {status} |")
+        images = r.subset or (f"all {r.test_images_total}" if r.test_images_total else "all")
+        out.append(f"| {r.experiment} | {r.dataset} | {display_label(r.method)} | {r.pair} | {r.seed} "
+                   f"| {r.epochs_done}/{planned} | {images} | {format_value(r.final_top1)} | {best} "
+                   f"| {format_value(r.final_ek)} | {status} |")
     out.append("")
     return "\n".join(out)
 
@@ -158,8 +187,9 @@ def write_csv(path: str, fields: Sequence[str], rows: Sequence[dict]) -> str:
 
 
 def make_report(paths: Sequence[str], out: str | None = "report.md", csv_path: str | None = None,
-                plot_path: str | None = None) -> dict:
-    """Read run folders, write the Markdown report (and the CSV / plot when asked); returns what it wrote."""
+                plot_path: str | None = None, plot_if_any: bool = False) -> dict:
+    """Read run folders, write the Markdown report (and the CSV / plot when asked); returns what it wrote.
+    ``plot_if_any``: no runs with test accuracies leave the plot out (``"no_plot"`` says why) instead of raising."""
     runs = [load_run(p) for p in find_runs(paths)]
     label_variants(runs)
     tables = build_tables(runs)
@@ -169,7 +199,9 @@ def make_report(paths: Sequence[str], out: str | None = "report.md", csv_path: s
         written["out"] = write_text(out, text)
     if csv_path:
         written["csv"] = write_csv(csv_path, CSV_FIELDS, csv_rows(tables))
-    if plot_path:
+    if plot_path and plot_if_any and not any(r.curve for r in runs):
+        written["no_plot"] = "no run has test accuracies in metrics.jsonl yet"
+    elif plot_path:
         from .visualize import plot_curves  # matplotlib: imported on use
 
         written["plot"] = plot_curves(runs, plot_path, tables)
@@ -248,6 +280,10 @@ def render_seeds(groups: Sequence[Group], runs: Sequence[Run], plan: Plan | None
         if done < len(expected):
             status += " (**partial**: the sweep is not finished; cells with fewer seeds are less certain)"
     out += [status + ".", ""]
+    subset = subset_phrase(complete)
+    if subset:  # numbers over part of the test set say so (and over how many images)
+        out += [f"Measured on {subset} test images (data.test_subset): top-1 and EK below are over those images, "
+                f"not the whole test set.", ""]
     out += ["Top-1 is the final-epoch test accuracy (%). Cells: mean ± sample std over seeds, n seeds, and the "
             "95% confidence interval of the mean (Student's t, n − 1 degrees of freedom; none for n = 1). "
             "Paired differences A − B are taken seed by seed over the seeds both rows have, with the same "
@@ -342,10 +378,10 @@ def seed_csv_rows(groups: Sequence[Group], attr: str = "final_top1") -> list[dic
 
 def make_seed_report(paths: Sequence[str], out: str | None = None, csv_path: str | None = None,
                      plot_path: str | None = None, reference: str | None = None,
-                     groups: Sequence[str] | None = None) -> dict:
+                     groups: Sequence[str] | None = None, plot_if_any: bool = False) -> dict:
     """The report over seeds: Markdown (and CSV, curves when asked); ``section`` holds the same tables one
     heading level down, for a page that embeds them (``lakd report --update PAGE.md``). ``groups``: only these
-    sweep groups (a page per part of a large study)."""
+    sweep groups (a page per part of a large study). ``plot_if_any``: as for ``make_report``."""
     subset = bool(groups)
     groups, runs, plan = load_study(paths, reference, groups)
     text = render_seeds(groups, runs, plan, subset=subset)
@@ -355,8 +391,11 @@ def make_seed_report(paths: Sequence[str], out: str | None = None, csv_path: str
         res["out"] = write_text(out, text)
     if csv_path:
         res["csv"] = write_csv(csv_path, SEED_CSV_FIELDS, seed_csv_rows(groups))
-    if plot_path:
+    panels = curve_panels(groups) if plot_path else []
+    if plot_path and plot_if_any and not any(curves for _, rows in panels for _, curves in rows):
+        res["no_plot"] = "no finished run has test accuracies in metrics.jsonl yet"
+    elif plot_path:
         from .visualize import plot_seed_curves  # matplotlib: imported on use
 
-        res["plot"] = plot_seed_curves(curve_panels(groups), plot_path)
+        res["plot"] = plot_seed_curves(panels, plot_path)
     return res

@@ -50,10 +50,23 @@ class Run:
     problem: str = ""
     damaged: bool = False  # summary.json exists but cannot be read: the run finished and its result is lost
     settings: dict = field(default_factory=dict)  # the method's own config keys, flattened ("sdm.splits": ...)
+    #: the test images its top-1 (and the teacher's) are measured on, and the test set's size; both None when
+    #: not recorded (runs before summary.json held them: then ``test_images`` is the config's data.test_subset)
+    test_images: int | None = None
+    test_images_total: int | None = None
 
     @property
     def pair(self) -> str:
         return f"{self.teacher or '—'} → {self.student}"
+
+    @property
+    def subset(self) -> str:
+        """"" when measured on the whole test set (or nothing says otherwise), else how many of how many test
+        images its numbers are measured on, e.g. "1000 of 10000" (data.test_subset)."""
+        n, total = self.test_images, self.test_images_total
+        if not n or (total and n >= total):
+            return ""
+        return f"{n} of {total}" if total else f"{n}"
 
 
 def _read_json(path: str):
@@ -98,6 +111,10 @@ def _num(v):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return None
     return float(v)
+
+
+def _count(v) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
 def _seed(v):
@@ -153,6 +170,9 @@ def load_run(path: str) -> Run:
         damaged=os.path.exists(sp) and summary is None,
         settings=_method_settings(cfg),
     )
+    subset = data.get("test_subset") if isinstance(data.get("test_subset"), int) else None
+    run.test_images = _count(s.get("test_images")) or (subset or None)
+    run.test_images_total = _count(s.get("test_images_total"))
     if summary is not None:
         run.final_top1 = _num(s.get("final_top1"))
         run.final_top5 = _num(s.get("final_top5"))

@@ -32,6 +32,21 @@ class Cell:
         s = summarize(self.values(attr), level=None)
         return s.mean, s.std, s.n
 
+    @property
+    def subset(self) -> str:
+        """How many test images its runs were measured on when that is part of the test set (``Run.subset``;
+        several values joined), else ""."""
+        return subset_phrase(self.runs)
+
+
+def subset_phrase(runs: Sequence[Run]) -> str:
+    """How many test images runs were measured on when some used part of the test set, e.g. "1000 of 10000"
+    (different counts joined with " / ", "all" among them for runs on the whole test set); "" when every run
+    used the whole test set."""
+    if not any(r.subset for r in runs):
+        return ""
+    return " / ".join(sorted({r.subset or "all" for r in runs}))
+
 
 @dataclass
 class Table:
@@ -40,6 +55,8 @@ class Table:
     methods: list[str]
     cells: dict[tuple[str, int], Cell]  # (method, column index) -> cell
     teacher_top1: dict[int, float | None]
+    #: column index -> the test images its teacher's top-1 is measured on when a subset ("1000 of 10000")
+    teacher_subset: dict[int, str] = field(default_factory=dict)
 
 
 def label_variants(runs: Sequence[Run]) -> None:
@@ -116,10 +133,12 @@ def build_tables(runs: Sequence[Run]) -> list[Table]:
         methods = sorted({r.method for r in rs}, key=method_key)
         cells: dict[tuple[str, int], Cell] = {}
         tacc: dict[int, float | None] = {}
+        tsub: dict[int, str] = {}
         for ci, (t, s) in enumerate(cols):
-            t_vals = [r.teacher_top1 for r in rs
-                      if r.teacher == t and r.student == s and r.teacher_top1 is not None]
+            t_runs = [r for r in rs if r.teacher == t and r.student == s and r.teacher_top1 is not None]
+            t_vals = [r.teacher_top1 for r in t_runs]
             tacc[ci] = statistics.fmean(t_vals) if t_vals else None
+            tsub[ci] = subset_phrase(t_runs)
             for m in methods:
                 members = [r for r in rs
                            if r.method == m and r.student == s and (r.teacher == t or not r.teacher)]
@@ -134,7 +153,7 @@ def build_tables(runs: Sequence[Run]) -> list[Table]:
                     if part:
                         kept, rep = one_per_seed(part)
                         cells[(m, ci)] = Cell(kept, incomplete=True, repeats=rep)
-        tables.append(Table(ds, cols, methods, cells, tacc))
+        tables.append(Table(ds, cols, methods, cells, tacc, tsub))
     return tables
 
 
@@ -160,7 +179,7 @@ def format_cell(cell: Cell, attr: str = "final_top1", best_attr: str | None = "b
 
 def column_title(col: tuple[str | None, str]) -> str:
     t, s = col
-    return f"{t} → {s}" if t else f"{s} (scratch)"
+    return f"{t} → {s}" if t else f"{s} (no teacher)"
 
 
 def column_runs(t: Table, ci: int, runs: Sequence[Run]) -> list[Run]:
@@ -169,9 +188,9 @@ def column_runs(t: Table, ci: int, runs: Sequence[Run]) -> list[Run]:
             and (r.teacher == teacher or not r.teacher)]
 
 
-CSV_FIELDS = ["dataset", "column", "method", "teacher", "student", "n_runs", "seeds", "complete", "final_top1_mean",
-              "final_top1_std", "best_top1_mean", "best_top1_std", "final_top5_mean", "final_ek_mean",
-              "final_ek_std", "teacher_top1", "experiments"]
+CSV_FIELDS = ["dataset", "column", "method", "label", "teacher", "student", "n_runs", "seeds", "complete",
+              "final_top1_mean", "final_top1_std", "best_top1_mean", "best_top1_std", "final_top5_mean",
+              "final_ek_mean", "final_ek_std", "teacher_top1", "test_images", "experiments"]
 
 
 def csv_rows(tables: Sequence[Table]) -> list[dict]:
@@ -184,13 +203,14 @@ def csv_rows(tables: Sequence[Table]) -> list[dict]:
             e_mean, e_std, _ = c.stats("final_ek")
             own_teacher = teacher if any(r.teacher for r in c.runs) else None
             rows.append({
-                "dataset": t.dataset, "column": column_title(t.columns[ci]), "method": m,
+                "dataset": t.dataset, "column": column_title(t.columns[ci]), "method": m, "label": display_label(m),
                 "teacher": own_teacher or "", "student": student,
                 "n_runs": len(c.runs), "seeds": ";".join(str(r.seed) for r in c.runs),
                 "complete": not c.incomplete,
                 "final_top1_mean": f_mean, "final_top1_std": f_std, "best_top1_mean": b_mean,
                 "best_top1_std": b_std, "final_top5_mean": c.stats("final_top5")[0],
                 "final_ek_mean": e_mean, "final_ek_std": e_std, "teacher_top1": t.teacher_top1.get(ci),
+                "test_images": c.subset or "all",  # "1000 of 10000" when measured on data.test_subset
                 "experiments": ";".join(r.experiment for r in c.runs),
             })
     return rows

@@ -18,12 +18,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.ticker import MaxNLocator
 
 from ..distillers.losses import ndam_map
 from ..errors import LakdError
 from .runs import Run
-from .tables import Table, build_tables, column_runs, column_title, display_label, method_key
+from .tables import Table, build_tables, column_runs, column_title, display_label, method_key, subset_phrase
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -151,19 +152,116 @@ def attention_maps(model, images: torch.Tensor, targets: torch.Tensor, stage: in
             "stage": sidx + 1}
 
 
-def plot_attention_grid(images: np.ndarray, rows: Sequence[dict], models: Sequence[dict], path: str,
-                        alpha: float = 0.5, title: str = "") -> str:
-    """The attention grid: one row per image; columns: the input, then per model its CAM and NDAM overlays.
+def spread_classes(count: int, num_classes: int) -> dict[int, int]:
+    """How many images of each class ``lakd visualize`` shows by default: ``count`` images over ``num_classes``
+    classes, one per class on classes evenly spaced over the label range while ``count <= num_classes`` (6 of
+    10: classes 0, 1, 3, 5, 6, 8), else every class ``count // num_classes`` times and evenly spaced classes
+    once more. Returns {class: number of images}, in class order."""
+    if count < 1 or num_classes < 1:
+        return {}
+    each, extra = divmod(count, num_classes)
+    quota = dict.fromkeys(range(num_classes), each) if each else {}
+    for i in range(extra):
+        c = i * num_classes // extra
+        quota[c] = quota.get(c, 0) + 1
+    return dict(sorted((c, k) for c, k in quota.items() if k))
 
-    ``images``: N x H x W x 3 in [0, 1]. ``rows[i]``: {"index", "true"} (dataset index, true label name).
-    ``models[j]``: {"label", "stage", "cam" (N x H x W in [0,1]), "ndam" (same), "pred" (names), "prob",
-    "correct" (bools)}.
-    """
+
+def pick_images(loader, num_classes: int, count: int = 6, start: int = 0, positions: Sequence[int] | None = None,
+                spread: bool = True) -> list[dict]:
+    """The test images a picture shows, read from ``loader`` (batches with ``image``, ``target``, ``index``)
+    in one pass that stops as soon as it has them: the given ``positions`` (in that order); else ``count``
+    images from position ``start`` on, spread over the classes (``spread_classes``: the first images of each
+    chosen class, rows in class order; on a class-sorted test set too) or, with ``spread=False``, consecutive.
+    When the test set lacks a chosen class, the first other images from ``start`` on fill the rows.
+    Returns dicts {"position", "image" (C x H x W tensor), "target", "index" (the dataset's index)}."""
+    if positions is not None:
+        want = list(positions)
+        need = None
+    elif spread:
+        need = spread_classes(count, num_classes)
+        want = []
+    else:
+        want = list(range(start, start + count))
+        need = None
+    wanted = set(want)
+    picked: dict[int, dict] = {}
+    spare: list[dict] = []  # unpicked images from ``start`` on, to fill rows of classes the test set lacks
+    seen = 0
+    for batch in loader:
+        targets = batch["target"].tolist()
+        index = batch["index"].tolist()
+        for j, t in enumerate(targets):
+            pos = seen + j
+            item = {"position": pos, "target": int(t), "index": int(index[j])}
+            if need is None:
+                if pos in wanted:
+                    picked[pos] = item | {"image": batch["image"][j].detach().cpu()}
+            elif pos >= start:
+                if need.get(int(t), 0) > 0:
+                    need[int(t)] -= 1
+                    picked[pos] = item | {"image": batch["image"][j].detach().cpu()}
+                elif len(spare) < count:
+                    spare.append(item | {"image": batch["image"][j].detach().cpu()})
+        seen += len(targets)
+        if (need is None and len(picked) == len(wanted)) or (need is not None and not any(need.values())):
+            break
+    if need is None:
+        missing = [p for p in want if p not in picked]
+        if missing:
+            raise LakdError(f"the test set has {seen} images; positions {missing[:5]} do not exist")
+        return [picked[p] for p in want]
+    out = sorted(picked.values(), key=lambda d: (d["target"], d["position"]))
+    out += sorted(spare, key=lambda d: d["position"])[:count - len(out)]
+    if not out:
+        raise LakdError(f"the test set has {seen} images, none from --start {start} on; use a smaller --start")
+    return out
+
+
+def _wrap_title(text: str, fits, max_lines: int = 3) -> str:
+    """A column title in lines that each ``fits(line)`` (True when the line is narrow enough), broken after
+    ``_ - / . :`` or spaces where it can and inside a name where it must; when it needs more than ``max_lines``
+    lines its middle is cut ("…"), its start and its end (a run's seed, say) kept."""
+
+    def wrap(t: str) -> list[str]:
+        lines: list[str] = []
+        line = token = ""
+        for ch in t + "\0":
+            if ch != "\0":
+                token += ch
+            if ch not in " _-/.:\0":
+                continue
+            if line and not fits(line + token.rstrip()):
+                lines.append(line.rstrip())
+                line = ""
+            while len(token) > 1 and not fits(token.rstrip()):  # a piece wider than a line: break it inside
+                k = max(k for k in range(1, len(token) + 1) if k == 1 or fits(token[:k]))
+                lines.append(token[:k])
+                token = token[k:]
+            line += token
+            token = ""
+        if line.strip():
+            lines.append(line.rstrip())
+        return lines
+
+    lines = wrap(text)
+    cut = 1
+    while len(lines) > max_lines and cut < len(text):
+        half = (len(text) - cut) // 2
+        lines = wrap(text[:half + (len(text) - cut) % 2] + "…" + text[len(text) - half:])
+        cut += 1
+    return "\n".join(lines)
+
+
+def attention_grid_figure(images: np.ndarray, rows: Sequence[dict], models: Sequence[dict], alpha: float = 0.5,
+                          title: str = "") -> Figure:
+    """The figure ``plot_attention_grid`` saves (arguments as there)."""
     n = len(images)
     cols = 1 + 2 * len(models)
     cell = 2.0
     fig = _new_figure(cell * cols, cell * n + 0.9)
     axes = fig.subplots(n, cols, squeeze=False)
+    fig.subplots_adjust(left=0.04, right=0.99, wspace=0.08, hspace=0.35, bottom=0.9 / (cell * n + 0.9) + 0.02)
     cmap = colormaps["jet"]
     for r in range(n):
         img = np.clip(images[r], 0, 1)
@@ -185,17 +283,44 @@ def plot_attention_grid(images: np.ndarray, rows: Sequence[dict], models: Sequen
             for sp in a.spines.values():
                 sp.set_visible(False)
     axes[0, 0].set_title("input", fontsize=9)
+    # long run names wrap onto up to 3 lines, each no wider than a column (its axes and the gap beside it),
+    # measured in the font the title is drawn in
+    renderer = fig.canvas.get_renderer()
+    font = FontProperties(size=TITLE_POINTS)
+    box = axes[0, 0].get_window_extent(renderer)
+    room = 0.95 * box.width * (1 + 0.08)
+
+    def fits(line: str) -> bool:
+        return renderer.get_text_width_height_descent(line, font, ismath=False)[0] <= room
+
     for j, m in enumerate(models):
-        axes[0, 1 + 2 * j].set_title(f"{m['label']}\nCAM (true class)", fontsize=9)
-        axes[0, 2 + 2 * j].set_title(f"{m['label']}\nNDAM stage {m['stage']}", fontsize=9)
-    fig.subplots_adjust(wspace=0.05, hspace=0.35, bottom=0.9 / (cell * n + 0.9) + 0.02)
+        name = _wrap_title(str(m["label"]), fits)
+        axes[0, 1 + 2 * j].set_title(f"{name}\nCAM (true class)", fontsize=TITLE_POINTS)
+        axes[0, 2 + 2 * j].set_title(f"{name}\nNDAM stage {m['stage']}", fontsize=TITLE_POINTS)
     cax = fig.add_axes((0.3, 0.25 / (cell * n + 0.9), 0.4, 0.15 / (cell * n + 0.9)))
     cb = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap=cmap), cax=cax, orientation="horizontal")
     cb.set_label("map value (min-max normalised per map)", fontsize=8)
     cb.ax.tick_params(labelsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    if title:  # above the tallest column title (the saved picture's tight box grows to hold it)
+        height = fig.dpi * fig.get_figheight()
+        top = max(a.title.get_window_extent(renderer).y1 for a in axes[0])
+        fig.suptitle(title, fontsize=10, y=(top + 8) / height, va="bottom")
+    return fig
+
+
+#: font size of the attention grid's column titles
+TITLE_POINTS = 8
+
+
+def plot_attention_grid(images: np.ndarray, rows: Sequence[dict], models: Sequence[dict], path: str,
+                        alpha: float = 0.5, title: str = "") -> str:
+    """The attention grid: one row per image; columns: the input, then per model its CAM and NDAM overlays.
+
+    ``images``: N x H x W x 3 in [0, 1]. ``rows[i]``: {"index", "true"} (dataset index, true label name).
+    ``models[j]``: {"label", "stage", "cam" (N x H x W in [0,1]), "ndam" (same), "pred" (names), "prob",
+    "correct" (bools)}. Long model labels wrap (``_wrap_title``) so that column titles never overlap.
+    """
+    return _save(attention_grid_figure(images, rows, models, alpha, title), path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -215,10 +340,22 @@ def _panel_grid(n: int, ncols: int, width: float, height: float):
     return fig, axes[:n]
 
 
+#: curves with fewer points than this get a marker on every point (a 1-epoch run is one point: no line at all)
+MARKER_BELOW = 20
+
+
 def _accuracy_axes(ax, title: str) -> None:
+    """Titles, labels, legend; an x-axis of whole epochs. A short run's axis spans its epochs with half an epoch
+    of room on each side and a tick per epoch (a single epoch is a tick at 1, not a range of 0.95..1.05)."""
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    xs = [float(x) for line in ax.get_lines() for x in line.get_xdata()]
+    if xs and max(xs) - min(xs) <= 10:
+        lo, hi = int(min(xs)), int(max(xs))
+        ax.set_xlim(lo - 0.5, hi + 0.5)
+        ax.set_xticks(range(lo, hi + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -226,7 +363,13 @@ def _accuracy_axes(ax, title: str) -> None:
 
 def plot_curves(runs: Sequence[Run], path: str, tables: Sequence[Table] | None = None) -> str:
     """Test top-1 vs epoch, one line per run, one panel per table column (dataset, teacher -> student; runs
-    from scratch appear in the panels of their model). Colour: method; line style: seed; dashed: incomplete."""
+    without a teacher appear in the panels of their model). Colour: method (named as the tables name it,
+    ``display_label``); line style: seed; dashed: incomplete; a marker on every point of a short curve."""
+    return _save(curves_figure(runs, tables), path)
+
+
+def curves_figure(runs: Sequence[Run], tables: Sequence[Table] | None = None) -> Figure:
+    """The figure ``plot_curves`` saves."""
     with_curve = [r for r in runs if r.curve]
     if not with_curve:
         raise LakdError("no run has test accuracies in metrics.jsonl to plot; nothing to draw for --plot")
@@ -244,10 +387,13 @@ def plot_curves(runs: Sequence[Run], path: str, tables: Sequence[Table] | None =
                 xs, ys = zip(*r.curve)
                 style = styles[k % len(styles)] if r.complete else "--"
                 ax.plot(xs, ys, style, color=colours[r.method], lw=1.4 if r.complete else 1.0, alpha=0.9,
+                        marker="o" if len(xs) < MARKER_BELOW else None, ms=4,
                         label=f"{display_label(r.method)} seed {r.seed}" + ("" if r.complete else " (incomplete)"))
-        _accuracy_axes(ax, f"{t.dataset}: {column_title(t.columns[ci])}")
+        subset = subset_phrase(members)
+        _accuracy_axes(ax, f"{t.dataset}: {column_title(t.columns[ci])}"
+                       + (f"\non {subset} test images (data.test_subset)" if subset else ""))
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_seed_curves(panels: Sequence[tuple[str, Sequence[tuple[str, Sequence[dict[int, float]]]]]],

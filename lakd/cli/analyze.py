@@ -10,7 +10,15 @@ import os
 import re
 
 from ..errors import LakdError
-from .common import archs_for, check_out_dir, split_overrides
+from .common import (
+    add_progress_flag,
+    archs_for,
+    check_out_dir,
+    default_out_dir,
+    progress_on,
+    progress_overrides,
+    split_overrides,
+)
 
 HELP = "analyses of trained models: linear CKA between teacher and student layers (Figure 1)"
 
@@ -49,7 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "student's config, sdm.splits; stages where none) or block indices like 1,4,9")
     p.add_argument("--max-memory-gb", type=float, default=8.0,
                    help="memory for the full estimator's features; more passes over the data above it")
-    p.add_argument("--out", default="cka", metavar="DIR", help="output folder (default ./cka)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default: cka/ in the first student's run folder, the folder of its "
+                        "checkpoint when lakd train wrote it; else ./lakd-cka/)")
+    add_progress_flag(p)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides for the data, e.g. data.dataset=cifar100 data.root=/data")
     p.set_defaults(_analysis=run_cka_command)
@@ -75,23 +86,31 @@ def run_cka_command(args) -> int:
     from ..engine.loading import load_models_and_data, unique_labels
 
     students, overrides = split_overrides(args.students, args.overrides)
+    if args.student_arch:  # `--student-arch resnet20 data.root=...`: the key=value items are overrides
+        args.student_arch, overrides = split_overrides(args.student_arch, overrides)
     if not students:
         raise LakdError("--students needs at least one checkpoint")
     if args.images < 4:
         raise LakdError(f"--images {args.images}: CKA needs at least 4 images")
     if args.batch_size < 0 or 0 < args.batch_size < 4:
         raise LakdError(f"--batch-size {args.batch_size}: use 0 (full estimator) or at least 4")
+    if not args.out:
+        args.out = default_out_dir(students[0], "cka")
     check_out_dir(args.out)
     paths = [args.teacher] + students
     archs = archs_for([args.teacher_arch] if args.teacher_arch else None, 1, "--teacher-arch") + \
         archs_for(args.student_arch, len(students), "--student-arch")
-    models, labels, metas, bundle, cfg, device = load_models_and_data(paths, archs, overrides, args.images)
+    models, labels, metas, bundle, cfg, device = load_models_and_data(paths, archs,
+                                                                      progress_overrides(args, overrides), args.images)
     teacher, t_label = models[0], labels[0]
     s_labels = unique_labels(labels[1:], students)
     pairs = list(zip(s_labels, models[1:]))
     s_points = ([analysis_points(m.get("config") or {}) for m in metas[1:]] if args.student_points == "local"
                 else args.student_points)
-    result = run_cka(teacher, pairs, bundle.test, num_images=args.images, batch_size=args.batch_size,
+    from ..runtime.progress import tracked
+
+    images = tracked(bundle.test, f"CKA: {len(models)} models over the test images", progress_on(cfg))
+    result = run_cka(teacher, pairs, images, num_images=args.images, batch_size=args.batch_size,
                      teacher_points=args.teacher_points, student_points=s_points,
                      image_size=int(bundle.image_size), max_memory_gb=args.max_memory_gb)
     os.makedirs(args.out, exist_ok=True)
@@ -128,5 +147,7 @@ def run_cka_command(args) -> int:
     for s in data["students"]:
         diag = ", ".join("n/a" if v is None else f"{v:.3f}" for v in s["diagonal"])
         print(f"  {s['label']}: top-1 {s['top1']:.2f}%, stage-by-stage CKA [{diag}]")
-    print(f"wrote {json_path} and {len(figures)} figure(s) in {args.out}")
+    print(f"wrote {json_path} and {len(figures)} figure(s) in {args.out}:")
+    for path in figures:
+        print(f"  {path}")
     return 0

@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--device", default="auto")
         q.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
         q.add_argument("--json", action="store_true", help="print one JSON object")
+        q.add_argument("--no-progress", action="store_true",
+                       help="no progress bar (same as train.progress=false; there is none when stderr is not a "
+                            "terminal)")
         q.add_argument("overrides", nargs="*", help="config overrides for the methods, e.g. sdm.splits=[1,4,9]")
         if what == "speed":
             q.add_argument("--steps", type=int, default=10, help="timed steps per method and round")
@@ -38,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..analysis.cost import measure_memory, measure_speed
+    from ..config import load_config
     from ..distillers import bench_default_methods, resolve_method
     from ..errors import LakdError
     from ..runtime.device import AMP_DTYPES, resolve_device
@@ -56,7 +60,9 @@ def run(args) -> int:
         if args.warmup < 0 or args.rounds < 1:
             raise LakdError(f"--warmup {args.warmup} / --rounds {args.rounds}: use --warmup >= 0 and --rounds >= 1")
     device = str(resolve_device(args.device))
-    common = dict(teacher=teacher, student=args.student, methods=methods, batch_size=args.batch_size,
+    # the progress switch of training (train.progress among the overrides, or --no-progress)
+    progress = not args.no_progress and bool(load_config(None, list(args.overrides))["train"]["progress"])
+    common = dict(progress=progress, teacher=teacher, student=args.student, methods=methods, batch_size=args.batch_size,
                   teacher_ckpt=ckpt or None, num_classes=args.num_classes, device=device,
                   overrides=args.overrides, amp_dtype=AMP_DTYPES[args.amp], image_size=args.image_size)
     if args.what == "memory":

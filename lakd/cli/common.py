@@ -70,3 +70,36 @@ def output_error(args, err: OSError) -> LakdError | None:
                 return LakdError(f"cannot write --{dest.replace('_', '-')} {path!r} ({err.strerror or err}); "
                                  f"choose a writable path")
     return None
+
+
+#: the override that ``--no-progress`` stands for (the same switch as training's progress bar)
+NO_PROGRESS = "train.progress=false"
+
+
+def add_progress_flag(p) -> None:
+    """``--no-progress`` on a long command: no progress bar (as ``train.progress=false``). Bars are drawn on
+    standard error and only when it is a terminal, so logs and pipes never get them."""
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (same as train.progress=false; there is none when stderr is not a terminal)")
+
+
+def progress_overrides(args, overrides: list[str]) -> list[str]:
+    """``overrides`` with ``train.progress=false`` appended when ``--no-progress`` was given."""
+    return list(overrides) + ([NO_PROGRESS] if getattr(args, "no_progress", False) else [])
+
+
+def progress_on(cfg: dict) -> bool:
+    """The progress switch of a loaded config (``train.progress``)."""
+    return bool((cfg.get("train") or {}).get("progress", True))
+
+
+def default_out_dir(checkpoint: str, name: str) -> str:
+    """Where a command that reads checkpoints writes when ``--out`` is not given: ``<run folder>/<name>`` when
+    ``checkpoint`` lies in a writable run folder (one written by ``lakd train``: config.yaml, metrics.jsonl or
+    summary.json beside it), else ``./lakd-<name>``. Never loose files in the current folder."""
+    from ..engine import rundir
+
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    if any(os.path.exists(os.path.join(folder, f)) for f in rundir.SMALL_OUTPUTS) and os.access(folder, os.W_OK):
+        return os.path.join(os.path.dirname(checkpoint) or ".", name)
+    return f"lakd-{name}"

@@ -11,8 +11,13 @@ HELP = "results table (like the paper's Table 1) from run folders, with CSV and 
 
 EPILOG = """\
 examples:
-  lakd report runs/                                   # every run folder under runs/
+  lakd report runs/                 # writes runs/report.md, runs/report.csv and runs/curves.png
   lakd report runs/kd_* runs/lakd_* --out table.md --csv table.csv --plot curves.png
+  lakd report runs/ --out runs/table.md            # that file only
+
+Where: with none of --out, --csv, --plot the report goes beside the runs: report.md, report.csv (the table
+data) and curves.png (test top-1 vs epoch) in the folder given, or in the folders' common parent when several
+are given. Naming any of the three writes exactly the files named. The command prints every path it wrote.
 
 Runs are grouped by dataset, method and teacher -> student pair. A cell is the final top-1 mean over seeds,
 "± sample std" with 2+ seeds, and the mean best-epoch top-1 in parentheses; the best cell of a column is bold.
@@ -32,10 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
                         help="run folders, or folders holding run folders (e.g. runs/)")
-    parser.add_argument("--out", default="report.md", metavar="FILE.md", help="Markdown report (default report.md)")
-    parser.add_argument("--csv", default=None, metavar="FILE", help="also write the table data as CSV")
+    parser.add_argument("--out", default=None, metavar="FILE.md",
+                        help="Markdown report (default: report.md beside the runs, with report.csv and curves.png)")
+    parser.add_argument("--csv", default=None, metavar="FILE", help="the table data as CSV")
     parser.add_argument("--plot", default=None, metavar="FILE.png",
-                        help="also draw test top-1 vs epoch, one line per run")
+                        help="test top-1 vs epoch, one line per run (over seeds: the mean and the seeds' range)")
     parser.add_argument("--print", dest="print_report", action="store_true", help="print the report too")
     parser.add_argument("--seeds", action="store_true",
                         help="statistics over seeds (automatic for a folder holding a sweep's sweep.json)")
@@ -55,19 +61,61 @@ def run(args) -> int:
 
     if args.plot and not args.plot.lower().endswith(".png"):
         raise LakdError(f"--plot {args.plot!r} must name a .png file")
+    optional_plot = _default_outputs(args)
     if args.seeds or args.reference or args.update or args.groups is not None or any(
             os.path.exists(os.path.join(p, rundir.SWEEP_PLAN)) for p in args.runs):
-        return _run_seeds(args)
-    res = make_report(args.runs, out=args.out, csv_path=args.csv, plot_path=args.plot)
+        return _run_seeds(args, optional_plot)
+    res = make_report(args.runs, out=args.out, csv_path=args.csv, plot_path=args.plot, plot_if_any=optional_plot)
     runs = res["runs"]
     n_inc = sum(not r.complete for r in runs)
     if args.print_report:
         print(res["markdown"])
     _name_problems(runs)
-    wrote = [p for p in (res.get("out"), res.get("csv"), res.get("plot")) if p]
-    print(f"{len(runs)} run(s) ({n_inc} incomplete) -> {', '.join(wrote)}")
+    _say_written(f"{len(runs)} run(s) ({n_inc} incomplete)", res, ("out", "csv", "plot"))
     _fail_on_damage(runs)
     return 0
+
+
+#: what ``lakd report`` writes beside the runs when no output is named
+DEFAULT_FILES = {"out": "report.md", "csv": "report.csv", "plot": "curves.png"}
+
+
+def output_folder(paths: list[str]) -> str:
+    """Beside the runs: the one folder given, else the common parent of the folders given."""
+    if len(paths) == 1:
+        return paths[0]
+    full = [os.path.abspath(p) for p in paths]
+    try:
+        common = os.path.commonpath(full)
+    except ValueError:  # different drives: nothing in common; the first folder's parent then
+        common = os.path.dirname(full[0])
+    rel = os.path.relpath(common)
+    return rel if not rel.startswith(os.pardir) else common
+
+
+def _default_outputs(args) -> bool:
+    """With none of --out/--csv/--plot: report.md, report.csv and curves.png beside the runs (``args`` updated, so
+    that a failed write names the path). Returns True when the curves are a default (left out, with a note, when
+    no run has test accuracies to draw) rather than asked for."""
+    if args.out or args.csv or args.plot:
+        return False
+    for p in args.runs:  # a missing folder is the loader's error to name; here only where to write
+        if not os.path.isdir(p):
+            return False
+    folder = output_folder(args.runs)
+    for key, name in DEFAULT_FILES.items():
+        setattr(args, key, os.path.join(folder, name))
+    return True
+
+
+def _say_written(what: str, res: dict, keys) -> None:
+    """One line for the runs, then every path written, one a line (and why a default plot was left out)."""
+    wrote = [res[k] for k in keys if res.get(k)]
+    print(f"{what}; wrote:" if wrote else f"{what}; wrote nothing")
+    for path in wrote:
+        print(f"  {path}")
+    if res.get("no_plot"):
+        print(f"  (no curves: {res['no_plot']})")
 
 
 def _name_problems(runs) -> None:
@@ -112,7 +160,7 @@ def update_between_markers(path: str, text: str) -> str:
     return path
 
 
-def _run_seeds(args) -> int:
+def _run_seeds(args, optional_plot: bool = False) -> int:
     from ..analysis.report import make_seed_report
 
     if args.update:
@@ -121,14 +169,13 @@ def _run_seeds(args) -> int:
     if args.groups is not None and not names:
         raise LakdError("--groups is empty; name one or more sweep groups, e.g. --groups main,table3")
     res = make_seed_report(args.runs, out=args.out, csv_path=args.csv, plot_path=args.plot,
-                           reference=args.reference, groups=names)
+                           reference=args.reference, groups=names, plot_if_any=optional_plot)
     if args.update:  # the same tables, as subsections of the page's section between the markers
         res["update"] = update_between_markers(args.update, res["section"])
     if args.print_report:
         print(res["markdown"])
     n_done = sum(r.complete for r in res["runs"])
     _name_problems(res["runs"])
-    wrote = [res[k] for k in ("out", "csv", "plot", "update") if res.get(k)]
-    print(f"{n_done} finished run(s) in {len(res['groups'])} group(s) -> {', '.join(wrote)}")
+    _say_written(f"{n_done} finished run(s) in {len(res['groups'])} group(s)", res, ("out", "csv", "plot", "update"))
     _fail_on_damage(res["runs"])
     return 0

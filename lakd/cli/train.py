@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show-config", nargs="?", const="run", default=None, metavar="all",
                    help="print the resolved config and exit: the run's own sections, or every key with `all`")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (same as train.progress=false; there is none when stderr is not a terminal)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the finished or killed run in the run folder (never a live one)")
     p.add_argument("--allow-config-change", action="store_true",
@@ -56,6 +58,8 @@ def run(args) -> int:
     if config and "=" in config and not config.endswith((".yaml", ".yml")):
         overrides.insert(0, config)  # `lakd train key=value ...` with no file
         config = None
+    if args.no_progress:
+        overrides.append("train.progress=false")
     cfg = load_config(config, overrides)
     if show:
         print(dump_config(cfg if show == "all" else run_sections(cfg)), end="")

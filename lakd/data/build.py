@@ -47,6 +47,8 @@ class DataBundle:
     dataset: str = ""
     num_test: int = 0
     fast: bool = False
+    #: the test set's size before ``data.test_subset`` (equal to ``num_test`` without a subset)
+    num_test_total: int = 0
     #: the extra views the training batches carry (``batch["views"]``), in declaration order
     views: tuple[str, ...] = ()
 
@@ -140,6 +142,7 @@ def build_data(cfg: dict, device, rank: int = 0, world_size: int = 1, views: dic
 
     specs = parse_views(views)
     train, test, class_names = _load(name, d)
+    num_test_total = len(test.targets) if kind == "array" else len(test)
     train = _subset(train, int(d.get("train_subset") or 0))
     test = _subset(test, int(d.get("test_subset") or 0))
     num_classes = len(class_names)
@@ -206,7 +209,8 @@ def build_data(cfg: dict, device, rank: int = 0, world_size: int = 1, views: dic
 
     return DataBundle(train=train_loader, test=test_loader, num_classes=int(num_classes), num_train=num_train,
                       mean=tuple(mean), std=tuple(std), image_size=size, class_names=list(class_names),
-                      dataset=name, num_test=num_test, fast=fast, views=tuple(v.name for v in specs))
+                      dataset=name, num_test=num_test, fast=fast, num_test_total=num_test_total,
+                      views=tuple(v.name for v in specs))
 
 
 def _center(x: torch.Tensor, size: int) -> torch.Tensor:

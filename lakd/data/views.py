@@ -20,10 +20,11 @@ Order: crop and flip, rotation, RandAugment, Cutout. With ``data.augment=false``
 Examples (the methods' own files hold them): SSKD's rotated copies ``{"rot90": {"flip": "shared", "rotate": 1},
 ...}``, MLKD's strong view ``{"strong": {"randaugment": 2, "cutout": 0.5}}``.
 
-Two implementations with one parameter draw (``RandAugment.sample``):
+Two implementations of the same operations on the same parameters:
 
 - DataLoader path (``loader.py``): in the workers, per sample, with PIL's own operations (``RandAugment.pil``),
-  the authors' code path; the draws come from the sample's seeded generator after the batch image's own;
+  the authors' code path; the draws (``RandAugment.draw``) come from the sample's seeded generator after the
+  batch image's own;
 - in-memory path (``fast.py``): batched on the training device (``RandAugment.apply``), every operation
   re-implemented on integer-valued tensors to give PIL's pixels (same lookup tables, the same float32 blends
   and 3x3 smoothing, the same 16.16 fixed-point nearest-neighbour affine maps); the parameters of every view of
@@ -204,20 +205,28 @@ class RandAugment:
         return torch.stack([y0, y1, x0, x1], 1).long()
 
     # --- PIL, per sample (the authors' operations) --------------------------------------------------------------
-    def pil(self, img, params: dict, i: int = 0):
-        """Sample ``i`` of ``params`` applied to a PIL RGB image with PIL's operations (the DataLoader path)."""
+    def draw(self, generator: torch.Generator | None = None) -> tuple[list[int], list[float], list[float]]:
+        """One sample's parameters as Python numbers (two generator calls; the DataLoader path's per-sample
+        draw): the operations, their magnitudes and the Cutout's three uniforms (side, x, y; empty without one)."""
+        ops = torch.randint(len(OPS), (self.n,), generator=generator).tolist()
+        u = torch.rand(self.n + (3 if self.cutout > 0 else 0), generator=generator, dtype=torch.float64).tolist()
+        mags = [OPS[k][1] + (OPS[k][2] - OPS[k][1]) * v for k, v in zip(ops, u)]
+        return ops, mags, u[self.n:]
+
+    def pil(self, img, ops, mags, cut=()):
+        """The operations ``ops`` at magnitudes ``mags``, then the Cutout of uniforms ``cut``, on a PIL RGB image
+        with PIL's operations, as the authors' ``RandAugment.__call__`` (the DataLoader path)."""
         from PIL import ImageDraw
 
-        for r in range(self.n):
-            img = _PIL_OPS[int(params["op"][i, r])](img, float(params["mag"][i, r]))
+        for k, v in zip(ops, mags):
+            img = _PIL_OPS[int(k)](img, float(v))
         if self.cutout > 0:
-            c = params["cut"][i].tolist()
-            val = c[0] * self.cutout  # the authors' Cutout(img, v) with v = random() * 0.5
+            val = cut[0] * self.cutout  # the authors' Cutout(img, v) with v = random() * 0.5
             if val > 0:
                 w, h = img.size
                 v = val * w
-                x0 = int(max(0, w + (1.0 - w) * c[1] - v / 2.0))
-                y0 = int(max(0, h + (1.0 - h) * c[2] - v / 2.0))
+                x0 = int(max(0, w + (1.0 - w) * cut[1] - v / 2.0))
+                y0 = int(max(0, h + (1.0 - h) * cut[2] - v / 2.0))
                 img = img.copy()
                 ImageDraw.Draw(img).rectangle((x0, y0, min(w, x0 + v), min(h, y0 + v)), CUTOUT_FILL)
         return img
@@ -558,8 +567,6 @@ class SampleViews:
 def _pil_randaugment(ra: RandAugment, x: torch.Tensor) -> torch.Tensor:
     from PIL import Image
 
-    h, w = x.shape[-2:]
-    params = ra.sample(1, None, h, w)
     img = Image.fromarray(x.permute(1, 2, 0).contiguous().numpy())
-    out = np.asarray(ra.pil(img, params, 0))
+    out = np.asarray(ra.pil(img, *ra.draw()))
     return torch.from_numpy(out.copy()).permute(2, 0, 1).contiguous()

@@ -8,7 +8,9 @@ Eq. 6 makes the student neuron active exactly where the teacher's is, with margi
 
 summed over channels and positions, averaged over the batch, stage ``i`` of ``n`` weighted ``2^(i - n + 1)``
 (the deepest 1), times 3/1000 (RepDistiller's ``ABLoss``). ``prepare`` trains the student and the connectors
-with this loss alone for ``pretrain_epochs`` (30) at ``pretrain_lr`` (0.05), RepDistiller's ``init``; the
+with this loss alone for ``pretrain_epochs`` (30) at ``pretrain_lr`` (0.05), RepDistiller's ``init`` (which trains
+the stem and blocks, ``get_feat_modules``, and keeps the student's head in eval mode: a WRN's final BatchNorm,
+which the last stage's pre-activation passes through, neither trains nor updates its statistics); the
 distillation that follows is ``ce_weight * CE + feat_weight * AB`` with ``feat_weight`` 0 (RepDistiller adds
 no AB term after the initialisation; its script ``-a 0 -b 1``), i.e. cross-entropy training from the
 initialised student. With ``feat_weight > 0`` the connectors keep training with the student.
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 from .base import Distiller, register_distiller
 from .fitnet import ConvRegressor
-from .stage_utils import check_int, check_positive
+from .stage_utils import check_int, check_positive, head_modules
 
 
 def ab_hinge(s: torch.Tensor, t: torch.Tensor, margin: float) -> torch.Tensor:
@@ -43,6 +45,18 @@ class AB(Distiller):
     needs = ("preact",)
     DEFAULTS = {"ab": {"ce_weight": 1.0, "feat_weight": 0.0, "margin": 1.0, "pretrain_epochs": 30,
                        "pretrain_lr": 0.05}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "ab.ce_weight": {"kind": "number", "ge": 0},
+        "ab.feat_weight": {"kind": "number", "ge": 0},
+        "ab.margin": {"kind": "number", "gt": 0, "about": "the hinge margin on the pre-ReLU responses"},
+        "ab.pretrain_epochs": {"kind": "int", "ge": 0, "about": "epochs of the initialisation stage"},
+        "ab.pretrain_lr": {"kind": "number", "gt": 0, "about": "the initialisation stage's learning rate"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["ab.ce_weight", "ab.feat_weight"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
@@ -82,7 +96,7 @@ class AB(Distiller):
                 return self.ab_loss(pre_s, pre_t)
 
             self.run_stage(train_loader, device, params, loss, self.pretrain_epochs, self.pretrain_lr,
-                           "initialisation")
+                           "initialisation", eval_modules=head_modules(self.student))
         finally:
             if self.feat_weight == 0:
                 self.connectors.requires_grad_(False)

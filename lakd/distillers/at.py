@@ -40,6 +40,16 @@ class AT(Distiller):
     display_name = "AT"
     report_order = 7
     DEFAULTS = {"at": {"ce_weight": 1.0, "feat_weight": 1000.0, "p": 2.0}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "at.ce_weight": {"kind": "number", "ge": 0},
+        "at.feat_weight": {"kind": "number", "ge": 0},
+        "at.p": {"kind": "number", "gt": 0, "about": "the attention map's exponent; the paper uses 2"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["at.ce_weight", "at.feat_weight"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

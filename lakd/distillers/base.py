@@ -40,6 +40,8 @@ from ..errors import LakdError
 from ..models.base import FeatureNet, _buffers_kept
 from ..registry import DISTILLERS
 from ..runtime import distributed as dist
+from .stage_utils import head_modules
+from ..settings import check_settings, run_facts
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,12 @@ class Distiller(nn.Module):
     name = "base"
     #: config sections this method owns, with their defaults, e.g. {"kd": {"T": 4.0}}
     DEFAULTS: dict = {}
+    #: each setting's kind and range, as plain data: ``"section.key"`` -> a spec such as
+    #: ``{"kind": "number", "gt": 0, "about": "the temperature"}`` (``lakd.settings`` reads and checks them)
+    SETTINGS: dict = {}
+    #: checks over several settings, or a setting and a fact of the run, as plain data (``lakd.settings``), e.g.
+    #: ``{"rule": "not_all_zero", "keys": ["kd.ce_weight", "kd.kd_weight"]}``
+    CHECKS: list = []
     needs_teacher = True
     #: how papers and tables write the method (default: its registered name)
     display_name = ""
@@ -117,6 +125,8 @@ class Distiller(nn.Module):
 
     def __init__(self, student: FeatureNet, teacher: FeatureNet | None, cfg: dict, num_data: int = 0):
         super().__init__()
+        # the declared settings (SETTINGS, CHECKS), for distillers built without lakd.config.load_config
+        check_settings(cfg, self.SETTINGS, self.CHECKS, self.DEFAULTS, run_facts(cfg, num_data or None), self.name)
         self.student = student
         self.teacher = teacher
         self.cfg = cfg
@@ -248,22 +258,24 @@ class Distiller(nn.Module):
         optimizer (the run's ``solver.momentum`` and ``solver.weight_decay``), in fp32."""
 
     def feature_parameters(self) -> list[nn.Parameter]:
-        """The student's trainable parameters without its classifier (RepDistiller's ``get_feat_modules``): what
-        an initialisation stage on features trains (under torchrun a parameter without a gradient would still be
-        decayed, so the classifier, which a feature loss never reaches, is left out)."""
-        try:
-            head = {id(p) for p in self.student.classifier.parameters()}
-        except (AttributeError, NotImplementedError):
-            head = set()
+        """The student's trainable parameters without its head (RepDistiller's ``get_feat_modules``: the stem and
+        the blocks): what an initialisation stage on features trains. The head (``stage_utils.head_modules``: the
+        classifier and what runs between the last block and it, e.g. WRN's final BatchNorm) is left out, as in
+        RepDistiller, whose stage keeps it frozen in eval mode (``run_stage``'s ``eval_modules``); under torchrun a
+        parameter without a gradient would still be decayed."""
+        head = {id(p) for m in head_modules(self.student) for p in m.parameters(recurse=False)}
         return [p for p in self.student.parameters() if p.requires_grad and id(p) not in head]
 
     def run_stage(self, train_loader, device, params: list, loss_fn: Callable, epochs: int, lr: float,
-                  what: str, milestones: tuple[int, ...] = (), gamma: float = 0.1) -> None:
+                  what: str, milestones: tuple[int, ...] = (), gamma: float = 0.1,
+                  eval_modules: tuple[nn.Module, ...] | list[nn.Module] = ()) -> None:
         """A pre-training stage shared by the methods that have one: ``epochs`` passes over ``train_loader``
         minimising ``loss_fn(image, target)`` (``loss_fn(image, target, views=...)`` for a method with ``views``)
-        over ``params`` with SGD at the rate ``lr`` (RepDistiller's ``init``: constant), times ``gamma`` at each of ``milestones`` (0-based epochs from which it applies, as a
-        ``MultiStepLR`` stepped once per epoch), gradients averaged over processes under torchrun. Logs one line
-        per epoch."""
+        over ``params`` with SGD at the rate ``lr`` (RepDistiller's ``init``: constant), times ``gamma`` at each of
+        ``milestones`` (0-based epochs from which it applies, as a ``MultiStepLR`` stepped once per epoch),
+        gradients averaged over processes under torchrun. Everything runs in training mode but ``eval_modules``
+        (e.g. the student's head, which RepDistiller's stage keeps in eval mode: its BatchNorm statistics stay as
+        they are). Logs one line per epoch."""
         if epochs <= 0 or not params:
             return
         device = torch.device(device) if device is not None else next(self.student.parameters()).device
@@ -274,7 +286,17 @@ class Distiller(nn.Module):
         step = StepGroup(loss_fn, params)
         if dist.is_enabled():
             step = dist.data_parallel(step, device)
+        modes = [(m, m.training) for m in self.modules()]
         self.train()
+        for m in eval_modules:
+            m.eval()
+        try:
+            self._stage_epochs(train_loader, device, opt, step, epochs, lr, what, milestones, gamma)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    def _stage_epochs(self, train_loader, device, opt, step, epochs, lr, what, milestones, gamma) -> None:
         for epoch in range(epochs):
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)

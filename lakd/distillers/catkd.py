@@ -24,6 +24,18 @@ class CATKD(Distiller):
     bench_default = True
     needs = ("class_maps",)
     DEFAULTS = {"catkd": {"ce_weight": 1.0, "beta": 1.0, "resolution": 2, "normalize": False}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "catkd.ce_weight": {"kind": "number", "ge": 0},
+        "catkd.beta": {"kind": "number", "ge": 0},
+        "catkd.resolution": {"kind": "int", "ge": 1, "about":
+            "class activation maps pooled to R x R; the paper uses 2"},
+        "catkd.normalize": {"kind": "bool"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["catkd.ce_weight", "catkd.beta"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

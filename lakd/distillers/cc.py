@@ -82,6 +82,21 @@ class CC(Distiller):
     report_order = 43
     DEFAULTS = {"cc": {"ce_weight": 1.0, "feat_weight": 0.02, "feat_dim": 128, "gamma": 0.4, "order": 2,
                        "form": "repdistiller"}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "cc.ce_weight": {"kind": "number", "ge": 0},
+        "cc.feat_weight": {"kind": "number", "ge": 0},
+        "cc.feat_dim": {"kind": "int", "ge": 1, "about": "the embedding's width"},
+        "cc.gamma": {"kind": "number", "gt": 0, "about": "the RBF kernel's width parameter"},
+        "cc.order": {"kind": "int", "ge": 0, "about": "the Taylor expansion's order"},
+        "cc.form": {"kind": "choice", "choices": ["gaussian", "repdistiller"]},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["cc.ce_weight", "cc.feat_weight"]},
+        {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
+            "CC correlates the images of a batch with each other", "example": "solver.batch_size=64"},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

@@ -191,20 +191,44 @@ class ContrastMemory(nn.Module):
         return out_s, out_t
 
 
+#: how one's own loop gives CRD what it needs (the hint of CRD's errors; README's "Your own teacher and student")
+OWN_LOOP_EXAMPLE = ("d = lakd.distiller(student, teacher, \"crd\", num_data=len(train_set)); a Dataset whose "
+                    "__getitem__(i) returns (image, target, i); then d.train_step({\"image\": x, \"target\": y, "
+                    "\"index\": i}, backward=...) for each (x, y, i) of the DataLoader")
+
+
 @register_distiller("crd")
 class CRD(Distiller):
     display_name = "CRD"
     report_order = 3
     DEFAULTS = {"crd": {"ce_weight": 1.0, "feat_weight": 0.8, "feat_dim": 128, "nce_k": 16384,
                         "nce_t": 0.07, "momentum": 0.5, "negatives": "other_class"}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "crd.ce_weight": {"kind": "number", "ge": 0},
+        "crd.feat_weight": {"kind": "number", "ge": 0},
+        "crd.feat_dim": {"kind": "int", "ge": 1, "about": "the embedding's width"},
+        "crd.nce_k": {"kind": "int", "ge": 1, "about": "negatives per image"},
+        "crd.nce_t": {"kind": "number", "gt": 0, "about": "the NCE temperature"},
+        "crd.momentum": {"kind": "number", "ge": 0, "lt": 1, "about": "the memory bank's momentum"},
+        "crd.negatives": {"kind": "choice", "choices": ["other_class", "uniform"]},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["crd.ce_weight", "crd.feat_weight"]},
+        {"rule": "compare", "key": "crd.nce_k", "op": "<", "than": "@train_size", "about":
+            "each image's negatives are other training images"},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("crd")
         self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
         if num_data < 2:
-            raise LakdError(f"CRD needs the training set size (num_data >= 2) for its memory bank, "
-                            f"got {num_data}")
+            raise LakdError(f"CRD needs the training set size for its memory bank (num_data >= 2), got {num_data}: "
+                            f"in your own loop pass num_data=len(train_dataset) to lakd.distiller(...) and give "
+                            f"every batch the images' positions in that dataset as \"index\", e.g. "
+                            f"{OWN_LOOP_EXAMPLE} (lakd train does both)")
         for key in ("feat_dim", "nce_k"):
             if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 1:
                 raise LakdError(f"crd.{key} must be a positive integer, got {s[key]!r}")
@@ -215,6 +239,7 @@ class CRD(Distiller):
         if s["negatives"] not in ("other_class", "uniform"):
             raise LakdError(f"crd.negatives {s['negatives']!r} is not one of other_class, uniform")
         self.num_data = int(num_data)
+        self._index_checked = False
         k = min(int(s["nce_k"]), self.num_data - 1)
         dim = int(s["feat_dim"])
         self.embed_s = Embed(student.feature_info()["embedding_dim"], dim)
@@ -232,9 +257,22 @@ class CRD(Distiller):
 
     def teacher_pass(self, image, index=None, **batch):
         if index is None:
-            raise LakdError("CRD needs the dataset index of every image (batch['index']); "
-                            "use lakd's data loaders")
+            raise LakdError(f"CRD needs each image's position in the training set (0..{self.num_data - 1}) as "
+                            f"batch[\"index\"], the key of its memory bank: in your own loop add it to the batch, "
+                            f"e.g. {OWN_LOOP_EXAMPLE} (lakd's data loaders add it)")
+        if not self._index_checked:  # once: a check costs a device sync
+            lo, hi = int(index.min()), int(index.max())
+            if lo < 0 or hi >= self.num_data:
+                raise LakdError(f"batch[\"index\"] holds {lo}..{hi}, outside 0..{self.num_data - 1}: give each "
+                                f"image's position in the training set, and num_data=len(train_dataset) (now "
+                                f"{self.num_data}) to lakd.distiller(...)")
+            self._index_checked = True
         return self.teacher_forward(image, features=True)[1]["embedding"]
+
+    def dry_step(self, batch, backward):
+        out = super().dry_step(batch, backward)
+        self._index_checked = False  # the construction's dry step is not the user's data: check their first batch
+        return out
 
     def student_losses(self, image, target, t_emb, index=None, **batch):
         logits, feats = self.student(image, features=True)

@@ -111,6 +111,25 @@ class CTKD(Distiller):
     DEFAULTS = {"ctkd": {"ce_weight": 0.1, "kd_weight": 0.9, "t_start": 1.0, "t_range": 20.0, "t_init": 1.0,
                          "decay_epochs": 10, "lambda_max": 1.0, "logit_stand": False, "temperature": "global",
                          "instance_hidden": 256}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "ctkd.ce_weight": {"kind": "number", "ge": 0},
+        "ctkd.kd_weight": {"kind": "number", "ge": 0},
+        "ctkd.t_start": {"kind": "number", "gt": 0, "about": "the lowest temperature; the authors': 1"},
+        "ctkd.t_range": {"kind": "number", "ge": 0, "about":
+            "the temperature lies in [t_start, t_start + t_range]; the authors': 20"},
+        "ctkd.t_init": {"kind": "number", "about": "the global temperature's initial parameter"},
+        "ctkd.decay_epochs": {"kind": "number", "ge": 0, "about": "epochs of the curriculum's ramp; the authors': 10"},
+        "ctkd.lambda_max": {"kind": "number", "ge": 0, "about": "the curriculum's final gradient-reversal weight"},
+        "ctkd.logit_stand": {"kind": "bool", "about": "logit standardization"},
+        "ctkd.temperature": {"kind": "choice", "choices": ["global", "instance"], "about":
+            "one learned temperature, or one per sample (the paper's Instance-T)"},
+        "ctkd.instance_hidden": {"kind": "int", "ge": 1, "about": "the instance MLP's width"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["ctkd.ce_weight", "ctkd.kd_weight"]},
+    ]
     variants = {"ctkd_ls": ["ctkd.logit_stand=true", "ctkd.kd_weight=9.0"],
                 "ctkd_instance": ["ctkd.temperature=instance"]}
 

@@ -48,6 +48,19 @@ class DIST(Distiller):
     display_name = "DIST"
     report_order = 20
     DEFAULTS = {"dist": {"ce_weight": 1.0, "beta": 2.0, "gamma": 2.0, "tau": 4.0}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "dist.ce_weight": {"kind": "number", "ge": 0},
+        "dist.beta": {"kind": "number", "ge": 0},
+        "dist.gamma": {"kind": "number", "ge": 0},
+        "dist.tau": {"kind": "number", "gt": 0, "about": "the temperature"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["dist.ce_weight", "dist.beta", "dist.gamma"]},
+        {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
+            "its intra-class relation correlates each class across the batch", "example": "solver.batch_size=64"},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

@@ -56,6 +56,21 @@ class DKD(Distiller):
     #: DKD with logit standardization as the reference's README runs it (Sun et al., 2024): --logit-stand
     #: --base-temp 2 --kd-weight 9 on the default alpha 1, beta 8
     variants = {"dkd_ls": ["dkd.logit_stand=true", "dkd.T=2.0", "dkd.alpha=9.0", "dkd.beta=72.0"]}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "dkd.ce_weight": {"kind": "number", "ge": 0},
+        "dkd.alpha": {"kind": "number", "ge": 0},
+        "dkd.beta": {"kind": "number", "ge": 0},
+        "dkd.T": {"kind": "number", "gt": 0, "about": "the temperature"},
+        "dkd.warmup": {"kind": "number", "ge": 0, "about": "epochs over which the DKD loss ramps up; mdistiller: 20"},
+        "dkd.logit_stand": {"kind": "bool", "about": "logit standardization"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["dkd.ce_weight", "dkd.alpha", "dkd.beta"]},
+        {"rule": "compare", "key": "dkd.warmup", "op": "<=", "than": "solver.epochs", "about":
+            "the DKD loss ramps up over dkd.warmup epochs and would never reach its full weight"},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

@@ -100,6 +100,17 @@ class DOT(Distiller):
     display_name = "DOT"
     report_order = 24
     DEFAULTS = {"dot": {"ce_weight": 0.1, "kd_weight": 0.9, "T": 4.0, "delta": 0.075}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "dot.ce_weight": {"kind": "number", "ge": 0},
+        "dot.kd_weight": {"kind": "number", "ge": 0},
+        "dot.T": {"kind": "number", "gt": 0, "about": "the temperature"},
+        "dot.delta": {"kind": "number", "ge": 0, "about": "the gap between the two momenta; the authors': 0.075"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["dot.ce_weight", "dot.kd_weight"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

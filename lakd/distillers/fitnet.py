@@ -60,6 +60,17 @@ class FitNet(Distiller):
     report_order = 5
     bench_default = True
     DEFAULTS = {"fitnet": {"ce_weight": 1.0, "feat_weight": 100.0, "hint_stage": None}}  # None/auto: middle stage
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "fitnet.ce_weight": {"kind": "number", "ge": 0},
+        "fitnet.feat_weight": {"kind": "number", "ge": 0},
+        "fitnet.hint_stage": {"kind": "int", "ge": 0, "null": True, "also": ["auto"], "example": "auto", "about":
+            "the stage whose output is the hint: 0 (stem) to the last stage, or auto (the middle one)"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["fitnet.ce_weight", "fitnet.feat_weight"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

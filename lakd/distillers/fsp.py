@@ -6,7 +6,8 @@ taken for every consecutive pair of ``[stem, stage 1, ..., stage n]``. The loss 
 mean squared difference of the student's and teacher's matrices, summed over the pairs; the two nets must have
 the same channels at every one of these points (RepDistiller refuses otherwise, e.g. wrn_40_2 -> wrn_40_1).
 ``prepare`` trains the student with this loss alone for ``pretrain_epochs`` (30) at ``pretrain_lr`` (0.05),
-RepDistiller's ``init``, as the paper's first stage; the training that follows is
+RepDistiller's ``init``, as the paper's first stage (its stem and blocks, ``get_feat_modules``; the head stays in
+eval mode, so a WRN's final BatchNorm keeps its statistics); the training that follows is
 ``ce_weight * CE + feat_weight * FSP`` with ``feat_weight`` 0 (RepDistiller adds no FSP term afterwards, its
 ``-b 50`` is unused), i.e. the paper's second stage, cross-entropy from the initialised student.
 """
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import LakdError
 from .base import Distiller, register_distiller
-from .stage_utils import check_int, check_positive, pool_to_match
+from .stage_utils import check_int, check_positive, head_modules, pool_to_match
 
 
 def fsp_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -41,6 +42,17 @@ class FSP(Distiller):
     display_name = "FSP"
     report_order = 50
     DEFAULTS = {"fsp": {"ce_weight": 1.0, "feat_weight": 0.0, "pretrain_epochs": 30, "pretrain_lr": 0.05}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "fsp.ce_weight": {"kind": "number", "ge": 0},
+        "fsp.feat_weight": {"kind": "number", "ge": 0},
+        "fsp.pretrain_epochs": {"kind": "int", "ge": 0, "about": "epochs of the initialisation stage"},
+        "fsp.pretrain_lr": {"kind": "number", "gt": 0, "about": "the initialisation stage's learning rate"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["fsp.ce_weight", "fsp.feat_weight"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
@@ -77,7 +89,8 @@ class FSP(Distiller):
             f_t = fsp_points(self.teacher_forward(image, features=True)[1])
             return self.fsp_loss(fsp_points(self.student(image, features=True)[1]), f_t)
 
-        self.run_stage(train_loader, device, params, loss, self.pretrain_epochs, self.pretrain_lr, "initialisation")
+        self.run_stage(train_loader, device, params, loss, self.pretrain_epochs, self.pretrain_lr, "initialisation",
+                       eval_modules=head_modules(self.student))
 
     def student_losses(self, image, target, f_t, **batch):
         if self.feat_weight == 0:

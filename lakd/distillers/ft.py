@@ -70,6 +70,19 @@ class FT(Distiller):
     report_order = 51
     DEFAULTS = {"ft": {"ce_weight": 1.0, "feat_weight": 200.0, "rate": 0.5, "factor": "repdistiller",
                        "pretrain_epochs": 30, "pretrain_lr": 0.01}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "ft.ce_weight": {"kind": "number", "ge": 0},
+        "ft.feat_weight": {"kind": "number", "ge": 0},
+        "ft.rate": {"kind": "number", "gt": 0, "about": "the paraphraser's channel rate"},
+        "ft.factor": {"kind": "choice", "choices": ["paper", "repdistiller"]},
+        "ft.pretrain_epochs": {"kind": "int", "ge": 0, "about": "epochs of the paraphraser's pre-training"},
+        "ft.pretrain_lr": {"kind": "number", "gt": 0, "about": "the paraphraser's learning rate"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["ft.ce_weight", "ft.feat_weight"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

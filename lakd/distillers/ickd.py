@@ -79,6 +79,17 @@ class ICKD(Distiller):
     report_order = 44
     DEFAULTS = {"ickd": {"ce_weight": 1.0, "feat_weight": 2.5, "kd_weight": 1.0, "T": 4.0, "embed_kernel": 1,
                          "batch_power": 1}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "ickd.ce_weight": {"kind": "number", "ge": 0},
+        "ickd.feat_weight": {"kind": "number", "ge": 0},
+        "ickd.kd_weight": {"kind": "number", "ge": 0},
+        "ickd.T": {"kind": "number", "gt": 0, "about": "the KD temperature"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["ickd.ce_weight", "ickd.feat_weight", "ickd.kd_weight"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

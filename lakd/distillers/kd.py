@@ -50,6 +50,17 @@ class KD(Distiller):
     report_order = 1
     bench_default = True
     DEFAULTS = {"kd": {"T": 4.0, "ce_weight": 0.1, "kd_weight": 0.9, "logit_stand": False}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "kd.ce_weight": {"kind": "number", "ge": 0},
+        "kd.kd_weight": {"kind": "number", "ge": 0},
+        "kd.T": {"kind": "number", "gt": 0, "about": "the temperature"},
+        "kd.logit_stand": {"kind": "bool", "about": "logit standardization"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["kd.ce_weight", "kd.kd_weight"]},
+    ]
     #: KD with logit standardization at the reference's settings (Sun et al., 2024)
     variants = {"kd_ls": ["kd.logit_stand=true", "kd.T=2.0", "kd.kd_weight=9.0"]}
     bench_variants = ()  # lakd bench's default list stays the paper's Table 4 methods

@@ -83,6 +83,17 @@ class KDSVD(Distiller):
     display_name = "KDSVD"
     report_order = 45
     DEFAULTS = {"kdsvd": {"ce_weight": 1.0, "feat_weight": 1.0, "k": 1, "layout": "mdistiller"}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "kdsvd.ce_weight": {"kind": "number", "ge": 0},
+        "kdsvd.feat_weight": {"kind": "number", "ge": 0},
+        "kdsvd.k": {"kind": "int", "ge": 1, "about": "singular vectors kept"},
+        "kdsvd.layout": {"kind": "choice", "choices": ["mdistiller", "channels"]},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["kdsvd.ce_weight", "kdsvd.feat_weight"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

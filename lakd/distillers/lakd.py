@@ -116,6 +116,92 @@ def match_by_resolution(splits, s_info, t_ends, t_info):
     return out
 
 
+#: how the hints below say what a stage is (lakd.models: FeatureNet.stage_ends)
+STAGE_RULE = "a stage ends where the next block's feature map is smaller, and at the last block"
+
+
+def _size(info, block: int) -> tuple[int, int]:
+    b = info["blocks"][block - 1]
+    return b.height, b.width
+
+
+def _sizes(info, blocks) -> str:
+    return ", ".join("{}x{}".format(*_size(info, b)) for b in blocks)
+
+
+def suggest_points(student, teacher, s_info, t_info, splits=None) -> tuple[list[int], list[int]]:
+    """A working ``(sdm.splits, sdm.teacher_points)`` for the hints: with ``splits`` (the user's), teacher block
+    indices for them (the last teacher block of each split's map size, else evenly spaced), when the teacher has
+    blocks enough; else one local module per teacher stage (as many as both have): the teacher's last stage ends,
+    each paired with the student's last stage end of the same map size where there is one (else the student's
+    last stage ends), the last one the student's last block."""
+    nt = teacher.num_blocks
+    if splits and len(splits) <= nt:
+        pts: list[int] = []
+        for s in splits:
+            same = [b for b in range(1, nt + 1) if _size(t_info, b) == _size(s_info, s) and (not pts or b > pts[-1])]
+            if not same:
+                break
+            pts.append(same[-1])
+        if len(pts) == len(splits):
+            return list(splits), pts
+        k = len(splits)
+        return list(splits), [max(1, round((i + 1) * nt / k)) for i in range(k)]
+    s_ends, t_ends, n = list(student.stage_ends), list(teacher.stage_ends), student.num_blocks
+    k = min(len(s_ends), len(t_ends))
+    points = t_ends[-k:]
+    chosen: list[int] = []
+    for p in points[:-1]:
+        same = [e for e in s_ends if e < n and _size(s_info, e) == _size(t_info, p) and (not chosen or e > chosen[-1])]
+        if not same:
+            return s_ends[-k:], points
+        chosen.append(same[-1])
+    return chosen + [n], points
+
+
+def _name(model, cfg_name) -> str:
+    return getattr(model, "label", None) or cfg_name or type(model).__name__
+
+
+def _stem_note(model, role: str) -> str:
+    """How the adapter cut a network it was given when that is a surprise: its first top-level module taken as the
+    stem (the rule for the first of three or more), so the blocks start at the second. "" otherwise."""
+    cuts = getattr(model, "cut_names", None) or {}
+    stem, blocks = cuts.get("stem"), list(cuts.get("blocks") or [])
+    root = getattr(model, "_root", None)
+    top = [c for c, _ in root.named_children()] if root is not None else []
+    if not stem or not blocks or not top or stem != top[0]:
+        return ""
+    return (f"; lakd.adapt took the {role}'s first top-level module {stem!r} as its stem (as it does with the first "
+            f"of three or more), so its blocks are {', '.join(map(repr, blocks))}")
+
+
+def _layout(model, role: str, cfg_name) -> str:
+    """'the teacher SmallCNN has 3 blocks, stages ending at blocks [1, 2, 3]' (and the stem note) for the hints."""
+    return (f"the {role} {_name(model, cfg_name)} has {model.num_blocks} blocks, stages ending at blocks "
+            f"{list(model.stage_ends)}{_stem_note(model, role)}")
+
+
+def _example(splits, points) -> str:
+    return (f"sdm.splits={list(splits)} sdm.teacher_points={list(points)} (Python: options={{\"sdm\": "
+            f"{{\"splits\": {list(splits)}, \"teacher_points\": {list(points)}}}}})")
+
+
+def _stem_as_block(teacher, t_info, wanted: int) -> str:
+    """The other fix when the adapter made the teacher's first module its stem and that costs one stage: cut the
+    teacher so the stem is block 1 (only when that gives exactly ``wanted`` stages)."""
+    cuts = getattr(teacher, "cut_names", None) or {}
+    stem, blocks = cuts.get("stem"), list(cuts.get("blocks") or [])
+    if not stem or not blocks or len(teacher.stage_ends) + 1 != wanted:
+        return ""
+    st = t_info["stem"]
+    if (st.height, st.width) == _size(t_info, 1):
+        return ""  # the stem's map is block 1's size: as a block it would not end a stage of its own
+    cut = [stem] + blocks
+    return (f"; or make its stem a block: teacher.blocks={cut} (Python: teacher_options={{\"blocks\": {cut}}}), "
+            f"{len(cut)} blocks and {wanted} stages")
+
+
 #: where NDAM's map comes from (``ndam.source``)
 NDAM_SOURCES = ("teacher", "teacher_preact", "student")
 
@@ -158,12 +244,62 @@ class LAKD(Distiller):
             "normalize": False,  # L2-normalise the pooled CAMs over space
         },
     }
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "sdm.splits": {"kind": "ints", "ge": 1, "nonempty": True, "increasing": True, "null": True, "about":
+            "1-based student block indices ending each local module; null: the stage ends", "example": [1, 4, 9]},
+        "sdm.teacher_points": {"kind": "ints", "ge": 1, "nonempty": True, "null": True, "about":
+            "1-based teacher block indices to align with; null: the teacher's stage ends", "example": [3, 6, 9]},
+        "sdm.detach": {"kind": "bool"},
+        "sdm.backward": {"kind": "choice", "choices": ["local", "joint"]},
+        "sdm.recompute": {"kind": "bool"},
+        "ndam.enabled": {"kind": "bool"},
+        "ndam.source": {"kind": "choice", "choices": ["teacher", "teacher_preact", "student"]},
+        "ndam.abs": {"kind": "bool"},
+        "ndam.avg": {"kind": "number", "ge": 0, "about": "the channel-average map's weight"},
+        "ndam.max": {"kind": "number", "ge": 0, "about": "the channel-max map's weight"},
+        "lakd.ce_weight": {"kind": "number", "ge": 0},
+        "lakd.att_weight": {"kind": "number", "ge": 0},
+        "lakd.feat_weight": {"kind": "number", "ge": 0},
+        "lakd.feat_weights": {"kind": "numbers", "ge": 0, "nonempty": True, "null": True, "about":
+            "one weight per local module"},
+        "lakd.resolution": {"kind": "int", "ge": 1, "about": "class activation maps pooled to R x R"},
+        "lakd.normalize": {"kind": "bool"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero",
+         "keys": ["lakd.ce_weight", "lakd.att_weight", ["lakd.feat_weights", "lakd.feat_weight"]]},
+    ]
 
     @classmethod
     def analysis_points(cls, cfg: dict) -> str:
         """The ends of the local modules (``sdm.splits`` of the run config); the stages when not set."""
         splits = (cfg.get("sdm") or {}).get("splits")
         return ",".join(str(int(s)) for s in splits) if splits else "stages"
+
+    @staticmethod
+    def _pairing_hint(student, teacher, s_info, t_info, splits, chosen: bool, cfg) -> str:
+        """The error when the local modules (``sdm.splits``) and the teacher's stages do not pair up: what the
+        values are and where they come from (the default or the user's), the rule, and values that work for
+        these two models."""
+        t_ends = list(teacher.stage_ends)
+        s_name, t_name = _name(student, cfg["model"].get("name")), _name(teacher, cfg["teacher"].get("name"))
+        teacher_has = (f"the teacher {t_name} has {len(t_ends)} stages (ending at blocks {t_ends} of its "
+                       f"{teacher.num_blocks}; maps {_sizes(t_info, t_ends)})")
+        if chosen:
+            why = f"sdm.splits={splits} makes {len(splits)} local modules, but {teacher_has}"
+        else:
+            why = (f"sdm.splits is not set (default: one local module per student stage), so the student {s_name}'s "
+                   f"{len(splits)} stages make {len(splits)} modules (sdm.splits={splits}; maps "
+                   f"{_sizes(s_info, splits)}), but {teacher_has}, and the map sizes do not pair up")
+        eg_s, eg_p = suggest_points(student, teacher, s_info, t_info, splits if chosen else None)
+        fix = ("name the teacher block for each module, e.g. " if chosen and eg_s == splits else
+               "as many local modules as the teacher has stages, each with its teacher block, e.g. ")
+        return (f"LAKD pairs each local module of the student with a teacher block (sdm.teacher_points; default: the "
+                f"teacher's stage ends; {STAGE_RULE}): {why}{_stem_note(student, 'student')}"
+                f"{_stem_note(teacher, 'teacher')}; fix: {fix}{_example(eg_s, eg_p)}"
+                f"{_stem_as_block(teacher, t_info, len(splits))}")
 
     def requirements(self):
         req = super().requirements()
@@ -188,7 +324,8 @@ class LAKD(Distiller):
         splits = list(sdm["splits"] or student.stage_ends)
         if not splits or splits != sorted(set(splits)) or splits[0] < 1 or splits[-1] != n:
             raise LakdError(f"sdm.splits={splits} does not fit {cfg['model']['name']} ({n} blocks): give increasing "
-                            f"1-based block indices ending with {n}, e.g. sdm.splits={student.stage_ends}")
+                            f"1-based block indices ending with {n}, e.g. sdm.splits={student.stage_ends} (its "
+                            f"stage ends: {STAGE_RULE})")
         self.splits = splits
         s_info, t_info = student.feature_info(), teacher.feature_info()
         points = sdm["teacher_points"]
@@ -199,18 +336,16 @@ class LAKD(Distiller):
                 # stages of equal map size; splits the user chose need teacher_points chosen as well
                 points = None if sdm["splits"] else match_by_resolution(splits, s_info, points, t_info)
             if points is None:
-                def sizes(info, ends):
-                    return [f"{info['blocks'][e - 1].height}x{info['blocks'][e - 1].width}" for e in ends]
-
-                pair = "" if sdm["splits"] else (f", and their map sizes ({', '.join(sizes(s_info, splits))} vs "
-                                                 f"{', '.join(sizes(t_info, teacher.stage_ends))}) do not pair up")
-                raise LakdError(f"sdm.splits={splits} makes {len(splits)} local modules but the teacher "
-                                f"{cfg['teacher']['name']} has {len(teacher.stage_ends)} stages{pair}; set "
-                                f"sdm.teacher_points to {len(splits)} teacher block indices (1..{teacher.num_blocks})")
+                raise LakdError(self._pairing_hint(student, teacher, s_info, t_info, splits, bool(sdm["splits"]),
+                                                   cfg))
         points = list(points)
         if len(points) != len(splits) or any(not 1 <= p <= teacher.num_blocks for p in points):
-            raise LakdError(f"sdm.teacher_points={points} must hold {len(splits)} teacher block indices in "
-                            f"1..{teacher.num_blocks}")
+            eg_s, eg_p = suggest_points(student, teacher, s_info, t_info, splits)
+            raise LakdError(f"sdm.teacher_points={points} must hold {len(splits)} teacher block indices "
+                            f"in 1..{teacher.num_blocks}, one per local module of sdm.splits={splits}"
+                            + ("" if sdm["splits"] else " (not set: the student's stage ends)")
+                            + f"; {_layout(teacher, 'teacher', cfg['teacher'].get('name'))}; e.g. "
+                            f"{_example(eg_s, eg_p)}")
         self.teacher_points = points
         self.connectors = nn.ModuleList(
             Connector(s_info["blocks"][s - 1], t_info["blocks"][p - 1]) for s, p in zip(splits, points)

@@ -32,19 +32,19 @@ add, with ``w`` = ``kd_weight``::
     + w * sum_T frac_c * CC_weak(T) + w * sum_T frac_m * BC_weak(T)
 
 (their strong-view batch and class terms are computed but left out of the loss, so they are left out here).
-``mlkd.views: 2`` runs it so: the batch image is the weak view (crop + flip) and the data pipeline makes the strong
-view of every image per sample (``views``: ``STRONG_VIEW``, ``lakd.data.views``), as the authors' dataset does:
-its own crop and flip, then their RandAugment (two of their 14 operations at uniform random magnitudes, then a
-Cutout of up to half the side in their grey), in the DataLoader workers with PIL's operations (``data.fast:
-false``) or batched on the device with the same pixels (the in-memory loader); student and teacher run on both
-views, and the unmasked instance terms at the first three temperatures are on the strong view. ``mlkd.views: 1``
-(the default, and the library's one-view reading) lets the one view stand for both: the CE term is ``2 * ce_weight * CE`` (a CE
-per view, each at ``ce_weight``), the instance term ``w * sum_T (frac_m + 1) * KL(T)``, the batch and class terms
-as above on that view. ``mlkd.logit_stand: true`` z-scores the logits of the instance level only (Sun et al.,
-CVPR 2024, as in their ``MLKD``; the masks and the batch and class levels keep the raw logits); variant
-``mlkd_ls``: temperatures 2, 3, 5, 2, 6 (their ``--base-temp 2``) and ``kd_weight`` 9 (``--kd-weight 9``).
-No warm-up (the authors' ``forward_train`` ignores the epoch). Weights 0.1 / 0.9 are mdistiller's ``KD`` defaults,
-which the authors' configs leave unchanged.
+``mlkd.views: 2`` runs it so: the batch image is the weak view (crop + flip) and the data pipeline makes the strong view
+of every image per sample (``views``: ``STRONG_VIEW``, ``lakd.data.views``), as the authors' dataset does: its own crop
+and flip, then their RandAugment (two of their 14 operations at uniform random magnitudes, then a Cutout of up to half
+the side in their grey), in the DataLoader workers with PIL's operations (``data.fast: false``) or batched on the device
+with the same pixels (the in-memory loader); student and teacher run on both views, and the unmasked instance terms at
+the first three temperatures are on the strong view (the only difference from theirs: the random numbers come from
+torch's seeded generators, not Python's ``random`` and numpy's). ``mlkd.views: 1`` (the default, and the library's
+one-view reading) lets the one view stand for both: the CE term is ``2 * ce_weight * CE`` (a CE per view, each at
+``ce_weight``), the instance term ``w * sum_T (frac_m + 1) * KL(T)``, the batch and class terms as above on that view.
+``mlkd.logit_stand: true`` z-scores the logits of the instance level only (Sun et al., CVPR 2024, as in their ``MLKD``;
+the masks and the batch and class levels keep the raw logits); variant ``mlkd_ls``: temperatures 2, 3, 5, 2, 6 (their
+``--base-temp 2``) and ``kd_weight`` 9 (``--kd-weight 9``). No warm-up (the authors' ``forward_train`` ignores the
+epoch). Weights 0.1 / 0.9 are mdistiller's ``KD`` defaults, which the authors' configs leave unchanged.
 
 Scale: at the authors' weights the distillation part is ``0.9 * 1.5 = 1.35`` times a five-temperature KD, whose
 logit gradients are each about KD's, against a CE of 0.2: about 7x the gradient of a CE 0.1 / KD 0.9 KD. The
@@ -148,6 +148,22 @@ class MLKD(Distiller):
     report_order = 23
     DEFAULTS = {"mlkd": {"ce_weight": 0.1, "kd_weight": 0.9, "temperatures": [4.0, 3.0, 5.0, 2.0, 6.0],
                          "mask_percentile": 50.0, "mask_mode": "reference", "logit_stand": False, "views": 1}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "mlkd.ce_weight": {"kind": "number", "ge": 0},
+        "mlkd.kd_weight": {"kind": "number", "ge": 0},
+        "mlkd.temperatures": {"kind": "numbers", "gt": 0, "nonempty": True, "about": "the authors': [4, 3, 5, 2, 6]"},
+        "mlkd.mask_percentile": {"kind": "number", "ge": 0, "le": 100, "about": "the authors': 50"},
+        "mlkd.mask_mode": {"kind": "choice", "choices": ["reference", "per_sample"], "about":
+            "reference: the authors' code, per_sample: the paper's selection"},
+        "mlkd.logit_stand": {"kind": "bool", "about": "logit standardization"},
+        "mlkd.views": {"kind": "choice", "choices": [1, 2], "about":
+            "1: one view stands for both, 2: the authors' weak and RandAugment views"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["mlkd.ce_weight", "mlkd.kd_weight"]},
+    ]
     #: MLKD with logit standardization as the LS reference runs it (--logit-stand --base-temp 2 --kd-weight 9)
     variants = {"mlkd_ls": ["mlkd.logit_stand=true", "mlkd.temperatures=[2.0,3.0,5.0,2.0,6.0]",
                             "mlkd.kd_weight=9.0"]}

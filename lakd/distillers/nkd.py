@@ -46,6 +46,12 @@ class NKD(Distiller):
     display_name = "NKD"
     report_order = 22
     DEFAULTS = {"nkd": {"ce_weight": 1.0, "T": 1.0, "gamma": 1.5}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "nkd.ce_weight": {"kind": "number", "ge": 0},
+        "nkd.gamma": {"kind": "number", "ge": 0},
+        "nkd.T": {"kind": "number", "gt": 0, "about": "the temperature"},
+    }
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

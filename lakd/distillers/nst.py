@@ -53,6 +53,15 @@ class NST(Distiller):
     display_name = "NST"
     report_order = 42
     DEFAULTS = {"nst": {"ce_weight": 1.0, "feat_weight": 50.0}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "nst.ce_weight": {"kind": "number", "ge": 0},
+        "nst.feat_weight": {"kind": "number", "ge": 0},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["nst.ce_weight", "nst.feat_weight"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

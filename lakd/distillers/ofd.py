@@ -107,6 +107,16 @@ class OFD(Distiller):
     display_name = "OFD"
     report_order = 4
     DEFAULTS = {"ofd": {"ce_weight": 1.0, "feat_weight": 0.001, "connector_kernel": 1}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "ofd.ce_weight": {"kind": "number", "ge": 0},
+        "ofd.feat_weight": {"kind": "number", "ge": 0},
+        "ofd.connector_kernel": {"kind": "int", "ge": 1, "odd": True, "about": "the connector's kernel size"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["ofd.ce_weight", "ofd.feat_weight"]},
+    ]
     #: pre-ReLU stage outputs of both models (MobileNetV2's stages end with a linear projection: none)
     needs = ("preact",)
 

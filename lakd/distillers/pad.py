@@ -54,6 +54,19 @@ class PADL2(Distiller):
     display_name = "PAD-L2"
     report_order = 47
     DEFAULTS = {"pad_l2": {"ce_weight": 1.0, "l2_weight": 15.0, "pad_weight": 1.0, "l2_fraction": 0.75, "eps": 1e-6}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "pad_l2.ce_weight": {"kind": "number", "ge": 0},
+        "pad_l2.l2_weight": {"kind": "number", "ge": 0},
+        "pad_l2.pad_weight": {"kind": "number", "ge": 0},
+        "pad_l2.l2_fraction": {"kind": "number", "ge": 0, "le": 1, "about":
+            "the share of the epochs trained with plain L2 before PAD-L2; torchdistill's 90 of 120 epochs: 0.75"},
+        "pad_l2.eps": {"kind": "number", "gt": 0, "about": "a small positive number; torchdistill's 1e-6"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["pad_l2.ce_weight", "pad_l2.l2_weight", "pad_l2.pad_weight"]},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

@@ -42,6 +42,18 @@ class PKT(Distiller):
     display_name = "PKT"
     report_order = 40
     DEFAULTS = {"pkt": {"ce_weight": 1.0, "feat_weight": 30000.0, "eps": 1e-7}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "pkt.ce_weight": {"kind": "number", "ge": 0},
+        "pkt.feat_weight": {"kind": "number", "ge": 0},
+        "pkt.eps": {"kind": "number", "gt": 0, "about": "a small positive number"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["pkt.ce_weight", "pkt.feat_weight"]},
+        {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
+            "PKT matches the similarities between the images of a batch", "example": "solver.batch_size=64"},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

@@ -76,6 +76,24 @@ class ReviewKD(Distiller):
     report_order = 54
     DEFAULTS = {"reviewkd": {"ce_weight": 1.0, "weight": 1.0, "warmup": 20, "max_mid_channel": 512,
                              "stu_preact": False, "teacher_preact": True}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "reviewkd.ce_weight": {"kind": "number", "ge": 0},
+        "reviewkd.weight": {"kind": "number", "ge": 0},
+        "reviewkd.warmup": {"kind": "int", "ge": 0, "about":
+            "epochs over which the review loss ramps up; the authors': 20"},
+        "reviewkd.max_mid_channel": {"kind": "int", "ge": 1, "about": "the ABF modules' widest middle layer"},
+        "reviewkd.stu_preact": {"kind": "bool"},
+        "reviewkd.teacher_preact": {"kind": "bool"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["reviewkd.ce_weight", "reviewkd.weight"]},
+        {"rule": "compare", "key": "reviewkd.warmup", "op": "<=", "than": "solver.epochs", "about":
+            "the review loss ramps up over reviewkd.warmup epochs and would never reach its full weight"},
+        {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
+            "the BatchNorm of its fusion modules needs two images per step", "example": "solver.batch_size=64"},
+    ]
 
     def requirements(self):
         s = self.section("reviewkd")

@@ -53,6 +53,21 @@ class RKD(Distiller):
     report_order = 6
     DEFAULTS = {"rkd": {"ce_weight": 1.0, "distance_weight": 25.0, "angle_weight": 50.0, "eps": 1e-12,
                         "squared": False}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "rkd.ce_weight": {"kind": "number", "ge": 0},
+        "rkd.distance_weight": {"kind": "number", "ge": 0},
+        "rkd.angle_weight": {"kind": "number", "ge": 0},
+        "rkd.eps": {"kind": "number", "gt": 0, "about": "a small positive number"},
+        "rkd.squared": {"kind": "bool"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["rkd.ce_weight", "rkd.distance_weight", "rkd.angle_weight"]},
+        {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 3, "about":
+            "its distances are normalised by their mean and its angles need three images: with fewer both losses "
+            "are 0", "example": "solver.batch_size=64"},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

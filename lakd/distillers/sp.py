@@ -39,6 +39,17 @@ class SP(Distiller):
     display_name = "SP"
     report_order = 41
     DEFAULTS = {"sp": {"ce_weight": 1.0, "feat_weight": 3000.0}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "sp.ce_weight": {"kind": "number", "ge": 0},
+        "sp.feat_weight": {"kind": "number", "ge": 0},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["sp.ce_weight", "sp.feat_weight"]},
+        {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
+            "SP matches the similarities between the images of a batch", "example": "solver.batch_size=64"},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

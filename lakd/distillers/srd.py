@@ -51,6 +51,21 @@ class SRD(Distiller):
     report_order = 48
     DEFAULTS = {"srd": {"ce_weight": 1.0, "feat_weight": 2.0, "kd_weight": 1.0, "T": 1.0, "exponent": 4.0,
                         "bn_eps": 1e-4}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "srd.ce_weight": {"kind": "number", "ge": 0},
+        "srd.feat_weight": {"kind": "number", "ge": 0},
+        "srd.kd_weight": {"kind": "number", "ge": 0},
+        "srd.T": {"kind": "number", "gt": 0, "about": "the temperature"},
+        "srd.exponent": {"kind": "number", "gt": 0},
+        "srd.bn_eps": {"kind": "number", "gt": 0, "about": "the BatchNorm's epsilon"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["srd.ce_weight", "srd.feat_weight", "srd.kd_weight"]},
+        {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
+            "its BatchNorm over the embeddings needs two images per step", "example": "solver.batch_size=64"},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

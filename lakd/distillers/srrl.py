@@ -42,6 +42,21 @@ class SRRL(Distiller):
     report_order = 46
     DEFAULTS = {"srrl": {"ce_weight": 1.0, "feat_weight": 1.0, "logit_weight": 1.0, "logit_loss": "mse", "T": 4.0,
                          "kd_weight": 0.0}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "srrl.ce_weight": {"kind": "number", "ge": 0},
+        "srrl.feat_weight": {"kind": "number", "ge": 0},
+        "srrl.logit_weight": {"kind": "number", "ge": 0},
+        "srrl.logit_loss": {"kind": "choice", "choices": ["mse", "kl"]},
+        "srrl.T": {"kind": "number", "gt": 0, "about": "the temperature of logit_loss=kl"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["srrl.ce_weight", "srrl.feat_weight", "srrl.logit_weight"]},
+        {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
+            "its connector's BatchNorm on the pooled embedding needs two images per step",
+         "example": "solver.batch_size=64"},
+    ]
 
     def requirements(self):
         # the teacher's classifier must read the pooled embedding and give the logits (an adapted network may lack one)

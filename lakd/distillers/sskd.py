@@ -1,12 +1,12 @@
 """SSKD, knowledge distillation meets self-supervision (Xu et al., ECCV 2020), as the authors' ``student.py``.
 
-Every training batch of ``B`` images is expanded to ``4B``: each image followed by its copies rotated by 90, 180
-and 270 degrees (``torch.rot90`` over H x W, as the authors' ``np.rot90``; row ``4i + k`` is image ``i`` rotated
-``k`` times, their layout; where the copies come from: ``sskd.views`` below). Student and teacher run on all ``4B`` images (the student's
-BatchNorm sees them all). An SS head (``Linear(d, d), ReLU, Linear(d, d)`` on the penultimate embedding,
+Every training batch of ``B`` images is expanded to ``4B``: each image followed by its copies rotated by 90, 180 and 270
+degrees (``torch.rot90`` over H x W, as the authors' ``np.rot90``; row ``4i + k`` is image ``i`` rotated ``k`` times,
+their layout; where the copies come from: ``sskd.views`` below). Student and teacher run on all ``4B`` images (the
+student's BatchNorm sees them all). An SS head (``Linear(d, d), ReLU, Linear(d, d)`` on the penultimate embedding,
 ``feats["embedding"]``, of width ``d``) gives each network a representation ``z``; ``S`` (3B x B) holds the cosine
-similarity of each rotated copy's ``z`` to every normal image's ``z``, the column of its own image being the
-"right answer". With the teacher's class probabilities ``p^t`` and the student's ``p^s``:
+similarity of each rotated copy's ``z`` to every normal image's ``z``, the column of its own image being the "right
+answer". With the teacher's class probabilities ``p^t`` and the student's ``p^s``:
 
 - ``ce``: cross-entropy of the student on the ``B`` normal images;
 - ``kd``: ``KL(p^t_T || p^s_T) * T^2`` on the normal images (``kd_T``), batch mean;
@@ -28,11 +28,11 @@ trains with the student. Defaults: the authors' ``student.py`` (CE 0.1, KD 0.9, 
 4``, ``ss_T = 0.5``, ``ratio_tf = 1``, ``ratio_ss = 0.75``), the same for every CIFAR-100 pair of their
 ``command.sh``.
 
-The copies, ``sskd.views``: ``per_sample`` (default, the authors' ``cifar.py``) asks the data pipeline for three
-views of every image (``views``: ``rot90``, ``rot180``, ``rot270``), each the image rotated with a random crop of
-its own and the flip of the normal image (theirs flips the image once, then rotates it and crops every copy;
-cropping before rotating draws the same copies), made per sample in the DataLoader workers or batched on the
-device (``lakd.data.views``); ``batch`` rotates the batch's (cropped, flipped) image in the method, so the four
+The copies, ``sskd.views``: ``per_sample`` (default, the authors' ``cifar.py``) asks the data pipeline for three views
+of every image (``views``: ``rot90``, ``rot180``, ``rot270``), each the image rotated with a random crop of its own and
+the flip of the normal image (theirs flips the image once, then rotates it and crops every copy; a random crop of the
+padded square image, then the rotation, is distributed as theirs), made per sample in the DataLoader workers or batched
+on the device (``lakd.data.views``); ``batch`` rotates the batch's (cropped, flipped) image in the method, so the four
 copies share one crop (the library's former reading, and the way for one's own loop without those views).
 
 Differences from the authors' code: the losses and the ranking are computed in float32 (also under AMP). Under
@@ -176,6 +176,30 @@ class SSKD(Distiller):
                          "kd_T": 4.0, "tf_T": 4.0, "ss_T": 0.5, "ratio_tf": 1.0, "ratio_ss": 0.75,
                          "pretrain_epochs": 60, "pretrain_lr": 0.05, "pretrain_milestones": [30, 45],
                          "pretrain_gamma": 0.1, "views": "per_sample"}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "sskd.ce_weight": {"kind": "number", "ge": 0},
+        "sskd.kd_weight": {"kind": "number", "ge": 0},
+        "sskd.tf_weight": {"kind": "number", "ge": 0},
+        "sskd.ss_weight": {"kind": "number", "ge": 0},
+        "sskd.kd_T": {"kind": "number", "gt": 0, "about": "the KD temperature"},
+        "sskd.tf_T": {"kind": "number", "gt": 0, "about": "the transformed images' temperature"},
+        "sskd.ss_T": {"kind": "number", "gt": 0, "about": "the self-supervision temperature"},
+        "sskd.ratio_tf": {"kind": "number", "ge": 0, "le": 1, "about": "the share of the teacher's wrong rows kept"},
+        "sskd.ratio_ss": {"kind": "number", "ge": 0, "le": 1, "about": "the share of the teacher's wrong rows kept"},
+        "sskd.pretrain_epochs": {"kind": "int", "ge": 0, "about": "epochs of the teacher SS head's stage"},
+        "sskd.pretrain_lr": {"kind": "number", "gt": 0, "about": "the SS head stage's learning rate"},
+        "sskd.pretrain_milestones": {"kind": "ints", "ge": 0, "increasing": True, "about":
+            "epochs of the SS head stage at which its learning rate is multiplied by pretrain_gamma"},
+        "sskd.pretrain_gamma": {"kind": "number", "gt": 0},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["sskd.ce_weight", "sskd.kd_weight", "sskd.tf_weight", "sskd.ss_weight"]},
+        {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
+            "its self-supervision tells each image's rotated copies from the other images of the batch: at 1 image "
+            "its loss is 0", "example": "solver.batch_size=64"},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

@@ -80,6 +80,19 @@ class TfKD(Distiller):
     needs_teacher = False
     DEFAULTS = {"tfkd": {"mode": "reg", "alpha": 0.1, "T": 20.0, "multiplier": 100.0, "correct_prob": 0.99,
                          "self_alpha": 0.95, "self_T": 6.0, "self_multiplier": 50.0}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "tfkd.mode": {"kind": "choice", "choices": ["reg", "self"], "about":
+            "reg: teacher-free regularisation, self: self-training from a trained network of the student's "
+            "architecture"},
+        "tfkd.alpha": {"kind": "number", "ge": 0, "le": 1},
+        "tfkd.T": {"kind": "number", "gt": 0, "about": "the temperature"},
+        "tfkd.multiplier": {"kind": "number", "ge": 0},
+        "tfkd.correct_prob": {"kind": "number", "gt": 0, "lt": 1, "about": "the authors': 0.99"},
+        "tfkd.self_alpha": {"kind": "number", "ge": 0, "le": 1},
+        "tfkd.self_T": {"kind": "number", "gt": 0, "about": "the temperature"},
+        "tfkd.self_multiplier": {"kind": "number", "ge": 0},
+    }
     variants = {"tfkd_self": ["tfkd.mode=self"]}
 
     @classmethod

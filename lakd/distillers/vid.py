@@ -47,6 +47,19 @@ class VID(Distiller):
     display_name = "VID"
     report_order = 53
     DEFAULTS = {"vid": {"ce_weight": 1.0, "feat_weight": 1.0, "init_pred_var": 5.0, "eps": 1e-5}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "vid.ce_weight": {"kind": "number", "ge": 0},
+        "vid.feat_weight": {"kind": "number", "ge": 0},
+        "vid.init_pred_var": {"kind": "number", "gt": 0, "about": "the initial predicted variance"},
+        "vid.eps": {"kind": "number", "gt": 0, "about": "the variance's floor"},
+    }
+    #: checks over several settings, or a setting and the run (lakd.settings)
+    CHECKS = [
+        {"rule": "not_all_zero", "keys": ["vid.ce_weight", "vid.feat_weight"]},
+        {"rule": "compare", "key": "vid.init_pred_var", "op": ">", "than": "vid.eps", "about":
+            "the predicted variance is eps plus a softplus"},
+    ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

@@ -244,8 +244,9 @@ class Trainer:
         if top1 is None or top1 > chance + 5.0:
             return ""
         where = self.cfg["teacher"].get("checkpoint") or "no checkpoint: random weights"
-        return (f"the teacher ({where}) scores {top1:.2f}% top-1 on the test set, near chance "
-                f"({chance:.2g}%)")
+        on = (f"on {self.data.num_test} of the {self.data.num_test_total} test images"
+              if self.data.num_test_total > self.data.num_test else "on the test set")
+        return f"the teacher ({where}) scores {top1:.2f}% top-1 {on}, near chance ({chance:.2g}%)"
 
     def _warn_chance_teacher(self) -> None:
         why = self._chance_teacher()
@@ -419,6 +420,8 @@ class Trainer:
             self.writer = SummaryWriter(os.path.join(self.run_dir, "tb"))
         if not self.quiet:
             t = f", teacher {cfg['teacher']['name']} top-1 {self.teacher_top1:.2f}" if self.teacher_top1 else ""
+            if t and self.data.num_test_total > self.data.num_test:  # data.test_subset: say over what
+                t += f" on {self.data.num_test} of the {self.data.num_test_total} test images"
             log.info(f"run {self.run_dir}: {cfg['method']} -> {cfg['model']['name']} on {cfg['data']['dataset']} "
                      f"({self.data.num_train} train images, {len(self.data.train)} steps/epoch, "
                      f"device {self.device}, {self.dist.world_size} process(es), amp {self.amp}, "
@@ -502,6 +505,9 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "final_ek": final.get("ek"),
             "teacher_top1": self.teacher_top1,
+            # the test images every top-1 above is measured on (fewer than the test set's with data.test_subset)
+            "test_images": self.data.num_test,
+            "test_images_total": self.data.num_test_total,
             "wall_time_s": self.wall_time,
             "run_dir": self.run_dir,
             "world_size": self.dist.world_size,
