@@ -40,8 +40,8 @@ from ..errors import LakdError
 from ..models.base import FeatureNet, _buffers_kept
 from ..registry import DISTILLERS
 from ..runtime import distributed as dist
-from .stage_utils import head_modules
 from ..settings import check_settings, run_facts
+from .stage_utils import head_modules
 
 log = logging.getLogger(__name__)
 
