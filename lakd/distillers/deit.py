@@ -53,6 +53,18 @@ class DeiT(Distiller):
     report_order = 60
     DEFAULTS = {"deit": {"type": "hard", "ce_weight": 0.5, "distill_weight": 0.5, "T": 1.0,
                          "kl_reduction": "numel"}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "deit.type": {"kind": "choice", "choices": list(TYPES), "about": "hard: the teacher's argmax (DeiT's paper), "
+                      "soft: its softened probabilities"},
+        "deit.ce_weight": {"kind": "number", "ge": 0, "about": "DeiT's 1 - alpha"},
+        "deit.distill_weight": {"kind": "number", "ge": 0, "about": "DeiT's alpha"},
+        "deit.T": {"kind": "number", "gt": 0, "about": "the soft loss's temperature (DeiT's tau)"},
+        "deit.kl_reduction": {"kind": "choice", "choices": list(REDUCTIONS), "about":
+                              "numel: DeiT's losses.py, batchmean: timm's token distillation"},
+    }
+    #: checks over several settings (lakd.settings)
+    CHECKS = [{"rule": "not_all_zero", "keys": ["deit.ce_weight", "deit.distill_weight"]}]
 
     def requirements(self):
         return {"student": ("heads",), "teacher": ()}

@@ -206,6 +206,24 @@ class OFA(Distiller):
     report_order = 61
     DEFAULTS = {"ofa": {"ce_weight": 1.0, "kd_weight": 1.0, "ofa_weight": 1.0, "eps": [1.0], "T": 1.0,
                         "stages": None, "points": None, "branch": "auto", "label_smoothing": 0.0}}
+    #: each setting's kind and range, checked before anything is built (lakd.settings; plain data)
+    SETTINGS = {
+        "ofa.ce_weight": {"kind": "number", "ge": 0},
+        "ofa.kd_weight": {"kind": "number", "ge": 0, "about": "the OFA loss on the student's logits"},
+        "ofa.ofa_weight": {"kind": "number", "ge": 0, "about": "the OFA losses of the stage branches"},
+        "ofa.eps": {"kind": "numbers", "gt": 0, "nonempty": True, "about":
+                    "the target enhancement exponent: one, or one per stage plus one for the logits", "example": [1.5]},
+        "ofa.T": {"kind": "number", "gt": 0, "about": "the temperature"},
+        "ofa.stages": {"kind": "ints", "ge": 1, "nonempty": True, "increasing": True, "null": True, "about":
+                       "1-based student stages with a branch; null: all", "example": [1, 2, 3, 4]},
+        "ofa.points": {"kind": "ints", "ge": 1, "nonempty": True, "null": True, "about":
+                       "1-based student blocks feeding the branches; null: the stages' ends", "example": [2, 4, 10, 12]},
+        "ofa.branch": {"kind": "choice", "choices": list(BRANCHES), "about":
+                       "the projector kind; auto: cnn for maps, vit for token sequences"},
+        "ofa.label_smoothing": {"kind": "number", "ge": 0, "lt": 1, "about": "of the cross-entropy (theirs: 0.1)"},
+    }
+    #: checks over several settings (lakd.settings)
+    CHECKS = [{"rule": "not_all_zero", "keys": ["ofa.ce_weight", "ofa.kd_weight", "ofa.ofa_weight"]}]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
