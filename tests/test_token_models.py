@@ -368,3 +368,23 @@ def test_a_vit_checkpoint_loads_at_the_image_size_it_trained_at(tmp_path):
     x = batch()["image"]
     with torch.no_grad():
         assert loaded.input_size == SIZE and torch.equal(loaded(x), m(x))
+
+
+def test_class_maps_that_do_not_add_up_to_the_logits_are_refused_with_the_difference():
+    class MaxHead(nn.Module):  # global max pooling: a mean of per-position maps is not what the head sees
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1))
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(F.adaptive_max_pool2d(self.body(x), 1).flatten(1))
+
+    torch.manual_seed(0)
+    a = adapt(MaxHead(), input_size=SIZE)
+    why = a.missing("class_maps")
+    assert why.startswith("the class maps of MaxHead do not add up to its logits") and "%" in why
+    with pytest.raises(LakdError, match=r"method catkd needs class activation maps .* do not add up") as info:
+        lakd.distiller(MaxHead(), MaxHead(), "catkd", image_size=SIZE)
+    assert "\n" not in str(info.value)
+    step(lakd.distiller(MaxHead(), MaxHead(), "fitnet", image_size=SIZE))  # its maps serve the other methods
