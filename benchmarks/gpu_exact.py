@@ -27,10 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lakd.config import load_config  # noqa: E402
-from lakd.distillers import method_variants, resolve_method  # noqa: E402
+from lakd.distillers import DISTILLERS, method_variants, resolve_method  # noqa: E402
 from lakd.engine.checkpoint import atomic_save  # noqa: E402
 from lakd.engine.trainer import Trainer  # noqa: E402
 from lakd.models import create_model  # noqa: E402
+from lakd.settings import fitting_values  # noqa: E402
 
 TINY = ["data.dataset=digits", "data.train_subset=128", "data.test_subset=120", "solver.batch_size=32",
         "solver.lr=0.05", "solver.schedule=linear", "model.name=resnet8", "teacher.name=resnet8",
@@ -58,7 +59,10 @@ def _diff(a: dict, b: dict) -> tuple[bool, float]:
 
 def check(method: str, amp: str, device: str, teacher: Path, out: Path) -> dict:
     name, extra = resolve_method(method)
-    common = [*TINY, f"method={name}", *extra, f"teacher.checkpoint={teacher}", f"device={device}",
+    # a method's settings that must fit the run (a warm-up within its 2 epochs, CRD's negatives within 128 images)
+    fit = fitting_values(DISTILLERS.get(name).CHECKS, {"solver.epochs": 2, "@train_size": 128})
+    common = [*TINY, f"method={name}", *extra, *(f"{k}={v}" for k, v in fit.items()),
+              f"teacher.checkpoint={teacher}", f"device={device}",
               f"train.amp={amp}", f"output_dir={out}"]
     t0 = time.perf_counter()
     caught: list[str] = []

@@ -477,9 +477,17 @@ def check_method_settings(cfg: dict, train_size: int | None = None, world_size: 
     training images, once the data are known) and ``world_size`` are facts some checks compare with."""
     defaults = defaults if defaults is not None else full_defaults()
     facts = run_facts(cfg, train_size, world_size)
-    for name in DISTILLERS.names():
-        cls = DISTILLERS.get(name)
-        check_settings(cfg, cls.SETTINGS, cls.CHECKS, defaults, facts, name, rules=name == cfg.get("method"))
+    for name, (declared, checks) in method_declarations().items():
+        check_settings(cfg, declared, checks, defaults, facts, name, rules=name == str(cfg.get("method")).lower())
+
+
+def method_declarations() -> dict[str, tuple[dict, list]]:
+    """Every registered method's ``(SETTINGS, CHECKS)``: plain data, from the method catalog while the methods are
+    not imported (where the registry has one holding them: no torch), else from the classes."""
+    light = DISTILLERS.light() if hasattr(DISTILLERS, "light") else None
+    if light is not None and all("settings" in e and "checks" in e for e in light.values()):
+        return {name: (e["settings"] or {}, e["checks"] or []) for name, e in light.items()}
+    return {name: (DISTILLERS.get(name).SETTINGS, DISTILLERS.get(name).CHECKS) for name in DISTILLERS.names()}
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> dict:

@@ -11,6 +11,9 @@ class LakdError(Exception):
     """
 
     exit_code = 2
+    #: end the process right after the line (``os._exit``): set for a lost rank, where tearing down a process group
+    #: whose peer is gone can block the interpreter's exit for seconds
+    exit_now = False
 
 
 def close_matches(name: str, choices, n: int = 3) -> str:

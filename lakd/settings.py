@@ -13,7 +13,7 @@ training set is known (``@train_size``), and ``Distiller.__init__`` for distille
     {"kind": "number", "gt": 0, "about": "the temperature"}
 
 - ``kind``: ``number`` (a finite int or float), ``int`` (a whole number), ``bool``, ``choice`` (one of
-  ``choices``), ``numbers`` / ``ints`` (a list of those);
+  ``choices``), ``numbers`` / ``ints`` (a list of those), ``text`` (a non-empty string: a name or a path);
 - bounds (numbers, and each element of a list): ``ge``, ``gt``, ``le``, ``lt``; ``odd: true`` (ints);
 - lists: ``nonempty: true``, ``increasing: true`` (strictly);
 - ``null: true``: null (None) is allowed too; ``also``: other literal values allowed too (e.g. ``["auto"]``);
@@ -44,7 +44,7 @@ from typing import Any
 
 from .errors import LakdError
 
-KINDS = ("number", "int", "bool", "choice", "numbers", "ints")
+KINDS = ("number", "int", "bool", "choice", "numbers", "ints", "text")
 RULE_KEYS = {"rule", "keys", "key", "op", "than", "about", "when", "example"}
 SPEC_KEYS = {"kind", "ge", "gt", "le", "lt", "odd", "nonempty", "increasing", "null", "also", "choices", "about",
              "example"}
@@ -105,6 +105,8 @@ def describe(spec: dict) -> str:
         text = "true or false"
     elif kind == "choice":
         text = "one of " + ", ".join(_fmt(c) for c in spec["choices"])
+    elif kind == "text":
+        text = "a non-empty string"
     else:
         element = "finite numbers" if kind == "numbers" else "whole numbers"
         text = ("a non-empty list of " if spec.get("nonempty") else "a list of ") + element \
@@ -137,6 +139,8 @@ def value_ok(spec: dict, v: Any) -> bool:
         return isinstance(v, bool)
     if kind == "choice":
         return any(v == c and isinstance(v, bool) == isinstance(c, bool) for c in spec["choices"])
+    if kind == "text":
+        return isinstance(v, str) and bool(v.strip())
     if kind in ("number", "int"):
         return _scalar_ok(spec, kind, v)
     if not isinstance(v, list) or (spec.get("nonempty") and not v):
@@ -172,7 +176,7 @@ def _applies(rule: dict, cfg: dict, defaults: dict) -> bool:
 def _operand(x: Any, cfg: dict, defaults: dict, facts: dict) -> tuple[Any, str]:
     """A rule's ``than``: (value, how the message names it); value ``_MISSING`` when not known."""
     if isinstance(x, str) and x.startswith("@"):
-        v, words = facts.get(x, (_MISSING, x))
+        v, words = facts.get(x, (_MISSING, x))[:2]
         return v, words
     if isinstance(x, str):
         v = lookup(cfg, x, defaults)
@@ -212,6 +216,8 @@ def check_rule(rule: dict, cfg: dict, defaults: dict, facts: dict, method: str =
                ">": other + 1 if _is_int(v) else None}[op]
         if rule.get("example"):
             hint = f"; e.g. {rule['example']}"
+        elif key.startswith("@") and len(facts.get(key, ())) > 2:  # the fact knows what to change
+            hint = f"; e.g. {facts[key][2](other)}"
         elif fix is not None and not key.startswith("@"):
             hint = f"; e.g. {key}={_fmt(fix)}"
         else:
@@ -234,36 +240,56 @@ def check_settings(cfg: dict, settings: dict, checks: list, defaults: dict, fact
 
 
 def run_facts(cfg: dict, train_size: int | None = None, world_size: int | None = None) -> dict:
-    """The facts rules compare with, ``{name: (value, how an error names it)}``:
+    """The facts rules compare with, ``{name: (value, how an error names it[, a fix given the rule's bound])}``:
 
     - ``@train_size``: the training images (only when ``train_size`` is given: the data are known);
     - ``@smallest_batch``: the fewest images a process trains a step on: ``solver.batch_size`` over the processes
       (``world_size``, else ``$WORLD_SIZE``, else 1) and, once the data are known, the epoch's last batch when it is
       partial (one process runs it; several processes drop it: ``lakd.data.sampling``)."""
-    facts: dict[str, tuple[Any, str]] = {}
+    facts: dict[str, tuple] = {}
     batch = lookup(cfg, "solver.batch_size")
     try:
-        world = int(world_size or os.environ.get("WORLD_SIZE") or 1)
+        world = max(int(world_size or os.environ.get("WORLD_SIZE") or 1), 1)
     except ValueError:
         world = 1
     if train_size:
         facts["@train_size"] = (int(train_size), f"the training set's {int(train_size)} images")
-    if _is_int(batch) and batch >= 1 and world >= 1:
-        per = max(batch // world, 1)
-        words = (f"the batch per process (solver.batch_size={batch} over {world} processes: {per})"
-                 if world > 1 else f"the batch (solver.batch_size={batch})")
-        value = per
-        steps = lookup(cfg, "solver.max_steps_per_epoch")
-        if train_size and world == 1 and train_size % batch:
-            full = train_size // batch
-            if not (_is_int(steps) and 0 < steps <= full):  # the partial batch is trained
-                last = train_size % batch
-                if last < value:
-                    value = last
-                    words = (f"the epoch's last batch ({train_size} training images in batches of {batch} leave "
-                             f"{last})")
-        facts["@smallest_batch"] = (value, words)
+    if not _is_int(batch) or batch < 1:
+        return facts
+    per = max(batch // world, 1)
+    facts["@smallest_batch"] = (
+        per, f"the batch per process (solver.batch_size={batch} over {world} processes: {per})" if world > 1
+        else f"the batch (solver.batch_size={batch})",
+        lambda need: f"solver.batch_size={max(64, need) * world}")
+    steps = lookup(cfg, "solver.max_steps_per_epoch")
+    if train_size and world == 1 and train_size % batch and train_size % batch < per \
+            and not (_is_int(steps) and 0 < steps <= train_size // batch):  # the partial last batch is trained
+        last = train_size % batch
+
+        def fix(need: int, n: int = int(train_size)) -> str:
+            ok = next((b for b in range(batch - 1, need - 1, -1) if n % b == 0 or n % b >= need), None)
+            keep = n - n % batch
+            return " or ".join(([f"solver.batch_size={ok}"] if ok else [])
+                               + ([f"data.train_subset={keep}"] if keep >= batch else []))
+
+        facts["@smallest_batch"] = (
+            last, f"the epoch's last batch ({train_size} training images in batches of {batch} leave {last})", fix)
     return facts
+
+
+def fitting_values(checks: list, known: dict) -> dict:
+    """Values that meet a method's ``compare`` rules whose bound is in ``known`` (a setting such as
+    ``solver.epochs`` or a fact such as ``@train_size``, by value): the bound itself for ``<=``/``>=``, one past it
+    for ``<``/``>``. For short runs made on purpose (smoke tests, benchmarks): ``{"dkd.warmup": 2}`` for 2
+    epochs, ``{"crd.nce_k": 127}`` for 128 images."""
+    out = {}
+    for rule in checks:
+        if rule.get("rule") != "compare" or rule["key"].startswith("@") or not isinstance(rule["than"], str):
+            continue
+        bound = known.get(rule["than"])
+        if _is_number(bound):
+            out[rule["key"]] = {"<=": bound, ">=": bound, "<": bound - 1, ">": bound + 1}[rule["op"]]
+    return out
 
 
 def check_declarations(owner: str, defaults: dict, settings: dict, checks: list) -> list[str]:

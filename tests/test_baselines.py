@@ -332,7 +332,7 @@ def test_steps_lower_loss_and_state_round_trips(method, tmp_path):
     index = torch.arange(16)
     teacher = calibrated(create_model("resnet14", 10), x)
     student = create_model("resnet8", 10)
-    cfg = method_cfg(method)
+    cfg = method_cfg(method, **({"nce_k": 15} if method == "crd" else {}))  # 16 images: at most 15 negatives
     d = build_distiller(cfg, student, teacher, num_data=16)
     d.train()
     params = d.trainable_parameters()
@@ -405,8 +405,11 @@ def test_crd_needs_index_and_data_size():
     s, t = create_model("resnet8", 10), create_model("resnet8", 10)
     with pytest.raises(LakdError, match="num_data"):
         build_distiller(method_cfg("crd"), s, t, num_data=1)
-    d = build_distiller(method_cfg("crd"), s, t, num_data=50)
-    assert d.contrast.k == 49  # fewer images than 16384 + 1: K = N - 1
+    # more negatives than the other images of the training set: refused (it used to be cut to N - 1 silently)
+    with pytest.raises(LakdError, match=r"crd.nce_k=16384 must be < the training set's 50 images .*crd.nce_k=49$"):
+        build_distiller(method_cfg("crd"), s, t, num_data=50)
+    d = build_distiller(method_cfg("crd", nce_k=49), s, t, num_data=50)
+    assert d.contrast.k == 49
     with pytest.raises(LakdError, match="index"):
         d.forward_train(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
 
@@ -467,7 +470,7 @@ def test_config_distillers_run_on_the_real_architectures(teacher, student):
     x, y, index = torch.randn(2, 3, 32, 32), torch.tensor([3, 7]), torch.tensor([0, 1])
     for method in METHODS:
         cfg = load_config(os.path.join(ROOT, "configs", "cifar100", method, f"{teacher}_{student}.yaml"))
-        d = build_distiller(cfg, s, t, num_data=64)
+        d = build_distiller(cfg, s, t, num_data=50_000)  # CIFAR-100's training set (CRD's 16384 negatives)
         d.train()
         logits, losses = d.forward_train(x, y, index=index)
         assert logits.shape == (2, 100)

@@ -45,7 +45,7 @@ def test_config_steps_on_resnet34_resnet18(nets, path):
     assert cfg["teacher"]["checkpoint"] == "pretrained/resnet34-b627a593.pth"
     t, s = copy.deepcopy(nets[0]), copy.deepcopy(nets[1])
     torch.manual_seed(0)
-    d = build_distiller(cfg, s, t, num_data=64)
+    d = build_distiller(cfg, s, t, num_data=16_385)  # the fewest images CRD's 16384 negatives fit (ImageNet: 1.28M)
     d.train()
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([3, 7])
     params = [(n, p) for n, p in d.student.named_parameters() if p.requires_grad]

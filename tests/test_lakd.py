@@ -172,7 +172,7 @@ def test_ndam_teacher_preact_source(points):
 
 
 def test_ndam_source_errors():
-    with pytest.raises(LakdError, match="ndam.source='teachr' is not one of teacher, teacher_preact, student"):
+    with pytest.raises(LakdError, match="ndam.source must be one of teacher, teacher_preact, student, got 'teachr'"):
         make((1, 2, 3), extra=["ndam.source=teachr"])
     with pytest.raises(LakdError, match=r"method lakd needs pre-activation stage outputs from the teacher \(for "
                        r"ndam.source=teacher_preact\), but MobileNetV2 has no pre-activation .*\(or change ndam.source\)$"):

@@ -25,6 +25,7 @@ FORBIDDEN = {
     "models": {"config", "data", "distillers", "engine", "sweep", "analysis", "cli"},
     "data": {"config", "models", "distillers", "engine", "sweep", "analysis", "cli"},
     "distillers": {"config", "data", "engine", "sweep", "analysis", "cli"},
+    "settings": {"runtime", "config", "registry", "models", "data", "distillers", "engine", "sweep", "analysis", "cli"},
     "engine": {"sweep", "analysis", "cli"},
     "sweep": {"analysis", "cli"},
     "analysis": {"cli"},

@@ -195,7 +195,7 @@ def test_mlkd_views_settings_are_checked():
     from lakd.distillers.mlkd import MLKD, STRONG_VIEW
 
     s, te = pair()
-    with pytest.raises(LakdError, match="mlkd.views must be 1"):
+    with pytest.raises(LakdError, match=r"mlkd.views \(1: one view .*\) must be one of 1, 2, got 3"):
         build_distiller(method_cfg("mlkd", views=3), s, te)
     with pytest.raises(LakdError, match="mlkd.views must be 1"):
         MLKD.views({"mlkd": {"views": True}})

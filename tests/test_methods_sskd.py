@@ -280,12 +280,16 @@ def test_extra_state_round_trips():
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("ratio_ss", 1.5, r"sskd.ratio_ss .* must be in \[0, 1\]"),
-    ("ss_T", 0.0, "sskd.ss_T must be a positive number"),
-    ("tf_weight", -1.0, "sskd.tf_weight must be a number >= 0"),
-    ("pretrain_epochs", -1, "sskd.pretrain_epochs must be an integer >= 0"),
-    ("pretrain_milestones", [30, -1], r"sskd.pretrain_milestones must be a list of epochs >= 0"),
-    ("views", "rotated", "sskd.views must be per_sample .* or batch"),
+    ("ratio_ss", 1.5, r"sskd.ratio_ss .* must be a finite number >= 0 and <= 1, got 1.5"),
+    ("ss_T", 0.0, r"sskd.ss_T \(.*\) must be a finite number > 0, got 0.0"),
+    ("tf_weight", -1.0, "sskd.tf_weight must be a finite number >= 0, got -1.0"),
+    ("pretrain_epochs", -1, r"sskd.pretrain_epochs \(.*\) must be a whole number >= 0, got -1"),
+    ("pretrain_milestones", [30, -1], r"sskd.pretrain_milestones \(.*\) must be a list of whole numbers >= 0, "
+                                      r"increasing, got \[30, -1\]"),
+    ("pretrain_milestones", [45, 30], r"sskd.pretrain_milestones .* increasing, got \[45, 30\]; e.g. "
+                                      r"sskd.pretrain_milestones=\[30,45\]"),
+    ("kd_T", float("nan"), r"sskd.kd_T \(the KD temperature\) must be a finite number > 0, got nan"),
+    ("views", "rotated", r"sskd.views .* must be one of per_sample, batch, got 'rotated'"),
 ])
 def test_bad_settings_raise_one_line(key, value, match):
     with pytest.raises(LakdError, match=match) as info:

@@ -349,6 +349,7 @@ def test_two_step_cli_runs_of_every_method(tmp_path, capsys):
     teacher = _teacher_ckpt(tmp_path)
     for m in METHODS:
         extra = [f"{m}.pretrain_epochs=1"] if m in STAGED else []
+        extra += ["reviewkd.warmup=1"] if m == "reviewkd" else []  # a warm-up within the one epoch
         code = main(["train", *TINY, f"method={m}", "teacher.name=resnet14", f"teacher.checkpoint={teacher}",
                      "solver.epochs=1", "solver.max_steps_per_epoch=2", *extra, f"output_dir={tmp_path}",
                      f"experiment=smoke_{m}"])

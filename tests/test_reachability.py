@@ -84,7 +84,7 @@ def test_a_method_declares_parameters_a_step_may_leave_unused():
 
 
 def test_the_dry_step_leaves_no_trace(make_distiller):
-    d = make_distiller("crd")  # memory banks and a draw counter, rebound by its update
+    d = make_distiller("crd", extra=["crd.nce_k=63"])  # memory banks and a draw counter, rebound by its update
     for p in d.trainable_parameters()[:3]:
         p.grad = torch.full_like(p, 0.5)
     d.eval()

@@ -490,3 +490,156 @@ def test_per_device_on_cuda_shares_each_gpu_and_rejects_nonsense():
     assert plan.processes == 3 and plan.threads == 1  # never 0 threads (0 would mean PyTorch's default)
     with pytest.raises(LakdError, match="--per-device must be a positive number"):
         pack(plan, 0, gpu=False)
+
+
+# ----- a results folder's finished runs are never dropped; one sweep at a time (issue 34) ---------------------------
+def test_a_smaller_spec_keeps_the_finished_runs_in_the_plan_and_the_report(tmp_path, capsys):
+    from lakd.sweep import SweepRunner, write_plan
+
+    res, runs = tmp_path / "res", tmp_path / "runs"
+    full = load_plan(str(write_spec(tmp_path / "full.yaml", seeds=[0, 1])), runs_dir=str(runs), results_dir=str(res))
+    write_plan(full)
+    for name, seed, top1 in (("a", 0, 80.0), ("b", 0, 81.0), ("a", 1, 80.5), ("b", 1, 81.5)):
+        _fake_run(res / f"{name}-s{seed}", f"{name}-s{seed}", seed, top1)
+    # the spec with row b removed and seed 1 dropped: nothing to run, b's and a-s1's results are kept
+    small = tmp_path / "small.yaml"
+    small.write_text(write_spec(tmp_path / "tmp.yaml", seeds=[0]).read_text().replace(
+        '      - {name: b, label: "row B", overrides: [solver.lr=0.1]}\n', "").replace("compare: [[b, a]]", ""))
+    plan = load_plan(str(small), runs_dir=str(runs), results_dir=str(res))
+    assert [r.name for r in plan.runs] == ["a-s0"]
+    said: list[str] = []
+    assert SweepRunner(plan, device="cpu", say=said.append, poll_s=0.01).run() == 0
+    assert said[0].startswith("kept 3 finished run(s) of the results folder's earlier plan") and "b-s0" in said[0]
+    saved = json.loads((res / "sweep.json").read_text())
+    outside = {r["name"] for r in saved["runs"] if r.get("outside")}
+    assert outside == {"b-s0", "a-s1", "b-s1"} and len(saved["runs"]) == 4
+    assert [(r["name"], r.get("outside", False)) for r in saved["groups"][0]["rows"]] == [("a", False), ("b", True)]
+    md = make_seed_report([str(res)])["markdown"]
+    assert "| row B (outside the current spec) | 2 | 81.25" in md, md
+    assert "1 of the 1 runs the sweep plans have finished (3 more finished earlier, outside the current spec" in md
+    assert "| row A | 2 |" in md  # a's seed 1 still counts in its row
+    assert main(["sweep", str(small), "--status", "--runs-dir", str(runs), "--results", str(res)]) == 0
+    assert capsys.readouterr().out.count("outside the current spec (finished earlier)") == 3
+    # the full spec again: the runs are its own again (not outside), nothing dropped, nothing run
+    plan = load_plan(str(tmp_path / "full.yaml"), runs_dir=str(runs), results_dir=str(res))
+    assert SweepRunner(plan, device="cpu", say=said.append, poll_s=0.01).run() == 0
+    saved = json.loads((res / "sweep.json").read_text())
+    assert len(saved["runs"]) == 4 and not any(r.get("outside") for r in saved["runs"])
+
+
+def test_a_second_sweep_on_a_results_folder_is_refused_naming_the_running_one(tmp_path, capsys):
+    from lakd.engine import rundir
+
+    spec = write_spec(tmp_path / "s.yaml", seeds=[0])
+    res = tmp_path / "res"
+    res.mkdir()
+    owner = json.dumps({"pid": 4242, "host": "node7", "argv": ["lakd", "sweep", "s.yaml"],
+                        "started": "2024-01-02 03:04:05"})
+    fd = rundir.hold_lock(str(res), rundir.SWEEP_LOCK, owner)  # the running sweep (here: this process)
+    try:
+        capsys.readouterr()
+        code = main(["sweep", str(spec), "--runs-dir", str(tmp_path / "runs"), "--results", str(res),
+                     "--device", "cpu"])
+        err = capsys.readouterr().err
+    finally:
+        os.close(fd)
+    assert code == 2 and err.count("\n") == 1, err
+    assert (f"error: the results folder {str(res)!r} is in use by another sweep (process 4242 on node7, started "
+            f"2024-01-02 03:04:05: lakd sweep s.yaml); wait for it to finish") in err, err
+    assert not (tmp_path / "runs").exists() and not (res / "sweep.json").exists()  # nothing started or rewritten
+
+
+def test_a_run_folder_in_use_by_another_process_waits_and_is_not_a_failure(tmp_path, monkeypatch):
+    """Two sweeps that share a runs folder: a run whose folder another process trains is neither started nor
+    counted failed (before its start, or when its process stopped on the folder's lock); it is collected when
+    the other process has finished it."""
+    import threading
+
+    import lakd.sweep.runner as runner_mod
+    from lakd.engine import rundir
+    from lakd.sweep import SweepRunner
+
+    spec = write_spec(tmp_path / "s.yaml", seeds=[0])
+    runs, res = tmp_path / "runs", tmp_path / "res"
+    plan = load_plan(str(spec), runs_dir=str(runs), results_dir=str(res))
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_RUN)
+    real = runner_mod.run_command
+    monkeypatch.setattr(runner_mod, "run_command", lambda p, r, resume=False: [sys.executable, str(fake)]
+                        + real(p, r, resume=resume)[4:])
+    (runs / "a-s0").mkdir(parents=True)
+    other = rundir.RunDir(str(runs / "a-s0"), created=False)
+    other.lock()  # "another sweep's run process" trains a-s0
+
+    def finish_it():  # ... and finishes it a little later
+        time.sleep(1.5)
+        _fake_run(runs / "a-s0" / "out", "a-s0", 0, 70.0)
+        for f in os.listdir(runs / "a-s0" / "out"):
+            os.replace(runs / "a-s0" / "out" / f, runs / "a-s0" / f)
+        other.release()
+
+    said: list[str] = []
+    runner = SweepRunner(plan, device="cpu", say=said.append, poll_s=0.05)
+    t = threading.Thread(target=finish_it)
+    t.start()
+    try:
+        assert runner.run() == 0, said
+    finally:
+        t.join()
+    assert "1 running elsewhere" in said[0] and "collected a-s0" in said, said
+    assert "start  a-s0" not in said and not runner.failed
+    assert (res / "a-s0" / "summary.json").exists() and (res / "b-s0" / "summary.json").exists()
+
+    # taken between the sweep's look and the run's start: not started (its folder is not touched), waits
+    held = rundir.RunDir(str(runs / "b-s0"), created=False)
+    held.lock()
+    try:
+        runner2 = SweepRunner(plan, device="cpu", say=said.append, poll_s=0.05)
+        runner2._start(plan.runs[1], None)
+        assert not runner2.active and [r.name for r in runner2.waiting] == ["b-s0"]
+        assert said[-1].startswith("wait   b-s0: its run folder is in use by process")
+        assert (runs / "b-s0" / "summary.json").exists()  # the other process's folder, untouched
+        # and when the run's own process stopped on the lock: exit code 2 while another process holds the
+        # folder is a wait, not a failure
+        runner2.waiting.clear()
+        proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(2)"])
+        proc.wait()
+        runner2.active["b-s0"] = runner_mod._Active(proc, time.time(), None, plan.runs[1], 2, open(os.devnull, "w"))
+        assert runner2._reap() and runner2.failed == [] and [r.name for r in runner2.waiting] == ["b-s0"]
+    finally:
+        held.release()
+
+
+def test_a_finished_run_whose_config_is_refused_now_is_kept_not_an_error(tmp_path, capsys):
+    """A check added after a run finished (e.g. a warm-up longer than the run) does not stop the sweep of its spec:
+    the finished run is kept (and reported); an unfinished run of such a row is a one-line error naming it."""
+    from lakd.sweep import SweepRunner
+
+    spec = write_spec(tmp_path / "s.yaml", seeds=[0], extra_groups="""
+  - name: old
+    runs:
+      - {name: c, overrides: ["solver.milestones=[3,2]"]}
+""")
+    runs, res = tmp_path / "runs", tmp_path / "res"
+    where = ["--runs-dir", str(runs), "--results", str(res)]
+    plan = load_plan(str(spec), runs_dir=str(runs), results_dir=str(res))  # reading the plan still works
+    assert plan.runs[-1].refused.startswith("solver.milestones must be increasing")
+    assert main(["sweep", str(spec), *where, "--status"]) == 0
+    assert "refused: solver.milestones must be increasing" in capsys.readouterr().out
+    for argv in (["--device", "cpu"], ["--dry-run"]):  # nothing starts: one line naming the run
+        capsys.readouterr()
+        assert main(["sweep", str(spec), *where, *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: group old, row c, seed 0: solver.milestones must be increasing") and \
+            err.count("\n") == 1, err
+    assert not runs.exists() and not res.exists()
+    for name, top1 in (("a", 80.0), ("b", 81.0), ("c", 79.0)):
+        _fake_run(res / f"{name}-s0", f"{name}-s0", 0, top1)
+    plan = load_plan(str(spec), runs_dir=str(runs), results_dir=str(res))
+    assert {r.name: bool(r.refused) for r in plan.runs} == {"a-s0": False, "b-s0": False, "c-s0": True}
+    said: list[str] = []
+    assert SweepRunner(plan, device="cpu", say=said.append, poll_s=0.01).run() == 0
+    assert any(s.startswith("kept   c-s0: finished before its config was refused (solver.milestones") for s in said)
+    assert "| c | 1 | 79.00" in make_seed_report([str(res)])["markdown"]
+    assert main(["sweep", str(spec), "--status", "--runs-dir", str(runs), "--results", str(res)]) == 0
+    assert "finished; its config is refused now (solver.milestones" in capsys.readouterr().out

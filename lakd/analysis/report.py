@@ -264,7 +264,7 @@ def render_seeds(groups: Sequence[Group], runs: Sequence[Run], plan: Plan | None
     h1, h2 = "#" * level, "#" * (level + 1)
     complete = [r for r in runs if r.complete]
     planned = plan.runs if plan else []
-    expected = [r for r in planned if not r.same_as and not r.skip]
+    expected = [r for r in planned if not r.same_as and not r.skip and not r.outside]
     out = [f"{h1} Results over seeds", ""]
     status = f"{len(complete)} finished run(s)"
     if expected:
@@ -277,6 +277,10 @@ def render_seeds(groups: Sequence[Group], runs: Sequence[Run], plan: Plan | None
             ran = sum(r.name in names for r in skipped)
             status += (f" ({len(skipped)} more, of rows marked skip, are not run"
                        + (f"; {ran} of them had finished before" if ran else "") + ")")
+        outside = [r for r in planned if r.outside and not r.same_as]
+        if outside:
+            status += (f" ({len(outside)} more finished earlier, outside the current spec: kept from an earlier "
+                       f"plan of this results folder)")
         if done < len(expected):
             status += " (**partial**: the sweep is not finished; cells with fewer seeds are less certain)"
     out += [status + ".", ""]
@@ -328,6 +332,8 @@ def render_seeds(groups: Sequence[Group], runs: Sequence[Run], plan: Plan | None
                 cells[0] += f" (= runs of {row.same_as})"
             if row.skip:
                 cells[0] += f" (not run further: {row.skip})"
+            if row.outside:
+                cells[0] += " (outside the current spec)"
             if flags:
                 cells[0] += f" ‡ ({flags})"
             out.append("| " + " | ".join(cells) + " |")

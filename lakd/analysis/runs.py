@@ -227,6 +227,7 @@ class Row:
     same_as: str | None = None  # a merged row: the row whose runs it reads
     paper: float | None = None  # the published number shown beside the row (the spec's ``paper:``)
     skip: str | None = None  # the spec's reason not to run the row (its earlier runs still count)
+    outside: bool = False  # a row of an earlier plan, kept for its finished runs (outside the current spec)
 
     def values(self, attr: str = "final_top1") -> dict[int, float]:
         return {s: getattr(r, attr) for s, r in sorted(self.runs.items()) if getattr(r, attr) is not None}
@@ -292,7 +293,7 @@ def load_study(paths: Sequence[str], reference: str | None = None, groups: Seque
                 # the same runs under this group's label (a merged row reads the runs of the row it equals)
                 rows.append(Row(spec_row.name, spec_row.label, base.runs, base.repeats, base.incomplete,
                                 same_as=spec_row.variant if spec_row.variant != spec_row.name else None,
-                                paper=spec_row.paper, skip=spec_row.skip))
+                                paper=spec_row.paper, skip=spec_row.skip, outside=spec_row.outside))
                 names[spec_row.name] = rows[-1]
             ref = reference or g.reference
             if ref and ref not in names:

@@ -112,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         # under torchrun every rank fails alike: say it once (a rank that names a stuck rank 0 says it too)
         if os.environ.get("RANK", "0") == "0" or "stopped answering" in str(e):
             print(f"error: {e}", file=sys.stderr)
+        if e.exit_now and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # a rank lost: exit within the timeout
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(e.exit_code)
         return e.exit_code
     except KeyboardInterrupt as e:
         if os.environ.get("RANK", "0") == "0":

@@ -60,6 +60,9 @@ def run(args) -> int:
     if args.per_device is not None:
         pack(plan, args.per_device, gpu=SweepRunner.gpus_for(args.device) != [])
     if args.dry_run:
+        bad = plan.refused_left(lambda r: is_finished(plan, r))
+        if bad is not None:
+            raise bad
         n = 0
         for r in plan.unique():
             if not is_finished(plan, r):
@@ -68,8 +71,14 @@ def run(args) -> int:
         print(f"{n} of {len(plan.unique())} runs left", file=sys.stderr)
         return 0
     if args.status:
+        from ..sweep import merge_plan, read_plan
+
+        merge_plan(plan, read_plan(plan.results_dir), lambda r: is_finished(plan, r))  # shown, not written
         for r in plan.runs:
-            state = (f"same as {r.same_as}" if r.same_as
+            state = ("outside the current spec (finished earlier)" if r.outside
+                     else f"same as {r.same_as}" if r.same_as
+                     else (f"finished; its config is refused now ({r.refused})" if is_finished(plan, r)
+                           else f"refused: {r.refused}") if r.refused
                      else f"skipped ({r.skip})" + (", finished earlier" if is_finished(plan, r) else "") if r.skip
                      else "finished" if is_finished(plan, r)
                      else "interrupted (resumes from last.pt)" if has_checkpoint(plan, r) else "not started")

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-config-change", action="store_true",
                    help="with resume=: continue although the config differs from the checkpoint's (the change is "
                         "recorded in the run folder's config_changes.jsonl)")
+    p.add_argument("--from-best", action="store_true",
+                   help="with resume=: continue from the run's best.pt when its last.pt cannot be read (truncated, "
+                        "corrupt); the epochs after the best one are trained again")
 
 
 def run(args) -> int:
@@ -69,7 +72,7 @@ def run(args) -> int:
 
     try:
         trainer = Trainer(cfg, run_dir=args.run_dir, quiet=args.quiet, overwrite=args.overwrite,
-                          allow_config_change=args.allow_config_change)
+                          allow_config_change=args.allow_config_change, from_best=args.from_best)
         summary = trainer.fit()
     finally:
         dist.cleanup()

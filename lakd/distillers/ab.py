@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .base import Distiller, register_distiller
 from .fitnet import ConvRegressor
-from .stage_utils import check_int, check_positive, head_modules
+from .stage_utils import head_modules
 
 
 def ab_hinge(s: torch.Tensor, t: torch.Tensor, margin: float) -> torch.Tensor:
@@ -62,9 +62,8 @@ class AB(Distiller):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("ab")
         self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
-        self.margin = check_positive("ab", "margin", s["margin"])
-        self.pretrain_epochs = check_int("ab", "pretrain_epochs", s["pretrain_epochs"])
-        self.pretrain_lr = check_positive("ab", "pretrain_lr", s["pretrain_lr"])
+        self.margin, self.pretrain_epochs = float(s["margin"]), int(s["pretrain_epochs"])
+        self.pretrain_lr = float(s["pretrain_lr"])
         info_s, info_t = student.feature_info()["stages"], teacher.feature_info()["stages"]
         self.num_stages = n = min(len(info_s), len(info_t))
         self.connectors = nn.ModuleList(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import LakdError
 from .base import Distiller, register_distiller
 
 
@@ -56,8 +55,6 @@ class AT(Distiller):
         s = self.section("at")
         self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
         self.p = float(s["p"])
-        if self.p <= 0:
-            raise LakdError(f"at.p must be positive (the paper uses 2), got {s['p']!r}")
 
     def teacher_pass(self, image, **batch):
         return self.teacher_forward(image, features=True)[1]["stages"]

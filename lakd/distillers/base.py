@@ -125,8 +125,10 @@ class Distiller(nn.Module):
 
     def __init__(self, student: FeatureNet, teacher: FeatureNet | None, cfg: dict, num_data: int = 0):
         super().__init__()
-        # the declared settings (SETTINGS, CHECKS), for distillers built without lakd.config.load_config
-        check_settings(cfg, self.SETTINGS, self.CHECKS, self.DEFAULTS, run_facts(cfg, num_data or None), self.name)
+        # the declared settings (SETTINGS, CHECKS), for distillers built without lakd.config.load_config; of the
+        # run's facts only the training set's size: the batches of one's own loop are not the config's
+        facts = {k: v for k, v in run_facts(cfg, num_data or None).items() if k == "@train_size"}
+        check_settings(cfg, self.SETTINGS, self.CHECKS, self.DEFAULTS, facts, self.name)
         self.student = student
         self.teacher = teacher
         self.cfg = cfg

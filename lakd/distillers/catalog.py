@@ -44,6 +44,7 @@ def build() -> dict[str, Any]:
             "teacher_depends_on_settings": cls.uses_teacher.__func__ is not Distiller.uses_teacher.__func__,
             "variants": {k: list(v) for k, v in cls.variants.items()},
             "settings": getattr(cls, "SETTINGS", None),
+            "checks": getattr(cls, "CHECKS", None),
         }
     return {"generated_by": "python -m lakd.distillers.catalog", "entries": entries}
 

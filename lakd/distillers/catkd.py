@@ -41,10 +41,7 @@ class CATKD(Distiller):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("catkd")
         self.ce_weight, self.beta = float(s["ce_weight"]), float(s["beta"])
-        r = s["resolution"]
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise LakdError(f"catkd.resolution must be a positive integer (the paper uses 2), got {r!r}")
-        self.resolution, self.normalize = r, bool(s["normalize"])
+        self.resolution, self.normalize = int(s["resolution"]), bool(s["normalize"])
         if student.feature_info()["num_classes"] != teacher.feature_info()["num_classes"]:
             raise LakdError("CAT-KD needs student and teacher classifiers over the same classes "
                             "(set model.num_classes to the teacher's)")

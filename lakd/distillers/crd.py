@@ -221,26 +221,17 @@ class CRD(Distiller):
     ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
-        super().__init__(student, teacher, cfg, num_data)
-        s = self.section("crd")
-        self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
-        if num_data < 2:
+        if num_data < 2:  # before the declared checks, which compare crd.nce_k with it
             raise LakdError(f"CRD needs the training set size for its memory bank (num_data >= 2), got {num_data}: "
                             f"in your own loop pass num_data=len(train_dataset) to lakd.distiller(...) and give "
                             f"every batch the images' positions in that dataset as \"index\", e.g. "
                             f"{OWN_LOOP_EXAMPLE} (lakd train does both)")
-        for key in ("feat_dim", "nce_k"):
-            if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 1:
-                raise LakdError(f"crd.{key} must be a positive integer, got {s[key]!r}")
-        if not float(s["nce_t"]) > 0:
-            raise LakdError(f"crd.nce_t (the NCE temperature) must be positive, got {s['nce_t']!r}")
-        if not 0 <= float(s["momentum"]) < 1:
-            raise LakdError(f"crd.momentum must be in [0, 1), got {s['momentum']!r}")
-        if s["negatives"] not in ("other_class", "uniform"):
-            raise LakdError(f"crd.negatives {s['negatives']!r} is not one of other_class, uniform")
+        super().__init__(student, teacher, cfg, num_data)
+        s = self.section("crd")
+        self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
         self.num_data = int(num_data)
         self._index_checked = False
-        k = min(int(s["nce_k"]), self.num_data - 1)
+        k = int(s["nce_k"])  # < num_data: a declared check (CHECKS)
         dim = int(s["feat_dim"])
         self.embed_s = Embed(student.feature_info()["embedding_dim"], dim)
         self.embed_t = Embed(teacher.feature_info()["embedding_dim"], dim)

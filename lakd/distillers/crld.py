@@ -29,7 +29,6 @@ from ..errors import LakdError
 from .base import Distiller, register_distiller
 from .mlkd import STRONG_VIEW
 from .sdd import kd_rows
-from .stage_utils import check_nonneg, check_positive
 
 
 def crld_terms(s_w: torch.Tensor, s_s: torch.Tensor, t_w: torch.Tensor, t_s: torch.Tensor, temperature: float,
@@ -73,10 +72,9 @@ class CRLD(Distiller):
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("crld")
-        self.ce_weight, self.wv_weight, self.cv_weight = (check_nonneg("crld", k, s[k]) for k in
-                                                          ("ce_weight", "wv_weight", "cv_weight"))
-        self.T = check_positive("crld", "T", s["T"])
-        self.tau_w, self.tau_s = (check_nonneg("crld", k, s[k]) for k in ("tau_w", "tau_s"))
+        self.ce_weight, self.wv_weight, self.cv_weight = (float(s[k]) for k in ("ce_weight", "wv_weight", "cv_weight"))
+        self.T = float(s["T"])
+        self.tau_w, self.tau_s = (float(s[k]) for k in ("tau_w", "tau_s"))
 
     @classmethod
     def views(cls, cfg: dict) -> dict[str, dict]:

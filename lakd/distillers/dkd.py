@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import LakdError
 from .base import Distiller, register_distiller
-from .kd import check_logit_stand, standardize
+from .kd import standardize
 
 
 def dkd_terms(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor, temperature: float):
@@ -76,14 +75,7 @@ class DKD(Distiller):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("dkd")
         self.ce_weight, self.alpha, self.beta = float(s["ce_weight"]), float(s["alpha"]), float(s["beta"])
-        self.T = float(s["T"])
-        if self.T <= 0:
-            raise LakdError(f"dkd.T (the temperature) must be positive, got {s['T']!r}")
-        w = s["warmup"]
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-            raise LakdError(f"dkd.warmup must be a number of epochs >= 0 (mdistiller: 20), got {w!r}")
-        self.warmup = float(w)
-        self.logit_stand = check_logit_stand("dkd", s["logit_stand"])
+        self.T, self.warmup, self.logit_stand = float(s["T"]), float(s["warmup"]), bool(s["logit_stand"])
 
     def warmup_factor(self) -> float:
         return 1.0 if self.warmup <= 0 else min((self.epoch + 1) / self.warmup, 1.0)

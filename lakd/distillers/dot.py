@@ -117,10 +117,6 @@ class DOT(Distiller):
         s = self.section("dot")
         self.ce_weight, self.kd_weight, self.T = float(s["ce_weight"]), float(s["kd_weight"]), float(s["T"])
         self.delta = float(s["delta"])
-        if self.T <= 0:
-            raise LakdError(f"dot.T (the temperature) must be positive, got {s['T']!r}")
-        if self.delta < 0:
-            raise LakdError(f"dot.delta must be >= 0 (the authors': 0.075), got {s['delta']!r}")
         if (cfg.get("train") or {}).get("amp") == "fp16":
             raise LakdError("dot does not support train.amp=fp16 (its stashed KD gradients are not loss-scaled); "
                             "use train.amp=bf16 or none")

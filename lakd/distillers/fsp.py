@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import LakdError
 from .base import Distiller, register_distiller
-from .stage_utils import check_int, check_positive, head_modules, pool_to_match
+from .stage_utils import head_modules, pool_to_match
 
 
 def fsp_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -58,8 +58,7 @@ class FSP(Distiller):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("fsp")
         self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
-        self.pretrain_epochs = check_int("fsp", "pretrain_epochs", s["pretrain_epochs"])
-        self.pretrain_lr = check_positive("fsp", "pretrain_lr", s["pretrain_lr"])
+        self.pretrain_epochs, self.pretrain_lr = int(s["pretrain_epochs"]), float(s["pretrain_lr"])
         info_s, info_t = student.feature_info(), teacher.feature_info()
         ch_s = [f.channels for f in [info_s["stem"], *info_s["stages"]]]
         ch_t = [f.channels for f in [info_t["stem"], *info_t["stages"]]]

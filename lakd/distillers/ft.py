@@ -24,9 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import LakdError
 from .base import Distiller, register_distiller
-from .stage_utils import check_int, check_positive, pool_to_match
+from .stage_utils import pool_to_match
 
 
 def _conv_stack(channels: list[int], transposed: bool = False, bn: bool = False) -> nn.Sequential:
@@ -88,12 +87,8 @@ class FT(Distiller):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("ft")
         self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
-        rate = check_positive("ft", "rate", s["rate"])
-        if s["factor"] not in ("paper", "repdistiller"):
-            raise LakdError(f"ft.factor {s['factor']!r} is not one of paper, repdistiller")
-        self.form = s["factor"]
-        self.pretrain_epochs = check_int("ft", "pretrain_epochs", s["pretrain_epochs"])
-        self.pretrain_lr = check_positive("ft", "pretrain_lr", s["pretrain_lr"])
+        rate, self.form = float(s["rate"]), s["factor"]
+        self.pretrain_epochs, self.pretrain_lr = int(s["pretrain_epochs"]), float(s["pretrain_lr"])
         c_s = student.feature_info()["stages"][-1].channels
         c_t = teacher.feature_info()["stages"][-1].channels
         c_f = max(1, int(c_t * rate))

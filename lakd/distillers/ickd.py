@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import LakdError
 from ..models.base import FeatureShape
 from .base import Distiller, register_distiller
 from .kd import kd_loss
@@ -85,6 +84,10 @@ class ICKD(Distiller):
         "ickd.feat_weight": {"kind": "number", "ge": 0},
         "ickd.kd_weight": {"kind": "number", "ge": 0},
         "ickd.T": {"kind": "number", "gt": 0, "about": "the KD temperature"},
+        "ickd.embed_kernel": {"kind": "int", "ge": 1, "odd": True, "about":
+            "the connector's kernel size: 1 (the authors' CIFAR code) or 3 (their ImageNet code)"},
+        "ickd.batch_power": {"kind": "choice", "choices": [1, 2], "about":
+            "1: the loss divided by C*B (the authors' CIFAR code), 2: by C*B^2 (their ImageNet code, torchdistill)"},
     }
     #: checks over several settings, or a setting and the run (lakd.settings)
     CHECKS = [
@@ -96,16 +99,7 @@ class ICKD(Distiller):
         s = self.section("ickd")
         self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
         self.kd_weight, self.T = float(s["kd_weight"]), float(s["T"])
-        if not self.T > 0:
-            raise LakdError(f"ickd.T (the KD temperature) must be positive, got {s['T']!r}")
-        k, p = s["embed_kernel"], s["batch_power"]
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
-            raise LakdError(f"ickd.embed_kernel (the connector's kernel size) must be an odd integer >= 1: 1 (the "
-                            f"authors' CIFAR code) or 3 (their ImageNet code), got {k!r}")
-        if isinstance(p, bool) or p not in (1, 2):
-            raise LakdError(f"ickd.batch_power must be 1 (the loss divided by C*B, the authors' CIFAR code) or 2 "
-                            f"(by C*B^2, their ImageNet code and torchdistill), got {p!r}")
-        self.batch_power = int(p)
+        k, self.batch_power = int(s["embed_kernel"]), int(s["batch_power"])
         s_shape: FeatureShape = student.feature_info()["last"]
         t_shape: FeatureShape = teacher.feature_info()["last"]
         self.connector = Conv1x1BN(s_shape.channels, t_shape.channels, kernel_size=k)

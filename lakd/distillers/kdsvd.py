@@ -99,10 +99,6 @@ class KDSVD(Distiller):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("kdsvd")
         self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
-        if isinstance(s["k"], bool) or not isinstance(s["k"], int) or s["k"] < 1:
-            raise LakdError(f"kdsvd.k (singular vectors kept) must be a positive integer, got {s['k']!r}")
-        if s["layout"] not in ("mdistiller", "channels"):
-            raise LakdError(f"kdsvd.layout {s['layout']!r} is not one of mdistiller, channels")
         self.k, self.layout = int(s["k"]), s["layout"]
         st_s, st_t = student.feature_info()["stages"], teacher.feature_info()["stages"]
         sizes = [(a.height, a.width) for a in st_s], [(a.height, a.width) for a in st_t]

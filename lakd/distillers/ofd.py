@@ -124,9 +124,7 @@ class OFD(Distiller):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("ofd")
         self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
-        k = s["connector_kernel"]
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
-            raise LakdError(f"ofd.connector_kernel must be an odd positive integer (default 1), got {k!r}")
+        k = int(s["connector_kernel"])
         ch_s = [f.channels for f in student.feature_info()["stages"]]
         ch_t = [f.channels for f in teacher.feature_info()["stages"]]
         self.num_stages = n = min(len(ch_s), len(ch_t))

@@ -25,9 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import LakdError
 from .base import Distiller, StepGroup, register_distiller
-from .stage_utils import check_nonneg
 
 
 def pad_l2_loss(f_s: torch.Tensor, f_t: torch.Tensor, log_var: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -72,12 +70,7 @@ class PADL2(Distiller):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("pad_l2")
         self.ce_weight, self.l2_weight, self.pad_weight, self.l2_fraction, self.eps = (
-            check_nonneg("pad_l2", k, s[k]) for k in ("ce_weight", "l2_weight", "pad_weight", "l2_fraction", "eps"))
-        if self.l2_fraction > 1:
-            raise LakdError(f"pad_l2.l2_fraction is the share of the epochs trained with plain L2 before PAD-L2, in "
-                            f"[0, 1] (torchdistill's 90 of 120 epochs: 0.75), got {s['l2_fraction']!r}")
-        if not self.eps > 0:
-            raise LakdError(f"pad_l2.eps must be a small positive number (torchdistill's 1e-6), got {s['eps']!r}")
+            float(s[k]) for k in ("ce_weight", "l2_weight", "pad_weight", "l2_fraction", "eps"))
         d_s = int(student.feature_info()["embedding_dim"])
         d_t = int(teacher.feature_info()["embedding_dim"])
         self.connector = nn.Linear(d_s, d_t) if d_s != d_t else None

@@ -22,9 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import LakdError
 from .base import Distiller, register_distiller
-from .stage_utils import check_int
 
 
 def hcl_loss(fs: list, ft: list) -> torch.Tensor:
@@ -92,7 +90,7 @@ class ReviewKD(Distiller):
         {"rule": "compare", "key": "reviewkd.warmup", "op": "<=", "than": "solver.epochs", "about":
             "the review loss ramps up over reviewkd.warmup epochs and would never reach its full weight"},
         {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
-            "the BatchNorm of its fusion modules needs two images per step", "example": "solver.batch_size=64"},
+            "the BatchNorm of its fusion modules needs two images per step"},
     ]
 
     def requirements(self):
@@ -105,14 +103,8 @@ class ReviewKD(Distiller):
         s = self.section("reviewkd")
         self.ce_weight = float(s["ce_weight"])
         self.weight = float(s["weight"])
-        self.warmup = check_int("reviewkd", "warmup", s["warmup"])
-        mid_max = check_int("reviewkd", "max_mid_channel", s["max_mid_channel"], 1)
-        for key in ("stu_preact", "teacher_preact"):
-            if not isinstance(s[key], bool):
-                raise LakdError(f"reviewkd.{key} must be true or false, got {s[key]!r}")
+        self.warmup, mid_max = int(s["warmup"]), int(s["max_mid_channel"])
         self.stu_preact, self.teacher_preact = s["stu_preact"], s["teacher_preact"]
-        if self.weight < 0:
-            raise LakdError(f"reviewkd.weight must be >= 0, got {s['weight']!r}")
         info_s, info_t = student.feature_info(), teacher.feature_info()
         n = min(len(info_s["stages"]), len(info_t["stages"]))
         self.num_stages = n

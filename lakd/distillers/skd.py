@@ -33,7 +33,6 @@ from ..errors import LakdError
 from .base import Distiller, register_distiller
 from .kd import kd_loss
 from .mlkd import below_percentile
-from .stage_utils import check_nonneg, check_positive
 
 
 def gram(logits: torch.Tensor, by_classes: bool = True) -> torch.Tensor:
@@ -95,12 +94,9 @@ class SKD(Distiller):
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("skd")
-        self.ce_weight, self.kd_weight, self.dir_weight = (check_nonneg("skd", k, s[k]) for k in
+        self.ce_weight, self.kd_weight, self.dir_weight = (float(s[k]) for k in
                                                            ("ce_weight", "kd_weight", "dir_weight"))
-        self.T, self.tikhonov = (check_positive("skd", k, s[k]) for k in ("T", "tikhonov"))
-        for key in ("masks", "gram_by_classes"):
-            if not isinstance(s[key], bool):
-                raise LakdError(f"skd.{key} must be true or false, got {s[key]!r}")
+        self.T, self.tikhonov = float(s["T"]), float(s["tikhonov"])
         self.masks, self.gram_by_classes = s["masks"], s["gram_by_classes"]
 
     def student_losses(self, image, target, t_logits, **batch):

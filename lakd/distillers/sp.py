@@ -48,7 +48,7 @@ class SP(Distiller):
     CHECKS = [
         {"rule": "not_all_zero", "keys": ["sp.ce_weight", "sp.feat_weight"]},
         {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
-            "SP matches the similarities between the images of a batch", "example": "solver.batch_size=64"},
+            "SP matches the similarities between the images of a batch"},
     ]
 
     def __init__(self, student, teacher, cfg, num_data=0):

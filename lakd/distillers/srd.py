@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from .base import Distiller, register_distiller
 from .kd import kd_loss
-from .stage_utils import check_nonneg, check_positive
 
 
 def srd_rep_loss(p_s: torch.Tensor, h_t: torch.Tensor, bn_s: nn.Module, bn_t: nn.Module,
@@ -64,15 +63,15 @@ class SRD(Distiller):
     CHECKS = [
         {"rule": "not_all_zero", "keys": ["srd.ce_weight", "srd.feat_weight", "srd.kd_weight"]},
         {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
-            "its BatchNorm over the embeddings needs two images per step", "example": "solver.batch_size=64"},
+            "its BatchNorm over the embeddings needs two images per step"},
     ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("srd")
-        self.ce_weight, self.feat_weight, self.kd_weight = (check_nonneg("srd", k, s[k]) for k in
-                                                            ("ce_weight", "feat_weight", "kd_weight"))
-        self.T, self.exponent, bn_eps = (check_positive("srd", k, s[k]) for k in ("T", "exponent", "bn_eps"))
+        self.ce_weight, self.feat_weight, self.kd_weight = (float(s[k]) for k in ("ce_weight", "feat_weight",
+                                                                                   "kd_weight"))
+        self.T, self.exponent, bn_eps = (float(s[k]) for k in ("T", "exponent", "bn_eps"))
         d_s = int(student.feature_info()["embedding_dim"])
         d_t = int(teacher.feature_info()["embedding_dim"])
         self.projector = nn.Linear(d_s, d_t)

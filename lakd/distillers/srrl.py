@@ -25,7 +25,6 @@ from ..errors import LakdError
 from .base import Distiller, register_distiller
 from .ickd import Conv1x1BN
 from .kd import kd_loss
-from .stage_utils import check_nonneg
 
 
 @register_distiller("srrl")
@@ -48,14 +47,14 @@ class SRRL(Distiller):
         "srrl.feat_weight": {"kind": "number", "ge": 0},
         "srrl.logit_weight": {"kind": "number", "ge": 0},
         "srrl.logit_loss": {"kind": "choice", "choices": ["mse", "kl"]},
-        "srrl.T": {"kind": "number", "gt": 0, "about": "the temperature of logit_loss=kl"},
+        "srrl.T": {"kind": "number", "gt": 0, "about": "the temperature of logit_loss=kl and of kd_weight's KD term"},
+        "srrl.kd_weight": {"kind": "number", "ge": 0, "about": "a KD term's weight (0: none)"},
     }
     #: checks over several settings, or a setting and the run (lakd.settings)
     CHECKS = [
-        {"rule": "not_all_zero", "keys": ["srrl.ce_weight", "srrl.feat_weight", "srrl.logit_weight"]},
+        {"rule": "not_all_zero", "keys": ["srrl.ce_weight", "srrl.feat_weight", "srrl.logit_weight", "srrl.kd_weight"]},
         {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
-            "its connector's BatchNorm on the pooled embedding needs two images per step",
-         "example": "solver.batch_size=64"},
+            "its connector's BatchNorm on the pooled embedding needs two images per step"},
     ]
 
     def requirements(self):
@@ -67,13 +66,8 @@ class SRRL(Distiller):
         s = self.section("srrl")
         self.ce_weight, self.feat_weight = float(s["ce_weight"]), float(s["feat_weight"])
         self.logit_weight = float(s["logit_weight"])
-        if s["logit_loss"] not in ("mse", "kl"):
-            raise LakdError(f"srrl.logit_loss {s['logit_loss']!r} is not one of mse, kl")
-        if not float(s["T"]) > 0:
-            raise LakdError(f"srrl.T (the temperature of logit_loss=kl and of kd_weight's KD term) must be positive, "
-                            f"got {s['T']!r}")
         self.logit_loss, self.T = s["logit_loss"], float(s["T"])
-        self.kd_weight = check_nonneg("srrl", "kd_weight", s["kd_weight"])
+        self.kd_weight = float(s["kd_weight"])
         d_s, d_t = student.feature_info()["embedding_dim"], teacher.feature_info()["embedding_dim"]
         in_features = getattr(teacher.classifier, "in_features", d_t)
         if in_features != d_t:

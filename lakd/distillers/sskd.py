@@ -46,7 +46,6 @@ import torch.nn.functional as F
 
 from ..errors import LakdError
 from .base import Distiller, register_distiller
-from .stage_utils import check_int, check_nonneg, check_positive
 
 ROTATIONS = 4
 #: the rotated copies the data pipeline makes with ``sskd.views: per_sample`` (``Distiller.views``; a spec of
@@ -156,12 +155,6 @@ class SSHead(nn.Sequential):
         super().__init__(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
 
 
-def _check_ratio(key: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise LakdError(f"sskd.{key} (the share of the teacher's wrong rows kept) must be in [0, 1], got {value!r}")
-    return float(value)
-
-
 @register_distiller("sskd")
 class SSKD(Distiller):
     """SSKD (Xu et al., ECCV 2020) distils the teacher's similarities between rotated copies of every image.
@@ -192,29 +185,26 @@ class SSKD(Distiller):
         "sskd.pretrain_milestones": {"kind": "ints", "ge": 0, "increasing": True, "about":
             "epochs of the SS head stage at which its learning rate is multiplied by pretrain_gamma"},
         "sskd.pretrain_gamma": {"kind": "number", "gt": 0},
+        "sskd.views": {"kind": "choice", "choices": list(VIEW_MODES), "about":
+            "per_sample: rotated copies with crops of their own, made by the data pipeline (the authors'); batch: "
+            "the batch's image rotated in the method"},
     }
     #: checks over several settings, or a setting and the run (lakd.settings)
     CHECKS = [
         {"rule": "not_all_zero", "keys": ["sskd.ce_weight", "sskd.kd_weight", "sskd.tf_weight", "sskd.ss_weight"]},
         {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
             "its self-supervision tells each image's rotated copies from the other images of the batch: at 1 image "
-            "its loss is 0", "example": "solver.batch_size=64"},
+            "its loss is 0"},
     ]
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("sskd")
-        self.weights = {k: check_nonneg("sskd", f"{k}_weight", s[f"{k}_weight"]) for k in ("ce", "kd", "tf", "ss")}
-        self.kd_t, self.tf_t, self.ss_t = (check_positive("sskd", k, s[k]) for k in ("kd_T", "tf_T", "ss_T"))
-        self.ratio_tf, self.ratio_ss = _check_ratio("ratio_tf", s["ratio_tf"]), _check_ratio("ratio_ss", s["ratio_ss"])
-        self.pretrain_epochs = check_int("sskd", "pretrain_epochs", s["pretrain_epochs"])
-        self.pretrain_lr = check_positive("sskd", "pretrain_lr", s["pretrain_lr"])
-        self.pretrain_gamma = check_positive("sskd", "pretrain_gamma", s["pretrain_gamma"])
-        miles = s["pretrain_milestones"]
-        if not isinstance(miles, (list, tuple)) or any(isinstance(m, bool) or not isinstance(m, int) or m < 0
-                                                       for m in miles):
-            raise LakdError(f"sskd.pretrain_milestones must be a list of epochs >= 0 (e.g. [30, 45]), got {miles!r}")
-        self.pretrain_milestones = tuple(miles)
+        self.weights = {k: float(s[f"{k}_weight"]) for k in ("ce", "kd", "tf", "ss")}
+        self.kd_t, self.tf_t, self.ss_t = (float(s[k]) for k in ("kd_T", "tf_T", "ss_T"))
+        self.ratio_tf, self.ratio_ss = float(s["ratio_tf"]), float(s["ratio_ss"])
+        self.pretrain_epochs, self.pretrain_lr = int(s["pretrain_epochs"]), float(s["pretrain_lr"])
+        self.pretrain_gamma, self.pretrain_milestones = float(s["pretrain_gamma"]), tuple(s["pretrain_milestones"])
         self.view_mode = self._view_mode(s["views"])
         self.s_head = SSHead(student.feature_info()["embedding_dim"])
         self.t_head = SSHead(teacher.feature_info()["embedding_dim"])

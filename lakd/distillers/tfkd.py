@@ -101,10 +101,7 @@ class TfKD(Distiller):
 
     def __init__(self, student, teacher, cfg, num_data=0):
         s = {**self.DEFAULTS["tfkd"], **(cfg.get("tfkd") or {})}
-        self.mode = s["mode"]
-        if self.mode not in ("reg", "self"):
-            raise LakdError(f"tfkd.mode must be reg (teacher-free regularisation) or self (self-training from a "
-                            f"trained network of the student's architecture), got {self.mode!r}")
+        self.mode = s["mode"]  # an unknown mode: refused by the declared settings (Distiller.__init__)
         if self.mode == "self" and teacher is None:
             raise LakdError("tfkd.mode=self needs a teacher: set teacher.name to the student's architecture and "
                             "teacher.checkpoint to its trained checkpoint (the scratch config's best.pt)")
@@ -112,12 +109,6 @@ class TfKD(Distiller):
         pre = "self_" if self.mode == "self" else ""
         self.alpha, self.T, self.multiplier = float(s[pre + "alpha"]), float(s[pre + "T"]), float(s[pre + "multiplier"])
         self.correct_prob = float(s["correct_prob"])
-        if not 0 <= self.alpha <= 1:
-            raise LakdError(f"tfkd.{pre}alpha must lie in [0, 1], got {s[pre + 'alpha']!r}")
-        if self.T <= 0:
-            raise LakdError(f"tfkd.{pre}T (the temperature) must be positive, got {s[pre + 'T']!r}")
-        if not 0 < self.correct_prob < 1:
-            raise LakdError(f"tfkd.correct_prob must lie in (0, 1) (the authors': 0.99), got {s['correct_prob']!r}")
         if self.mode == "self" and not same_architecture(student, teacher):
             log.warning("tfkd.mode=self with a teacher of another architecture than the student's: that is KD with "
                         "Tf-KD's self-training loss (the paper's Re-KD), not Tf-KD_self; for self-training set "

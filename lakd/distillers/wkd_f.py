@@ -29,7 +29,6 @@ from ..errors import LakdError
 from ..models.base import FeatureShape
 from .base import Distiller, register_distiller
 from .fitnet import ConvRegressor
-from .stage_utils import check_int, check_nonneg, check_positive
 from .wkd_l import cosine_decay
 
 PROJECTORS = ("conv1x1", "bottleneck")
@@ -116,11 +115,9 @@ class WKDF(Distiller):
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("wkd_f")
-        self.ce_weight, self.feat_weight, self.ratio = (check_nonneg("wkd_f", k, s[k]) for k in
+        self.ce_weight, self.feat_weight, self.ratio = (float(s[k]) for k in
                                                         ("ce_weight", "feat_weight", "mean_cov_ratio"))
-        self.eps = check_positive("wkd_f", "eps", s["eps"])
-        self.grid = check_int("wkd_f", "grid", s["grid"], low=1)
-        self.decay_from = check_nonneg("wkd_f", "decay_from", s["decay_from"])
+        self.eps, self.grid, self.decay_from = float(s["eps"]), int(s["grid"]), float(s["decay_from"])
         info_s, info_t = student.feature_info(), teacher.feature_info()
         n = min(len(info_s["stages"]), len(info_t["stages"]))
         stage = s["stage"]
@@ -134,8 +131,6 @@ class WKDF(Distiller):
         self.stage_t = len(info_t["stages"]) if s["stage"] == "last" else stage
         shape_s = ([info_s["stem"], *info_s["stages"]])[self.stage_s]
         shape_t = ([info_t["stem"], *info_t["stages"]])[self.stage_t]
-        if s["projector"] not in PROJECTORS:
-            raise LakdError(f"wkd_f.projector must be conv1x1 or bottleneck, got {s['projector']!r}")
         self.projector = (ConvRegressor(shape_s, shape_t) if s["projector"] == "conv1x1"
                           else BottleneckProjector(shape_s, shape_t))
 

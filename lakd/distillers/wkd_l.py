@@ -38,7 +38,6 @@ import torch.nn.functional as F
 
 from ..errors import LakdError
 from .base import Distiller, register_distiller
-from .stage_utils import check_int, check_nonneg, check_positive
 
 
 def classifier_cost(weight: torch.Tensor) -> torch.Tensor:
@@ -121,6 +120,8 @@ class WKDL(Distiller):
         "wkd_l.target_weight": {"kind": "number", "ge": 0},
         "wkd_l.wkd_weight": {"kind": "number", "ge": 0},
         "wkd_l.T": {"kind": "number", "gt": 0, "about": "the non-target softmax's temperature"},
+        "wkd_l.cost": {"kind": "text", "about": "classifier (from the teacher's classifier weights) or the path of a "
+                                                "C x C cost file"},
         "wkd_l.sharpen": {"kind": "number", "ge": 0, "about": "the cost's sharpening, 1 - exp(-sharpen * cost)"},
         "wkd_l.sinkhorn_lambda": {"kind": "number", "gt": 0, "about": "the entropic regularisation"},
         "wkd_l.sinkhorn_iters": {"kind": "int", "ge": 1},
@@ -139,10 +140,9 @@ class WKDL(Distiller):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("wkd_l")
         self.ce_weight, self.target_weight, self.wkd_weight, self.sharpen = (
-            check_nonneg("wkd_l", k, s[k]) for k in ("ce_weight", "target_weight", "wkd_weight", "sharpen"))
-        self.T, self.reg = (check_positive("wkd_l", k, s[k]) for k in ("T", "sinkhorn_lambda"))
-        self.iters = check_int("wkd_l", "sinkhorn_iters", s["sinkhorn_iters"], low=1)
-        self.decay_from = check_nonneg("wkd_l", "decay_from", s["decay_from"])
+            float(s[k]) for k in ("ce_weight", "target_weight", "wkd_weight", "sharpen"))
+        self.T, self.reg = float(s["T"]), float(s["sinkhorn_lambda"])
+        self.iters, self.decay_from = int(s["sinkhorn_iters"]), float(s["decay_from"])
         num_classes = int(teacher.feature_info()["num_classes"])
         if s["cost"] == "classifier":
             d0 = classifier_cost(teacher.classifier.weight)

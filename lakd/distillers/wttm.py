@@ -23,9 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import LakdError
 from .base import Distiller, register_distiller
-from .stage_utils import check_nonneg, check_positive
 
 
 def wttm_terms(logits_s: torch.Tensor, logits_t: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,10 +70,8 @@ class WTTM(Distiller):
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
         s = self.section("wttm")
-        self.ce_weight, self.kd_weight = (check_nonneg("wttm", k, s[k]) for k in ("ce_weight", "kd_weight"))
-        self.gamma = check_positive("wttm", "gamma", s["gamma"])
-        if not isinstance(s["weighted"], bool):
-            raise LakdError(f"wttm.weighted must be true (WTTM) or false (TTM), got {s['weighted']!r}")
+        self.ce_weight, self.kd_weight = float(s["ce_weight"]), float(s["kd_weight"])
+        self.gamma = float(s["gamma"])
         self.weighted = s["weighted"]
 
     def student_losses(self, image, target, t_logits, **batch):

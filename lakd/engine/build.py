@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..config import check_method_settings
 from ..data import DataBundle, build_data
 from ..distillers import DISTILLERS, Distiller, build_distiller
 from ..errors import LakdError
@@ -133,6 +134,8 @@ def build(cfg: dict, device=None, rank: int = 0, world_size: int = 1, data: Data
                             f"lakd.engine.build.data_views(cfg)), or let build make it (data=None)")
         num_classes = resolve_num_classes(cfg, data)
         num_data = data.num_train
+        # the method's checks that need the training set (CRD's negatives, a last batch of 1), before any model
+        check_method_settings(cfg, train_size=num_data, world_size=world_size)
         batch = int(cfg["solver"]["batch_size"])
         if warn and rank == 0 and 0 < num_data < batch:
             log.warning("solver.batch_size=%d is larger than the training set (%d images): every epoch is one "

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -36,8 +37,19 @@ SMALL_OUTPUTS = (CONFIG, METRICS, SUMMARY)
 #: a sweep's results folder: its plan (``lakd.sweep.spec.Plan``) and the run processes' events
 SWEEP_PLAN = "sweep.json"
 SWEEP_EVENTS = "events.jsonl"
+SWEEP_LOCK = ".sweep.lock"  # held by the sweep running into a results folder (hidden: not a run)
 
 log = logging.getLogger(__name__)
+
+
+def write_error(path: str, err: OSError, what: str = "in the run folder") -> LakdError:
+    """The one-line error for a write that failed in ``path``: a full disk named as such (with the way out), any
+    other failure with its reason."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return LakdError(f"no space left to write {what} {path!r} ({err.strerror or err}); free some space on that "
+                         f"disk, or write the run elsewhere with output_dir=... or --run-dir DIR")
+    return LakdError(f"cannot write {what} {path!r} ({err.strerror or err}); choose a writable output_dir=... or "
+                     f"--run-dir DIR")
 
 
 class RunDir:
@@ -56,8 +68,7 @@ class RunDir:
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
-            raise LakdError(f"cannot write in the run folder {self.path!r} ({e.strerror or e}); choose a writable "
-                            f"output_dir=... or --run-dir") from None
+            raise write_error(self.path, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -67,8 +78,12 @@ class RunDir:
                 os.close(fd)
             raise LakdError(f"run folder {self.path!r} is in use by a live run (process {owner}); wait for it to "
                             f"finish, or write this run elsewhere with --run-dir DIR") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())  # the owner, for the message of a second run
+        except OSError as e:  # a full disk: the lock file exists but the pid cannot be written
+            os.close(fd)
+            raise write_error(self.path, e) from None
         self._fd = fd
 
     def release(self) -> None:
@@ -115,8 +130,7 @@ def _mkdir_parent(path: str) -> None:
         raise LakdError(f"cannot create the run folder {path!r}: {parent!r} is a file, not a folder; choose "
                         f"another output_dir=... or --run-dir") from None
     except OSError as e:
-        raise LakdError(f"cannot create the run folder {path!r} ({e.strerror or e}); choose a writable "
-                        f"output_dir=... or --run-dir") from None
+        raise write_error(path, e) from None
 
 
 def _mkdir(path: str) -> bool:
@@ -127,8 +141,7 @@ def _mkdir(path: str) -> bool:
     except FileExistsError:
         return False
     except OSError as e:
-        raise LakdError(f"cannot create the run folder {path!r} ({e.strerror or e}); choose a writable "
-                        f"output_dir=... or --run-dir") from None
+        raise write_error(path, e) from None
 
 
 def _clear(run: RunDir) -> None:
@@ -158,6 +171,18 @@ def _restartable(path: str) -> RunDir | None:
     return run
 
 
+def _locked(run: RunDir) -> RunDir:
+    """``run`` with its lock held; a folder this process has just created is removed again when the lock cannot be
+    taken (a full disk), so that a failed start leaves no empty run folder."""
+    try:
+        run.lock()
+    except LakdError:
+        if run.created:
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
+    return run
+
+
 def claim(path: str | None, base: str, *, resume: bool = False, overwrite: bool = False) -> RunDir:
     """Claim the run folder: ``path`` when given (``--run-dir``), else ``base`` or the first free ``base-k``.
 
@@ -178,9 +203,7 @@ def claim(path: str | None, base: str, *, resume: bool = False, overwrite: bool 
         while True:
             candidate = base if k == 0 else f"{base}-{k}"
             if _mkdir(candidate):
-                run = RunDir(candidate, created=True)
-                run.lock()
-                return run
+                return _locked(RunDir(candidate, created=True))
             run = _restartable(candidate) if os.path.isdir(candidate) else None
             if run is not None:  # a run stopped before its first checkpoint: started again in its own folder
                 return run
@@ -190,8 +213,7 @@ def claim(path: str | None, base: str, *, resume: bool = False, overwrite: bool 
     created = _mkdir(target)
     if not created and not os.path.isdir(target):
         raise LakdError(f"cannot use {target!r} as the run folder: it is a file; choose another --run-dir")
-    run = RunDir(target, created=created)
-    run.lock()  # from here on no other live run writes in the folder
+    run = _locked(RunDir(target, created=created))  # from here on no other live run writes in the folder
     remove_stale_temporaries(target)
     if run.contents():
         if not overwrite and run.never_saved():
@@ -205,6 +227,53 @@ def claim(path: str | None, base: str, *, resume: bool = False, overwrite: bool 
                             f"replace it with --overwrite")
         _clear(run)
     return run
+
+
+def lock_holder(folder: str, name: str = LOCK_NAME) -> str | None:
+    """Who holds the lock file ``folder/name`` (what its owner wrote in it, "?" when nothing), or None when no live
+    process holds it (or there is none). Asks the kernel with a non-blocking ``flock`` taken and dropped at once."""
+    path = os.path.join(folder, name)
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return os.read(fd, 4096).decode(errors="replace").strip() or "?"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def hold_lock(folder: str, name: str, owner: str) -> int | str:
+    """Take the exclusive lock ``folder/name`` for this process (kept until the descriptor returned is closed, or
+    the process ends, even by SIGKILL) and write ``owner`` in it; when another process holds it, what that one
+    wrote (a str) instead. -1 where locks are not available (no ``fcntl``)."""
+    if fcntl is None:
+        return -1
+    try:
+        fd = os.open(os.path.join(folder, name), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise write_error(folder, e, "a lock file in the folder") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            return os.read(fd, 4096).decode(errors="replace").strip() or "?"
+        finally:
+            os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, owner.encode())
+    except OSError as e:
+        os.close(fd)
+        raise write_error(folder, e, "a lock file in the folder") from None
+    return fd
 
 
 def read_pid(run_dir: str) -> int | None:

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 
@@ -48,10 +49,16 @@ def versions() -> str:
 class Trainer:
     """``overwrite``: replace a finished run in the folder (never a live one); ``allow_config_change``: let
     ``resume=`` continue with a config that differs from the checkpoint's (the change is recorded in
-    ``config_changes.jsonl``)."""
+    ``config_changes.jsonl``); ``from_best``: with ``resume=``, continue from the run's ``best.pt`` when its
+    ``last.pt`` cannot be read (the epochs after the best one are trained again).
+
+    Resuming never replaces a run file the user edited without saying so: a finished run (its ``summary.json``
+    there, every epoch done) is left as it is; a ``config.yaml`` that differs from the config the run wrote is
+    kept beside the new one (``config.edited.yaml``), a ``summary.json`` that a longer run replaces is kept as
+    ``summary.previous.json``, each with a warning line."""
 
     def __init__(self, cfg: dict, run_dir: str | None = None, quiet: bool = False, overwrite: bool = False,
-                 allow_config_change: bool = False):
+                 allow_config_change: bool = False, from_best: bool = False):
         self.cfg = cfg
         t = cfg["train"]
         self.dist = dist.init_from_env(device_kind(cfg["device"]), timeout_s=float(t["dist_timeout_s"]))
@@ -82,6 +89,8 @@ class Trainer:
         self.best_epoch = 0
         self.wall_time = 0.0
         self.history: list[dict] = []
+        self.finished = False  # resumed a run that had already finished: nothing to train, nothing to write
+        self._stored_config: dict | None = None  # the config in the checkpoint resumed from
 
         # --- run folder: claimed by rank 0 (exclusive creation + lock, see engine/rundir.py) ---
         self.run: rundir.RunDir | None = None
@@ -89,8 +98,9 @@ class Trainer:
         self.run_dir = self._claim_run_dir(run_dir, overwrite)
         try:
             if cfg.get("resume"):
-                self._resume(cfg["resume"], allow_config_change)
-            if self.dist.is_main:
+                self._resume(cfg["resume"], allow_config_change, from_best)
+            if self.dist.is_main and not self.finished:
+                self._keep_edited_config()
                 # the file must start a fresh run when re-used, so the resume pointer is left out
                 self._write_file(rundir.CONFIG, f"# {versions()}: this run's resolved config\n"
                                  + config_mod.dump_config({**cfg, "resume": None}))
@@ -129,8 +139,7 @@ class Trainer:
             with open(os.path.join(self.run_dir, name), mode) as f:
                 f.write(text)
         except OSError as e:
-            raise LakdError(f"cannot write {name} in the run folder {self.run_dir!r} ({e.strerror or e}); make it "
-                            f"writable or choose another output_dir=... / --run-dir") from None
+            raise rundir.write_error(self.run_dir, e, f"{name} in the run folder") from None
 
     def close(self, failed: bool = False) -> None:
         """Close TensorBoard and release the run folder's lock; after a failed start (no checkpoint written in
@@ -165,7 +174,65 @@ class Trainer:
                 for m in model.block_modules(i):
                     m.compile()
 
-    def _resume(self, path: str, allow_config_change: bool = False) -> None:
+    def _read_resume_checkpoint(self, ck_path: str, from_best: bool) -> tuple[dict, str]:
+        """The checkpoint to resume from: ``ck_path``, or the run's ``best.pt`` when ``last.pt`` cannot be read and
+        ``from_best`` is set (without it, the error names ``best.pt`` and the flag)."""
+        try:
+            return read_checkpoint(ck_path), ck_path
+        except LakdError as e:
+            best = os.path.join(os.path.dirname(ck_path), rundir.BEST)
+            if os.path.basename(ck_path) != rundir.LAST or not os.path.exists(best):
+                raise
+            try:
+                ck = read_checkpoint(best)
+            except LakdError:
+                raise e from None  # both unreadable: the error about last.pt stands
+            why = "it is corrupt or truncated" if "corrupt or truncated" in str(e) else str(e)
+            epoch = ck.get("epoch", "?")
+            if not from_best:
+                raise LakdError(f"cannot resume from {ck_path!r}: {why}; the run's {rundir.BEST} (epoch {epoch}) is "
+                                f"intact: continue from it with --from-best (the epochs after {epoch} are trained "
+                                f"again), e.g. {self.resume_command()} --from-best") from None
+            if self.dist.is_main:
+                log.warning("%s cannot be read (%s); resuming from %s (epoch %s) as --from-best asks: the epochs after "
+                            "it are trained again and the next save replaces %s", ck_path, why, best, epoch,
+                            rundir.LAST)
+            return ck, best
+
+    def _edits(self, path: str) -> list[str]:
+        """How the run file ``path`` (a config.yaml) differs from the config the run wrote (the checkpoint's):
+        ``["key: stored -> file", ...]``, ``["it cannot be read as YAML"]``, or ``[]`` when it is the run's own."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = config_mod.yaml_load(f)
+        except (OSError, UnicodeDecodeError, ValueError, Exception) as e:  # yaml raises its own YAMLError
+            return [f"it cannot be read ({type(e).__name__})"]
+        if not isinstance(data, dict):
+            return ["it does not hold a mapping of keys"]
+        a = config_mod._flatten({**self._stored_config, "resume": None})
+        b = config_mod._flatten({**data, "resume": None})
+        return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                if not config_mod._same(a.get(k), b.get(k))]
+
+    def _keep_edited_config(self) -> None:
+        """Before a resumed run writes its config.yaml: a config.yaml edited since the run wrote it is kept (renamed
+        to config.edited.yaml, or config.edited-N.yaml), with a warning naming what differs."""
+        path = os.path.join(self.run_dir, rundir.CONFIG)
+        if self._stored_config is None or not os.path.isfile(path):
+            return
+        edits = self._edits(path)
+        if not edits:
+            return
+        keep = _free_name(self.run_dir, "config.edited", ".yaml")
+        try:
+            os.replace(path, keep)
+        except OSError as e:
+            raise rundir.write_error(self.run_dir, e, "config.edited.yaml in the run folder") from None
+        log.warning("%s was edited after the run wrote it (%s%s); it is kept as %s, and %s now holds the config this "
+                    "run continues with", path, "; ".join(edits[:3]), f" and {len(edits) - 3} more" if len(edits) > 3
+                    else "", keep, rundir.CONFIG)
+
+    def _resume(self, path: str, allow_config_change: bool = False, from_best: bool = False) -> None:
         ck_path = path if path.endswith(".pt") else os.path.join(path, rundir.LAST)
         best = os.path.join(os.path.dirname(ck_path), rundir.BEST)
         if not os.path.exists(ck_path) and not path.endswith(".pt") and os.path.exists(best):
@@ -183,7 +250,7 @@ class Trainer:
             return
         if not os.path.exists(ck_path):
             raise LakdError(f"cannot resume: {ck_path!r} does not exist; give the run folder of an earlier run")
-        ck = read_checkpoint(ck_path)
+        ck, ck_path = self._read_resume_checkpoint(ck_path, from_best)
         if "optimizer" not in ck:
             raise LakdError(f"cannot resume from {ck_path!r}: it holds weights only, not a training state")
         if ck.get("method") != self.cfg["method"] or ck.get("arch") != self.cfg["model"]["name"]:
@@ -211,6 +278,14 @@ class Trainer:
         self.best_top1 = float(ck.get("best_top1", -1.0))
         self.best_epoch = int(ck.get("best_epoch", 0))
         self.wall_time = float(ck.get("wall_time_s", 0.0))
+        self._stored_config = ck.get("config") if isinstance(ck.get("config"), dict) else None
+        self.finished = (self.start_epoch >= int(self.cfg["solver"]["epochs"])
+                         and os.path.exists(os.path.join(self.run_dir, rundir.SUMMARY)))
+        if self.finished:  # nothing to train: every file of the run stays as it is
+            self.history = [m for m in read_metrics(os.path.join(self.run_dir, rundir.METRICS))[0]
+                            if isinstance(m, dict)]
+            self._say_finished()
+            return
         if changes and self.dist.is_main:
             record = {"epoch": self.start_epoch, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                       "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
@@ -227,6 +302,31 @@ class Trainer:
                 f.writelines(json.dumps(m) + "\n" for m in self.history)
         if not self.quiet:
             log.info("resumed %s at epoch %d", self.run_dir, self.start_epoch)
+
+    def _say_finished(self) -> None:
+        if not self.dist.is_main:
+            return
+        edited = ""
+        if self._stored_config is not None and os.path.isfile(os.path.join(self.run_dir, rundir.CONFIG)):
+            edits = self._edits(os.path.join(self.run_dir, rundir.CONFIG))
+            if edits:
+                edited = (f"; its {rundir.CONFIG} differs from the config the run wrote ({'; '.join(edits[:3])}"
+                          f"{' and more' if len(edits) > 3 else ''})")
+        log.warning("%s already finished at epoch %d of %d (its %s): nothing to continue, and its files are left as "
+                    "they are%s; to train it longer, resume with a larger solver.epochs and --allow-config-change",
+                    self.run_dir, self.start_epoch, int(self.cfg["solver"]["epochs"]), rundir.SUMMARY, edited)
+
+    def _finished_summary(self) -> dict:
+        """The summary of a run that had already finished: its summary.json as the run wrote it (not rewritten);
+        one computed from the checkpoint and metrics when the file cannot be read (not written either)."""
+        try:
+            with open(os.path.join(self.run_dir, rundir.SUMMARY)) as f:
+                summary = json.load(f)
+            if isinstance(summary, dict):
+                return {**self._summary(), **summary, "run_dir": self.run_dir}
+        except (OSError, ValueError):
+            pass
+        return self._summary()
 
     @torch.no_grad()
     def _teacher_eval(self):
@@ -367,16 +467,19 @@ class Trainer:
             self.close(failed=not ok)
 
     def _name_stuck_ranks(self, err: RuntimeError) -> None:
-        wait = min(float(self.cfg["train"]["dist_timeout_s"]), 60.0)
+        _, wait = dist.split_timeout(float(self.cfg["train"]["dist_timeout_s"]))
         ranks = dist.unresponsive_ranks(wait)
         if not ranks:
             return  # every rank answers (or it cannot be told): the original error stands
         who = ", ".join(str(r) for r in ranks)
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise LakdError(f"rank {who} of {self.dist.world_size} stopped answering (rank {self.dist.rank} saw: {first}); "
-                        f"check that process (hung, stopped, out of memory?) and restart with resume="
-                        f"{self.run_dir}; train.dist_timeout_s={self.cfg['train']['dist_timeout_s']} sets how long "
-                        f"ranks wait for each other") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". This is typically")[0][:160]  # gloo's source position
+        lost = LakdError(f"rank {who} of {self.dist.world_size} stopped answering (rank {self.dist.rank} saw: "
+                         f"{first}); check that process (killed, hung, stopped, out of memory?) and restart with "
+                         f"resume={self.run_dir}; train.dist_timeout_s={self.cfg['train']['dist_timeout_s']} sets how "
+                         f"long ranks wait for each other")
+        lost.exit_now = True
+        raise lost from None
 
     def _check_finite(self, epoch: int, ev: dict | None) -> None:
         """Stop before a checkpoint holds a diverged model (a NaN test loss, or non-finite weights)."""
@@ -414,10 +517,15 @@ class Trainer:
     def _fit(self) -> dict:
         cfg = self.cfg
         epochs = int(cfg["solver"]["epochs"])
+        if self.finished:
+            return self._finished_summary()
         if self.dist.is_main and self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(self.run_dir, "tb"))
+            try:
+                self.writer = SummaryWriter(os.path.join(self.run_dir, "tb"))
+            except OSError as e:
+                raise rundir.write_error(self.run_dir, e, "TensorBoard's folder in the run folder") from None
         if not self.quiet:
             t = f", teacher {cfg['teacher']['name']} top-1 {self.teacher_top1:.2f}" if self.teacher_top1 else ""
             if t and self.data.num_test_total > self.data.num_test:  # data.test_subset: say over what
@@ -453,6 +561,11 @@ class Trainer:
             dist.barrier()
         summary = self._summary()
         if self.dist.is_main:
+            old = os.path.join(self.run_dir, rundir.SUMMARY)
+            if os.path.exists(old):  # a longer run of a finished one (--allow-config-change): the old one is kept
+                keep = _free_name(self.run_dir, "summary.previous", ".json")
+                os.replace(old, keep)
+                log.warning("%s is replaced by this run's; the earlier one is kept as %s", old, keep)
             # on disk the run folder is named, not located: the summary sits in it, and a results folder that is
             # copied or committed carries no path of the machine that ran it
             self._write_file(rundir.SUMMARY, json.dumps({**summary, "run_dir": os.path.basename(
@@ -516,3 +629,11 @@ class Trainer:
         }
 
 
+def _free_name(folder: str, stem: str, ext: str) -> str:
+    """``folder/stem.ext``, or ``stem-1.ext``, ``stem-2.ext``... for the first name not taken."""
+    k = 0
+    while True:
+        path = os.path.join(folder, f"{stem}{'' if k == 0 else f'-{k}'}{ext}")
+        if not os.path.exists(path):
+            return path
+        k += 1

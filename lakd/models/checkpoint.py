@@ -26,6 +26,43 @@ def is_trusted(path: str) -> bool:
     return False
 
 
+#: how a ``torch.save`` file of the legacy (non-zip) format starts: its magic number, pickled (``LONG1``)
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def plain_pickle_globals(path: str) -> list[str] | None:
+    """For a file written by Python's ``pickle`` rather than ``torch.save`` (neither a zip archive nor torch's
+    legacy format): the classes and functions it names (read with ``pickletools``, which runs nothing); None for
+    any other file."""
+    import pickletools
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:1] != b"\x80" or head[:4] == b"PK\x03\x04":
+                return None
+            body = head[2:]
+            if body[:1] == b"\x95":  # a FRAME opcode (protocol 4+) before the first object
+                body = body[9:]
+            if body.startswith(_LEGACY_MAGIC):
+                return None
+            f.seek(0)
+            names, strings = [], []
+            try:
+                for op, arg, _ in pickletools.genops(f):
+                    if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                        strings.append(str(arg))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        names.append(f"{strings[-2]}.{strings[-1]}")
+                    elif op.name in ("GLOBAL", "INST"):
+                        names.append(str(arg).replace(" ", "."))
+            except Exception:  # a truncated pickle: the names read so far
+                pass
+            return list(dict.fromkeys(names))
+    except OSError:
+        return None
+
+
 def _refused_globals(path: str) -> list[str]:
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
@@ -59,6 +96,12 @@ def read_checkpoint(path: str, trusted: bool | None = None) -> dict:
                             f"{shown}; if you trust its source, allow it with {TRUST_ENV}="
                             f"{os.path.abspath(path)} (loading it runs the code it names), or re-save only its "
                             f"state dict") from None
+        plain = plain_pickle_globals(path)
+        if plain is not None:
+            shown = ", ".join(plain[:4]) + (f" and {len(plain) - 4} more" if len(plain) > 4 else "")
+            raise LakdError(f"checkpoint {path!r} is a plain Python pickle (not a torch.save file) that holds Python "
+                            f"objects{' (' + shown + ')' if shown else ''}, refused: only torch.save files load without "
+                            f"running code; re-save its tensors with torch.save (a state dict) where you trust it") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LakdError(f"checkpoint {path!r} is corrupt or truncated ({first[:160]}); re-download or re-save "
                         f"it (lakd writes checkpoints atomically, so a run's last.pt/best.pt stay readable)") from None

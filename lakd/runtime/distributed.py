@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
+import signal
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -50,16 +52,26 @@ def is_enabled() -> bool:
     return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
 
 
-#: a CPU (gloo) group beside the training group, used only to find out which rank stopped answering
-_monitor = None
+#: the process group's rendezvous store (torchrun's agent hosts it; without torchrun, rank 0's process), where
+#: the ranks that survive a failed collective check in, so that each can name the ranks that did not
+_store = None
+
+
+def split_timeout(timeout_s: float) -> tuple[float, float]:
+    """``train.dist_timeout_s`` split into (how long a collective waits, how long the ranks then wait for each
+    other to check in): a lost rank is named within the whole ``timeout_s``. The check-in gets a fifth of it,
+    at least 1 s and at most 60 s."""
+    check_in = min(max(0.2 * float(timeout_s), 1.0), 60.0)
+    return max(float(timeout_s) - check_in, 1.0), check_in
 
 
 def init_from_env(device_kind: str, timeout_s: float = 600.0) -> DistInfo:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1 in the environment).
 
-    ``timeout_s`` bounds every collective: a rank that stops answering (hung, stopped, dead) makes the others
-    fail after that long instead of PyTorch's default 30 minutes; ``unresponsive_ranks`` then names it."""
-    global _monitor
+    ``timeout_s`` bounds how long a rank waits for the others: a rank that stops answering (hung, stopped, dead)
+    makes a collective fail after most of it (``split_timeout``) instead of PyTorch's default 30 minutes, and
+    ``unresponsive_ranks`` names it in the rest."""
+    global _store
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -69,35 +81,61 @@ def init_from_env(device_kind: str, timeout_s: float = 600.0) -> DistInfo:
         backend = "nccl" if device_kind == "cuda" else "gloo"
         if device_kind == "cuda":
             torch.cuda.set_device(local_rank)
-        timeout = datetime.timedelta(seconds=float(timeout_s))
-        tdist.init_process_group(backend=backend, timeout=timeout)
-        _monitor = tdist.new_group(backend="gloo", timeout=timeout)
+        collective, _ = split_timeout(timeout_s)
+        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=collective))
+        from torch.distributed import distributed_c10d
+
+        _store = distributed_c10d._get_default_store()
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
 
-def unresponsive_ranks(wait_s: float) -> list[int] | None:
-    """After a collective failed: the ranks that do not reach a ``monitored_barrier`` (gloo) within ``wait_s``.
+def unresponsive_ranks(wait_s: float, settle_s: float = 5.0) -> list[int] | None:
+    """After a collective failed on this rank: the ranks that do not check in within ``wait_s``.
 
-    On rank 0 these are the ranks that stopped answering; on another rank, ``[0]`` when rank 0 does not answer.
-    ``[]`` when every rank answers (the failure was something else); None when it cannot be told."""
-    if _monitor is None:
+    Every rank that saw the failure writes a key in the rendezvous store and waits for the others' keys; the
+    ranks whose keys do not appear are the ones that stopped answering (killed, hung, stopped). The ranks that
+    survive see the failure at about the same moment (a dead peer's connection closes at once; a hung one makes
+    every collective time out together), so the wait ends when ``settle_s`` pass without a new key, or after
+    ``wait_s`` in all. When the store itself is gone (without torchrun it lives in rank 0's process) that is
+    rank 0. ``[]`` when every rank checks in (the failure was something else); None when it cannot be told. Under
+    torchrun a SIGTERM from its agent (which stops the other ranks when one has died) ends the wait early with
+    the ranks missing by then."""
+    if _store is None or not tdist.is_initialized():
         return None
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    prefix = f"lakd_check_in/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    stopping: list[int] = []
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     try:
-        tdist.monitored_barrier(group=_monitor, timeout=datetime.timedelta(seconds=float(wait_s)),
-                                wait_all_ranks=True)
-        return []
-    except RuntimeError as e:
-        m = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(e))
-        if m:
-            return [int(x) for x in re.findall(r"\d+", m.group(1))]
-        return [0] if tdist.get_rank() != 0 else None
+        try:
+            _store.set(f"{prefix}/{rank}", "1")
+        except Exception:  # the store's process is gone: without torchrun, that is rank 0
+            return [0] if rank != 0 else None
+        start = last_change = time.monotonic()
+        seen = world + 1
+        while True:
+            try:
+                missing = [r for r in range(world) if not _store.check([f"{prefix}/{r}"])]
+            except Exception:
+                return [0] if rank != 0 else None
+            now = time.monotonic()
+            if len(missing) < seen:
+                seen, last_change = len(missing), now
+            if not missing or stopping or now - start >= wait_s or now - last_change >= min(settle_s, wait_s):
+                return missing
+            time.sleep(0.05)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 def cleanup() -> None:
-    global _monitor
+    global _store
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
-    _monitor = None
+    _store = None
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ interrupted runs, provenance. Above the engine (it reads run folders, never impo
 ``analysis`` (which reads the plan) and ``cli``.
 """
 from .runner import SweepRunner, collect, has_checkpoint, is_finished, pack, write_plan
-from .spec import Plan, PlanGroup, PlannedRun, PlanRow, load_plan, read_plan, run_command
+from .spec import Plan, PlanGroup, PlannedRun, PlanRow, load_plan, merge_plan, read_plan, run_command
 
 __all__ = ["Plan", "PlanGroup", "PlanRow", "PlannedRun", "SweepRunner", "collect", "has_checkpoint",
-           "is_finished", "load_plan", "pack", "read_plan", "run_command", "write_plan"]
+           "is_finished", "load_plan", "merge_plan", "pack", "read_plan", "run_command", "write_plan"]

@@ -8,6 +8,11 @@ cores divided among them). The results folder also holds ``sweep.json`` (the pla
 invocation, the code's git commit: provenance) and ``events.jsonl`` (start, end, exit code and wall time of
 every run process).
 
+One sweep at a time writes a results folder: it holds the folder's lock (``.sweep.lock``, released by the kernel
+when the sweep ends, even killed) and a second sweep on the folder stops at once, naming the running one. A run
+process that stops because another process trains its run folder (another sweep sharing ``runs_dir``) is not a
+failure: the run waits for that process and is collected when it finishes.
+
 This package sits above the engine: it starts ``python -m lakd train`` processes and reads their folders; it
 never imports the trainer. The process pool is ``subprocess`` + polling rather than ``concurrent.futures``
 because each run is a separate program whose own process must be killable and resumable.
@@ -32,7 +37,7 @@ from ..engine import rundir
 from ..engine.metrics import read_metrics
 from ..errors import LakdError
 from ..runtime.threads import shared_cores
-from .spec import Plan, PlannedRun, run_command
+from .spec import Plan, PlannedRun, merge_plan, read_plan, run_command
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +68,11 @@ def collect(plan: Plan, run: PlannedRun) -> bool:
 
 
 def running_elsewhere(run_dir: str) -> bool:
-    """Whether the run process whose pid a sweep wrote into ``run_dir`` is alive and still training that folder
-    (started by another sweep invocation). The one reader of the pid file (``rundir.read_pid``)."""
+    """Whether another live process trains ``run_dir``: the run process whose pid a sweep wrote there (started by
+    another sweep invocation) is alive and still training that folder, or some process holds the folder's lock.
+    The one reader of the pid file (``rundir.read_pid``)."""
     pid = rundir.read_pid(run_dir)
-    return bool(pid) and _pid_alive(pid, run_dir)
+    return (bool(pid) and _pid_alive(pid, run_dir)) or rundir.lock_holder(run_dir) is not None
 
 
 def _pid_alive(pid: int, run_dir: str) -> bool:
@@ -108,10 +114,17 @@ def _planned_epochs(run: PlannedRun) -> int:
     return int(load_config(run.config, run.overrides + [f"seed={run.seed}"])["solver"]["epochs"])
 
 
-def write_plan(plan: Plan, extra: dict | None = None) -> None:
-    """``sweep.json`` in the results folder (``Plan.to_json``), keeping the earlier invocations, adding ``extra``."""
+def write_plan(plan: Plan, extra: dict | None = None) -> list[str]:
+    """``sweep.json`` in the results folder (``Plan.to_json``), keeping the earlier invocations, adding ``extra``.
+    The finished runs of the folder's earlier plan that ``plan`` no longer plans are kept in it (``merge_plan``:
+    marked outside the current spec); returns their names."""
     os.makedirs(plan.results_dir, exist_ok=True)
     path = os.path.join(plan.results_dir, rundir.SWEEP_PLAN)
+    try:
+        old = read_plan(plan.results_dir)
+    except LakdError:
+        old = None  # a damaged sweep.json: rewritten from this plan
+    kept = merge_plan(plan, old, lambda r: is_finished(plan, r))
     invocations = []
     if os.path.exists(path):
         try:
@@ -124,6 +137,7 @@ def write_plan(plan: Plan, extra: dict | None = None) -> None:
     with open(tmp, "w") as f:
         json.dump(plan.to_json(), f, indent=1)
     os.replace(tmp, path)
+    return kept
 
 
 def cpu_cores() -> int:
@@ -170,6 +184,7 @@ class SweepRunner:
             pack(plan, per_device, bool(self.gpus))
         self.slots = len(self.gpus) * plan.runs_per_gpu if self.gpus else plan.processes
         self.active: dict[str, _Active] = {}
+        self.waiting: list[PlannedRun] = []  # trained by another live process: checked again later
         self.failed: list[str] = []
         self.durations: list[float] = []
         self._stop = False
@@ -227,6 +242,11 @@ class SweepRunner:
     def _start(self, run: PlannedRun, slot_gpu: int | None) -> None:
         plan = self.plan
         run_dir = plan.run_dir(run)
+        owner = rundir.lock_holder(run_dir)
+        if owner is not None:  # another process trains this run folder (another sweep): wait for it, touch nothing
+            self.waiting.append(run)
+            self.say(f"wait   {run.name}: its run folder is in use by process {owner}")
+            return
         resume = has_checkpoint(plan, run)
         if not resume and os.path.exists(run_dir):
             shutil.rmtree(run_dir)  # killed before its first checkpoint: nothing to keep, start clean
@@ -260,8 +280,15 @@ class SweepRunner:
             del self.active[name]
             a.log.close()
             ok = rc == 0 and collect(self.plan, a.run)
-            self._event(run=name, event="end", rc=rc, wall_s=dt, collected=ok)
-            if ok:
+            owner = None if ok else rundir.lock_holder(self.plan.run_dir(a.run))
+            if not ok and rc != 0 and owner is None and collect(self.plan, a.run):
+                ok = True  # finished by another process meanwhile (its folder was in use): collected, not failed
+            self._event(run=name, event="end", rc=rc, wall_s=dt, collected=ok,
+                        **({"in_use_by": owner} if owner else {}))
+            if owner is not None and rc != 0:  # another process trains the folder: not a failure, wait for it
+                self.waiting.append(a.run)
+                self.say(f"wait   {name}: its run folder is in use by process {owner}; collected when it finishes")
+            elif ok:
                 self.durations.append(dt)
                 self.say(f"done   {name} in {_fmt_time(dt)}")
             else:
@@ -280,18 +307,54 @@ class SweepRunner:
     def stop(self, *_args) -> None:
         self._stop = True
 
-    def run(self) -> int:
+    def _lock_results(self) -> int:
+        """Hold the results folder's lock for this sweep, or stop with the running sweep's description."""
         plan = self.plan
         os.makedirs(plan.results_dir, exist_ok=True)
+        owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "argv": ["lakd", *sys.argv[1:]],
+                            "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        fd = rundir.hold_lock(plan.results_dir, rundir.SWEEP_LOCK, owner)
+        if isinstance(fd, str):
+            try:
+                info = json.loads(fd)
+                who = (f"process {info.get('pid')} on {info.get('host')}, started {info.get('started')}: "
+                       f"{shlex.join(str(a) for a in info.get('argv') or [])}")
+            except (ValueError, AttributeError, TypeError):
+                who = f"process {fd}"
+            raise LakdError(f"the results folder {plan.results_dir!r} is in use by another sweep ({who}); wait for "
+                            f"it to finish (the same command then finds its runs finished), or give this sweep "
+                            f"another --results folder")
+        return fd
+
+    def run(self) -> int:
+        bad = self.plan.refused_left(lambda r: is_finished(self.plan, r))
+        if bad is not None:
+            raise bad
+        fd = self._lock_results()
+        try:
+            return self._run()
+        finally:
+            if fd >= 0:
+                os.close(fd)  # closing the descriptor drops the lock
+
+    def _run(self) -> int:
+        plan = self.plan
         os.makedirs(plan.runs_dir, exist_ok=True)
-        write_plan(plan, {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
-                          "cwd": os.getcwd(), "argv": sys.argv, **_git_commit(),
-                          "slots": self.slots, "gpus": self.gpus,
-                          **({"only": [r.name for r in plan.runs]} if plan.all_runs is not None else {})})
+        kept = write_plan(plan, {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+                                 "cwd": os.getcwd(), "argv": sys.argv, **_git_commit(),
+                                 "slots": self.slots, "gpus": self.gpus,
+                                 **({"only": [r.name for r in plan.runs]} if plan.all_runs is not None else {})})
+        if kept:
+            self.say(f"kept {len(kept)} finished run(s) of the results folder's earlier plan that this spec no "
+                     f"longer plans ({', '.join(kept[:6])}{', ...' if len(kept) > 6 else ''}): they stay in "
+                     f"{rundir.SWEEP_PLAN} and the report, marked outside the current spec")
+        refused = [r for r in plan.runs if r.refused and r.same_as is None]
+        for r in refused:
+            self.say(f"kept   {r.name}: finished before its config was refused ({r.refused}); not run again")
         pending: list[PlannedRun] = []
-        waiting: list[PlannedRun] = []  # run by another live process: checked again later
+        waiting = self.waiting  # run by another live process: checked again later
         for r in plan.unique():
-            if is_finished(plan, r):
+            if is_finished(plan, r) or r.refused:
                 continue
             if collect(plan, r):  # finished after the last sweep stopped watching it
                 self.say(f"collected {r.name}")

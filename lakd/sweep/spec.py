@@ -30,6 +30,13 @@ one (``same_as`` in the plan) and is not run twice. A row with ``skip: REASON`` 
 run and not expected: for a row kept so that a table keeps its shape although its runs are known to add nothing
 (the reason is shown wherever the row is). Runs of it that finished earlier still count in the report.
 
+A sweep never drops a finished run from its results folder's plan: when a spec plans fewer runs than the folder's
+``sweep.json`` holds (a row removed, a seed dropped), the runs that had finished stay in the plan and the report,
+marked ``outside`` (the current spec no longer plans them; nothing runs them) (``merge_plan``). A run whose config is
+refused (``load_config``: a key, a value or a check added since it ran) is planned with the reason (``refused``):
+reading the plan (``--status``, the report) still works; a finished one is kept and never run again, an unfinished
+one stops ``lakd sweep`` before anything starts, naming it (``Plan.refused_left``).
+
 ``Plan.to_json`` / ``Plan.from_json`` are the one format of ``sweep.json``: the sweep writes it, the report
 reads it (``lakd.analysis.runs``).
 """
@@ -69,6 +76,8 @@ class PlannedRun:
     overrides: list[str]  # everything but seed/experiment/threads, which the runner adds
     same_as: str | None = None  # an earlier run with the same resolved config: this one is not run
     skip: str | None = None  # the row's reason not to run it (``skip:`` in the spec)
+    outside: bool = False  # a finished run of an earlier plan that the current spec no longer plans (kept, not run)
+    refused: str | None = None  # why its config is refused (load_config's error): never run
 
 
 @dataclass
@@ -79,11 +88,13 @@ class PlanRow:
     variant: str
     paper: float | None = None  # report metadata: a published top-1
     skip: str | None = None
+    outside: bool = False  # a row of an earlier plan, kept for its finished runs (``merge_plan``)
 
     def to_json(self) -> dict:
         return {"name": self.name, "label": self.label, "variant": self.variant,
                 **({"paper": self.paper} if self.paper is not None else {}),
-                **({"skip": self.skip} if self.skip is not None else {})}
+                **({"skip": self.skip} if self.skip is not None else {}),
+                **({"outside": True} if self.outside else {})}
 
 
 @dataclass
@@ -104,7 +115,7 @@ class PlanGroup:
     @classmethod
     def from_json(cls, d: dict) -> PlanGroup:
         rows = [PlanRow(r["name"], r.get("label") or r["name"], r.get("variant") or r["name"], r.get("paper"),
-                        r.get("skip")) for r in d.get("rows", [])]
+                        r.get("skip"), bool(r.get("outside"))) for r in d.get("rows", [])]
         return cls(d["name"], d.get("title") or d["name"], list(d.get("seeds") or []), d.get("reference"),
                    [list(c) for c in d.get("compare") or []], rows, d.get("paper_note") or "")
 
@@ -126,8 +137,19 @@ class Plan:
     invocations: list[dict] = field(default_factory=list)  # one entry per ``lakd sweep`` (host, commit, slots)
 
     def unique(self) -> list[PlannedRun]:
-        """The runs to run: neither a duplicate of an earlier run nor of a row marked ``skip``."""
-        return [r for r in self.runs if r.same_as is None and r.skip is None]
+        """The runs to run: neither a duplicate of an earlier run, nor of a row marked ``skip``, nor kept from an
+        earlier plan (``outside``)."""
+        return [r for r in self.runs if r.same_as is None and r.skip is None and not r.outside]
+
+    def refused_left(self, finished) -> LakdError | None:
+        """The one-line error for the runs to run whose config is refused and that have not finished
+        (``finished(run)``), naming the first; None when there are none."""
+        left = [r for r in self.unique() if r.refused and not finished(r)]
+        if not left:
+            return None
+        r = left[0]
+        more = f" ({len(left) - 1} more run(s) refused: `lakd sweep SPEC --status` lists them)" if len(left) > 1 else ""
+        return LakdError(f"group {r.group}, row {r.variant}, seed {r.seed}: {r.refused}{more}")
 
     def select(self, names: list[str]) -> None:
         """Keep the runs named (or of the groups named) for this invocation, in the order named (a group's runs
@@ -221,11 +243,14 @@ def _identity(cfg: dict) -> str:
 
 def load_plan(spec_path: str, runs_dir: str | None = None, results_dir: str | None = None,
               processes: int | None = None, threads: int | None = None, runs_per_gpu: int | None = None) -> Plan:
-    """Read and expand a sweep spec; every run's config is resolved (so a bad key fails now, not in an hour)."""
+    """Read and expand a sweep spec; every run's config is resolved (so a bad key fails now, not in an hour: a run
+    whose config is refused carries the reason, ``PlannedRun.refused``, and the sweep stops on it before it starts
+    anything)."""
     spec = load_yaml(spec_path)
     spec_as_read = copy.deepcopy(spec)
     _check_keys(spec, SPEC_KEYS, f"sweep spec {spec_path!r}")
     name = str(spec.get("name") or os.path.splitext(os.path.basename(spec_path))[0])
+    results = results_dir or str(spec.get("results_dir") or os.path.join("results", name))
     seeds_all = _as_list(spec.get("seeds", [0]), "seeds")
     common = [str(x) for x in _as_list(spec.get("overrides"), "overrides")]
     groups = _as_list(spec.get("groups"), "groups")
@@ -278,13 +303,18 @@ def load_plan(spec_path: str, runs_dir: str | None = None, results_dir: str | No
             [(row, s) for row in rows for s in seeds]
         for row, seed in items:
             run_name = f"{row['variant']}-s{seed}"
-            cfg = load_config(row["config"], row["overrides"] + [f"seed={seed}"])
-            ident = _identity(cfg)
+            refused = None
+            try:
+                ident = _identity(load_config(row["config"], row["overrides"] + [f"seed={seed}"]))
+            except LakdError as e:  # planned with the reason: never run (an unfinished one stops the sweep)
+                refused = str(e)
+                ident = json.dumps(["refused", row["config"], row["overrides"], seed])
             same = by_identity.get(ident)
             if same is None and run_name in seen_names:
                 raise LakdError(f"two different runs are both named {run_name!r}; give the rows distinct names")
             runs.append(PlannedRun(name=run_name, variant=row["variant"], group=gname, seed=seed,
-                                   config=row["config"], overrides=row["overrides"], same_as=same, skip=row["skip"]))
+                                   config=row["config"], overrides=row["overrides"], same_as=same, skip=row["skip"],
+                                   refused=refused))
             if row["skip"] is not None:  # not run: a later row with this config must run it, not point here
                 continue
             if same is None:
@@ -307,8 +337,40 @@ def load_plan(spec_path: str, runs_dir: str | None = None, results_dir: str | No
         raise LakdError("processes and runs_per_gpu must be at least 1, threads at least 0 (0: PyTorch's default)")
     return Plan(name=name, spec_path=spec_path,
                 runs_dir=runs_dir or str(spec.get("runs_dir") or os.path.join("runs", name)),
-                results_dir=results_dir or str(spec.get("results_dir") or os.path.join("results", name)),
+                results_dir=results,
                 processes=procs, threads=thr, runs_per_gpu=per_gpu, runs=runs, groups=group_info, spec=spec_as_read)
+
+
+def merge_plan(plan: Plan, old: Plan | None, finished) -> list[str]:
+    """Keep in ``plan`` what ``old`` (the results folder's earlier plan) holds and ``plan`` no longer plans, as far
+    as it had finished (``finished(run)``): those runs, marked ``outside`` (never run), and the rows and groups that
+    read them, marked ``outside`` too. Returns the kept runs' names."""
+    if old is None:
+        return []
+    every = plan.all_runs if plan.all_runs is not None else plan.runs
+    names = {r.name for r in every}
+    old_runs = old.all_runs or old.runs
+    kept = [r for r in old_runs if r.name not in names and (r.outside or r.same_as is None) and finished(r)]
+    kept_names = {r.name for r in kept}
+    # a duplicate row of a kept run reads it: keep it too (its report row points at the same runs)
+    kept += [r for r in old_runs if r.name not in names and r.same_as in kept_names and r.name not in kept_names]
+    for r in kept:
+        r.outside = True
+    every.extend(kept)
+    variants = {r.variant for r in kept} | {r.variant for r in every if r.name in names}
+    groups = {g.name: g for g in plan.groups}
+    for og in old.groups:
+        rows = [PlanRow(r.name, r.label, r.variant, r.paper, r.skip, True) for r in og.rows
+                if r.variant in {k.variant for k in kept} and r.variant in variants]
+        g = groups.get(og.name)
+        if g is None:
+            if rows:
+                plan.groups.append(PlanGroup(og.name, og.title, og.seeds, og.reference, og.compare, rows,
+                                             og.paper_note))
+            continue
+        have = {r.name for r in g.rows}
+        g.rows.extend(r for r in rows if r.name not in have)
+    return [r.name for r in kept]
 
 
 def run_command(plan: Plan, run: PlannedRun, python: str = sys.executable, resume: bool = False) -> list[str]:
