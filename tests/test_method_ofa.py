@@ -149,7 +149,7 @@ def test_distilled_and_swin_students_and_settings():
     d.train()
     _, losses = d.forward_train(x, y)
     assert all(torch.isfinite(v) for v in losses.values())
-    for opts, match in (({"eps": [1.0, 2.0]}, r"ofa.eps must be one positive number or one per stage plus one"),
+    for opts, match in (({"eps": [1.0, 2.0]}, r"ofa.eps must hold one value or one per stage plus one"),
                         ({"stages": [0]}, r"ofa.stages .* must be a non-empty list of whole numbers >= 1"),
                         ({"branch": "mlp"}, r"ofa.branch .* must be one of auto, cnn, vit, got 'mlp'")):
         with pytest.raises(LakdError, match=match) as info:

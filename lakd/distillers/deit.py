@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from ..errors import LakdError
 from .base import Distiller, register_distiller
-from .stage_utils import check_nonneg, check_positive
 
 TYPES = ("hard", "soft")
 REDUCTIONS = ("numel", "batchmean")
@@ -71,16 +70,9 @@ class DeiT(Distiller):
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
-        s = self.section("deit")
-        if s["type"] not in TYPES:
-            raise LakdError(f"deit.type={s['type']!r} is not one of {', '.join(TYPES)} (DeiT's paper: hard)")
-        if s["kl_reduction"] not in REDUCTIONS:
-            raise LakdError(f"deit.kl_reduction={s['kl_reduction']!r} is not one of {', '.join(REDUCTIONS)} "
-                            f"(numel: DeiT's losses.py, batchmean: timm's token distillation)")
+        s = self.section("deit")  # kinds and ranges checked by the base class (SETTINGS)
         self.type, self.reduction = s["type"], s["kl_reduction"]
-        self.ce_weight = check_nonneg("deit", "ce_weight", s["ce_weight"])
-        self.distill_weight = check_nonneg("deit", "distill_weight", s["distill_weight"])
-        self.T = check_positive("deit", "T", s["T"])
+        self.ce_weight, self.distill_weight, self.T = float(s["ce_weight"]), float(s["distill_weight"]), float(s["T"])
         if student.feature_info()["num_classes"] != teacher.feature_info()["num_classes"]:
             raise LakdError("DeiT's distillation head learns the teacher's classes: give the student the teacher's "
                             "number of classes (model.num_classes)")

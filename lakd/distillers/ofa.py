@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from ..errors import LakdError
 from ..models.base import feature, token_sequence
 from .base import Distiller, register_distiller
-from .stage_utils import check_nonneg, check_positive
 
 BRANCHES = ("auto", "cnn", "vit")
 #: the patch grid the authors merge down to (7 x 7: a 224 px ViT/16 after one merge)
@@ -227,38 +226,27 @@ class OFA(Distiller):
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
-        s = self.section("ofa")
-        self.ce_weight = check_nonneg("ofa", "ce_weight", s["ce_weight"])
-        self.kd_weight = check_nonneg("ofa", "kd_weight", s["kd_weight"])
-        self.ofa_weight = check_nonneg("ofa", "ofa_weight", s["ofa_weight"])
-        self.T = check_positive("ofa", "T", s["T"])
-        ls = check_nonneg("ofa", "label_smoothing", s["label_smoothing"])
-        if ls >= 1:
-            raise LakdError(f"ofa.label_smoothing must be below 1 (the authors' configs: 0.1), got {ls!r}")
-        self.label_smoothing = ls
+        s = self.section("ofa")  # kinds and ranges checked by the base class (SETTINGS)
+        self.ce_weight, self.kd_weight, self.ofa_weight = (float(s[k]) for k in ("ce_weight", "kd_weight",
+                                                                                 "ofa_weight"))
+        self.T, self.label_smoothing = float(s["T"]), float(s["label_smoothing"])
         ends = list(student.stage_ends)
         n = len(ends)
         stages = s["stages"] if s["stages"] is not None else list(range(1, n + 1))
-        if not isinstance(stages, list) or not stages or any(isinstance(k, bool) or not isinstance(k, int)
-                                                              or not 1 <= k <= n for k in stages):
-            raise LakdError(f"ofa.stages must list 1-based stage numbers of the student (1..{n}), e.g. "
-                            f"ofa.stages={list(range(1, n + 1))}, got {stages!r}")
+        if stages[-1] > n:
+            raise LakdError(f"ofa.stages={stages} names a stage the student does not have: it has {n} (1..{n}), "
+                            f"e.g. ofa.stages={list(range(1, n + 1))}")
         points = s["points"] if s["points"] is not None else [ends[k - 1] for k in stages]
         nb = student.num_blocks
-        if not isinstance(points, list) or len(points) != len(stages) or any(
-                isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= nb for p in points):
+        if len(points) != len(stages) or max(points) > nb:
             raise LakdError(f"ofa.points must give one 1-based student block index (1..{nb}) per stage of "
                             f"ofa.stages ({len(stages)}), e.g. ofa.points={[ends[k - 1] for k in stages]}, "
                             f"got {points!r}")
-        eps = s["eps"]
-        eps = [eps] if isinstance(eps, (int, float)) and not isinstance(eps, bool) else eps
-        if not isinstance(eps, list) or len(eps) not in (1, len(stages) + 1) or any(
-                isinstance(e, bool) or not isinstance(e, (int, float)) or e <= 0 for e in eps):
-            raise LakdError(f"ofa.eps must be one positive number or one per stage plus one for the logits "
-                            f"({len(stages) + 1} values), e.g. ofa.eps=[1.5], got {s['eps']!r}")
+        eps = list(s["eps"])
+        if len(eps) not in (1, len(stages) + 1):
+            raise LakdError(f"ofa.eps must hold one value or one per stage plus one for the logits "
+                            f"({len(stages) + 1} values), e.g. ofa.eps=[1.5], got {eps!r}")
         self.eps = [float(e) for e in (eps * (len(stages) + 1) if len(eps) == 1 else eps)]
-        if s["branch"] not in BRANCHES:
-            raise LakdError(f"ofa.branch={s['branch']!r} is not one of {', '.join(BRANCHES)}")
         s_info, t_info = student.feature_info(), teacher.feature_info()
         classes = t_info["num_classes"]
         if s_info["num_classes"] != classes:
