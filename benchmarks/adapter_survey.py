@@ -27,10 +27,12 @@ import sys
 import time
 
 #: timm families (one small member each): ResNet, ResNet-D, ResNet-T, EfficientNet, MobileNetV3, RegNet, ConvNeXt,
-#: DenseNet, ViT, DeiT, Swin, MaxViT, CoAtNet
+#: DenseNet, ViT, DeiT (and distilled), Swin, MaxViT, CoAtNet, EfficientFormer (and V2), MobileViT, PoolFormer (and V2)
 TIMM = ["resnet18", "resnet18d", "resnet10t", "efficientnet_b0", "mobilenetv3_small_100", "regnetx_002",
         "convnext_atto", "densenet121", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
-        "swin_tiny_patch4_window7_224", "maxvit_tiny_tf_224", "coatnet_nano_rw_224"]
+        "deit_tiny_distilled_patch16_224", "swin_tiny_patch4_window7_224", "maxvit_tiny_tf_224",
+        "coatnet_nano_rw_224", "efficientformer_l1", "efficientformerv2_s0", "mobilevit_xxs", "poolformer_s12",
+        "poolformerv2_s12"]
 STATUSES = ("works", "refuses", "fails")
 
 

@@ -59,6 +59,11 @@ def run_blocks(name: str, size: int | None, num_classes: int) -> int:
     if adapted._split.nhwc:
         print("maps are H x W x C here (final pooling over dims 1, 2): the distillers see every cut but the input "
               "as C x H x W")
+    tokens = [t for t in adapted._split.token_cuts if t is not None]
+    if tokens:
+        p, h, w = tokens[-1]
+        print(f"blocks are token sequences here ({p} class/distillation token(s), then {h} x {w} patch tokens): the "
+              f"distillers see each as its C x {h} x {w} patch grid, the leading tokens apart")
     return 0
 
 

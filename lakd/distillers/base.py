@@ -419,5 +419,7 @@ class StepGroup(nn.Module):
 
 
 _NEEDS = {"features": "feature maps and their pooled embedding (the classifier's input)",
-          "class_maps": "class activation maps (a linear classifier after global pooling)",
-          "preact": "pre-activation stage outputs"}
+          "class_maps": "class activation maps (a linear classifier on a pooled map or on averaged patch tokens)",
+          "preact": "pre-activation stage outputs",
+          "heads": "a class head and a distillation head whose mean is its output",
+          "classifier": "a linear classifier that reads the pooled embedding and gives the logits"}

@@ -32,13 +32,19 @@ class ConvRegressor(nn.Module):
         elif s.height >= t.height and s.width >= t.width:
             self.conv = nn.Conv2d(s.channels, t.channels,
                                   kernel_size=(1 + s.height - t.height, 1 + s.width - t.width))
-        else:
-            raise LakdError(f"FitNet cannot map a {s.height}x{s.width} student feature onto a "
-                            f"{t.height}x{t.width} teacher feature; choose another fitnet.hint_stage")
+        else:  # a smaller map in another ratio (a CNN student's deep stage against a ViT's fixed patch grid):
+            # upsampled bilinearly to the teacher's size, then a 1x1 conv (mdistiller's ConvReg has no such case)
+            self.up = (t.height, t.width)
+            self.conv = nn.Conv2d(s.channels, t.channels, kernel_size=1)
         self.bn = nn.BatchNorm2d(t.channels)
         self.use_relu = use_relu
 
+    #: the teacher's size a smaller student map is upsampled to first (None: the conv maps the sizes itself)
+    up: tuple[int, int] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.up is not None:
+            x = F.interpolate(x, size=self.up, mode="bilinear", align_corners=False)
         x = self.bn(self.conv(x))
         return F.relu(x) if self.use_relu else x
 

@@ -213,7 +213,6 @@ class LAKD(Distiller):
     bench_default = True
     #: the same gradients with one backward over the summed losses (the memory comparison of Table 4)
     variants = {"lakd_joint": ["sdm.backward=joint"], "lakd_recompute": ["sdm.recompute=true"]}
-    needs = ("class_maps",)
     DEFAULTS = {
         "sdm": {
             "splits": None,  # 1-based student block indices ending each local module; None: the stage ends
@@ -304,6 +303,10 @@ class LAKD(Distiller):
 
     def requirements(self):
         req = super().requirements()
+        att = self.section("lakd")["att_weight"]
+        if att != 0:  # the class-attention loss needs class maps of both networks (a ViT's class token has none)
+            for role in req:
+                req[role] += (("class_maps", "lakd.att_weight", att),)
         nd = self.section("ndam")
         if nd["source"] == "teacher_preact" and nd["enabled"]:
             req["teacher"] += (("preact", "ndam.source", "teacher_preact"),)
@@ -409,9 +412,12 @@ class LAKD(Distiller):
             while done < t.num_blocks:
                 h = t.block_forward(done, h)
                 done += 1
-            _, fmap, _ = t.head_forward(h, return_map=True)
-            cam = model_class_maps(t, fmap)
-        del h, fmap, target, pre  # the suspended generator would keep the last point's maps alive
+            cam = None
+            if self.att_weight:
+                _, fmap, _ = t.head_forward(h, return_map=True)
+                cam = model_class_maps(t, fmap)
+                del fmap
+        del h, target, pre  # the suspended generator would keep the last point's maps alive
         yield cam  # outside no_grad: a generator suspended inside it would leave grad mode off for the caller
 
     def module_forward(self, k: int, h: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -424,6 +430,9 @@ class LAKD(Distiller):
         return self.student.run_blocks(h, start, self.splits[k], recompute=self.recompute)
 
     def last_losses(self, out, target, t_cam):
+        if not self.att_weight:  # lakd.att_weight=0: no class maps needed (a class-token ViT has none)
+            logits = self.student.head_forward(out)
+            return logits, {"ce": self.ce_weight * F.cross_entropy(logits, target)}
         logits, fmap, _ = self.student.head_forward(out, return_map=True)
         cam = model_class_maps(self.student, fmap)
         losses = {
@@ -512,9 +521,11 @@ class LAKD(Distiller):
                     out = self.module_forward(k, h, image)
                     f = feature(out)
                     outs = [self.connectors[k](f)]
-                    if k == len(self.splits) - 1:
+                    if k == len(self.splits) - 1 and self.att_weight:
                         logits, fmap, _ = self.student.head_forward(out, return_map=True)
                         outs += [logits, model_class_maps(self.student, fmap)]
+                    elif k == len(self.splits) - 1:
+                        outs.append(self.student.head_forward(out))
                     total = sum(o.float().sum() for o in outs)
                     grads = torch.autograd.grad(total, params, allow_unused=True)
                     mine = [p for p, g in zip(params, grads) if g is not None and id(p) not in taken]

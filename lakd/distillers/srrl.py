@@ -58,8 +58,8 @@ class SRRL(Distiller):
     ]
 
     def requirements(self):
-        # the teacher's classifier must read the pooled embedding directly (an adapted network may lack one)
-        return {"student": (), "teacher": ("class_maps",)}
+        # the teacher's classifier must read the pooled embedding and give the logits (an adapted network may lack one)
+        return {"student": (), "teacher": ("classifier",)}
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)

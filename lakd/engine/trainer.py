@@ -367,6 +367,7 @@ class Trainer:
             "arch": self.cfg["model"]["name"],
             "num_classes": self.cfg["model"]["num_classes"],
             "dataset": self.cfg["data"]["dataset"],
+            "image_size": int(self.data.image_size),  # the size an adapted network was built for (a ViT's grid)
             "mean": list(self.data.mean),
             "std": list(self.data.std),
             "method": self.cfg["method"],

@@ -68,7 +68,8 @@ def load_model(path: str, arch: str | None = None, num_classes: int | None = Non
     cfg = meta.get("config") or {}
     sec = next((cfg[k] for k in ("model", "teacher") if isinstance(cfg.get(k), dict) and cfg[k].get("name") == arch),
                {})
-    size = (cfg.get("data") or {}).get("image_size") or None
+    # the image size it trained at (a ViT's patch grid depends on it): recorded, else the run's setting
+    size = meta.get("image_size") or (cfg.get("data") or {}).get("image_size") or None
     model = create_model(str(arch), int(n), checkpoint=path, input_size=size, **model_options(sec))
     return model.eval(), obj
 

@@ -22,6 +22,7 @@ block output with ``feature(state)`` and cuts the gradient with ``detach_state(s
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,18 +35,63 @@ from ..errors import LakdError
 
 class Carry:
     """The state between two blocks of an adapted network: every value that crosses the cut, in a fixed order,
-    which of them is the block's output (``feature``), and whether that output is a B x H x W x C map (``nhwc``,
-    Swin-style networks), which ``feature`` hands out permuted to B x C x H x W."""
+    which of them is the block's output (``feature``), and how that output is laid out: a B x H x W x C map
+    (``nhwc``, Swin-style networks), handed out permuted to B x C x H x W; or a token sequence B x N x C
+    (``tokens``: ``(P, h, w)``, ViT-style networks: ``P`` class/distillation tokens first, then the patch tokens
+    of an ``h`` x ``w`` grid), whose patch tokens are handed out as a B x C x H x W grid (``token_grid``) and its
+    first ``P`` tokens as ``prefix``."""
 
-    __slots__ = ("values", "main", "nhwc")
+    __slots__ = ("values", "main", "nhwc", "tokens")
 
-    def __init__(self, values: tuple, main: int, nhwc: bool = False):
-        self.values, self.main, self.nhwc = tuple(values), main, nhwc
+    def __init__(self, values: tuple, main: int, nhwc: bool = False, tokens: tuple | None = None):
+        self.values, self.main, self.nhwc, self.tokens = tuple(values), main, nhwc, tokens
 
     @property
     def feature(self) -> torch.Tensor:
         v = self.values[self.main]
+        if self.tokens is not None:
+            return token_grid(v, self.tokens)
         return v.permute(0, 3, 1, 2) if self.nhwc else v
+
+    @property
+    def prefix(self) -> torch.Tensor | None:
+        """The class/distillation tokens (B x P x C) of a token sequence; None for maps or without such tokens."""
+        if self.tokens is None or self.tokens[0] == 0:
+            return None
+        return self.values[self.main][:, :self.tokens[0]]
+
+
+def token_grid(tokens: torch.Tensor, layout: tuple) -> torch.Tensor:
+    """The patch tokens of a B x N x C sequence as a B x C x H x W grid. ``layout`` is ``(P, h, w)``: ``P`` leading
+    class/distillation tokens, dropped, and the grid the network had at the size it was traced at; at another image
+    size (N changed) the grid keeps that aspect ratio."""
+    p, h, w = layout
+    b, n, c = tokens.shape
+    n -= p
+    if n != h * w:
+        hh = max(1, round(math.sqrt(n * h / w)))
+        if n % hh:
+            raise LakdError(f"{n} patch tokens do not fill a grid of aspect {h}:{w}; train at the image size the "
+                            f"network was built for (data.image_size)")
+        h, w = hh, n // hh
+    return tokens[:, p:].transpose(1, 2).reshape(b, c, h, w)
+
+
+def token_sequence(state) -> torch.Tensor | None:
+    """A state's block output as a B x N x C token sequence, as a transformer holds it: a ViT's tokens (class and
+    distillation tokens first), a Swin-style B x H x W x C map's positions row by row; None for a B x C x H x W
+    map."""
+    if not isinstance(state, Carry):
+        return None
+    v = state.values[state.main]
+    if state.tokens is not None:
+        return v
+    return v.flatten(1, 2) if state.nhwc else None
+
+
+def prefix_tokens(state) -> torch.Tensor | None:
+    """The class/distillation tokens of a state (B x P x C), or None (maps, or a sequence without such tokens)."""
+    return state.prefix if isinstance(state, Carry) else None
 
 
 def feature(state) -> torch.Tensor:
@@ -57,7 +103,7 @@ def detach_state(state):
     """The state with every carried value detached from the graph (LAKD's cut between local modules)."""
     if isinstance(state, Carry):
         return Carry(tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in state.values), state.main,
-                     state.nhwc)
+                     state.nhwc, state.tokens)
     return state.detach()
 
 
@@ -94,7 +140,7 @@ def _checkpointed(fn, modules, *inputs):
     def run(*args):
         out = fn(*args)
         carry["is"] = isinstance(out, Carry)
-        return (out.values, out.main, out.nhwc) if carry["is"] else out
+        return (out.values, out.main, out.nhwc, out.tokens) if carry["is"] else out
 
     out = torch.utils.checkpoint.checkpoint(run, *inputs, use_reentrant=False, context_fn=context)
     return Carry(*out) if carry["is"] else out
@@ -166,6 +212,12 @@ class FeatureNet(nn.Module):
         1x1 convolution (bias excluded)."""
         return torch.einsum("bchw,kc->bkhw", fmap, self.classifier.weight)
 
+    def block_layout(self, i: int) -> tuple[str, int]:
+        """How block ``i`` (0-based) holds its output: ``("maps", 0)`` (B x C x H x W), ``("tokens", P)`` (a ViT's
+        B x N x C sequence with ``P`` class/distillation tokens first) or ``("nhwc", 0)`` (a Swin-style
+        B x H x W x C map). The zoo's blocks give maps."""
+        return "maps", 0
+
     def replace_modules(self, mapping: dict) -> None:
         """Replace each submodule that is a key of ``mapping`` (by identity) with its value, wherever it is held
         (``lakd.models.fold`` swaps a frozen teacher's convolutions and BatchNorms this way)."""
@@ -173,11 +225,16 @@ class FeatureNet(nn.Module):
 
     def missing(self, need: str) -> str | None:
         """Why this model cannot provide ``need`` (``"features"``: feature maps B x C x H x W; ``"class_maps"``,
-        ``"preact"``) and how to do without, or None when it can. Methods declare what they need
-        (``Distiller.requirements``). Every model of the zoo has all three (but MobileNetV2 pre-activations); an
-        adapted network without a pooled map (a ViT) gives only logits, and refuses the others with one line."""
+        ``"preact"``; ``"heads"``: a class head and a distillation head) and how to do without, or None when it
+        can. Methods declare what they need (``Distiller.requirements``). Every model of the zoo has the first three
+        (but MobileNetV2 pre-activations) and one head; an adapted network may lack some (a class-token ViT has no
+        class maps, a network without a pooled map or token grid gives only logits) and refuses them with one
+        line."""
         if need == "preact" and not self.has_preact:
             return no_preact_message(self)
+        if need == "heads":
+            return (f"{type(self).__name__} has one classifier head (a distilled network has two, a class head and "
+                    f"a distillation head, whose mean is its output: e.g. timm:deit_tiny_distilled_patch16_224)")
         return None
 
     # ----- generic machinery ---------------------------------------------------------------------
@@ -201,8 +258,9 @@ class FeatureNet(nn.Module):
         ``Carry`` state (adapted networks) is passed as its values and rebuilt."""
         mods = self.block_modules(i)
         if isinstance(h, Carry):
-            main, nhwc = h.main, h.nhwc
-            return _checkpointed(lambda *values: self.block_forward(i, Carry(values, main, nhwc)), mods, *h.values)
+            main, nhwc, tokens = h.main, h.nhwc, h.tokens
+            return _checkpointed(lambda *values: self.block_forward(i, Carry(values, main, nhwc, tokens)), mods,
+                                 *h.values)
         if not isinstance(h, torch.Tensor):
             raise LakdError(f"{type(self).__name__} passes a {type(h).__name__} between blocks, which activation "
                             f"recomputation cannot checkpoint; set sdm.recompute=false")
@@ -233,13 +291,24 @@ class FeatureNet(nn.Module):
             return logits, fmap, emb
         return logits
 
+    def head_features(self, h) -> tuple[torch.Tensor, dict]:
+        """``(logits, {"last": map, "embedding": pooled vector, ...})`` from the last block's output: what
+        ``forward(features=True)`` adds to its features after the blocks. A network with two classifier heads
+        whose mean is its output (DeiT's distillation token) adds ``"heads"``: each head's logits (class head
+        first)."""
+        logits, fmap, emb = self.head_forward(h, return_map=True)
+        return logits, {"last": fmap, "embedding": emb}
+
     def forward(self, x: torch.Tensor, features: bool = False, preact: bool = False, blocks: bool = False):
         """Logits, or ``(logits, feats)`` when ``features`` is true.
 
         ``feats`` holds: ``stem`` (stem output), ``stages`` (post-activation output of each stage),
         ``stages_preact`` (pre-activation stage outputs, if ``preact``), ``blocks`` (every block output, if
-        ``blocks``), ``last`` (the map fed to global pooling, for class activation maps) and
-        ``embedding`` (the pooled vector fed to the classifier).
+        ``blocks``), ``last`` (the map fed to global pooling, for class activation maps),
+        ``embedding`` (the pooled vector fed to the classifier) and ``prefix`` (for each stage, the class and
+        distillation tokens, B x P x C, of a token network such as a ViT -- whose ``stages`` are its patch tokens
+        as B x C x H x W grids -- else None); ``heads`` for a network with two classifier heads
+        (``head_features``).
         """
         if preact and (why := self.missing("preact")):
             raise LakdError(why)
@@ -247,7 +316,7 @@ class FeatureNet(nn.Module):
         if not features:
             h = self.run_blocks(h, 0, self.num_blocks)
             return self.head_forward(h)
-        feats: dict = {"stem": feature(h), "stages": [], "blocks": []}
+        feats: dict = {"stem": feature(h), "stages": [], "blocks": [], "prefix": []}
         if preact:
             feats["stages_preact"] = []
         ends = set(self.stage_ends)
@@ -262,9 +331,9 @@ class FeatureNet(nn.Module):
                 feats["blocks"].append(feature(h))
             if is_end:
                 feats["stages"].append(feature(h))
-        logits, fmap, emb = self.head_forward(h, return_map=True)
-        feats["last"] = fmap
-        feats["embedding"] = emb
+                feats["prefix"].append(prefix_tokens(h))
+        logits, more = self.head_features(h)
+        feats.update(more)
         return logits, feats
 
     # ----- shapes ----------------------------------------------------------------------------------

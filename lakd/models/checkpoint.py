@@ -112,7 +112,7 @@ def read_checkpoint(path: str, trusted: bool | None = None) -> dict:
 
 
 #: what a checkpoint records besides the weights (lakd writes all of them; other code bases some or none)
-META_KEYS = ("arch", "num_classes", "dataset", "mean", "std", "method", "epoch", "config")
+META_KEYS = ("arch", "num_classes", "dataset", "image_size", "mean", "std", "method", "epoch", "config")
 
 
 def checkpoint_meta(source) -> dict:

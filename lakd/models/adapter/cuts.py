@@ -6,7 +6,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ...errors import LakdError
-from .heads import is_global_pool
+from .heads import is_global_pool, live_nodes
+from .tokens import token_pool
 from .tracing import last_nodes, propagate, tensor_shape, trace, value_nodes
 
 
@@ -16,16 +17,18 @@ def dominators(gm: fx.GraphModule) -> set[fx.Node]:
     value carried across the cut is detached, and a branch spanning it would lose the later losses' gradient.
     Needs the shapes (``propagate``): values that are not tensors (sizes read off a tensor) carry no gradient and
     do not count."""
-    nodes = list(gm.graph.nodes)
+    live = live_nodes(gm)  # what the network computes and drops (an unused auxiliary head) spans nothing
+    nodes = [n for n in gm.graph.nodes if n in live]
     pos = {n: i for i, n in enumerate(nodes)}
     out = set()
     reach = -1  # the furthest use of a tensor made before the current node
     for n in nodes:
-        if n.op in ("placeholder", "call_module", "call_function", "call_method") and n.users \
+        users = [u for u in n.users if u in live]
+        if n.op in ("placeholder", "call_module", "call_function", "call_method") and users \
                 and reach <= pos[n]:
             out.add(n)
         if n.op != "output" and n.meta.get("tensor_meta") is not None and hasattr(n.meta["tensor_meta"], "shape"):
-            reach = max([reach] + [pos[u] for u in n.users])
+            reach = max([reach] + [pos[u] for u in users])
     return out
 
 
@@ -33,7 +36,9 @@ def default_cuts(model: nn.Module, gm: fx.GraphModule, qualnames: dict) -> tuple
     """(stem, blocks) when the user names none: the family's cut points (``family_cuts``), each moved to where
     every path of the graph passes (``dominators``): a cut inside a branch or on a skip path (a block that a skip
     connection spans) is replaced by the first point after it that all paths pass (where the branches join), so
-    no parameter is left out of every loss."""
+    no parameter is left out of every loss. Only what the logits depend on counts (``live_nodes``)."""
+    live = live_nodes(gm)
+    qualnames = {n: q for n, q in qualnames.items() if n in live}
     stem, blocks = family_cuts(model, gm, qualnames)
     dom = dominators(gm)
     pos = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -69,12 +74,17 @@ def family_cuts(model: nn.Module, gm: fx.GraphModule, qualnames: dict) -> tuple[
     sequence before global pooling (opening the largest container while fewer than three do, e.g. ``features`` or
     ``trunk_output``), the first of three or more being the stem."""
     from torchvision.models.resnet import ResNet
+    from torchvision.models.vision_transformer import VisionTransformer
 
     if isinstance(model, ResNet):
         blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(len(getattr(model, f"layer{i}")))]
         return "maxpool", blocks
+    if isinstance(model, VisionTransformer):  # every encoder block, as timm's ViTs are cut
+        return None, [f"encoder.layers.{name}" for name, _ in model.encoder.layers.named_children()]
     pos = {n: i for i, n in enumerate(gm.graph.nodes)}
-    pools = [n for n in value_nodes(gm.graph) if is_global_pool(gm, n)]
+    live = live_nodes(gm)
+    # the head's pooling: of a feature map, or of a token sequence (a mean of its tokens, its class token)
+    pools = [n for n in value_nodes(gm.graph) if n in live and (is_global_pool(gm, n) or token_pool(n) is not None)]
     pool = pools[-1] if pools else None
     limit = pos[pool.args[0]] if pool is not None else len(pos)
     last_node = last_nodes(qualnames)
@@ -121,6 +131,10 @@ def family_cuts(model: nn.Module, gm: fx.GraphModule, qualnames: dict) -> tuple[
     fi = getattr(model, "feature_info", None)
     if isinstance(fi, list) and fi and all(isinstance(d, dict) and "module" in d for d in fi):
         mods = [d["module"] for d in fi]
+        # entries that share their reduction with another are single blocks, not stages (a ViT lists every
+        # transformer block at the patch size's reduction): each is cut whole, not opened into its layers
+        reductions = [d.get("reduction") for d in fi]
+        whole = {d["module"] for d in fi if d.get("reduction") is not None and reductions.count(d["reduction"]) > 1}
         stem = None
         if len(fi) > 1 and fi[0].get("reduction", 4) <= 2:
             stem, mods = mods[0], mods[1:]
@@ -136,9 +150,18 @@ def family_cuts(model: nn.Module, gm: fx.GraphModule, qualnames: dict) -> tuple[
                 stem, gap = gap[-1], []
             order += gap + [m]
             prev = last_node.get(m)
-        return stem, [b for m in order for b in within(m)]
+        return stem, [b for m in order for b in ([m] if m in whole else within(m))]
 
-    seq = in_sequence(children(""))
+    def straddled(paths: list[str]) -> list[str]:
+        """``paths`` with every module that runs both before and after the pooling opened into its children (a
+        user's wrapper around the whole network, whose head runs after the pooling)."""
+        out = []
+        for path in paths:
+            ps = [pos[n] for n, q in qualnames.items() if q == path or q.startswith(path + ".")]
+            out += straddled(children(path)) if ps and min(ps) <= limit < max(ps) else [path]
+        return out
+
+    seq = in_sequence(straddled(children("")))
     # open the largest container while fewer than three pieces run in sequence (`features`, `trunk_output`)
     while len(seq) < 3:
         opened = [p for p in seq if len(in_sequence(children(p))) >= 2]

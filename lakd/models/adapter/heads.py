@@ -1,12 +1,14 @@
 """What the adapter reads off a traced graph's nodes: global pooling (and its NCHW / NHWC layout), ReLUs (for
-pre-activations), ops that only reshape, and the B x C x H x W shape of a cut.
+pre-activations), ops that only reshape, the B x C x H x W shape of a cut, what the logits depend on
+(``live_nodes``), two averaged heads (``head_pair``), and class maps through any head (``FrozenHeadRun``).
 
 The head is everything after the last cut. Its global pooling (adaptive/average pooling to 1x1 or a mean over
-H x W) gives the last feature map (its input); the classifier is the last ``nn.Linear`` after it (or the module
-named by ``classifier=``; timm models: the module ``get_classifier()`` returns). Class activation maps apply the
-classifier to the map at every position -- through the layers between pooling and the classifier when there are
-any (e.g. MobileNetV3's hidden ``Linear``) -- which is the usual CAM (bias excluded) when the classifier follows
-the pooling directly.
+H x W; for token networks see ``tokens``) gives the last feature map (its input); the classifier is the last
+``nn.Linear`` after it (or the module named by ``classifier=``; timm models: the module ``get_classifier()``
+returns). Class activation maps apply the head after the pooling to the map at every position, its nonlinearities
+frozen at the pooled vector, minus its output at zero: for a classifier right after the pooling that is the usual
+CAM (its weights as a 1x1 convolution, bias excluded), and for any head the maps' mean plus that offset is the
+logits.
 """
 from __future__ import annotations
 
@@ -159,3 +161,185 @@ def timm_classifier(model: nn.Module) -> str | None:
     if not isinstance(c, nn.Linear):
         return None
     return next((path for path, m in model.named_modules() if m is c and path), None)
+
+
+# ----- the nodes that matter: what the logits depend on ------------------------------------------------------------
+def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes the output depends on (its ancestors), and the in-place ops that rewrite one of them (with their
+    own ancestors). What a network computes and then drops -- an auxiliary head whose output a wrapper discards
+    (``return self.net(x)[0]``), a shape assertion -- is left out: it is not cut, not pooled, not a classifier,
+    and the adapter's pieces do not run it."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    live: set[fx.Node] = set()
+
+    def add(start):
+        todo = [start]
+        while todo:
+            n = todo.pop()
+            if n in live:
+                continue
+            live.add(n)
+            todo.extend(n.all_input_nodes)
+
+    add(out)
+    changed = True
+    while changed:
+        changed = False
+        for n in gm.graph.nodes:
+            if n not in live and (m := mutated(gm, n)) is not None and m in live:
+                add(n)
+                changed = True
+    return live
+
+
+def head_pair(gm: fx.GraphModule, logits: fx.Node) -> list[fx.Node] | None:
+    """The two classifier calls when the logits are their mean (``(head(x) + head_dist(x_dist)) / 2``: DeiT's
+    distillation token, EfficientFormer(V2), LeViT): in the order of the sum (the class head first, as timm
+    writes it), None otherwise."""
+    n = logits
+    if n.op != "call_function" or len(n.args) != 2:
+        return None
+    a, k = n.args
+    if not ((n.target in (operator.truediv, torch.div, torch.true_divide) and k == 2)
+            or (n.target in (operator.mul, torch.mul) and k == 0.5)):
+        return None
+    if not isinstance(a, fx.Node) or a.op != "call_function" or a.target not in (operator.add, torch.add) \
+            or len(a.args) != 2:
+        return None
+    heads = list(a.args)
+    if not all(isinstance(h, fx.Node) and h.op == "call_module" and isinstance(gm.get_submodule(h.target), nn.Linear)
+               for h in heads):
+        return None
+    return heads  # in the order of the sum: timm's (head(x) + head_dist(x_dist)) / 2 puts the class head first
+
+
+# ----- class maps through any head: its nonlinearities frozen at the pooled vector ---------------------------------
+#: elementwise activations a head may hold after pooling (MobileNetV3's Hardswish, MaxViT's tanh pre-logits)
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+                nn.ELU, nn.Mish, nn.Softplus, nn.PReLU)
+_ACT_FUNCTIONS = (F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh,
+                  F.elu, F.mish, F.softplus, torch.relu, torch.sigmoid, torch.tanh, F.hardtanh)
+_ACT_METHODS = ("relu", "sigmoid", "tanh")
+_AFFINE_FUNCTIONS = (operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub,
+                     torch.mul, torch.div, F.layer_norm, F.linear, F.batch_norm, operator.getitem, torch.cat)
+_AFFINE_METHODS = ("add", "sub", "mul", "div", "permute", "transpose", "unsqueeze", "mean", "__getitem__")
+_NORM_MODULES = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
+
+
+def unfreezable(gm: fx.GraphModule, nodes) -> fx.Node | None:
+    """The first node of ``nodes`` that ``FrozenHeadRun`` cannot make affine (not a Linear layer or a 1x1
+    convolution, a normalisation, an elementwise activation, a reshape or +-*/), or None."""
+    for n in nodes:
+        if n.op in ("get_attr", "placeholder", "output") or is_trivial(gm, n):
+            continue
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
+                                                (nn.Linear, *_NORM_MODULES, *_ACT_MODULES, *_TRIVIAL_MODULES)):
+            continue
+        if n.op == "call_module" and _is_pointwise_conv(gm.get_submodule(n.target)):
+            continue  # a 1x1 convolution on the pooled 1 x 1 map is a Linear over its channels (timm's conv_head)
+        if n.op == "call_function" and (n.target in _AFFINE_FUNCTIONS or n.target in _ACT_FUNCTIONS
+                                        or n.target in _TRIVIAL_FUNCTIONS or n.target in _VIEW_FUNCTIONS):
+            continue
+        if n.op == "call_method" and (n.target in _AFFINE_METHODS or n.target in _ACT_METHODS
+                                      or n.target in _TRIVIAL_METHODS or n.target in _VIEW_METHODS):
+            continue
+        return n
+    return None
+
+
+def _is_pointwise_conv(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1 \
+        and m.padding in ((0, 0), "valid") and m.dilation == (1, 1)
+
+
+class FrozenHeadRun(fx.Interpreter):
+    """Runs a head (the graph from the pooled vector to the logits) with every nonlinearity frozen at its state on a
+    reference input: the first run (``frozen=None``) records, on the pooled vectors (B rows), each normalisation's
+    statistics and each elementwise activation's gain (its output over its input); a run given that ``frozen``
+    state applies it, each sample's to its ``repeat`` consecutive rows (its H x W positions). Frozen so, a head
+    of Linear layers, normalisations, activations and reshapes is affine per sample and equals the real head at the
+    pooled vector; so the positions' outputs minus the frozen head's output at zero, averaged over the positions,
+    plus that offset, are the logits exactly. LayerNorm (module or ``F.layer_norm``), RMSNorm and training-mode
+    BatchNorm keep the pooled vector's statistics (BatchNorm in eval mode is affine already); dropout is skipped.
+    For a head that is affine already (a Linear classifier, two heads averaged) nothing is frozen."""
+
+    def __init__(self, gm: fx.GraphModule, frozen: list | None = None, repeat: int = 1):
+        super().__init__(gm)
+        self.recording = frozen is None
+        self.frozen = [] if frozen is None else list(frozen)
+        self.k, self.repeat = 0, repeat
+
+    def _take(self):
+        state = self.frozen[self.k]
+        self.k += 1
+        if self.repeat > 1:
+            state = tuple(None if t is None or t.shape[0] == 1 else t.repeat_interleave(self.repeat, 0)
+                          for t in state)
+        return state
+
+    def _norm(self, x, dims, weight, bias, eps, rms=False, channel_dim=None):
+        if self.recording:
+            mu = None if rms else x.mean(dims, keepdim=True)
+            var = x.pow(2).mean(dims, keepdim=True) if rms else x.var(dims, unbiased=False, keepdim=True)
+            self.frozen.append((mu, var))
+        else:
+            mu, var = self._take()
+        y = (x if mu is None else x - mu) * torch.rsqrt(var + eps)
+        if channel_dim is not None:
+            shape = [1] * x.dim()
+            shape[channel_dim] = -1
+            weight = None if weight is None else weight.view(shape)
+            bias = None if bias is None else bias.view(shape)
+        if weight is not None:
+            y = y * weight
+        if bias is not None:
+            y = y + bias
+        return y
+
+    def _act(self, fn, x):
+        if self.recording:
+            safe = torch.where(x.abs() < 1e-6, torch.full_like(x, 1e-6), x)
+            gain = fn(safe.clone()) / safe  # a copy: an in-place activation would rewrite safe
+            self.frozen.append((gain,))
+            return fn(x)
+        (gain,) = self._take()
+        return gain * x
+
+    def call_function(self, target, args, kwargs):
+        if target is F.layer_norm:
+            x, shape = args[0], args[1]
+            rest = list(args[2:]) + [None] * 3
+            w = kwargs.get("weight", rest[0])
+            b = kwargs.get("bias", rest[1])
+            eps = kwargs.get("eps", rest[2] if rest[2] is not None else 1e-5)
+            return self._norm(x, tuple(range(x.dim() - len(shape), x.dim())), w, b, eps)
+        if target in (F.dropout, F.dropout1d, F.dropout2d):
+            return args[0]
+        if target in _ACT_FUNCTIONS:
+            return self._act(lambda t: target(t, *args[1:], **{k: v for k, v in kwargs.items() if k != "inplace"}),
+                             args[0])
+        return super().call_function(target, args, kwargs)
+
+    def call_method(self, target, args, kwargs):
+        if target in _ACT_METHODS:
+            return self._act(lambda t: getattr(t, target)(*args[1:], **kwargs), args[0])
+        return super().call_method(target, args, kwargs)
+
+    def call_module(self, target, args, kwargs):
+        m = self.fetch_attr(target)
+        x = args[0] if args else None
+        if isinstance(m, nn.LayerNorm):
+            dims = tuple(range(x.dim() - len(m.normalized_shape), x.dim()))
+            return self._norm(x, dims, m.weight, m.bias, m.eps)
+        if isinstance(m, nn.RMSNorm):
+            dims = tuple(range(x.dim() - len(m.normalized_shape), x.dim()))
+            eps = m.eps if m.eps is not None else torch.finfo(x.dtype).eps
+            return self._norm(x, dims, m.weight, None, eps, rms=True)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            dims = tuple(d for d in range(x.dim()) if d != 1)
+            return self._norm(x, dims, m.weight, m.bias, m.eps, channel_dim=1)
+        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d)):
+            return x
+        if isinstance(m, _ACT_MODULES):
+            return self._act(m.forward, x)
+        return super().call_module(target, args, kwargs)

@@ -102,11 +102,15 @@ def trace(model: nn.Module, leaf_modules=(), name: str | None = None) -> tuple[f
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         inside = tracer.stack[-1] if tracer.stack else ""
         mod = model.get_submodule(inside) if inside else model
-        where = f"module {inside!r} ({type(mod).__name__})" if inside else f"the top-level forward of {label}"
-        raise LakdError(f"cannot trace {label} with torch.fx: {first}{_where(e.__traceback__)} in {where}; make "
-                        f"that module a leaf (model.leaf_modules=[{type(mod).__name__}]) so it runs as one call, "
-                        f"or wrap the network with module:<package.module>:<callable> and an explicit model.blocks "
-                        f"list that cuts around it") from None
+        if not inside:  # the network's own forward: a leaf there is the whole network, which gives logits only
+            raise LakdError(f"cannot trace {label} with torch.fx: {first}{_where(e.__traceback__)} in the top-level "
+                            f"forward of {label}; model.leaf_modules=[{type(mod).__name__}] runs it as one call, "
+                            f"for methods that need only the logits (e.g. method=kd); for feature methods move that "
+                            f"code into a submodule and make the submodule a leaf") from None
+        raise LakdError(f"cannot trace {label} with torch.fx: {first}{_where(e.__traceback__)} in module {inside!r} "
+                        f"({type(mod).__name__}); make that module a leaf (model.leaf_modules=[{type(mod).__name__}]) "
+                        f"so it runs as one call, or wrap the network with module:<package.module>:<callable> and an "
+                        f"explicit model.blocks list that cuts around it") from None
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     return gm, dict(tracer.node_to_qualname)
 
