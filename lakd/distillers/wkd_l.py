@@ -134,7 +134,7 @@ class WKDL(Distiller):
 
     def requirements(self):
         cost = self.section("wkd_l").get("cost")
-        return {"student": (), "teacher": (("class_maps", "wkd_l.cost", cost),) if cost == "classifier" else ()}
+        return {"student": (), "teacher": (("classifier", "wkd_l.cost", cost),) if cost == "classifier" else ()}
 
     def __init__(self, student, teacher, cfg, num_data=0):
         super().__init__(student, teacher, cfg, num_data)
