@@ -599,7 +599,7 @@ def test_lakd_methods_lists_the_new_methods(capsys):
 
 def test_every_config_of_these_methods_loads():
     paths = [p for m in METHODS for p in glob.glob(os.path.join(ROOT, "configs", "*", m, "*.yaml"))]
-    assert len(paths) == 7 * len(METHODS) + 5  # six CIFAR-100 pairs and CIFAR-10 each; ImageNet for all but WTTM
+    assert len(paths) == 7 * len(METHODS) + 6  # six CIFAR-100 pairs, CIFAR-10 and ImageNet each
     for p in paths:
         cfg = load_config(p)
         method = os.path.basename(os.path.dirname(p))

@@ -14,9 +14,10 @@ transform is computed in log space (``gamma * log_softmax(z_t)``, its logsumexp)
 underflow of small probabilities to 0. Variant ``ttm``: the unweighted TTM at the README's example setting
 (gamma 0.1, weight 45, VGG13 -> VGG8).
 
-The authors list their per-pair ``gamma`` and weight in the paper's appendix A.4; the defaults here are the only
-WTTM setting in their README (gamma 0.2, weight 4, in its CRD + WTTM example). Their recipe: RepDistiller's
-(SGD lr 0.05, x0.1 at 150/180/210 of 240 epochs, batch 64, wd 5e-4), CE weight 1.
+The authors list their per-pair ``gamma`` and weight in the paper's appendix A.4 (Tables 8-10), which the configs
+carry; the defaults here are the only WTTM setting in their README (gamma 0.2, weight 4, its CRD + WTTM example:
+Table 8's WTTM+CRD setting for VGG13 -> VGG8). Their recipe: RepDistiller's (SGD lr 0.05, x0.1 at 150/180/210 of
+240 epochs, batch 64, wd 5e-4), CE weight 1.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class WTTM(Distiller):
     CHECKS = [
         {"rule": "not_all_zero", "keys": ["wttm.ce_weight", "wttm.kd_weight"]},
     ]
-    #: TTM: no sample weights, at the README's example setting (VGG13 -> VGG8: --ttm_l 0.1 -b 45)
+    #: TTM: no sample weights, at the README's example setting (VGG13 -> VGG8: --ttm_l 0.1 -b 45; the paper's Table 8)
     variants = {"ttm": ["wttm.weighted=false", "wttm.gamma=0.1", "wttm.kd_weight=45.0"]}
 
     def __init__(self, student, teacher, cfg, num_data=0):
