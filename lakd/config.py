@@ -66,6 +66,9 @@ DEFAULTS: dict[str, Any] = {
     # where a reference-recipe config comes from (configs/<dataset>/<method>/ref/*.yaml): repository, commit,
     # files, top1, reported_in, deviations; recorded with the run, it changes nothing the run computes
     "reference": None,
+    # cross-setting rules broken on purpose: the setting keys (e.g. [dkd.warmup]) of rules their method marks
+    # waivable (a warm-up longer than a short run); the run logs a warning and goes on (lakd.settings)
+    "waive": [],
     "data": {
         "dataset": "cifar10",  # cifar10 | cifar100 | imagenet | imagefolder | digits
         "root": "",  # folder holding cifar-10-batches-py / cifar-100-python / train,val ("": $LAKD_DATA or ./data)
@@ -323,7 +326,9 @@ def check_type(value: Any, default: Any, key: str, where: str) -> Any:
             raise LakdError(f"{where}: {key} must be a string (e.g. {key}={default or 'NAME'}), got {value!r}")
     elif isinstance(default, list):
         if not isinstance(value, list):
-            raise LakdError(f"{where}: {key} must be a list (e.g. {key}=[3,6,9]), got {value!r}")
+            example = f"[{value}]" if isinstance(value, str) and value and "," not in value else \
+                f"[{','.join(str(x) for x in default)}]" if default else "[3,6,9]"
+            raise LakdError(f"{where}: {key} must be a list (e.g. {key}={example}), got {value!r}")
     return value
 
 
@@ -428,6 +433,9 @@ def validate(cfg: dict) -> None:
                               or not all(isinstance(x, (int, float)) for x in v)):
             raise LakdError(f"data.{key} must be a list of 3 numbers or null, got {v!r}")
     check_reference(cfg.get("reference"))
+    w = cfg.get("waive")
+    if not isinstance(w, list) or not all(isinstance(x, str) and "." in x for x in w):
+        raise LakdError(f"waive must be a list of setting keys, e.g. waive=[dkd.warmup], got {w!r}")
     DISTILLERS.check_name(cfg["method"])  # unknown method -> clear error (from the catalog: no torch import)
     if uses_teacher(cfg) and not cfg["teacher"].get("name"):
         raise LakdError(f"method {cfg['method']!r} needs a teacher: set teacher.name (and teacher.checkpoint)")
@@ -505,8 +513,16 @@ def check_method_settings(cfg: dict, train_size: int | None = None, world_size: 
     training images, once the data are known) and ``world_size`` are facts some checks compare with."""
     defaults = defaults if defaults is not None else full_defaults()
     facts = run_facts(cfg, train_size, world_size)
-    for name, (declared, checks) in method_declarations().items():
-        check_settings(cfg, declared, checks, defaults, facts, name, rules=name == str(cfg.get("method")).lower())
+    method = str(cfg.get("method")).lower()
+    declarations = method_declarations()
+    waived = set(cfg.get("waive") or [])
+    if waived:
+        own = [r["key"] for r in declarations.get(method, ({}, []))[1] if r.get("waivable")]
+        for key in sorted(waived - set(own)):
+            raise LakdError(f"waive=[{key}]: {method} has no rule on {key} that may be waived (waivable: "
+                            f"{', '.join(own) or 'none'}); remove it from waive")
+    for name, (declared, checks) in declarations.items():
+        check_settings(cfg, declared, checks, defaults, facts, name, rules=name == method, waived=waived)
 
 
 def method_declarations() -> dict[str, tuple[dict, list]]:
@@ -548,6 +564,7 @@ RESUME_FREE = {
     "train.dist_timeout_s",
     "sdm.recompute",  # LAKD's activation recomputation: the same step (tested bitwise), less memory, more time
     "reference",  # provenance of a reference-recipe config (and every reference.* field): computes nothing
+    "waive",  # which rules the checks let pass: computes nothing
 }
 
 

@@ -34,10 +34,14 @@ range test alone lets it through).
   process trains a step on: ``solver.batch_size`` over the processes, or the epoch's partial last batch, see
   ``run_facts``). A rule whose values are not known (yet) is not checked.
 
-A rule may carry ``"when": {"key": value, ...}``: it applies only when those settings have those values.
+A rule may carry ``"when": {"key": value, ...}``: it applies only when those settings have those values, and
+``"waivable": true`` (compare rules) where breaking it is a choice a study may make on purpose (a loss warm-up
+longer than a short run: the loss reaches part of its weight) rather than a run that cannot work: a config whose
+``waive`` list names the rule's key then runs with a logged warning.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
@@ -45,7 +49,7 @@ from typing import Any
 from .errors import LakdError
 
 KINDS = ("number", "int", "bool", "choice", "numbers", "ints", "text")
-RULE_KEYS = {"rule", "keys", "key", "op", "than", "about", "when", "example"}
+RULE_KEYS = {"rule", "keys", "key", "op", "than", "about", "when", "example", "waivable"}
 SPEC_KEYS = {"kind", "ge", "gt", "le", "lt", "odd", "nonempty", "increasing", "null", "also", "choices", "about",
              "example"}
 RULES = ("not_all_zero", "compare")
@@ -54,6 +58,7 @@ OPS = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a >
 FACTS = ("@train_size", "@smallest_batch")
 
 _MISSING = object()
+log = logging.getLogger(__name__)
 
 
 # ----- reading values ----------------------------------------------------------------------------------------
@@ -184,7 +189,10 @@ def _operand(x: Any, cfg: dict, defaults: dict, facts: dict) -> tuple[Any, str]:
     return x, _fmt(x)
 
 
-def check_rule(rule: dict, cfg: dict, defaults: dict, facts: dict, method: str = "") -> None:
+def check_rule(rule: dict, cfg: dict, defaults: dict, facts: dict, method: str = "",
+               waived: set | frozenset = frozenset()) -> None:
+    """Raise ``LakdError`` when ``cfg`` breaks ``rule``; a ``waivable`` compare rule whose key is in ``waived``
+    (the config's ``waive`` list) logs a warning instead."""
     if not _applies(rule, cfg, defaults):
         return
     about = f" ({rule['about']})" if rule.get("about") else ""
@@ -212,6 +220,9 @@ def check_rule(rule: dict, cfg: dict, defaults: dict, facts: dict, method: str =
         if OPS[op](v, other):
             return
         key = rule["key"]
+        if rule.get("waivable") and key in waived:
+            log.warning("%s is not %s %s%s: run on purpose (waive=[%s])", left, op, right, about, key)
+            return
         fix = {"<=": other, ">=": other, "<": other - 1 if _is_int(v) else None,
                ">": other + 1 if _is_int(v) else None}[op]
         if rule.get("example"):
@@ -222,12 +233,14 @@ def check_rule(rule: dict, cfg: dict, defaults: dict, facts: dict, method: str =
             hint = f"; e.g. {key}={_fmt(fix)}"
         else:
             hint = ""
+        if rule.get("waivable"):
+            hint += f" (or waive=[{key}] to run it so on purpose)"
         raise LakdError(f"{left} must be {op} {right}{' for ' + method if method else ''}{about}{hint}")
 
 
 # ----- a method's declarations --------------------------------------------------------------------------------
 def check_settings(cfg: dict, settings: dict, checks: list, defaults: dict, facts: dict | None = None,
-                   method: str = "", rules: bool = True) -> None:
+                   method: str = "", rules: bool = True, waived: set | frozenset = frozenset()) -> None:
     """Check ``cfg`` against one method's ``SETTINGS`` (every declared key, ``defaults`` filling the keys ``cfg``
     lacks) and, with ``rules``, its ``CHECKS`` given the run's ``facts`` (``@train_size``, ...)."""
     for key, spec in settings.items():
@@ -236,7 +249,7 @@ def check_settings(cfg: dict, settings: dict, checks: list, defaults: dict, fact
             check_value(key, spec, v, lookup(defaults, key))
     if rules:
         for rule in checks:
-            check_rule(rule, cfg, defaults, facts or {}, method)
+            check_rule(rule, cfg, defaults, facts or {}, method, waived)
 
 
 def run_facts(cfg: dict, train_size: int | None = None, world_size: int | None = None) -> dict:

@@ -141,7 +141,8 @@ CASES = [
     (["method=lakd", "lakd.ce_weight=0", "lakd.att_weight=0", "lakd.feat_weights=[0,0,0]"],
      r"every loss weight of lakd is 0 .*lakd.feat_weights=\[0,0,0\]"),
     (["method=reviewkd", "reviewkd.warmup=50", "solver.epochs=1"],
-     r"reviewkd.warmup=50 must be <= solver.epochs=1 for reviewkd .*; e.g. reviewkd.warmup=1$"),
+     r"reviewkd.warmup=50 must be <= solver.epochs=1 for reviewkd .*; e.g. reviewkd.warmup=1 "
+     r"\(or waive=\[reviewkd.warmup\] to run it so on purpose\)$"),
     (["method=dkd", "solver.epochs=3"], r"dkd.warmup=20 must be <= solver.epochs=3 for dkd"),
     (["method=sskd", "solver.batch_size=1"],
      r"the batch \(solver.batch_size=1\) must be >= 2 for sskd .*; e.g. solver.batch_size=64$"),
@@ -212,3 +213,55 @@ def test_settings_of_methods_not_run_are_still_refused_when_nan():
         load_config(None, ["method=lakd", "teacher.name=resnet8", "kd.T=.nan"])
     cfg = load_config(None, ["method=lakd", "teacher.name=resnet8", "kd.ce_weight=0", "kd.kd_weight=0"])
     assert cfg["kd"]["ce_weight"] == 0.0 and full_defaults()["kd"]["ce_weight"] == 0.1
+
+
+# ----- waiving a rule on purpose ---------------------------------------------------------------------------------
+def test_a_waivable_rule_is_refused_with_the_waiver_named_and_passes_when_waived(caplog):
+    over = ["method=dkd", "teacher.name=resnet8", "solver.epochs=3"]
+    with pytest.raises(LakdError, match=r"e.g. dkd.warmup=3 \(or waive=\[dkd.warmup\] to run it so on purpose\)$"):
+        load_config(None, over)
+    with caplog.at_level("WARNING", logger="lakd.settings"):
+        cfg = load_config(None, over + ["waive=[dkd.warmup]"])
+    assert cfg["dkd"]["warmup"] == 20 and cfg["waive"] == ["dkd.warmup"]
+    assert any("dkd.warmup=20 is not <= solver.epochs=3" in r.getMessage() and "waive=[dkd.warmup]" in r.getMessage()
+               for r in caplog.records)
+    # a rule that would make the run fail (not marked waivable) stays a refusal whatever waive says
+    with pytest.raises(LakdError, match=r"^waive=\[crd.nce_k\]: crd has no rule on crd.nce_k that may be waived "
+                                        r"\(waivable: none\); remove it from waive$"):
+        load_config(None, ["method=crd", "teacher.name=resnet8", "waive=[crd.nce_k]"])
+    with pytest.raises(LakdError, match=r"dkd has no rule on kd.T that may be waived \(waivable: dkd.warmup\)"):
+        load_config(None, over + ["waive=[kd.T]"])
+    with pytest.raises(LakdError, match=r"waive must be a list \(e.g. waive=\[dkd.warmup\]\), got 'dkd.warmup'"):
+        load_config(None, over + ["waive=dkd.warmup"])
+    with pytest.raises(LakdError, match=r"waive must be a list of setting keys"):
+        load_config(None, over + ["waive=[3]"])
+
+
+def test_only_loss_warmups_are_waivable():
+    """Waivable marks a choice (the loss reaches part of its weight), never a run that cannot work."""
+    waivable = {r["key"] for m in DISTILLERS.names() for r in DISTILLERS.get(m).CHECKS if r.get("waivable")}
+    assert waivable == {"dkd.warmup", "reviewkd.warmup", "sdd.warmup"}
+
+
+def test_a_hand_built_distiller_reads_the_waiver():
+    s, t = create_model("resnet8", 10), create_model("resnet8", 10)
+    cfg = full_defaults()
+    cfg.update(method="dkd")
+    cfg["solver"]["epochs"] = 3
+    cls = DISTILLERS.get("dkd")
+    with pytest.raises(LakdError, match="dkd.warmup=20 must be <= solver.epochs=3"):
+        cls(s, t, cfg)
+    cfg["waive"] = ["dkd.warmup"]
+    d = cls(s, t, cfg)
+    assert d.warmup_factor() == pytest.approx(1 / 20)
+
+
+def test_the_study_spec_plans_no_refused_run(tmp_path, monkeypatch):
+    """The study's reproduction command (`lakd sweep sweeps/cifar10_seeds.yaml` into a fresh results folder) resolves
+    every row: a run whose config a later check refuses would stop the sweep before it starts anything."""
+    from lakd.sweep import load_plan
+
+    monkeypatch.setenv("LAKD_SHARED", str(tmp_path))
+    plan = load_plan(str(ROOT / "sweeps" / "cifar10_seeds.yaml"), runs_dir=str(tmp_path / "runs"),
+                     results_dir=str(tmp_path / "res"))
+    assert plan.runs and [r.name for r in plan.runs if r.refused] == []

@@ -67,7 +67,7 @@ class DKD(Distiller):
     #: checks over several settings, or a setting and the run (lakd.settings)
     CHECKS = [
         {"rule": "not_all_zero", "keys": ["dkd.ce_weight", "dkd.alpha", "dkd.beta"]},
-        {"rule": "compare", "key": "dkd.warmup", "op": "<=", "than": "solver.epochs", "about":
+        {"rule": "compare", "key": "dkd.warmup", "op": "<=", "than": "solver.epochs", "waivable": True, "about":
             "the DKD loss ramps up over dkd.warmup epochs and would never reach its full weight"},
     ]
 

@@ -87,7 +87,7 @@ class ReviewKD(Distiller):
     #: checks over several settings, or a setting and the run (lakd.settings)
     CHECKS = [
         {"rule": "not_all_zero", "keys": ["reviewkd.ce_weight", "reviewkd.weight"]},
-        {"rule": "compare", "key": "reviewkd.warmup", "op": "<=", "than": "solver.epochs", "about":
+        {"rule": "compare", "key": "reviewkd.warmup", "op": "<=", "than": "solver.epochs", "waivable": True, "about":
             "the review loss ramps up over reviewkd.warmup epochs and would never reach its full weight"},
         {"rule": "compare", "key": "@smallest_batch", "op": ">=", "than": 2, "about":
             "the BatchNorm of its fusion modules needs two images per step"},

@@ -132,7 +132,7 @@ class SDD(Distiller):
     #: checks over several settings, or a setting and the run (lakd.settings)
     CHECKS = [
         {"rule": "not_all_zero", "keys": ["sdd.ce_weight", "sdd.kd_weight"]},
-        {"rule": "compare", "key": "sdd.warmup", "op": "<=", "than": "solver.epochs", "about":
+        {"rule": "compare", "key": "sdd.warmup", "op": "<=", "than": "solver.epochs", "waivable": True, "about":
             "the region loss ramps up over sdd.warmup epochs and would never reach its full weight"},
     ]
     #: SD-KD: KD on the regions at mdistiller's KD weights, no warm-up (the authors' SDD_KD)

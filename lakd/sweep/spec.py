@@ -61,8 +61,9 @@ SPEC_KEYS = {"name", "runs_dir", "results_dir", "seeds", "processes", "threads",
 GROUP_KEYS = {"name", "title", "order", "reference", "compare", "overrides", "grid", "runs", "seeds", "paper_note"}
 #: ``label``, ``paper``: report metadata; ``skip``: a reason not to run the row (listed and reported, not run)
 ROW_KEYS = {"name", "config", "overrides", "label", "paper", "skip"}
-#: config keys that do not make two runs different (where the run lives, how many threads it uses)
-NOT_IDENTITY = ("experiment", "output_dir", "resume")
+#: config keys that do not make two runs different (where the run lives, how many threads it uses, which checks
+#: it waives)
+NOT_IDENTITY = ("experiment", "output_dir", "resume", "waive")
 NOT_IDENTITY_NESTED = (("train", "threads"), ("train", "progress"), ("train", "log_every"))
 
 
