@@ -59,6 +59,7 @@ FACTS = ("@train_size", "@smallest_batch")
 
 _MISSING = object()
 log = logging.getLogger(__name__)
+_WAIVED_SAID: set[str] = set()  # the waived-rule warnings given in this process
 
 
 # ----- reading values ----------------------------------------------------------------------------------------
@@ -221,7 +222,10 @@ def check_rule(rule: dict, cfg: dict, defaults: dict, facts: dict, method: str =
             return
         key = rule["key"]
         if rule.get("waivable") and key in waived:
-            log.warning("%s is not %s %s%s: run on purpose (waive=[%s])", left, op, right, about, key)
+            said = f"{left} is not {op} {right}{about}: run on purpose (waive=[{key}])"
+            if said not in _WAIVED_SAID:  # once per process: the config, the engine and the distiller all check
+                _WAIVED_SAID.add(said)
+                log.warning(said)
             return
         fix = {"<=": other, ">=": other, "<": other - 1 if _is_int(v) else None,
                ">": other + 1 if _is_int(v) else None}[op]
