@@ -356,7 +356,7 @@ def test_published_numbers_sit_beside_the_rows_and_comparisons_use_the_group_lab
     assert "Paper column: published, 300 epochs" in ablation
     assert "| A again (= runs of a) | 2 | 80.25 ± 0.35 |" in ablation and "| 93.08 |" in ablation
     # the merged rows' comparison is labelled as in this group, not as in the group the runs come from
-    assert "| B again − A again | 0, 1 | +0.75 |" in ablation
+    assert "| B again − A again | s0, s1 | +0.75 |" in ablation
     rows = list(csv.DictReader(open(tmp_path / "r.csv")))
     assert [r["paper"] for r in rows if r["group"] == "ablation"] == ["93.08", "93.27"]
 

@@ -355,7 +355,7 @@ def render_seeds(groups: Sequence[Group], runs: Sequence[Run], plan: Plan | None
                     "|---|---|---|---|---|---|---|---|"]
             for p, h in zip(pairs, held):
                 s = p.summary
-                out.append(f"| {p.a} − {p.b} | {', '.join(map(str, p.seeds)) or 'none'} | {_signed(s.mean)} | "
+                out.append(f"| {p.a} − {p.b} | {', '.join(f's{x}' for x in p.seeds) or 'none'} | {_signed(s.mean)} | "
                            f"{_f(s.std)} | {_ci(s)} | {p.verdict} | {_p(p)} | {_holm_cell(p, h, family)} |")
             out.append("")
     if any(r.repeats for r in all_rows.values()):
