@@ -252,7 +252,7 @@ def test_sweep_killed_then_resumed_exactly(tmp_path, capsys):
     # and the report reads the results folder: the plan's groups, rows and comparison
     assert main(["report", str(res), "--out", str(tmp_path / "r.md")]) == 0
     md = (tmp_path / "r.md").read_text()
-    assert "| row A | 1 |" in md and "| row B − row A | 0 |" in md and "2 of the 2 runs the sweep plans have finished." in md
+    assert "| row A | 1 |" in md and "| row B − row A | s0 |" in md and "2 of the 2 runs the sweep plans have finished." in md
 
 
 @pytest.mark.slow
