@@ -522,7 +522,7 @@ def check_method_settings(cfg: dict, train_size: int | None = None, world_size: 
             raise LakdError(f"waive=[{key}]: {method} has no rule on {key} that may be waived (waivable: "
                             f"{', '.join(own) or 'none'}); remove it from waive")
     for name, (declared, checks) in declarations.items():
-        check_settings(cfg, declared, checks, defaults, facts, name, rules=name == method, waived=waived)
+        check_settings(cfg, declared, checks, defaults, facts, name, rules=name == method)
 
 
 def method_declarations() -> dict[str, tuple[dict, list]]:

@@ -190,10 +190,9 @@ def _operand(x: Any, cfg: dict, defaults: dict, facts: dict) -> tuple[Any, str]:
     return x, _fmt(x)
 
 
-def check_rule(rule: dict, cfg: dict, defaults: dict, facts: dict, method: str = "",
-               waived: set | frozenset = frozenset()) -> None:
-    """Raise ``LakdError`` when ``cfg`` breaks ``rule``; a ``waivable`` compare rule whose key is in ``waived``
-    (the config's ``waive`` list) logs a warning instead."""
+def check_rule(rule: dict, cfg: dict, defaults: dict, facts: dict, method: str = "") -> None:
+    """Raise ``LakdError`` when ``cfg`` breaks ``rule``; a ``waivable`` compare rule whose key the config's
+    ``waive`` list names logs a warning instead."""
     if not _applies(rule, cfg, defaults):
         return
     about = f" ({rule['about']})" if rule.get("about") else ""
@@ -221,7 +220,7 @@ def check_rule(rule: dict, cfg: dict, defaults: dict, facts: dict, method: str =
         if OPS[op](v, other):
             return
         key = rule["key"]
-        if rule.get("waivable") and key in waived:
+        if rule.get("waivable") and key in (cfg.get("waive") or ()):
             said = f"{left} is not {op} {right}{about}: run on purpose (waive=[{key}])"
             if said not in _WAIVED_SAID:  # once per process: the config, the engine and the distiller all check
                 _WAIVED_SAID.add(said)
@@ -244,7 +243,7 @@ def check_rule(rule: dict, cfg: dict, defaults: dict, facts: dict, method: str =
 
 # ----- a method's declarations --------------------------------------------------------------------------------
 def check_settings(cfg: dict, settings: dict, checks: list, defaults: dict, facts: dict | None = None,
-                   method: str = "", rules: bool = True, waived: set | frozenset = frozenset()) -> None:
+                   method: str = "", rules: bool = True) -> None:
     """Check ``cfg`` against one method's ``SETTINGS`` (every declared key, ``defaults`` filling the keys ``cfg``
     lacks) and, with ``rules``, its ``CHECKS`` given the run's ``facts`` (``@train_size``, ...)."""
     for key, spec in settings.items():
@@ -253,7 +252,7 @@ def check_settings(cfg: dict, settings: dict, checks: list, defaults: dict, fact
             check_value(key, spec, v, lookup(defaults, key))
     if rules:
         for rule in checks:
-            check_rule(rule, cfg, defaults, facts or {}, method, waived)
+            check_rule(rule, cfg, defaults, facts or {}, method)
 
 
 def run_facts(cfg: dict, train_size: int | None = None, world_size: int | None = None) -> dict:

@@ -147,8 +147,7 @@ class Distiller(nn.Module):
         # the declared settings (SETTINGS, CHECKS), for distillers built without lakd.config.load_config; of the
         # run's facts only the training set's size: the batches of one's own loop are not the config's
         facts = {k: v for k, v in run_facts(cfg, num_data or None).items() if k == "@train_size"}
-        check_settings(cfg, self.SETTINGS, self.CHECKS, self.DEFAULTS, facts, self.name,
-                       waived=set(cfg.get("waive") or []))
+        check_settings(cfg, self.SETTINGS, self.CHECKS, self.DEFAULTS, facts, self.name)
         self.student = student
         self.teacher = teacher
         self.cfg = cfg
