@@ -9,6 +9,9 @@ from lakd.runtime.threads import set_openmp_wait_policy
 
 set_openmp_wait_policy(always=True)  # before torch loads: on a shared CI machine idle threads must not spin
 
+import copy  # noqa: E402
+import os  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -111,6 +114,42 @@ def digits_ckpts(tmp_path):
     paths["bare"] = str(bare)
     return paths
 
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_shipped_configs(dirs, pairs, dataset="cifar100", num_data=64):
+    """For each pair (teacher, student) and config folder ``d``, ``configs/<dataset>/<d>/<teacher>_<student>.yaml``
+    builds on its real architectures (seeded random weights) and one training forward on a batch of 2 (with the
+    method's extra views and the samples' indices) gives logits over the data's classes and a finite total loss,
+    through which backward runs. A config whose teacher is its student's architecture (Tf-KD self) gets a copy of
+    the student."""
+    num_classes = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}[dataset]
+    torch.manual_seed(0)
+    x, y, index = torch.randn(2, 3, 32, 32), torch.tensor([3, 7]), torch.tensor([0, 1])
+    for teacher, student in pairs:
+        te, s = create_model(teacher, num_classes), create_model(student, num_classes)
+        for d in dirs:
+            cfg = load_config(os.path.join(_ROOT, "configs", dataset, d, f"{teacher}_{student}.yaml"))
+            assert cfg["model"]["name"] == student, (d, teacher, student)
+            t_model = copy.deepcopy(s) if cfg["teacher"]["name"] == student else te
+            dist = build_distiller(cfg, s, t_model, num_data=num_data)
+            dist.train()
+            views = dist.random_views(x)
+            logits, losses = dist.forward_train(x, y, index=index, **({"views": views} if views else {}))
+            total = sum(losses.values())
+            assert logits.shape == (2, num_classes) and torch.isfinite(total), (teacher, student, d, losses)
+            total.backward()
+            s.zero_grad()
+
+
+@pytest.fixture
+def run_shipped_configs():
+    """``run_shipped_configs(dirs, pairs, dataset="cifar100", num_data=64)``: every shipped config of those method
+    folders and pairs builds on its real architectures, and one training forward and backward gives finite
+    losses (``num_data``: the training set's size, for methods with a memory bank over it)."""
+    return _run_shipped_configs
 
 
 @pytest.fixture

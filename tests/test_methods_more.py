@@ -258,7 +258,7 @@ def test_bad_settings_name_the_key(method, section, match):
         build_distiller(method_cfg(method, **section), s, te)
 
 
-def test_the_configs_load_and_run_on_the_real_architectures():
+def test_the_configs_load_and_run_on_the_real_architectures(run_shipped_configs):
     paths = [p for d in CONFIG_DIRS for p in glob.glob(os.path.join(ROOT, "configs", "*", d, "*.yaml"))]
     imnet = {os.path.basename(os.path.dirname(p)) for p in paths if "/configs/imagenet/" in p}
     assert imnet == {"pad_l2"} and len(paths) == 7 * len(CONFIG_DIRS) + 1
@@ -275,20 +275,7 @@ def test_the_configs_load_and_run_on_the_real_architectures():
             assert cfg["teacher"]["name"] == cfg["model"]["name"]
             assert cfg["teacher"]["checkpoint"] == f"runs/{cfg['data']['dataset']}_scratch_{cfg['model']['name']}" \
                                                    f"_paper/best.pt"
-    torch.manual_seed(0)
-    x, y = torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
-    for teacher, student in PAIRS:
-        te, s = create_model(teacher, 100), create_model(student, 100)
-        for d in CONFIG_DIRS:
-            cfg = load_config(os.path.join(ROOT, "configs", "cifar100", d, f"{teacher}_{student}.yaml"))
-            t_model = copy.deepcopy(s) if d == "tfkd_self" else te
-            dist = build_distiller(cfg, s, t_model, num_data=64)
-            dist.train()
-            logits, losses = dist.forward_train(x, y)
-            total = sum(losses.values())
-            assert logits.shape == (2, 100) and torch.isfinite(total), (teacher, student, d, losses)
-            total.backward()
-            s.zero_grad()
+    run_shipped_configs(CONFIG_DIRS, PAIRS)
 
 
 def test_two_step_train_runs_through_the_command(digits_overrides, capsys):
