@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -293,12 +292,9 @@ def test_mlkd_cifar10_settings_in_the_configs_and_the_study_rows():
 def _start_gradients(names_and_overrides: dict, batches: int = 2) -> dict:
     """Mean student parameter-gradient norm of each config's total loss at a fresh resnet20 (seed 0), on the first
     CIFAR-10 training batches of 64, with the trained resnet56 teacher (one view, as the study rows), through
-    benchmarks/start_gradients.py."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        from start_gradients import start_gradients
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    ``lakd bench gradients``'s function."""
+    from lakd.analysis.gradients import start_gradients
+
     common = ["data.dataset=cifar10", f"data.root={os.path.join(SHARED, 'data')}", "data.fast=true",
               "data.num_workers=0", "solver.batch_size=64", "model.name=resnet20", "train.amp=none", "seed=0",
               "device=cpu", f"teacher.checkpoint={os.path.join(SHARED, 'teachers', 'cifar10_resnet56.pth')}"]

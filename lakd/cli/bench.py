@@ -1,10 +1,12 @@
-"""``lakd bench memory|speed``: what a training step costs per method, measured in one run."""
+"""``lakd bench memory|speed``: what a training step costs per method, measured in one run; ``lakd bench
+gradients``: how hard each loss term of a config pulls on a fresh student (the scale check before a long run)."""
 from __future__ import annotations
 
 import argparse
 import json
 
-HELP = "measure peak memory at the allocator (bench memory) or training images/s (bench speed) per method, in one run"
+HELP = ("measure peak memory at the allocator (bench memory) or training images/s (bench speed) per method, in one "
+        "run; or each loss term's gradient on a fresh student (bench gradients)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,9 +39,63 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             q.add_argument("--same-process", action="store_true",
                            help="measure every method in this process (quicker smoke test; the published figures "
                                 "use a fresh process per method, the default)")
+    g = sub.add_parser("gradients", help="each loss term's gradient norm on the fresh student of a config",
+                       description="The norm of the gradient of each of the config's losses (as weighted in the run) "
+                                   "and of their sum over the student's parameters, at the seed's fresh student, "
+                                   "averaged over the first training batches (the student is not stepped). A term "
+                                   "many times KD's or cross-entropy's at the start is a weight set for another "
+                                   "data set.")
+    g.add_argument("config", help="YAML config file or a shipped config's name (`lakd configs`); or, as for `lakd "
+                                  "train`, a first key=value with no file")
+    g.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=$DATA teacher.checkpoint=$TEACHER")
+    g.add_argument("--batches", type=int, default=4, help="training batches to average over (default 4)")
+    g.add_argument("--against", default=None, metavar="METHOD",
+                   help="also measure METHOD (e.g. kd) on the same config (data, models, teacher, seed) and print "
+                        "each figure's ratio to its total")
+    g.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _gradients(args) -> int:
+    from ..analysis.gradients import TOTAL, start_gradients
+    from ..config import load_config
+    from ..distillers import resolve_method
+    from ..errors import LakdError
+    from ..runtime.device import resolve_device
+
+    if args.batches < 1:
+        raise LakdError(f"--batches {args.batches}: average over at least one training batch (e.g. --batches 4)")
+    # a method or a variant (kd_ls: kd with its overrides); an unknown one is refused before any measuring
+    against = resolve_method(args.against) if args.against else None
+    device = str(resolve_device(args.device))
+    config, over = args.config, list(args.overrides) + ["train.progress=false"]
+    if "=" in config and not config.endswith((".yaml", ".yml")):  # `lakd bench gradients key=value ...`, no file
+        config, over = None, [config] + over
+    cfg = load_config(config, over)
+    out = {"config": args.config, "overrides": list(args.overrides), "method": cfg["method"], "device": device,
+           "batches": args.batches, "gradients": start_gradients(cfg, args.batches, device)}
+    if against:
+        ref_cfg = load_config(config, over + [f"method={against[0]}", *against[1]])
+        out["against"] = {"method": args.against, "gradients": start_gradients(ref_cfg, args.batches, device)}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"gradient norm of each loss on the fresh student ({cfg['method']}, seed {cfg['seed']}, mean of the first "
+          f"{args.batches} training batch(es) of {cfg['solver']['batch_size']}, {device})")
+    rows = [(cfg["method"], out["gradients"])] + ([(args.against, out["against"]["gradients"])] if args.against else [])
+    ref_total = out["against"]["gradients"][TOTAL] if args.against else None
+    head = f"  {'method':<12} {'loss':<14} {'grad norm':>10}" + (f" {'vs ' + args.against + ' total':>14}" if args.against else "")
+    print(head)
+    for method, grads in rows:
+        for name, v in grads.items():
+            ratio = "" if ref_total is None else (f"{v / ref_total:.2f}x" if ref_total > 0 else "n/a")
+            print(f"  {method:<12} {name:<14} {v:>10.3f}" + (f" {ratio:>14}" if args.against else ""))
+    return 0
 
 
 def run(args) -> int:
+    if args.what == "gradients":
+        return _gradients(args)
     from ..analysis.cost import measure_memory, measure_speed
     from ..config import load_config
     from ..distillers import bench_default_methods, resolve_method
