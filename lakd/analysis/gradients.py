@@ -41,8 +41,7 @@ def start_gradients(cfg: dict, batches: int = 4, device: str = "cpu") -> dict[st
     loader.set_epoch(0)
     sums: dict[str, float] = {}
     n = 0
-    for batch in loader:
-        batch = {k: _to(v, device) for k, v in batch.items()}
+    for batch in loader:  # on ``device`` already: the loader of ``build`` moves its batches there
         _, losses = d.forward_train(**batch)
         for name, loss in [*losses.items(), (TOTAL, sum(losses.values()))]:
             grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
@@ -55,10 +54,3 @@ def start_gradients(cfg: dict, batches: int = 4, device: str = "cpu") -> dict[st
         log.warning("the training set gave %d batch(es), not %d: the figures are their mean", n, batches)
     return {k: v / n for k, v in sums.items()}
 
-
-def _to(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value

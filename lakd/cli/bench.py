@@ -62,15 +62,14 @@ def _gradients(args) -> int:
     from ..distillers import resolve_method
     from ..errors import LakdError
     from ..runtime.device import resolve_device
+    from .common import config_and_overrides
 
     if args.batches < 1:
         raise LakdError(f"--batches {args.batches}: average over at least one training batch (e.g. --batches 4)")
     # a method or a variant (kd_ls: kd with its overrides); an unknown one is refused before any measuring
     against = resolve_method(args.against) if args.against else None
     device = str(resolve_device(args.device))
-    config, over = args.config, list(args.overrides) + ["train.progress=false"]
-    if "=" in config and not config.endswith((".yaml", ".yml")):  # `lakd bench gradients key=value ...`, no file
-        config, over = None, [config] + over
+    config, over = config_and_overrides(args.config, args.overrides + ["train.progress=false"])
     cfg = load_config(config, over)
     out = {"config": args.config, "overrides": list(args.overrides), "method": cfg["method"], "device": device,
            "batches": args.batches, "gradients": start_gradients(cfg, args.batches, device)}
@@ -82,14 +81,16 @@ def _gradients(args) -> int:
         return 0
     print(f"gradient norm of each loss on the fresh student ({cfg['method']}, seed {cfg['seed']}, mean of the first "
           f"{args.batches} training batch(es) of {cfg['solver']['batch_size']}, {device})")
-    rows = [(cfg["method"], out["gradients"])] + ([(args.against, out["against"]["gradients"])] if args.against else [])
-    ref_total = out["against"]["gradients"][TOTAL] if args.against else None
-    head = f"  {'method':<12} {'loss':<14} {'grad norm':>10}" + (f" {'vs ' + args.against + ' total':>14}" if args.against else "")
-    print(head)
+    rows = [(cfg["method"], out["gradients"])]
+    ref_total = None
+    if against:
+        rows.append((args.against, out["against"]["gradients"]))
+        ref_total = out["against"]["gradients"][TOTAL]
+    print(f"  {'method':<12} {'loss':<14} {'grad norm':>10}" + (f" {'vs ' + args.against + ' total':>14}" if against else ""))
     for method, grads in rows:
         for name, v in grads.items():
-            ratio = "" if ref_total is None else (f"{v / ref_total:.2f}x" if ref_total > 0 else "n/a")
-            print(f"  {method:<12} {name:<14} {v:>10.3f}" + (f" {ratio:>14}" if args.against else ""))
+            ratio = "" if ref_total is None else f" {f'{v / ref_total:.2f}x' if ref_total > 0 else 'n/a':>14}"
+            print(f"  {method:<12} {name:<14} {v:>10.3f}{ratio}")
     return 0
 
 

@@ -21,6 +21,14 @@ def split_overrides(items: list[str], overrides: list[str]) -> tuple[list[str], 
     return paths, extra + list(overrides or [])
 
 
+def config_and_overrides(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """A command's CONFIG argument that is a ``key=value`` (``lakd train method=kd ...``, no file) goes back to
+    the overrides, first."""
+    if config and "=" in config and not config.endswith((".yaml", ".yml")):
+        return None, [config, *overrides]
+    return config, list(overrides)
+
+
 def check_out_dir(path: str, flag: str = "--out") -> None:
     """Create the output folder before any computation, so a bad ``--out`` costs nothing."""
     if os.path.exists(path) and not os.path.isdir(path):

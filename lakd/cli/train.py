@@ -50,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..config import dump_config, load_config, run_sections
+    from .common import config_and_overrides
 
     overrides = list(args.overrides)
     config = args.config
@@ -58,9 +59,7 @@ def run(args) -> int:
         if config is not None:
             overrides.insert(0, config)
         config, show = show, "run"
-    if config and "=" in config and not config.endswith((".yaml", ".yml")):
-        overrides.insert(0, config)  # `lakd train key=value ...` with no file
-        config = None
+    config, overrides = config_and_overrides(config, overrides)  # `lakd train key=value ...` with no file
     if args.no_progress:
         overrides.append("train.progress=false")
     cfg = load_config(config, overrides)
